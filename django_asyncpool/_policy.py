@@ -1,0 +1,227 @@
+"""The breaker and retry policy around getting a connection, shared by both pools.
+
+One :class:`Guard` per alias serves the sync and the async pool: they reach the
+same server, so when one side learns that the server is down the other should
+fail fast too, and an operator sees one breaker state per database.
+
+pybreaker keeps the state machine (closed -> open -> half-open) and notifies its
+listeners. It is driven here with short ``call()``s that only *record* an
+outcome, because ``CircuitBreaker.call()`` holds a lock for the whole call (it
+would serialise every thread waiting for a connection) and works on plain
+functions only. Half-open admits one trial at a time; the rest fail fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import backoff
+import pybreaker
+from django.core.exceptions import ImproperlyConfigured
+
+from .config import AliasConfig
+from .errors import CircuitOpenError, DatabaseUnavailable, PoolClosed, PoolError, PoolTimeout
+
+__all__ = ["Guard", "redact"]
+
+logger = logging.getLogger("django_asyncpool")
+T = TypeVar("T")
+
+#: Errors that say nothing about the server's health: never counted, never retried.
+NOT_COUNTED: tuple[type[BaseException], ...] = (CircuitOpenError, PoolClosed, ImproperlyConfigured)
+#: Counted by the breaker but not retried: waiting again would exceed the pool timeout.
+NOT_RETRIED: tuple[type[BaseException], ...] = (*NOT_COUNTED, PoolTimeout)
+
+
+def redact(text: str, password: str) -> str:
+    """Return ``text`` with ``password`` (if any) replaced by ``***``."""
+    return text.replace(password, "***") if password else text
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+def _noop() -> None:
+    return None
+
+
+class _Listener(pybreaker.CircuitBreakerListener):
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    def state_change(self, cb: Any, old: Any, new: Any) -> None:
+        self.guard.on_state_change(old.name if old else None, new.name)
+
+
+class Guard:
+    """Circuit breaker and retries for getting connections of one alias."""
+
+    def __init__(self, config: AliasConfig) -> None:
+        self.config = config
+        self.alias = config.alias
+        self.opened_at = 0.0  # monotonic time the breaker last opened
+        self.transitions: list[Callable[[str | None, str], None]] = []
+        self._trial = threading.Lock()
+        self.breaker = pybreaker.CircuitBreaker(
+            fail_max=config.breaker.fail_max,
+            reset_timeout=config.breaker.reset_timeout,
+            name=config.alias,
+            listeners=[_Listener(self)],
+            throw_new_error_on_trip=False,
+        )
+        retry = config.retry
+        decorate = backoff.on_exception(
+            backoff.expo,
+            Exception,
+            max_tries=retry.max_tries,
+            max_time=retry.max_time,
+            jitter=backoff.full_jitter,
+            giveup=lambda exc: isinstance(exc, NOT_RETRIED),
+            on_backoff=self._log_retry,
+            logger=None,
+            factor=retry.base_delay,
+            max_value=retry.max_delay,
+        )
+        self._run_sync = decorate(self._attempt)
+        self._run_async = decorate(self._attempt_async)
+
+    # -- the breaker ---------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """Return ``closed``, ``open`` or ``half-open``."""
+        return str(self.breaker.current_state)
+
+    def on_state_change(self, old: str | None, new: str) -> None:
+        if new == pybreaker.STATE_OPEN:
+            self.opened_at = time.monotonic()
+            why = (
+                "the trial connection failed"
+                if old == pybreaker.STATE_HALF_OPEN
+                else f"{self.breaker.fail_max} consecutive connection failures"
+            )
+            logger.error(
+                "Circuit breaker for database %s opened (%s): failing fast for %gs.",
+                self.config.describe(),
+                why,
+                self.breaker.reset_timeout,
+            )
+        elif new == pybreaker.STATE_CLOSED and old is not None:
+            logger.warning(
+                "Circuit breaker for database %s closed: the database is back.",
+                self.config.describe(),
+            )
+        for callback in self.transitions:
+            callback(old, new)
+
+    def admit(self) -> bool:
+        """Let a call through or raise :class:`CircuitOpenError`; return True for a trial."""
+        state = self.breaker.current_state
+        if state == pybreaker.STATE_CLOSED:
+            return False
+        if state == pybreaker.STATE_OPEN:
+            remaining = self.opened_at + self.breaker.reset_timeout - time.monotonic()
+            if remaining > 0:
+                raise self._open_error(remaining)
+        if not self._trial.acquire(blocking=False):
+            raise self._open_error(0.0, trial=True)
+        if self.breaker.current_state == pybreaker.STATE_CLOSED:
+            self._trial.release()  # another trial closed it meanwhile
+            return False
+        if self.breaker.current_state == pybreaker.STATE_OPEN:
+            self.breaker.half_open()
+        return True
+
+    def succeeded(self, trial: bool) -> None:
+        if trial:
+            try:
+                self.breaker.close()
+            finally:
+                self._trial.release()
+        elif self.breaker.fail_counter:
+            self.breaker.call(_noop)  # a success resets the consecutive-failure count
+
+    def failed(self, exc: BaseException, trial: bool) -> None:
+        try:
+            if not isinstance(exc, NOT_COUNTED):
+                # In closed state this counts and may open; in half-open it re-opens.
+                self.breaker.call(_raise, exc)
+        except BaseException:
+            pass
+        finally:
+            if trial:
+                self._trial.release()
+
+    def _open_error(self, remaining: float, trial: bool = False) -> CircuitOpenError:
+        what = "a trial connection is being made" if trial else f"retrying in {remaining:.1f}s"
+        return CircuitOpenError(
+            f"Database {self.config.describe()} is unavailable: the circuit breaker is open "
+            f"after repeated connection failures ({what}). Check that the server is up and "
+            "reachable; calls fail fast until it answers again.",
+            alias=self.alias,
+            retry_after=max(remaining, 0.0),
+        )
+
+    # -- getting a connection --------------------------------------------------------------
+
+    def _attempt(self, acquire: Callable[[], T]) -> T:
+        trial = self.admit()
+        try:
+            conn = acquire()
+        except BaseException as exc:
+            self.failed(exc, trial)
+            raise
+        self.succeeded(trial)
+        return conn
+
+    async def _attempt_async(self, acquire: Callable[[], Awaitable[T]]) -> T:
+        trial = self.admit()
+        try:
+            conn = await acquire()
+        except BaseException as exc:
+            self.failed(exc, trial)
+            raise
+        self.succeeded(trial)
+        return conn
+
+    def acquire(self, acquire: Callable[[], T]) -> T:
+        """Return ``acquire()``, through the breaker, retried with backoff."""
+        try:
+            return self._run_sync(acquire)
+        except Exception as exc:
+            raise self.translate(exc) from exc
+
+    async def acquire_async(self, acquire: Callable[[], Awaitable[T]]) -> T:
+        """Return ``await acquire()``, through the breaker, retried with backoff."""
+        try:
+            return await self._run_async(acquire)
+        except Exception as exc:
+            raise self.translate(exc) from exc
+
+    def translate(self, exc: Exception) -> Exception:
+        """Return the error a caller should see for ``exc``: ours, with what to do."""
+        if isinstance(exc, (PoolError, ImproperlyConfigured)):
+            return exc
+        return DatabaseUnavailable(
+            f"Could not connect to database {self.config.describe()}: "
+            f"{redact(str(exc).strip(), self.config.password) or type(exc).__name__}. "
+            "Check that the server is running and reachable, and that NAME, USER, PASSWORD, "
+            "HOST and PORT are right.",
+            alias=self.alias,
+        )
+
+    def _log_retry(self, details: Any) -> None:
+        exc = details.get("exception")
+        logger.warning(
+            "Connecting to database %s failed (try %d of %d), retrying in %.2fs: %s",
+            self.config.describe(),
+            details["tries"],
+            self.config.retry.max_tries,
+            details["wait"],
+            redact(str(exc).strip(), self.config.password),
+        )

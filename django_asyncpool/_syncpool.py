@@ -1,0 +1,125 @@
+"""The sync pool: Django's psycopg_pool, made to fail fast and to check liveness cheaply."""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg import pq
+from psycopg_pool.base import AttemptWithBackoff
+
+__all__ = ["SyncPool", "stamp_returned"]
+
+_RETURNED = "_asyncpool_returned_at"
+
+
+def stamp_returned(conn: psycopg.Connection[Any]) -> None:
+    """Record when ``conn`` went back to the pool (for the liveness bypass window)."""
+    setattr(conn, _RETURNED, time.monotonic())
+
+
+class _Reconnect(AttemptWithBackoff):
+    """Reconnection attempts at most a second apart.
+
+    psycopg_pool doubles the delay up to minutes; while the server is down every
+    failed attempt fails the waiting clients, and once it is back the pool should
+    notice within a second, not after the next long sleep.
+    """
+
+    INITIAL_DELAY = 0.2
+    MAX_DELAY = 1.0
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, self.MAX_DELAY)
+
+
+class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
+    """A psycopg_pool.ConnectionPool for one alias of the ENGINE.
+
+    Two changes to psycopg_pool's behaviour:
+
+    * When an attempt to open a connection fails, the clients waiting for one are
+      failed with that error at once, instead of sleeping out the whole timeout
+      while the server is down. The breaker and the retry policy take it from there.
+    * Connections are checked on checkout without a round trip: an idle connection
+      whose socket is readable was closed by the server (terminated backend,
+      restart). Only a connection idle for longer than ``bypass`` seconds is pinged.
+    """
+
+    def __init__(self, *args: Any, bypass: float = 0.5, **kwargs: Any) -> None:
+        self.bypass = bypass
+        self.last_connect_error: BaseException | None = None
+        self.in_use = 0
+        self._count_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
+        # Checked here rather than through psycopg_pool's ``check=``, which sleeps about
+        # a second after each failed check: after a restart every request would stall.
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        for _ in range(self.max_size):
+            conn = super().getconn(max(deadline - time.monotonic(), 0.0))
+            try:
+                self._check_liveness(conn)
+            except psycopg.Error:
+                conn.close()
+                super().putconn(conn)  # counted as a bad return; the pool replaces it
+                continue
+            except BaseException:
+                super().putconn(conn)
+                raise
+            break
+        else:
+            conn = super().getconn(max(deadline - time.monotonic(), 0.0))
+        with self._count_lock:
+            self.in_use += 1
+        return conn
+
+    def putconn(self, conn: psycopg.Connection[Any]) -> None:
+        with self._count_lock:
+            self.in_use -= 1
+        super().putconn(conn)
+
+    def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
+        super()._add_connection(attempt or _Reconnect(timeout=self.reconnect_timeout), growing)
+
+    def _connect(self, timeout: float | None = None) -> psycopg.Connection[Any]:
+        try:
+            conn = super()._connect(timeout)
+        except Exception as exc:
+            self.last_connect_error = exc
+            with self._lock:
+                waiting = list(self._waiting)
+                self._waiting.clear()
+            for client in waiting:
+                client.fail(exc)
+            raise
+        self.last_connect_error = None
+        stamp_returned(conn)
+        return conn
+
+    def _check_liveness(self, conn: psycopg.Connection[Any]) -> None:
+        if conn.closed or conn.broken:
+            raise psycopg.OperationalError("the connection is closed")
+        pgconn = conn.pgconn
+        if select.select([pgconn.socket], [], [], 0)[0]:
+            # An idle connection receives nothing but notifications; anything else is
+            # the server saying goodbye (or an EOF).
+            pgconn.consume_input()
+            if pgconn.status != pq.ConnStatus.OK or pgconn.notifies() is None:
+                raise psycopg.OperationalError("the server closed the connection")
+        if time.monotonic() - getattr(conn, _RETURNED, 0.0) > self.bypass:
+            self.check_connection(conn)
+
+    def describe_state(self) -> str:
+        """Return "size 3/10, in use 3, waiting 2" for error messages."""
+        stats = self.get_stats()
+        return (
+            f"size {stats.get('pool_size', 0)}/{self.max_size}, in use {self.in_use}, "
+            f"idle {stats.get('pool_available', 0)}, waiting {stats.get('requests_waiting', 0)}"
+        )

@@ -1,0 +1,158 @@
+"""ENGINE ``django_asyncpool``: Django's PostgreSQL backend with a resilient pool.
+
+Only what differs from ``django.db.backends.postgresql`` is overridden:
+
+* ``pool`` builds a :class:`~django_asyncpool._syncpool.SyncPool` from the
+  alias's configuration (pooling is on by default), one per alias per process;
+* ``get_new_connection`` goes through the alias's breaker and retry policy;
+* ``get_connection_params`` drops django-asyncpool's OPTIONS keys;
+* after a fork, the child forgets (never closes) the parent's pools and
+  connections, so it never writes on the parent's sockets.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import weakref
+from typing import Any
+
+import psycopg_pool
+from django.db.backends.base.base import NO_DB_ALIAS
+from django.db.backends.postgresql import base as postgresql
+
+from . import _registry
+from ._syncpool import SyncPool, stamp_returned
+from .config import OUR_KEYS, connection_fields
+from .creation import DatabaseCreation
+from .errors import PoolClosed, PoolTimeout
+
+logger = logging.getLogger("django_asyncpool")
+
+#: Pools and connections inherited from a parent process: kept referenced, never
+#: closed, so that neither ``close()`` nor garbage collection touches their sockets.
+_inherited: list[Any] = []
+#: Every wrapper of this process (Django's are thread-local: not all reachable otherwise).
+_wrappers: weakref.WeakSet[DatabaseWrapper] = weakref.WeakSet()
+
+
+class DatabaseWrapper(postgresql.DatabaseWrapper):
+    """Django's PostgreSQL wrapper, with the pool behind a breaker and retries."""
+
+    creation_class = DatabaseCreation
+
+    # Our own class-level dict: the stock backend's pools are not ours to manage.
+    _connection_pools: dict[str, SyncPool] = {}
+
+    def __init__(self, settings_dict: dict[str, Any], alias: str = "default") -> None:
+        # DATABASE_URL fills the connection fields when the alias gives none.
+        settings_dict.update(connection_fields(settings_dict, os.environ))
+        super().__init__(settings_dict, alias)
+        _wrappers.add(self)
+
+    @property
+    def pool(self) -> SyncPool | None:
+        if self.alias == NO_DB_ALIAS:
+            return None
+        pool = self._connection_pools.get(self.alias)
+        if pool is not None:
+            return pool
+        config = _registry.config_for_wrapper(self)
+        if config.sync_pool is None:
+            return None
+        connect_kwargs = self.get_connection_params()
+        # Ensure we run in autocommit, Django properly sets it later on.
+        connect_kwargs["autocommit"] = True
+        bypass = 0.0 if self.settings_dict.get("CONN_HEALTH_CHECKS") else config.liveness_bypass
+        pool = SyncPool(
+            kwargs=connect_kwargs,
+            open=False,  # opened by the first getconn, never at import or startup
+            configure=self._configure_connection,  # type: ignore[attr-defined]
+            name=f"django_asyncpool:{self.alias}",
+            bypass=bypass,
+            **config.sync_pool,
+        )
+        # Several threads may build one at once; the first to store it wins.
+        return self._connection_pools.setdefault(self.alias, pool)
+
+    def get_connection_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = super().get_connection_params()
+        for key in OUR_KEYS:
+            params.pop(key, None)
+        config = _registry.config_for_wrapper(self)
+        for key in set(params) - set(config.params) - _DRIVER_KEYS:
+            params.pop(key)  # unknown keys are reported by the checks, never passed on
+        return params
+
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        guard = _registry.guard(self.alias, self)
+        parent = super().get_new_connection
+
+        def acquire() -> Any:
+            try:
+                return parent(conn_params)
+            except psycopg_pool.PoolTimeout as exc:
+                pool = self.pool
+                state = pool.describe_state() if pool else "no pool"
+                raise PoolTimeout(
+                    f"No connection to database {guard.config.describe()} became free within "
+                    f"{pool.timeout if pool else 0:.1f}s ({state}). Raise OPTIONS['pool']"
+                    "['max_size'] or ['timeout'], or find the code holding connections "
+                    "(OPTIONS['leak_threshold'] logs where they were taken).",
+                    alias=self.alias,
+                ) from exc
+            except psycopg_pool.PoolClosed as exc:
+                raise PoolClosed(
+                    f"The pool of database {guard.config.describe()} is closed.", alias=self.alias
+                ) from exc
+
+        return guard.acquire(acquire)
+
+    def _close(self) -> None:
+        if self.connection is not None and self.pool is not None:
+            stamp_returned(self.connection)
+        super()._close()  # type: ignore[misc]
+
+
+#: Keys Django's get_connection_params() adds itself (not user OPTIONS).
+_DRIVER_KEYS = frozenset(
+    {
+        "dbname",
+        "user",
+        "password",
+        "host",
+        "port",
+        "client_encoding",
+        "cursor_factory",
+        "context",
+        "prepare_threshold",
+        "service",
+        "passfile",
+    }
+)
+
+
+def close_pools() -> None:
+    """Close this process's sync pools (at exit: the server sees clean disconnects)."""
+    for alias in list(DatabaseWrapper._connection_pools):
+        pool = DatabaseWrapper._connection_pools.pop(alias)
+        try:
+            pool.close(timeout=1.0)
+        except Exception:
+            logger.debug("closing the pool of %r failed", alias, exc_info=True)
+
+
+def _forget_inherited() -> None:
+    """In a forked child: drop the parent's pools and connections without closing them."""
+    _inherited.extend(DatabaseWrapper._connection_pools.values())
+    DatabaseWrapper._connection_pools.clear()
+    for wrapper in list(_wrappers):
+        if wrapper.connection is not None:
+            _inherited.append(wrapper.connection)
+            wrapper.connection = None
+    _registry.forget()
+
+
+os.register_at_fork(after_in_child=_forget_inherited)
+atexit.register(close_pools)

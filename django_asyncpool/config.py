@@ -1,0 +1,436 @@
+"""Configuration: ``DATABASES[alias]`` plus the environment, read into frozen objects.
+
+Precedence, highest first: ``DATABASES[alias]["OPTIONS"]`` -> the environment
+variables of the usage guide -> the defaults written below. Nothing is read at
+import time: :func:`load` reads ``settings.DATABASES`` when it is called, so
+``override_settings`` reaches it.
+
+Invalid values never stop :func:`load`: the default is used and a
+:class:`Problem` is recorded. The system checks turn problems into errors when
+DEBUG is off and warnings when it is on.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+__all__ = [
+    "AliasConfig",
+    "AsyncPoolConfig",
+    "BreakerConfig",
+    "Problem",
+    "RetryConfig",
+    "load",
+]
+
+ENGINE = "django_asyncpool"
+
+#: Django's own OPTIONS keys for the postgresql backend (not libpq parameters).
+DJANGO_OPTIONS = frozenset(
+    {
+        "pool",
+        "isolation_level",
+        "assume_role",
+        "server_side_binding",
+        "prepare_threshold",
+        "cursor_factory",
+        "context",
+        "service",
+        "passfile",
+    }
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Problem:
+    """One invalid or suspicious setting, with what to do about it."""
+
+    id: str  # "dbpool.E001" ...
+    alias: str
+    key: str
+    message: str
+    hint: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AsyncPoolConfig:
+    """The SQLAlchemy/asyncpg pool: ``OPTIONS["async_pool"]``."""
+
+    pool_size: int = 10
+    max_overflow: int = 5
+    recycle: float = 30 * 60.0  # seconds
+    timeout: float = 10.0  # seconds to wait for a free connection
+    echo: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BreakerConfig:
+    """The circuit breaker: ``OPTIONS["circuit_breaker"]``."""
+
+    fail_max: int = 5  # consecutive connection failures that open it
+    reset_timeout: float = 30.0  # seconds open before one trial is let through
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetryConfig:
+    """Retries around getting a connection: ``OPTIONS["retry"]``."""
+
+    max_tries: int = 3
+    max_time: float = 10.0  # seconds, all tries together
+    base_delay: float = 0.1  # seconds; delays grow 0.1, 0.2, 0.4 ... with full jitter
+    max_delay: float = 2.0  # seconds
+
+
+#: The sync psycopg_pool defaults, used where ``OPTIONS["pool"]`` leaves a key out.
+SYNC_POOL_DEFAULTS: dict[str, Any] = {"min_size": 2, "max_size": 10, "timeout": 10.0}
+
+
+@dataclass(frozen=True, kw_only=True)
+class AliasConfig:
+    """Everything django-asyncpool needs to know about one database alias."""
+
+    alias: str
+    dbname: str
+    user: str = ""
+    password: str = field(default="", repr=False)
+    host: str = ""
+    port: int | None = None
+    #: libpq parameters from OPTIONS (sslmode, application_name, ...).
+    params: Mapping[str, Any] = field(default_factory=dict)
+    #: psycopg_pool keyword arguments, or None when ``OPTIONS["pool"]`` is False.
+    sync_pool: Mapping[str, Any] | None = field(default_factory=lambda: dict(SYNC_POOL_DEFAULTS))
+    async_pool: AsyncPoolConfig = AsyncPoolConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    retry: RetryConfig = RetryConfig()
+    #: Seconds a connection may be held before a leak warning; None: off.
+    leak_threshold: float | None = None
+    #: A connection used less than this many seconds ago is not pinged on checkout.
+    liveness_bypass: float = 0.5
+    pgbouncer: bool = False
+    problems: tuple[Problem, ...] = ()
+
+    def describe(self) -> str:
+        """Return ``alias (user@host:port/dbname)``, never the password."""
+        where = self.host or "local socket"
+        port = f":{self.port}" if self.port else ""
+        who = f"{self.user}@" if self.user else ""
+        return f"{self.alias!r} ({who}{where}{port}/{self.dbname})"
+
+
+# -- parsing ------------------------------------------------------------------------------
+
+#: Our OPTIONS sections (and flags), removed before the rest goes to psycopg.
+SECTIONS: dict[str, type] = {
+    "async_pool": AsyncPoolConfig,
+    "circuit_breaker": BreakerConfig,
+    "retry": RetryConfig,
+}
+FLAGS = frozenset({"leak_threshold", "liveness_bypass", "pgbouncer"})
+OUR_KEYS = frozenset(SECTIONS) | FLAGS
+
+#: Environment variables of the usage guide that fill ``async_pool``.
+ENV_ASYNC = {
+    "DB_POOL_SIZE": "pool_size",
+    "DB_MAX_OVERFLOW": "max_overflow",
+    "DB_POOL_RECYCLE": "recycle",
+    "DB_POOL_TIMEOUT": "timeout",
+    "SQL_ECHO": "echo",
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+# What each numeric knob may be: (kind, smallest allowed value, inclusive?)
+_BOUNDS: dict[str, tuple[type, float, bool]] = {
+    "pool_size": (int, 1, True),
+    "max_overflow": (int, 0, True),
+    "recycle": (float, 0, False),
+    "timeout": (float, 0, False),
+    "fail_max": (int, 1, True),
+    "reset_timeout": (float, 0, False),
+    "max_tries": (int, 1, True),
+    "max_time": (float, 0, False),
+    "base_delay": (float, 0, False),
+    "max_delay": (float, 0, False),
+    "leak_threshold": (float, 0, False),
+    "liveness_bypass": (float, 0, True),
+    "min_size": (int, 0, True),
+    "max_size": (int, 1, True),
+    "max_waiting": (int, 0, True),
+    "max_lifetime": (float, 0, False),
+    "max_idle": (float, 0, False),
+    "reconnect_timeout": (float, 0, False),
+    "num_workers": (int, 1, True),
+}
+
+
+class _Reader:
+    """Coerce and validate values, collecting problems instead of raising."""
+
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+        self.problems: list[Problem] = []
+
+    def problem(self, id: str, key: str, message: str, hint: str) -> None:
+        self.problems.append(Problem(id=id, alias=self.alias, key=key, message=message, hint=hint))
+
+    def value(self, key: str, name: str, raw: Any, default: Any) -> Any:
+        """Return ``raw`` coerced to the type of ``default``, or ``default`` if invalid."""
+        if isinstance(default, bool):
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+                return raw.strip().lower() in _TRUE
+            self.problem(
+                "dbpool.E002",
+                key,
+                f"{key} must be true or false, got {raw!r}.",
+                "Use True/False (or true/false in the environment).",
+            )
+            return default
+        kind, low, inclusive = _BOUNDS.get(name, (type(default), float("-inf"), True))
+        try:
+            if isinstance(raw, bool) or (kind is int and isinstance(raw, float)):
+                raise ValueError
+            number = kind(raw)
+        except (TypeError, ValueError):
+            word = "a whole number" if kind is int else "a number of seconds"
+            self.problem(
+                "dbpool.E002",
+                key,
+                f"{key} must be {word}, got {raw!r}.",
+                f"Set {key} to {word} (default: {default}).",
+            )
+            return default
+        if number < low or (number == low and not inclusive):
+            bound = f">= {low:g}" if inclusive else f"> {low:g}"
+            self.problem(
+                "dbpool.E003",
+                key,
+                f"{key} must be {bound}, got {raw!r}.",
+                f"Set {key} {bound} (default: {default}).",
+            )
+            return default
+        return number
+
+    def section(self, cls: type, name: str, given: Any, env: Mapping[str, Any]) -> Any:
+        """Build the dataclass ``cls`` from OPTIONS[name] over ``env`` over defaults."""
+        defaults = cls()
+        if given is None:
+            given = {}
+        if not isinstance(given, Mapping):
+            self.problem(
+                "dbpool.E001",
+                f"OPTIONS[{name!r}]",
+                f"OPTIONS[{name!r}] must be a dict, got {type(given).__name__}.",
+                f"Write OPTIONS[{name!r}] as a dict of its keys, or leave it out.",
+            )
+            given = {}
+        known = {f.name for f in fields(cls)}
+        for key in sorted(set(given) - known):
+            self.problem(
+                "dbpool.E004",
+                f"OPTIONS[{name!r}][{key!r}]",
+                f"Unknown key {key!r} in OPTIONS[{name!r}]: it is ignored.",
+                f"Use one of {', '.join(sorted(known))}.",
+            )
+        values = {}
+        for f in fields(cls):
+            if f.name in given:
+                values[f.name] = self.value(
+                    f"OPTIONS[{name!r}][{f.name!r}]",
+                    f.name,
+                    given[f.name],
+                    getattr(defaults, f.name),
+                )
+            elif f.name in env:
+                var, raw = env[f.name]
+                values[f.name] = self.value(var, f.name, raw, getattr(defaults, f.name))
+        return cls(**values)
+
+
+@functools.cache
+def _sync_pool_keys() -> frozenset[str]:
+    from psycopg_pool import ConnectionPool
+
+    params = inspect.signature(ConnectionPool.__init__).parameters
+    # These are set by the ENGINE itself.
+    return frozenset(params) - {"self", "conninfo", "kwargs", "open", "configure", "check"}
+
+
+@functools.cache
+def _libpq_keys() -> frozenset[str]:
+    from psycopg import pq
+
+    return frozenset(d.keyword.decode() for d in pq.Conninfo.get_defaults())
+
+
+def parse_url(url: str) -> dict[str, Any]:
+    """Split a ``postgresql+asyncpg://`` URL into Django's connection fields."""
+    parts = urlsplit(url)
+    return {
+        "NAME": unquote(parts.path.lstrip("/")),
+        "USER": unquote(parts.username or ""),
+        "PASSWORD": unquote(parts.password or ""),
+        "HOST": unquote(parts.hostname or ""),
+        "PORT": parts.port,
+        "OPTIONS": dict(parse_qsl(parts.query)),
+    }
+
+
+def connection_fields(
+    settings_dict: Mapping[str, Any], environ: Mapping[str, str]
+) -> dict[str, Any]:
+    """Return the fields DATABASE_URL fills in, when the alias names no database or host.
+
+    OPTIONS given in settings win over the URL's query parameters.
+    """
+    url = environ.get("DATABASE_URL", "")
+    if settings_dict.get("NAME") or settings_dict.get("HOST") or not url:
+        return {}
+    fields = parse_url(url)
+    fields["OPTIONS"] = {**fields["OPTIONS"], **(settings_dict.get("OPTIONS") or {})}
+    return fields
+
+
+def sync_pool_options(reader: _Reader, given: Any) -> dict[str, Any] | None:
+    """Return psycopg_pool kwargs from Django's ``OPTIONS["pool"]`` (True/False/dict)."""
+    if given is False or given is None:
+        return None
+    if given is True:
+        given = {}
+    if not isinstance(given, Mapping):
+        reader.problem(
+            "dbpool.E001",
+            "OPTIONS['pool']",
+            f"OPTIONS['pool'] must be True, False or a dict, got {type(given).__name__}.",
+            "Use a dict of psycopg_pool options, e.g. {'min_size': 2, 'max_size': 10}.",
+        )
+        given = {}
+    allowed = _sync_pool_keys()
+    options = dict(SYNC_POOL_DEFAULTS)
+    for key, raw in given.items():
+        name = f"OPTIONS['pool'][{key!r}]"
+        if key not in allowed:
+            reader.problem(
+                "dbpool.E004",
+                name,
+                f"Unknown key {key!r} in OPTIONS['pool']: it is ignored.",
+                "Use psycopg_pool.ConnectionPool's keyword arguments (min_size, max_size, "
+                "timeout, max_idle, max_lifetime, ...).",
+            )
+        elif key in _BOUNDS:
+            options[key] = reader.value(name, key, raw, SYNC_POOL_DEFAULTS.get(key, raw))
+        else:
+            options[key] = raw
+    if "max_size" not in given and options["min_size"] > options["max_size"]:
+        options["max_size"] = options["min_size"]
+    if options["min_size"] > options["max_size"]:
+        reader.problem(
+            "dbpool.E005",
+            "OPTIONS['pool']",
+            f"min_size ({options['min_size']}) is larger than max_size ({options['max_size']}).",
+            "Make min_size <= max_size.",
+        )
+        options["min_size"] = min(SYNC_POOL_DEFAULTS["min_size"], options["max_size"])
+    return options
+
+
+def from_settings(
+    alias: str, settings_dict: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> AliasConfig:
+    """Build the :class:`AliasConfig` of one ``DATABASES`` entry."""
+    environ = os.environ if environ is None else environ
+    reader = _Reader(alias)
+    from_url = connection_fields(settings_dict, environ)
+    conn = {**settings_dict, **from_url}
+    options: Mapping[str, Any] = conn.get("OPTIONS") or {}
+    if from_url:
+        scheme = urlsplit(environ["DATABASE_URL"]).scheme
+        if scheme != "postgresql+asyncpg":
+            reader.problem(
+                "dbpool.E006",
+                "DATABASE_URL",
+                f"DATABASE_URL must start with postgresql+asyncpg://, got {scheme}://.",
+                "Write it as postgresql+asyncpg://USER:PASSWORD@HOST:PORT/NAME.",
+            )
+
+    env_async = {name: (var, environ[var]) for var, name in ENV_ASYNC.items() if var in environ}
+    known_top = OUR_KEYS | DJANGO_OPTIONS | _libpq_keys()
+    for key in sorted(set(options) - known_top):
+        reader.problem(
+            "dbpool.E004",
+            f"OPTIONS[{key!r}]",
+            f"Unknown key {key!r} in OPTIONS: it is not passed to the driver.",
+            "Check the spelling; OPTIONS takes libpq parameters, Django's keys "
+            f"and {', '.join(sorted(OUR_KEYS))}.",
+        )
+    if conn.get("CONN_MAX_AGE") and options.get("pool", True) is not False:
+        reader.problem(
+            "dbpool.E007",
+            "CONN_MAX_AGE",
+            f"CONN_MAX_AGE is {conn['CONN_MAX_AGE']!r}, but pooling needs 0.",
+            "Set CONN_MAX_AGE to 0 (the pool keeps connections), or OPTIONS['pool'] to False.",
+        )
+
+    def flag(key: str, default: Any) -> Any:
+        if options.get(key) is None:
+            return default
+        return reader.value(
+            f"OPTIONS[{key!r}]", key, options[key], default if default is not None else 1.0
+        )
+
+    port = conn.get("PORT") or None
+    config = AliasConfig(
+        alias=alias,
+        dbname=conn.get("NAME") or "postgres",
+        user=conn.get("USER") or "",
+        password=conn.get("PASSWORD") or "",
+        host=conn.get("HOST") or "",
+        port=int(port) if port else None,
+        params={
+            k: v
+            for k, v in options.items()
+            if k not in OUR_KEYS and k not in DJANGO_OPTIONS and k in known_top
+        },
+        sync_pool=sync_pool_options(reader, options.get("pool", True)),
+        async_pool=reader.section(
+            AsyncPoolConfig, "async_pool", options.get("async_pool"), env_async
+        ),
+        breaker=reader.section(
+            BreakerConfig, "circuit_breaker", options.get("circuit_breaker"), {}
+        ),
+        retry=reader.section(RetryConfig, "retry", options.get("retry"), {}),
+        leak_threshold=flag("leak_threshold", None),
+        liveness_bypass=flag("liveness_bypass", 0.5),
+        pgbouncer=flag("pgbouncer", False),
+        problems=(),
+    )
+    object.__setattr__(config, "problems", tuple(reader.problems))
+    return config
+
+
+def load(alias: str = "default") -> AliasConfig:
+    """Return the configuration of ``alias`` from ``settings.DATABASES`` and the environment."""
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+
+    databases = settings.DATABASES
+    ours = sorted(a for a, d in databases.items() if d.get("ENGINE") == ENGINE)
+    if alias not in databases or databases[alias].get("ENGINE") != ENGINE:
+        why = (
+            "is not in settings.DATABASES"
+            if alias not in databases
+            else (f"uses ENGINE {databases[alias].get('ENGINE')!r}")
+        )
+        raise ImproperlyConfigured(
+            f"Database alias {alias!r} {why}; django-asyncpool serves aliases with "
+            f"ENGINE {ENGINE!r}: {', '.join(ours) or 'none configured'}."
+        )
+    return from_settings(alias, databases[alias])

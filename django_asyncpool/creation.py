@@ -1,0 +1,44 @@
+"""Test-database creation: close every pool on a database before it is cloned or dropped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import connections
+from django.db.backends.postgresql import creation as postgresql
+
+
+def close_pools_on(dbname: str) -> None:
+    """Close every connection and pool of this process that uses database ``dbname``.
+
+    Django closes only the pool of the alias being cloned or destroyed; a mirror
+    alias (``TEST["MIRROR"]``) has a pool of its own on the same database, which
+    would keep the database busy.
+    """
+    from .base import DatabaseWrapper
+
+    for wrapper in connections.all(initialized_only=True):
+        conn = wrapper.connection
+        if isinstance(wrapper, DatabaseWrapper) and conn is not None and conn.info.dbname == dbname:
+            wrapper.close()
+    pools = DatabaseWrapper._connection_pools
+    for alias, pool in list(pools.items()):
+        if isinstance(pool.kwargs, dict) and pool.kwargs.get("dbname") == dbname:
+            pool.close()
+            pools.pop(alias, None)
+    for hook in _close_hooks:
+        hook(dbname)
+
+
+#: Called with a database name; the async pool registers its own closer here.
+_close_hooks: list[Any] = []
+
+
+class DatabaseCreation(postgresql.DatabaseCreation):
+    def _clone_test_db(self, suffix: Any, verbosity: int, keepdb: bool = False) -> None:
+        close_pools_on(self.connection.settings_dict["NAME"])
+        super()._clone_test_db(suffix, verbosity, keepdb)  # type: ignore[misc]
+
+    def _destroy_test_db(self, test_database_name: str, verbosity: int) -> None:
+        close_pools_on(test_database_name)
+        super()._destroy_test_db(test_database_name, verbosity)  # type: ignore[misc]

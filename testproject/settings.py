@@ -1,0 +1,65 @@
+"""Settings of the demo and test project: ENGINE django_asyncpool on two aliases.
+
+The database comes from DATABASE_URL, or from an embedded PostgreSQL server
+(testproject/pgserver.py) when DATABASE_URL is not set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from django_asyncpool.config import parse_url
+
+BASE_DIR = Path(__file__).resolve().parent
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "demo-only-not-a-secret")
+DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
+ALLOWED_HOSTS = ["*"]
+
+if not os.environ.get("DATABASE_URL"):
+    from testproject import pgserver
+
+    os.environ["DATABASE_URL"] = pgserver.embedded_url()
+
+_db = parse_url(os.environ["DATABASE_URL"])
+_connection = {k: _db[k] for k in ("NAME", "USER", "PASSWORD", "HOST", "PORT")}
+
+DATABASES = {
+    "default": {
+        "ENGINE": "django_asyncpool",
+        **_connection,
+        "CONN_MAX_AGE": 0,
+        "OPTIONS": {
+            "pool": {"min_size": 1, "max_size": 10, "timeout": 5},
+            "async_pool": {"pool_size": 10, "max_overflow": 5, "timeout": 5},
+            "circuit_breaker": {"fail_max": 5, "reset_timeout": 5},
+            "retry": {"max_tries": 3, "max_time": 5},
+        },
+    },
+    "replica": {
+        "ENGINE": "django_asyncpool",
+        **_connection,
+        "CONN_MAX_AGE": 0,
+        "OPTIONS": {"pool": {"min_size": 1, "max_size": 5, "timeout": 5}},
+        "TEST": {"MIRROR": "default"},
+    },
+}
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django_prometheus",
+    "django_asyncpool",
+    "testproject.shop",
+]
+MIDDLEWARE: list[str] = []
+ROOT_URLCONF = "testproject.urls"
+USE_TZ = True
+TIME_ZONE = "UTC"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"django_asyncpool": {"handlers": ["console"], "level": "WARNING"}},
+}

@@ -1,0 +1,110 @@
+"""The database fixture and the fault-injection helpers.
+
+The server is the one ``testproject.settings`` found: ``DATABASE_URL`` when set,
+otherwise a throwaway embedded PostgreSQL started for this test run. Tests that
+stop and start the server need the embedded one and skip otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.db import connections
+
+from django_asyncpool import _registry
+from django_asyncpool.base import DatabaseWrapper
+from testproject import pgserver
+from tests.proxy import TcpProxy
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def pg() -> pgserver.LocalPostgres:
+    """The embedded server, for tests that stop, start or inspect it."""
+    server = pgserver.current()
+    if server is None:
+        pytest.skip("needs the embedded server (DATABASE_URL points at an external one)")
+    return server
+
+
+@pytest.fixture
+def server_down(pg: pgserver.LocalPostgres) -> Iterator[Callable[[], None]]:
+    """Return a function that stops the server; it is always started again afterwards."""
+    yield lambda: pg.stop("fast")
+    if not pg.is_running():
+        pg.start()
+
+
+@pytest.fixture
+def proxy(pg: pgserver.LocalPostgres) -> Iterator[TcpProxy]:
+    p = TcpProxy(pg.host, pg.port)
+    yield p
+    p.close()
+
+
+def terminate_backends(pg: pgserver.LocalPostgres, dbname: str | None = None) -> int:
+    """pg_terminate_backend() every client backend but psql's own; return how many."""
+    where = f"and datname = '{dbname}'" if dbname else ""
+    out = pg.psql(
+        "select count(pg_terminate_backend(pid)) from pg_stat_activity "
+        f"where backend_type = 'client backend' and pid <> pg_backend_pid() {where}"
+    )
+    return int(out or 0)
+
+
+def backends(pg: pgserver.LocalPostgres, dbname: str, state: str | None = None) -> int:
+    """Count the client backends connected to ``dbname`` (optionally in ``state``)."""
+    cond = f"and state = '{state}'" if state else ""
+    return int(
+        pg.psql(
+            "select count(*) from pg_stat_activity where backend_type = 'client backend' "
+            f"and pid <> pg_backend_pid() and datname = '{dbname}' {cond}"
+        )
+    )
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
+@pytest.fixture
+def make_wrapper(django_db_blocker: Any) -> Iterator[Callable[..., DatabaseWrapper]]:
+    """Build a DatabaseWrapper of ENGINE django_asyncpool with its own alias and settings.
+
+    ``make_wrapper(HOST=..., PORT=..., OPTIONS={...})`` starts from the default
+    alias's settings; the wrapper talks to the ``postgres`` database, so it needs
+    no test database. Pools and guards are closed and forgotten afterwards.
+    """
+    made: list[DatabaseWrapper] = []
+
+    def make(**overrides: Any) -> DatabaseWrapper:
+        settings_dict = copy.deepcopy(connections["default"].settings_dict)
+        settings_dict["NAME"] = "postgres"
+        options = overrides.pop("OPTIONS", None)
+        settings_dict.update(overrides)
+        if options is not None:
+            settings_dict["OPTIONS"] = options
+        wrapper = DatabaseWrapper(settings_dict, alias=f"t{next(_names)}")
+        made.append(wrapper)
+        return wrapper
+
+    with django_db_blocker.unblock():
+        yield make
+        for wrapper in made:
+            with contextlib.suppress(Exception):
+                wrapper.close()
+            with contextlib.suppress(Exception):
+                wrapper.close_pool()
+            _registry.discard(wrapper.alias)

@@ -1,0 +1,123 @@
+"""ENGINE django_asyncpool as a drop-in for Django's postgresql backend, on a real server."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.db import IntegrityError, connection, connections, transaction
+
+from testproject.shop.models import Product
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def backend_pid() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("select pg_backend_pid()")
+        return int(cursor.fetchone()[0])
+
+
+def test_engine_keeps_the_postgresql_vendor() -> None:
+    assert connection.vendor == "postgresql"
+    assert type(connections["default"]).__module__ == "django_asyncpool.base"
+
+
+def test_orm_crud() -> None:
+    p = Product.objects.create(sku="A1", name="Apple", price_cents=120)
+    assert Product.objects.get(pk=p.pk).name == "Apple"
+    Product.objects.filter(pk=p.pk).update(price_cents=150)
+    p.refresh_from_db()
+    assert p.price_cents == 150
+    p.delete()
+    assert not Product.objects.filter(sku="A1").exists()
+
+
+def test_atomic_rolls_back_and_commits() -> None:
+    with pytest.raises(RuntimeError), transaction.atomic():
+        Product.objects.create(sku="R1", name="rolled back", price_cents=1)
+        raise RuntimeError("boom")
+    assert not Product.objects.filter(sku="R1").exists()
+    with transaction.atomic():
+        Product.objects.create(sku="C1", name="committed", price_cents=1)
+        with pytest.raises(IntegrityError), transaction.atomic():
+            Product.objects.create(sku="C1", name="duplicate", price_cents=1)
+    assert Product.objects.filter(sku="C1").count() == 1
+
+
+def test_async_orm_aget() -> None:
+    """The async ORM, run the way Django's handlers run it (thread-sensitive hop)."""
+
+    async def view() -> str:
+        p = await Product.objects.acreate(sku="AS1", name="async", price_cents=5)
+        return (await Product.objects.aget(pk=p.pk)).sku
+
+    assert async_to_sync(view)() == "AS1"
+
+
+def test_pool_reuses_connections_across_requests(make_wrapper) -> None:
+    """Closing the Django connection returns it to the pool: same backend next time."""
+    wrapper = make_wrapper(OPTIONS={"pool": {"min_size": 1, "max_size": 1}})
+    pids = set()
+    for _ in range(5):
+        with wrapper.cursor() as cursor:
+            cursor.execute("select pg_backend_pid()")
+            pids.add(cursor.fetchone()[0])
+        wrapper.close()  # what Django does at the end of each request
+    assert len(pids) == 1
+    assert wrapper.pool is not None
+    assert wrapper.pool.get_stats()["connections_num"] == 1
+
+
+def test_each_thread_gets_its_own_pooled_connection() -> None:
+    pids: list[int] = []
+
+    def work() -> None:
+        pids.append(backend_pid())
+        connections.close_all()
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(pids) == 4
+    assert connection.pool is not None
+    assert connection.pool.get_stats()["pool_size"] <= 10
+
+
+def test_pool_false_turns_pooling_off(make_wrapper) -> None:
+    wrapper = make_wrapper(OPTIONS={"pool": False})
+    assert wrapper.pool is None
+    with wrapper.cursor() as cursor:
+        cursor.execute("select 1")
+        assert cursor.fetchone() == (1,)
+
+
+def test_our_option_keys_never_reach_psycopg(make_wrapper) -> None:
+    wrapper = make_wrapper(
+        OPTIONS={
+            "pool": {"min_size": 0, "max_size": 2},
+            "circuit_breaker": {"fail_max": 2},
+            "retry": {"max_tries": 1},
+            "async_pool": {"pool_size": 2},
+            "application_name": "asyncpool-test",
+            "no_such_option": 1,
+        }
+    )
+    params = wrapper.get_connection_params()
+    assert not {"circuit_breaker", "retry", "async_pool", "pool", "no_such_option"} & set(params)
+    assert params["application_name"] == "asyncpool-test"
+    with wrapper.cursor() as cursor:
+        cursor.execute("select current_setting('application_name')")
+        assert cursor.fetchone() == ("asyncpool-test",)
+
+
+def test_unknown_option_is_reported(make_wrapper, caplog) -> None:
+    wrapper = make_wrapper(OPTIONS={"pool": {"min_size": 0, "max_sizee": 3}, "sslmdoe": "x"})
+    with caplog.at_level("WARNING", logger="django_asyncpool"):
+        wrapper.get_connection_params()
+    text = caplog.text
+    assert "max_sizee" in text and "sslmdoe" in text
+    assert "dbpool.E004" in text
