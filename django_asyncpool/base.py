@@ -13,6 +13,7 @@ Only what differs from ``django.db.backends.postgresql`` is overridden:
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import weakref
@@ -24,7 +25,7 @@ from django.db.backends.postgresql import base as postgresql
 
 from . import _registry
 from ._syncpool import SyncPool, stamp_returned
-from .config import OUR_KEYS, connection_fields
+from .config import DJANGO_OPTIONS, OUR_KEYS, _libpq_keys, connection_fields
 from .creation import DatabaseCreation
 from .errors import PoolClosed, PoolTimeout
 
@@ -49,6 +50,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # DATABASE_URL fills the connection fields when the alias gives none.
         settings_dict.update(connection_fields(settings_dict, os.environ))
         super().__init__(settings_dict, alias)
+        self._options_reported = False
         _wrappers.add(self)
 
     @property
@@ -78,11 +80,12 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     def get_connection_params(self) -> dict[str, Any]:
         params: dict[str, Any] = super().get_connection_params()
-        for key in OUR_KEYS:
-            params.pop(key, None)
-        config = _registry.config_for_wrapper(self)
-        for key in set(params) - set(config.params) - _DRIVER_KEYS:
-            params.pop(key)  # unknown keys are reported by the checks, never passed on
+        if not self._options_reported:
+            # Parsing the whole configuration costs ~30 us: not on every checkout.
+            _registry.config_for_wrapper(self)  # reports unknown or invalid keys once
+            self._options_reported = True
+        for key in params.keys() - _passed_keys():
+            params.pop(key)  # ours, and unknown keys (reported), never reach psycopg
         return params
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
@@ -131,6 +134,12 @@ _DRIVER_KEYS = frozenset(
         "passfile",
     }
 )
+
+
+@functools.cache
+def _passed_keys() -> frozenset[str]:
+    """Return the connection parameters that go to psycopg: libpq's and Django's own."""
+    return (_libpq_keys() - OUR_KEYS - DJANGO_OPTIONS) | _DRIVER_KEYS
 
 
 def close_pools() -> None:
