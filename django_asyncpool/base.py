@@ -28,6 +28,7 @@ from ._syncpool import SyncPool, stamp_returned
 from .config import DJANGO_OPTIONS, OUR_KEYS, _libpq_keys, connection_fields
 from .creation import DatabaseCreation
 from .errors import PoolClosed, PoolTimeout
+from .features import DatabaseFeatures
 
 logger = logging.getLogger("django_asyncpool")
 
@@ -42,6 +43,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     """Django's PostgreSQL wrapper, with the pool behind a breaker and retries."""
 
     creation_class = DatabaseCreation
+    features_class = DatabaseFeatures
 
     # Our own class-level dict: the stock backend's pools are not ours to manage.
     _connection_pools: dict[str, SyncPool] = {}

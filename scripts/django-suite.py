@@ -1,0 +1,313 @@
+#!/usr/bin/env python3
+"""Run Django's own test suite against ENGINE django_asyncpool, the pool on.
+
+    python3 scripts/dev.py django-suite [options] [test labels]
+    .venv/bin/python scripts/django-suite.py [options] [test labels]
+
+Takes the Django installed in the running interpreter, fetches that version's
+source distribution from PyPI with pip (it holds tests/ and runtests.py) into
+.cache/django-suite/, installs the few packages the chosen test modules need,
+writes a settings module with the aliases ``default`` and ``other`` on the ENGINE
+with its pool on, and runs ``runtests.py --parallel 2`` on the database-heavy
+modules (or on the labels given). The database is DATABASE_URL's server, or an
+embedded PostgreSQL started for the run and deleted after it.
+
+The ENGINE declares the failures that the test environment causes (not the ENGINE)
+only while this runs: see django_asyncpool/features.py.
+
+The last line reads "django-suite: N passed, N failed, N skipped"; the exit
+status is runtests.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "django-suite"
+
+#: The database-heavy test modules of Django's suite (issue 7).
+MODULES = [
+    "backends",
+    "transactions",
+    "transaction_hooks",
+    "basic",
+    "queries",
+    "async",
+    "db_utils",
+    "select_for_update",
+    "model_fields",
+    "expressions",
+    "aggregation",
+    "migrations",
+    "schema",
+    "introspection",
+    "inspectdb",
+    "bulk_create",
+    "get_or_create",
+    "update",
+    "delete",
+    "fixtures",
+    "serializers",
+    "test_utils",
+    "multiple_database",
+    "prefetch_related",
+    "select_related",
+    "raw_query",
+    "lookup",
+    "ordering",
+    "timezones",
+    "datetimes",
+    "many_to_many",
+    "many_to_one",
+    "one_to_one",
+    "model_inheritance",
+    "defer",
+    "annotations",
+    "handlers",
+    "asgi",
+]
+
+#: What these modules need beyond Django's own dependencies (names as in
+#: tests/requirements/py3.txt): tblib carries tracebacks out of the parallel
+#: workers, PyYAML runs the YAML serializer and fixture tests.
+REQUIREMENTS = {"tblib": "tblib", "PyYAML": "yaml"}
+
+SETTINGS = '''\
+"""Written by django-asyncpool's scripts/django-suite.py: Django's tests on its ENGINE."""
+
+import os
+
+from django_asyncpool.config import parse_url
+
+_db = parse_url(os.environ["ASYNCPOOL_SUITE_DATABASE_URL"])
+
+
+def _alias(name):
+    return {{
+        "ENGINE": {engine!r},
+        "NAME": name,
+        "USER": _db["USER"],
+        "PASSWORD": _db["PASSWORD"],
+        "HOST": _db["HOST"],
+        "PORT": _db["PORT"],
+        "CONN_MAX_AGE": 0,
+        "OPTIONS": {{"pool": {pool!r}}},
+    }}
+
+
+DATABASES = {{"default": _alias("django_default"), "other": _alias("django_other")}}
+SECRET_KEY = "django_tests_secret_key"
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+USE_TZ = False
+'''
+
+
+def log(message: str) -> None:
+    print(f"django-suite: {message}", flush=True)
+
+
+def fetch_tests(version: str) -> Path:
+    """Return Django ``version``'s tests/ directory, downloading its sdist once."""
+    tests = CACHE / f"django-{version}" / "tests"
+    if (tests / "runtests.py").exists():
+        return tests
+    CACHE.mkdir(parents=True, exist_ok=True)
+    log(f"fetching the source distribution of Django {version} from PyPI...")
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--dest",
+                tmp,
+                f"django=={version}",
+            ],
+            check=True,
+        )
+        (sdist,) = Path(tmp).glob("*.tar.gz")
+        unpacked = Path(tmp) / "unpacked"
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.split("/")[1:2] == ["tests"]]
+            tar.extractall(unpacked, members=members, filter="data")
+        (top,) = unpacked.iterdir()
+        shutil.rmtree(tests.parent, ignore_errors=True)
+        tests.parent.mkdir(parents=True)
+        (top / "tests").rename(tests)
+    return tests
+
+
+def install_requirements(tests: Path) -> None:
+    """Install the packages of REQUIREMENTS that are missing, as this Django pins them."""
+    import importlib.util
+
+    wanted = {}
+    for line in (tests / "requirements" / "py3.txt").read_text().splitlines():
+        name = re.split(r"[\s<>=!~;\[]", line.strip(), maxsplit=1)[0]
+        if name in REQUIREMENTS:
+            wanted[name] = line.split(";")[0].strip()
+    missing = [
+        wanted.get(name, name)
+        for name, module in REQUIREMENTS.items()
+        if importlib.util.find_spec(module) is None
+    ]
+    if missing:
+        log(f"installing {', '.join(missing)}...")
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                *missing,
+            ],
+            check=True,
+        )
+
+
+def has_icu(url: str) -> bool:
+    """Return whether the server at ``url`` has ICU collations (built --with-icu)."""
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=10) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_collation WHERE collprovider = 'i' AND collname LIKE %s",
+            ["%-x-icu"],
+        ).fetchone()
+    return bool(row and row[0])
+
+
+def summarize(output: str) -> tuple[int, int, int]:
+    """Return (passed, failed, skipped) from unittest's closing lines."""
+    ran = re.findall(r"^Ran (\d+) tests? in", output, re.MULTILINE)
+    result = re.findall(r"^(OK|FAILED)(?: \((.*)\))?$", output, re.MULTILINE)
+    if not ran or not result:
+        return 0, 0, 0
+    counts = {
+        key.strip(): int(value)
+        for key, value in re.findall(r"([a-z ]+)=(\d+)", result[-1][1] or "")
+    }
+    failed = counts.get("failures", 0) + counts.get("errors", 0)
+    failed += counts.get("unexpected successes", 0)
+    skipped = counts.get("skipped", 0) + counts.get("expected failures", 0)
+    return int(ran[-1]) - failed - skipped, failed, skipped
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("labels", nargs="*", help="test labels (default: the modules of issue 7)")
+    parser.add_argument("--parallel", default="2", help="runtests.py --parallel (default: 2)")
+    parser.add_argument("-v", "--verbosity", default="1", help="runtests.py --verbosity")
+    parser.add_argument(
+        "--engine",
+        default="django_asyncpool",
+        help="ENGINE of both aliases, to compare with django.db.backends.postgresql",
+    )
+    parser.add_argument("--no-pool", action="store_true", help="run with OPTIONS['pool'] False")
+    parser.add_argument("--failfast", action="store_true")
+    args = parser.parse_args(argv)
+
+    import django
+
+    version = django.get_version()
+    py = ".".join(map(str, sys.version_info[:3]))
+    tests = fetch_tests(version)
+    install_requirements(tests)
+
+    pool: object = False if args.no_pool else {"min_size": 1, "max_size": 10, "timeout": 10}
+    (tests / "asyncpool_suite_settings.py").write_text(
+        SETTINGS.format(engine=args.engine, pool=pool)
+    )
+
+    env = dict(os.environ)
+    env["DJANGO_ASYNCPOOL_DJANGO_SUITE"] = "1"  # django_asyncpool.features.SUITE_ENV
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    server = None
+    url = env.pop("DATABASE_URL", "")
+    if not url:
+        sys.path.insert(0, str(ROOT))
+        from testproject.pgserver import LocalPostgres
+
+        server = LocalPostgres(Path(tempfile.mkdtemp(prefix="django-suite-pg-")) / "data")
+        server.init()
+        server.start()
+        url = server.url("postgres")
+        where = f"an embedded PostgreSQL on {server.host}:{server.port}"
+    else:
+        where = "DATABASE_URL's server"
+    env["ASYNCPOOL_SUITE_DATABASE_URL"] = url
+    if not has_icu(url):
+        log("the server has no ICU collations: libc's POSIX stands in for sv-x-icu")
+        env["DJANGO_ASYNCPOOL_SUITE_NO_ICU"] = "1"  # django_asyncpool.features.NO_ICU_ENV
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+
+    labels = args.labels or MODULES
+    command = [
+        sys.executable,
+        "-u",
+        "runtests.py",
+        "--settings=asyncpool_suite_settings",
+        "--noinput",
+        f"--parallel={args.parallel}",
+        f"--verbosity={args.verbosity}",
+        *(["--failfast"] if args.failfast else []),
+        *labels,
+    ]
+    log(
+        f"Django {version} on Python {py}, ENGINE {args.engine}, pool "
+        f"{'off' if args.no_pool else 'on'}, --parallel {args.parallel}, {where}, "
+        f"{len(labels)} label(s)"
+    )
+    started = time.monotonic()
+    lines: list[str] = []
+    try:
+        with subprocess.Popen(
+            command,
+            cwd=tests,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                lines.append(line)
+        returncode = proc.returncode
+    finally:
+        if server is not None:
+            server.destroy()
+    output = "".join(lines)
+    (CACHE / f"last-django-{version}.log").write_text(output)
+    passed, failed, skipped = summarize(output)
+    log(f"Django {version}, Python {py}: {time.monotonic() - started:.0f}s, exit {returncode}")
+    print(f"django-suite: {passed} passed, {failed} failed, {skipped} skipped", flush=True)
+    if returncode == 0 and passed == 0:
+        log("no test ran")
+        return 1
+    return returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
