@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import backoff
@@ -74,21 +74,6 @@ class Guard:
             listeners=[_Listener(self)],
             throw_new_error_on_trip=False,
         )
-        retry = config.retry
-        decorate = backoff.on_exception(
-            backoff.expo,
-            Exception,
-            max_tries=retry.max_tries,
-            max_time=retry.max_time,
-            jitter=backoff.full_jitter,
-            giveup=lambda exc: isinstance(exc, NOT_RETRIED),
-            on_backoff=self._log_retry,
-            logger=None,
-            factor=retry.base_delay,
-            max_value=retry.max_delay,
-        )
-        self._run_sync = decorate(self._attempt)
-        self._run_async = decorate(self._attempt_async)
 
     # -- the breaker ---------------------------------------------------------------------
 
@@ -119,15 +104,19 @@ class Guard:
         for callback in self.transitions:
             callback(old, new)
 
+    def check_open(self) -> None:
+        """Raise :class:`CircuitOpenError` while the breaker is open and not yet due a trial."""
+        if self.breaker.current_state == pybreaker.STATE_OPEN:
+            remaining = self.opened_at + self.breaker.reset_timeout - time.monotonic()
+            if remaining > 0:
+                raise self._open_error(remaining)
+
     def admit(self) -> bool:
         """Let a call through or raise :class:`CircuitOpenError`; return True for a trial."""
         state = self.breaker.current_state
         if state == pybreaker.STATE_CLOSED:
             return False
-        if state == pybreaker.STATE_OPEN:
-            remaining = self.opened_at + self.breaker.reset_timeout - time.monotonic()
-            if remaining > 0:
-                raise self._open_error(remaining)
+        self.check_open()
         if not self._trial.acquire(blocking=False):
             raise self._open_error(0.0, trial=True)
         if self.breaker.current_state == pybreaker.STATE_CLOSED:
@@ -146,7 +135,7 @@ class Guard:
         elif self.breaker.fail_counter:
             self.breaker.call(_noop)  # a success resets the consecutive-failure count
 
-    def failed(self, exc: BaseException, trial: bool) -> None:
+    def failed(self, exc: Exception, trial: bool) -> None:
         try:
             if not isinstance(exc, NOT_COUNTED):
                 # In closed state this counts and may open; in half-open it re-opens.
@@ -169,39 +158,44 @@ class Guard:
 
     # -- getting a connection --------------------------------------------------------------
 
-    def _attempt(self, acquire: Callable[[], T]) -> T:
-        trial = self.admit()
-        try:
-            conn = acquire()
-        except BaseException as exc:
-            self.failed(exc, trial)
-            raise
-        self.succeeded(trial)
-        return conn
+    def run(self, acquire: Callable[[], T], sleep: Callable[[float], object] = time.sleep) -> T:
+        """Return ``acquire()`` through the breaker, retried with backoff and full jitter.
 
-    async def _attempt_async(self, acquire: Callable[[], Awaitable[T]]) -> T:
-        trial = self.admit()
-        try:
-            conn = await acquire()
-        except BaseException as exc:
-            self.failed(exc, trial)
-            raise
-        self.succeeded(trial)
-        return conn
-
-    def acquire(self, acquire: Callable[[], T]) -> T:
-        """Return ``acquire()``, through the breaker, retried with backoff."""
-        try:
-            return self._run_sync(acquire)
-        except Exception as exc:
-            raise self.translate(exc) from exc
-
-    async def acquire_async(self, acquire: Callable[[], Awaitable[T]]) -> T:
-        """Return ``await acquire()``, through the breaker, retried with backoff."""
-        try:
-            return await self._run_async(acquire)
-        except Exception as exc:
-            raise self.translate(exc) from exc
+        ``sleep`` waits between tries: ``time.sleep`` in threads, an awaiting sleep in
+        SQLAlchemy's greenlet. Only ``Exception``s count: a cancelled task is no failure.
+        """
+        retry = self.config.retry
+        started = time.monotonic()
+        delays = backoff.expo(factor=retry.base_delay, max_value=retry.max_delay)
+        next(delays)  # backoff's generators are primed with one next()
+        tries = 0
+        while True:
+            trial = self.admit()
+            tries += 1
+            try:
+                conn = acquire()
+            except Exception as exc:
+                self.failed(exc, trial)
+                remaining = retry.max_time - (time.monotonic() - started)
+                if isinstance(exc, NOT_RETRIED) or tries >= retry.max_tries or remaining <= 0:
+                    raise self.translate(exc) from exc
+                delay = min(backoff.full_jitter(next(delays)), remaining)
+                logger.warning(
+                    "Connecting to database %s failed (try %d of %d), retrying in %.2fs: %s",
+                    self.config.describe(),
+                    tries,
+                    retry.max_tries,
+                    delay,
+                    redact(str(exc).strip(), self.config.password),
+                )
+                sleep(delay)
+                continue
+            except BaseException:
+                if trial:
+                    self._trial.release()
+                raise
+            self.succeeded(trial)
+            return conn
 
     def translate(self, exc: Exception) -> Exception:
         """Return the error a caller should see for ``exc``: ours, with what to do."""
@@ -213,15 +207,4 @@ class Guard:
             "Check that the server is running and reachable, and that NAME, USER, PASSWORD, "
             "HOST and PORT are right.",
             alias=self.alias,
-        )
-
-    def _log_retry(self, details: Any) -> None:
-        exc = details.get("exception")
-        logger.warning(
-            "Connecting to database %s failed (try %d of %d), retrying in %.2fs: %s",
-            self.config.describe(),
-            details["tries"],
-            self.config.retry.max_tries,
-            details["wait"],
-            redact(str(exc).strip(), self.config.password),
         )

@@ -112,7 +112,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                     f"The pool of database {guard.config.describe()} is closed.", alias=self.alias
                 ) from exc
 
-        return guard.acquire(acquire)
+        return guard.run(acquire)
 
     def _close(self) -> None:
         if self.connection is not None and self.pool is not None:

@@ -41,4 +41,12 @@ class DatabaseCreation(postgresql.DatabaseCreation):
 
     def _destroy_test_db(self, test_database_name: str, verbosity: int) -> None:
         close_pools_on(test_database_name)
+        # Connections of event loops already gone cannot be closed from here; the test
+        # database is about to be dropped, so their sessions go with it.
+        with self._nodb_cursor() as cursor:  # type: ignore[attr-defined]
+            cursor.execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity "
+                "where datname = %s and pid <> pg_backend_pid()",
+                [test_database_name],
+            )
         super()._destroy_test_db(test_database_name, verbosity)  # type: ignore[misc]

@@ -8,7 +8,8 @@ own database errors keep catching them::
           ├── CircuitOpenError        the breaker is open: failing fast
           ├── DatabaseUnavailable     could not connect (after retries)
           ├── PoolTimeout             no connection free within the timeout
-          └── PoolClosed              the pool was closed
+          ├── PoolClosed              the pool was closed
+          └── ReadOnlyError           a read-only scope tried to write
 
 Messages never contain a password or a full DSN: they name the alias, the
 host and the database, and say what to do.
@@ -18,7 +19,14 @@ from __future__ import annotations
 
 from django.db import OperationalError
 
-__all__ = ["CircuitOpenError", "DatabaseUnavailable", "PoolClosed", "PoolError", "PoolTimeout"]
+__all__ = [
+    "CircuitOpenError",
+    "DatabaseUnavailable",
+    "PoolClosed",
+    "PoolError",
+    "PoolTimeout",
+    "ReadOnlyError",
+]
 
 
 class PoolError(OperationalError):
@@ -47,3 +55,7 @@ class PoolTimeout(PoolError):
 
 class PoolClosed(PoolError):
     """The pool was closed; it cannot hand out connections any more."""
+
+
+class ReadOnlyError(PoolError):
+    """A ``session_scope(readonly=True)`` tried to write."""

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.db import connections
 
 from django_asyncpool import _registry
@@ -108,3 +109,39 @@ def make_wrapper(django_db_blocker: Any) -> Iterator[Callable[..., DatabaseWrapp
             with contextlib.suppress(Exception):
                 wrapper.close_pool()
             _registry.discard(wrapper.alias)
+
+
+@pytest.fixture
+def make_alias() -> Iterator[Callable[..., str]]:
+    """Add a database alias of ENGINE django_asyncpool to the settings; return its name.
+
+    ``make_alias(HOST=..., PORT=..., OPTIONS={...})`` starts from the default alias's
+    live settings (the test database). Its pools are closed and forgotten afterwards.
+    """
+    from django_asyncpool.pool import ConnectionPool
+
+    made: list[str] = []
+
+    def make(**overrides: Any) -> str:
+        alias = f"a{next(_names)}"
+        settings_dict = copy.deepcopy(connections["default"].settings_dict)
+        options = overrides.pop("OPTIONS", None)
+        settings_dict.update(overrides)
+        if options is not None:
+            settings_dict["OPTIONS"] = options
+        # Django warns when DATABASES is overridden as a setting; an added alias is safe.
+        settings.DATABASES[alias] = settings_dict
+        connections.settings[alias] = settings_dict
+        made.append(alias)
+        return alias
+
+    yield make
+    for alias in made:
+        ConnectionPool._instances.pop(alias, None)
+        _registry.discard(alias)
+        connections.settings.pop(alias, None)
+        settings.DATABASES.pop(alias, None)
+        with contextlib.suppress(Exception):
+            connections[alias].close()
+        with contextlib.suppress(AttributeError):
+            delattr(connections._connections, alias)

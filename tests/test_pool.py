@@ -1,0 +1,304 @@
+"""The async pool: ConnectionPool and session_scope over SQLAlchemy + asyncpg, real server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+import pytest
+import sqlalchemy.exc
+from asgiref.sync import async_to_sync
+from django.core.exceptions import ImproperlyConfigured
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from django_asyncpool import (
+    CircuitOpenError,
+    ConnectionPool,
+    DatabaseUnavailable,
+    ReadOnlyError,
+    session_scope,
+)
+from django_asyncpool.config import from_settings
+from django_asyncpool.pool import connect_kwargs
+
+from .conftest import backends, terminate_backends, wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PK = text("select id, name from shop_product where id = :pk")
+
+
+@pytest.fixture
+def dbname() -> str:
+    from django.db import connections
+
+    return connections["default"].settings_dict["NAME"]
+
+
+@pytest.fixture
+async def products() -> list[int]:
+    async with session_scope() as session:
+        await session.execute(text("truncate shop_product restart identity"))
+        await session.execute(
+            text(
+                "insert into shop_product (sku, name, price_cents) "
+                "select 'S' || g, 'product ' || g, g from generate_series(1, 50) g"
+            )
+        )
+    return list(range(1, 51))
+
+
+def test_one_pool_per_alias_and_clear_errors_for_others() -> None:
+    assert ConnectionPool() is ConnectionPool("default") is ConnectionPool(alias="default")
+    assert ConnectionPool("replica") is not ConnectionPool()
+    with pytest.raises(
+        ImproperlyConfigured, match=r"'nope' is not in settings\.DATABASES.*default, replica"
+    ):
+        ConnectionPool("nope")
+
+
+async def test_session_scope_commits_on_success(products) -> None:
+    async with session_scope() as session:
+        assert isinstance(session, AsyncSession)
+        await session.execute(text("update shop_product set name = 'changed' where id = 1"))
+    async with ConnectionPool().session_scope() as session:
+        assert (
+            await session.execute(text("select name from shop_product where id = 1"))
+        ).scalar() == "changed"
+    assert ConnectionPool().metrics["in_use"] == 0
+
+
+async def test_session_scope_rolls_back_and_reraises(products) -> None:
+    with pytest.raises(ZeroDivisionError):
+        async with session_scope() as session:
+            await session.execute(text("update shop_product set name = 'lost' where id = 2"))
+            1 / 0  # noqa: B018
+    async with session_scope() as session:
+        assert (
+            await session.execute(text("select name from shop_product where id = 2"))
+        ).scalar() == "product 2"
+    assert ConnectionPool().metrics["in_use"] == 0
+
+
+async def test_get_connection_returns_a_session_the_caller_closes(products) -> None:
+    session = await ConnectionPool().get_connection()
+    assert ConnectionPool().metrics["in_use"] == 1
+    assert (await session.execute(PK, {"pk": 3})).one().name == "product 3"
+    await session.close()
+    assert ConnectionPool().metrics["in_use"] == 0
+
+
+async def test_fast_path_yields_asyncpg_and_cleans_up_open_transactions(
+    products, pg, dbname
+) -> None:
+    pool = ConnectionPool()
+    async with pool.connection() as conn:
+        assert (await conn.fetchrow("select name from shop_product where id = $1", 4))[
+            "name"
+        ] == "product 4"
+        await conn.execute("begin")
+        await conn.execute("update shop_product set name = 'half done' where id = 4")
+    async with pool.connection() as conn:
+        assert not conn.is_in_transaction()
+        assert await conn.fetchval("select name from shop_product where id = 4") == "product 4"
+    assert backends(pg, dbname, "idle in transaction") == 0
+
+
+async def test_readonly_skips_begin_and_refuses_writes(products) -> None:
+    async with session_scope(readonly=True) as session:
+        first = (await session.execute(text("select txid_current()"))).scalar()
+        second = (await session.execute(text("select txid_current()"))).scalar()
+        assert first != second  # each statement is its own transaction: no BEGIN was sent
+    async with session_scope() as session:
+        first = (await session.execute(text("select txid_current()"))).scalar()
+        assert (await session.execute(text("select txid_current()"))).scalar() == first
+    with pytest.raises(ReadOnlyError, match="tried to write"):
+        async with session_scope(readonly=True) as session:
+            await session.execute(text("delete from shop_product"))
+    async with session_scope(readonly=True) as session:
+        assert (await session.execute(text("select count(*) from shop_product"))).scalar() == 50
+
+
+def test_every_loop_gets_its_own_engine_and_dead_loops_give_connections_back(pg, dbname) -> None:
+    baseline = backends(pg, dbname)
+
+    async def request() -> int:
+        async with session_scope() as session:
+            return int((await session.execute(text("select 1"))).scalar())
+
+    for _ in range(20):
+        assert asyncio.run(request()) == 1
+    for _ in range(20):
+        assert async_to_sync(request)() == 1
+    assert wait_until(lambda: backends(pg, dbname) <= baseline, timeout=5)
+
+
+async def test_many_concurrent_scopes_share_one_engine(products) -> None:
+    async def one(pk: int) -> str:
+        async with session_scope() as session:
+            return (await session.execute(PK, {"pk": pk})).one().name
+
+    names = await asyncio.gather(*(one(pk) for pk in products))
+    assert names == [f"product {pk}" for pk in products]
+    assert ConnectionPool().metrics["loops"] >= 1
+
+
+async def test_cancellation_storm_leaks_nothing(products, pg, dbname) -> None:
+    pool = ConnectionPool()
+    rng = random.Random(7)
+
+    async def work(i: int) -> None:
+        kind = i % 3
+        if kind == 0:
+            async with pool.session_scope() as session:
+                await session.execute(
+                    text("update shop_product set price_cents = price_cents + 1 where id = :pk"),
+                    {"pk": 1 + i % 50},
+                )
+                await session.execute(text("select pg_sleep(0.01)"))
+        elif kind == 1:
+            async with pool.connection() as conn:
+                await conn.fetchval("select pg_sleep(0.01)")
+        else:
+            async with pool.session_scope(readonly=True) as session:
+                await session.execute(text("select pg_sleep(0.005), count(*) from shop_product"))
+
+    tasks = [asyncio.create_task(work(i)) for i in range(500)]
+    loop = asyncio.get_running_loop()
+    for task in rng.sample(tasks, 170):  # while waiting for a connection, mid-query, mid-commit
+        loop.call_later(rng.random() * 0.3, task.cancel)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    failures = [
+        r
+        for r in results
+        if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
+    ]
+    assert failures == [], failures[:3]
+    assert sum(isinstance(r, asyncio.CancelledError) for r in results) >= 100
+    assert pool.metrics["in_use"] == 0
+    assert wait_until(lambda: backends(pg, dbname, "active") == 0, timeout=5)
+    assert backends(pg, dbname, "idle in transaction") == 0
+    # the pool is at full strength: pool_size + max_overflow at once
+    async with asyncio.timeout(10):
+        await asyncio.gather(*(work(3 * i + 1) for i in range(15)))
+
+
+async def test_terminated_backends_are_replaced_before_callers_see_them(
+    products, pg, dbname
+) -> None:
+    pool = ConnectionPool()
+
+    async def one(pk: int) -> None:
+        async with pool.session_scope() as session:
+            await session.execute(PK, {"pk": pk})
+
+    await asyncio.gather(*(one(pk) for pk in range(1, 11)))  # several idle connections
+    assert terminate_backends(pg, dbname) >= 1
+    assert wait_until(lambda: backends(pg, dbname) == 0, timeout=5)
+    for i in range(100):
+        await one(1 + i % 50)
+    assert pool.metrics["invalidated"] >= 1
+
+
+def test_outage_opens_the_breaker_then_recovers(make_alias, pg, server_down) -> None:
+    alias = make_alias(
+        OPTIONS={
+            "async_pool": {"pool_size": 2, "max_overflow": 0, "timeout": 2},
+            "circuit_breaker": {"fail_max": 3, "reset_timeout": 1},
+            "retry": {"max_tries": 1},
+        }
+    )
+
+    async def scenario() -> None:
+        pool = ConnectionPool(alias)
+        async with pool.session_scope() as session:
+            await session.execute(text("select 1"))
+        server_down()
+        for _ in range(3):
+            with pytest.raises((DatabaseUnavailable, sqlalchemy.exc.DBAPIError)):
+                async with pool.session_scope() as session:
+                    await session.execute(text("select 1"))
+        assert pool.metrics["breaker_state"] == "open"
+        started = time.monotonic()
+        with pytest.raises(CircuitOpenError):
+            async with pool.session_scope() as session:
+                await session.execute(text("select 1"))
+        assert time.monotonic() - started < 0.05
+        pg.start()
+        await asyncio.sleep(1.05)
+        async with pool.session_scope() as session:
+            assert (await session.execute(text("select 1"))).scalar() == 1
+        assert pool.metrics["breaker_state"] == "closed"
+
+    asyncio.run(scenario())
+
+
+async def test_leak_warning_carries_the_stack(make_alias, caplog) -> None:
+    alias = make_alias(OPTIONS={"leak_threshold": 0.05})
+    pool = ConnectionPool(alias)
+    with caplog.at_level(logging.WARNING, logger="django_asyncpool"):
+        async with pool.connection() as conn:
+            await asyncio.sleep(0.1)
+            await conn.fetchval("select 1")
+    assert "held for more than 0.05s" in caplog.text
+    assert "test_leak_warning_carries_the_stack" in caplog.text  # where it was taken
+    assert pool.metrics["leaks"] == 1
+
+
+async def test_run_transaction_retries_serialization_failures(products) -> None:
+    pool = ConnectionPool()
+    calls = 0
+
+    async def transfer(session: AsyncSession) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await session.execute(text("select 1"))
+            raise sqlalchemy.exc.DBAPIError("x", None, _SerializationFailure())
+        return 42
+
+    assert await pool.run_transaction(transfer) == 42
+    assert calls == 2
+
+
+class _SerializationFailure(Exception):
+    sqlstate = "40001"
+
+
+def test_asyncpg_arguments_from_django_settings(pg) -> None:
+    config = from_settings(
+        "x",
+        {
+            "NAME": "app",
+            "USER": "u",
+            "PASSWORD": "p",
+            "HOST": str(pg.socket_dir),
+            "PORT": pg.port,
+            "OPTIONS": {
+                "sslmode": "require",
+                "sslrootcert": "/ca.pem",
+                "application_name": "web",
+                "options": "-c statement_timeout=5000",
+                "connect_timeout": 3,
+            },
+        },
+        environ={},
+    )
+    kwargs = connect_kwargs(config)
+    assert kwargs["host"] == str(pg.socket_dir) and kwargs["database"] == "app"
+    assert kwargs["dsn"] == "postgresql://?sslmode=require&sslrootcert=/ca.pem"
+    assert kwargs["server_settings"] == {"application_name": "web", "statement_timeout": "5000"}
+    assert kwargs["timeout"] == 3.0
+
+
+def test_unix_socket_host_works(make_alias, pg) -> None:
+    alias = make_alias(HOST=str(pg.socket_dir), PASSWORD="")
+
+    async def which() -> str:
+        async with ConnectionPool(alias).connection() as conn:
+            return str(await conn.fetchval("select coalesce(inet_server_addr()::text, 'socket')"))
+
+    assert asyncio.run(which()) == "socket"
