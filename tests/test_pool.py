@@ -21,8 +21,8 @@ from django_asyncpool import (
     ReadOnlyError,
     session_scope,
 )
+from django_asyncpool._engines import connect_kwargs
 from django_asyncpool.config import from_settings
-from django_asyncpool.pool import connect_kwargs
 
 from .conftest import backends, terminate_backends, wait_until
 

@@ -1,0 +1,251 @@
+"""One event loop's engines: SQLAlchemy ``AsyncEngine``s over asyncpg, guarded.
+
+asyncpg connections belong to the loop that opened them, so each loop gets its
+own engines; they are disposed while the loop shuts its async generators down
+(``asyncio.run()`` and asgiref do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import select
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import sqlalchemy.exc
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy.util.concurrency import await_
+
+from . import _registry
+from ._policy import Guard
+from .config import AliasConfig
+from .errors import PoolTimeout
+
+_ASYNCPG_DSN_KEYS = frozenset(
+    {
+        "sslmode",
+        "sslcert",
+        "sslkey",
+        "sslrootcert",
+        "sslcrl",
+        "sslpassword",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "target_session_attrs",
+        "krbsrvname",
+        "gsslib",
+        "passfile",
+    }
+)
+#: SQLSTATEs worth re-running a whole transaction for (opt-in).
+_RETRY_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
+
+
+@dataclass
+class Stats:
+    """Counters of one alias's async side, summed over its event loops."""
+
+    attempts: int = 0
+    failures: int = 0
+    timeouts: int = 0
+    created: int = 0
+    checkouts: int = 0
+    waiting: int = 0
+    invalidated: int = 0
+    leaks: int = 0
+
+
+def connect_kwargs(config: AliasConfig) -> dict[str, Any]:
+    """Return ``asyncpg.connect()`` keyword arguments for ``config``."""
+    params = dict(config.params)
+    kwargs: dict[str, Any] = {
+        "host": config.host or None,
+        "port": config.port,
+        "user": config.user or None,
+        "password": config.password or None,
+        "database": config.dbname,
+    }
+    server_settings: dict[str, str] = {}
+    if "application_name" in params:
+        server_settings["application_name"] = str(params["application_name"])
+    for part in str(params.get("options", "")).split("-c"):
+        if "=" in part:
+            key, value = part.strip().split("=", 1)
+            server_settings[key.strip()] = value.strip()
+    if "connect_timeout" in params:
+        kwargs["timeout"] = float(params["connect_timeout"])
+    if server_settings:
+        kwargs["server_settings"] = server_settings
+    dsn_query = "&".join(f"{k}={params[k]}" for k in sorted(_ASYNCPG_DSN_KEYS & set(params)))
+    if dsn_query:
+        kwargs["dsn"] = f"postgresql://?{dsn_query}"
+    if config.pgbouncer:
+        kwargs["statement_cache_size"] = 0
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _socket_readable(raw: Any) -> bool:
+    """Return True when an idle asyncpg connection has bytes (or EOF) waiting.
+
+    An idle connection receives nothing; anything there is the server saying
+    goodbye, which the event loop may not have processed yet.
+    """
+    transport = getattr(raw, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    try:
+        return bool(select.select([sock.fileno()], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
+class _GuardedPool(AsyncAdaptedQueuePool):
+    """SQLAlchemy's asyncio queue pool with the alias's breaker, retries and stats.
+
+    Opening a connection (for a checkout, or to replace a dead one in place) goes
+    through the guard with retries; a checkout fails fast while the breaker is
+    open, and a wait that times out counts as a failure. ``guard`` and ``stats``
+    are class attributes of a per-engine subclass, so ``recreate()`` keeps them.
+    """
+
+    guard: Guard
+    stats: Stats
+
+    def __init__(self, creator: Any, **kwargs: Any) -> None:
+        super().__init__(creator, **kwargs)
+        create = self._invoke_creator
+        guard = self.guard
+
+        def guarded(record: Any) -> Any:
+            return guard.run(lambda: create(record), sleep=_greenlet_sleep)
+
+        self._invoke_creator = guarded  # type: ignore[assignment]
+
+    def _do_get(self) -> Any:
+        stats, guard = self.stats, self.guard
+        stats.attempts += 1
+        if guard.breaker.current_state != "closed":
+            guard.check_open()
+        stats.waiting += 1
+        try:
+            record = super()._do_get()
+        except sqlalchemy.exc.TimeoutError as exc:
+            stats.failures += 1
+            stats.timeouts += 1
+            guard.failed(exc, trial=False)
+            raise PoolTimeout(
+                f"No connection to database {guard.config.describe()} became free within "
+                f"{self._timeout:.1f}s (size {self.size()}, in use {self.checkedout()}, "
+                f"waiting {stats.waiting}). Raise OPTIONS['async_pool']['pool_size'], "
+                "['max_overflow'] or ['timeout'], or find the code holding connections "
+                "(OPTIONS['leak_threshold'] logs where they were taken).",
+                alias=guard.alias,
+            ) from exc
+        except Exception:
+            stats.failures += 1
+            raise
+        finally:
+            stats.waiting -= 1
+        stats.checkouts += 1
+        return record
+
+
+def _greenlet_sleep(seconds: float) -> None:
+    await_(asyncio.sleep(seconds))
+
+
+class _LoopEngine:
+    """The engines of one event loop: read-write, and read-only (made when first used)."""
+
+    def __init__(self, stats: Stats, config: AliasConfig) -> None:
+        self.stats = stats
+        self.config = config
+        self.engine = self._engine(readonly=False)
+        self._readonly: AsyncEngine | None = None
+        # Disposed when the loop shuts its async generators down (asyncio.run does).
+        self._guardian = self._guard_loop()
+        with contextlib.suppress(StopIteration):
+            # Run it to its yield now: that registers it with the running loop.
+            self._guardian.asend(None).send(None)  # type: ignore[attr-defined]
+
+    @property
+    def readonly(self) -> AsyncEngine:
+        if self._readonly is None:
+            self._readonly = self._engine(readonly=True)
+        return self._readonly
+
+    def _engine(self, *, readonly: bool) -> AsyncEngine:
+        config = self.config
+        kwargs = connect_kwargs(config)
+        if readonly and not config.pgbouncer:
+            # Every statement in autocommit is its own read-only transaction: writes
+            # are refused by the server, at no round-trip cost.
+            kwargs.setdefault("server_settings", {})["default_transaction_read_only"] = "on"
+
+        async def connect() -> Any:
+            return await asyncpg.connect(**kwargs)
+
+        options = config.async_pool
+        engine = create_async_engine(
+            "postgresql+asyncpg://",
+            async_creator=connect,
+            poolclass=type(
+                "_GuardedPool",
+                (_GuardedPool,),
+                {"guard": _registry.guard(config.alias), "stats": self.stats},
+            ),
+            pool_size=options.pool_size,
+            max_overflow=options.max_overflow,
+            pool_recycle=options.recycle,
+            pool_timeout=options.timeout,
+            # Our scopes always end their transactions; a ROLLBACK per return would
+            # cost a round trip for nothing.
+            pool_reset_on_return=None,
+            echo=options.echo,
+            isolation_level="AUTOCOMMIT" if readonly else None,
+            **({"prepared_statement_cache_size": 0} if config.pgbouncer else {}),
+        )
+        bypass = config.liveness_bypass
+        stats = self.stats
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def on_connect(dbapi_connection: Any, record: Any) -> None:
+            stats.created += 1
+            record.info["returned_at"] = time.monotonic()
+
+        @event.listens_for(engine.sync_engine, "checkout")
+        def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+            raw = dbapi_connection.driver_connection
+            if raw.is_closed() or _socket_readable(raw):
+                stats.invalidated += 1
+                raise sqlalchemy.exc.DisconnectionError("the server closed the connection")
+            if time.monotonic() - record.info.get("returned_at", 0.0) > bypass:
+                try:
+                    dbapi_connection.ping()
+                except Exception as exc:
+                    stats.invalidated += 1
+                    raise sqlalchemy.exc.DisconnectionError(str(exc)) from exc
+
+        @event.listens_for(engine.sync_engine, "checkin")
+        def on_checkin(dbapi_connection: Any, record: Any) -> None:
+            record.info["returned_at"] = time.monotonic()
+
+        return engine
+
+    async def _guard_loop(self) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await self.dispose()
+
+    async def dispose(self) -> None:
+        for engine in (self.engine, self._readonly):
+            if engine is not None:
+                await engine.dispose()
