@@ -158,7 +158,11 @@ def main(argv: list[str]) -> int:
         return subprocess.call([str(python), "-m", "pytest", *rest])
     if command == "django-suite":
         return subprocess.call([str(python), str(ROOT / "scripts" / "django-suite.py"), *rest])
-    return subprocess.call([str(python), str(ROOT / "scripts" / "demo.py"), *rest])
+    # exec, not a child: on Ctrl-C subprocess.call() kills its child after 0.25 s, before
+    # the demo has stopped its embedded PostgreSQL.
+    demo = [str(python), str(ROOT / "scripts" / "demo.py"), *rest]
+    sys.stdout.flush()
+    os.execv(demo[0], demo)
 
 
 if __name__ == "__main__":

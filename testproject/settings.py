@@ -54,6 +54,10 @@ INSTALLED_APPS = [
 ]
 MIDDLEWARE: list[str] = []
 ROOT_URLCONF = "testproject.urls"
+ASGI_APPLICATION = "testproject.asgi.application"
+WSGI_APPLICATION = "testproject.wsgi.application"
+# The shop's reads go to "replica" (same server, its own pools), its writes to "default".
+DATABASE_ROUTERS = ["testproject.routers.ReplicaRouter"]
 USE_TZ = True
 TIME_ZONE = "UTC"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

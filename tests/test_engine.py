@@ -10,7 +10,8 @@ from django.db import IntegrityError, connection, connections, transaction
 
 from testproject.shop.models import Product
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# The router (testproject/routers.py) sends the shop's reads to "replica".
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 
 
 def backend_pid() -> int:

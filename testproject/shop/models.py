@@ -1,4 +1,9 @@
+"""The demo shop: products, and orders made of lines."""
+
+from __future__ import annotations
+
 from django.db import models
+from django.db.models.functions import Now
 
 
 class Product(models.Model):
@@ -8,3 +13,30 @@ class Product(models.Model):
 
     def __str__(self) -> str:
         return f"{self.sku} {self.name}"
+
+
+class Order(models.Model):
+    customer = models.CharField(max_length=200)
+    # A database default, so orders inserted with plain SQL (session_scope views) get it too.
+    created_at = models.DateTimeField(db_default=Now())
+
+    def __str__(self) -> str:
+        return f"order {self.pk} for {self.customer}"
+
+
+class OrderLine(models.Model):
+    order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="lines")
+    product = models.ForeignKey(Product, on_delete=models.PROTECT, related_name="+")
+    quantity = models.PositiveIntegerField()
+    price_cents = models.PositiveIntegerField()
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(quantity__gte=1), name="orderline_quantity_at_least_1"
+            ),
+            models.UniqueConstraint(fields=["order", "product"], name="orderline_one_per_product"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.quantity} x {self.product_id}"
