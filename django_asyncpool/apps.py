@@ -1,6 +1,27 @@
+"""The app: system checks, metrics, the optional warm-up, and how pools are closed.
+
+Nothing here opens a connection unless an alias asks for it with
+``OPTIONS["warmup"]``. Connections go back to their pool at the end of each
+request through Django's own ``request_finished`` handler (``close_old_connections``
+returns a pooled connection instead of closing it); async sessions go back when
+their scope ends. Sync pools are closed at process exit (``base.close_pools``),
+each event loop's async engines when that loop shuts down, and both on ASGI
+lifespan shutdown with :func:`django_asyncpool.asgi.get_asgi_application`.
+"""
+
 from __future__ import annotations
 
+import logging
+
+import psycopg_pool
 from django.apps import AppConfig
+from django.conf import settings
+
+from . import config as _config
+from ._policy import redact
+from .errors import DatabaseUnavailable
+
+logger = logging.getLogger("django_asyncpool")
 
 
 class DjangoAsyncpoolConfig(AppConfig):
@@ -8,3 +29,58 @@ class DjangoAsyncpoolConfig(AppConfig):
 
     name = "django_asyncpool"
     verbose_name = "django-asyncpool"
+
+    #: The configuration of every alias of the ENGINE, as read at startup.
+    configs: dict[str, _config.AliasConfig]
+
+    def ready(self) -> None:
+        from . import checks  # noqa: F401  (registers the system checks)
+
+        self.configs = {
+            alias: _config.from_settings(alias, settings_dict)
+            for alias, settings_dict in settings.DATABASES.items()
+            if settings_dict.get("ENGINE") == _config.ENGINE
+        }
+        for conf in self.configs.values():
+            if conf.warmup is not None:
+                warm_up(conf)
+
+
+def warm_up(conf: _config.AliasConfig) -> None:
+    """Open the sync pool of ``conf.alias`` now, or raise within ``conf.warmup`` seconds.
+
+    The async side is warmed on the server's event loop, at ASGI lifespan startup
+    (:mod:`django_asyncpool.asgi`): an engine made here would die with this loop.
+    """
+    from django.db import connections
+
+    from .base import DatabaseWrapper
+
+    timeout = conf.warmup or _config.WARMUP_DEFAULT
+    wrapper = connections[conf.alias]
+    assert isinstance(wrapper, DatabaseWrapper)
+    pool = wrapper.pool
+    if pool is None:  # OPTIONS["pool"] = False: one connection proves the server is there
+        try:
+            wrapper.ensure_connection()
+        except Exception as exc:
+            raise _unreachable(conf, timeout, exc) from exc
+        wrapper.close()
+        return
+    try:
+        pool.open(wait=True, timeout=timeout)
+    except psycopg_pool.PoolTimeout as exc:
+        DatabaseWrapper._connection_pools.pop(conf.alias, None)
+        pool.close(timeout=0)
+        raise _unreachable(conf, timeout, pool.last_connect_error or exc) from exc
+    logger.info("Database %s: pool opened at startup (warm-up).", conf.describe())
+
+
+def _unreachable(conf: _config.AliasConfig, timeout: float, exc: BaseException) -> Exception:
+    reason = redact(str(exc).strip(), conf.password) or type(exc).__name__
+    return DatabaseUnavailable(
+        f"Database {conf.describe()} could not be reached at startup within "
+        f"OPTIONS['warmup'] = {timeout:g}s: {reason}. Check that the server is up and "
+        "reachable, or remove OPTIONS['warmup'] to open the pool on first use.",
+        alias=conf.alias,
+    )

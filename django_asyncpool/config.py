@@ -24,9 +24,11 @@ __all__ = [
     "AliasConfig",
     "AsyncPoolConfig",
     "BreakerConfig",
+    "MetricsConfig",
     "Problem",
     "RetryConfig",
     "load",
+    "load_metrics",
 ]
 
 ENGINE = "django_asyncpool"
@@ -113,6 +115,8 @@ class AliasConfig:
     #: A connection used less than this many seconds ago is not pinged on checkout.
     liveness_bypass: float = 0.5
     pgbouncer: bool = False
+    #: Seconds to open the pools in at start, failing fast otherwise; None: open lazily.
+    warmup: float | None = None
     problems: tuple[Problem, ...] = ()
 
     def describe(self) -> str:
@@ -131,7 +135,7 @@ SECTIONS: dict[str, type] = {
     "circuit_breaker": BreakerConfig,
     "retry": RetryConfig,
 }
-FLAGS = frozenset({"leak_threshold", "liveness_bypass", "pgbouncer"})
+FLAGS = frozenset({"leak_threshold", "liveness_bypass", "pgbouncer", "warmup"})
 OUR_KEYS = frozenset(SECTIONS) | FLAGS
 
 #: Environment variables of the usage guide that fill ``async_pool``.
@@ -167,7 +171,11 @@ _BOUNDS: dict[str, tuple[type, float, bool]] = {
     "max_idle": (float, 0, False),
     "reconnect_timeout": (float, 0, False),
     "num_workers": (int, 1, True),
+    "warmup": (float, 0, False),
+    "METRICS_PORT": (int, 1, True),
 }
+#: Seconds ``OPTIONS["warmup"] = True`` gives the pools to open at start.
+WARMUP_DEFAULT = 10.0
 
 
 class _Reader:
@@ -371,7 +379,8 @@ def from_settings(
             "Check the spelling; OPTIONS takes libpq parameters, Django's keys "
             f"and {', '.join(sorted(OUR_KEYS))}.",
         )
-    if conn.get("CONN_MAX_AGE") and options.get("pool", True) is not False:
+    # None means "persistent forever": as wrong with a pool as any positive age.
+    if conn.get("CONN_MAX_AGE", 0) != 0 and options.get("pool", True) is not False:
         reader.problem(
             "dbpool.E007",
             "CONN_MAX_AGE",
@@ -385,6 +394,11 @@ def from_settings(
         return reader.value(
             f"OPTIONS[{key!r}]", key, options[key], default if default is not None else 1.0
         )
+
+    def warmup(raw: Any) -> float | None:
+        if raw is None or raw is False:
+            return None
+        return WARMUP_DEFAULT if raw is True else flag("warmup", None)
 
     port = conn.get("PORT") or None
     config = AliasConfig(
@@ -410,8 +424,20 @@ def from_settings(
         leak_threshold=flag("leak_threshold", None),
         liveness_bypass=flag("liveness_bypass", 0.5),
         pgbouncer=flag("pgbouncer", False),
+        warmup=warmup(options.get("warmup")),
         problems=(),
     )
+    retry = config.retry
+    if retry.base_delay > retry.max_delay:
+        reader.problem(
+            "dbpool.E008",
+            "OPTIONS['retry']",
+            f"base_delay ({retry.base_delay:g}s) is larger than max_delay "
+            f"({retry.max_delay:g}s): the delays could never grow.",
+            "Make base_delay <= max_delay (defaults: 0.1 and 2.0 seconds).",
+        )
+        retry = RetryConfig(max_tries=retry.max_tries, max_time=retry.max_time)
+        object.__setattr__(config, "retry", retry)
     object.__setattr__(config, "problems", tuple(reader.problems))
     return config
 
@@ -434,3 +460,44 @@ def load(alias: str = "default") -> AliasConfig:
             f"ENGINE {ENGINE!r}: {', '.join(ours) or 'none configured'}."
         )
     return from_settings(alias, databases[alias])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MetricsConfig:
+    """The standalone exporter: ``METRICS_ENABLED`` and ``METRICS_PORT``."""
+
+    enabled: bool = False
+    port: int = 9090
+    problems: tuple[Problem, ...] = ()
+
+
+def metrics_from(values: Mapping[str, Any]) -> MetricsConfig:
+    """Build the :class:`MetricsConfig` from ``METRICS_ENABLED`` / ``METRICS_PORT`` values."""
+    reader = _Reader("")
+    enabled, port = False, 9090
+    if values.get("METRICS_ENABLED") is not None:
+        enabled = reader.value(
+            "METRICS_ENABLED", "METRICS_ENABLED", values["METRICS_ENABLED"], False
+        )
+    if values.get("METRICS_PORT") not in (None, ""):
+        port = reader.value("METRICS_PORT", "METRICS_PORT", values["METRICS_PORT"], port)
+        if port > 65535:
+            reader.problem(
+                "dbpool.E003",
+                "METRICS_PORT",
+                f"METRICS_PORT must be a TCP port (1-65535), got {values['METRICS_PORT']!r}.",
+                "Set METRICS_PORT to a free port between 1 and 65535 (default: 9090).",
+            )
+            port = 9090
+    return MetricsConfig(enabled=enabled, port=port, problems=tuple(reader.problems))
+
+
+def load_metrics(environ: Mapping[str, str] | None = None) -> MetricsConfig:
+    """Return the exporter's configuration: Django settings win over the environment."""
+    from django.conf import settings
+
+    environ = os.environ if environ is None else environ
+    names = ("METRICS_ENABLED", "METRICS_PORT")
+    values: dict[str, Any] = {name: environ[name] for name in names if name in environ}
+    values.update({name: getattr(settings, name) for name in names if hasattr(settings, name)})
+    return metrics_from(values)

@@ -1,0 +1,104 @@
+"""ASGI lifespan: warm the pools at startup, close them at shutdown.
+
+Django's ``ASGIHandler`` does not speak the ASGI lifespan protocol, so a server
+(uvicorn, hypercorn, daphne) cannot tell it that the process is stopping. Wrap
+the application in ``asgi.py``::
+
+    from django_asyncpool.asgi import get_asgi_application
+
+    application = get_asgi_application()
+
+or wrap your own stack with ``PoolLifespan(app)``. At startup, aliases with
+``OPTIONS["warmup"]`` open an async connection on the server's event loop (a
+failure fails the startup, so the server exits instead of serving errors); at
+shutdown every async pool of this process and every sync pool is closed, so the
+server sees clean disconnects instead of broken sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from . import config as _config
+
+__all__ = ["PoolLifespan", "close_all", "get_asgi_application", "warm_up_async"]
+
+logger = logging.getLogger("django_asyncpool")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+Send = Callable[[Mapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+async def warm_up_async() -> None:
+    """Open one async connection of every alias with ``OPTIONS["warmup"]``, on this loop."""
+    from django.conf import settings
+
+    from .pool import ConnectionPool
+
+    for alias, settings_dict in settings.DATABASES.items():
+        if settings_dict.get("ENGINE") != _config.ENGINE:
+            continue
+        conf = _config.from_settings(alias, settings_dict)
+        if conf.warmup is None:
+            continue
+        try:
+            async with asyncio.timeout(conf.warmup):
+                async with ConnectionPool(alias).connection() as conn:
+                    await conn.execute("select 1")
+        except TimeoutError as exc:
+            raise TimeoutError(
+                f"Database {conf.describe()} did not answer within OPTIONS['warmup'] = "
+                f"{conf.warmup:g}s at startup. Check that the server is up and reachable."
+            ) from exc
+
+
+async def close_all() -> None:
+    """Close every async pool's engine on this loop, and every sync pool of the process."""
+    from .base import close_pools
+    from .pool import ConnectionPool
+
+    for pool in list(ConnectionPool._instances.values()):
+        try:
+            await pool.close()
+        except Exception:
+            logger.warning("Closing the async pool of %r failed", pool.alias, exc_info=True)
+    # psycopg_pool's close() joins its worker threads: not on the event loop.
+    await asyncio.to_thread(close_pools)
+
+
+class PoolLifespan:
+    """ASGI middleware: handle ``lifespan`` events, pass every other scope to ``app``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await warm_up_async()
+                except Exception as exc:
+                    logger.error("Startup failed: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await close_all()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def get_asgi_application() -> PoolLifespan:
+    """Return Django's ASGI application wrapped in :class:`PoolLifespan`."""
+    from django.core.asgi import get_asgi_application as django_asgi
+
+    return PoolLifespan(django_asgi())

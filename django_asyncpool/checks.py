@@ -1,0 +1,65 @@
+"""System checks: the configuration problems of every alias, shown by ``manage.py check``.
+
+The problems come from :mod:`django_asyncpool.config`, the same code that reads
+the configuration at run time, so a check and the pool never disagree. With
+``DEBUG = False`` each problem is an error (``dbpool.E00x``): ``runserver``,
+``migrate`` and ``check --deploy`` refuse to go on. With ``DEBUG = True`` the same
+problem is a warning (``dbpool.W00x``) and the pool uses the default instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from django.conf import settings
+from django.core import checks
+
+from . import config as _config
+from ._policy import redact
+
+__all__ = ["check_configuration", "problems", "to_message"]
+
+TAG = "django_asyncpool"
+
+
+def problems(
+    databases: Mapping[str, Mapping[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+    aliases: Iterable[str] | None = None,
+) -> list[tuple[_config.Problem, str]]:
+    """Return every configuration problem with the password of its alias (for redaction)."""
+    databases = settings.DATABASES if databases is None else databases
+    environ = os.environ if environ is None else environ
+    found: list[tuple[_config.Problem, str]] = []
+    wanted = set(databases) if aliases is None else set(aliases)
+    for alias, settings_dict in databases.items():
+        if settings_dict.get("ENGINE") != _config.ENGINE or alias not in wanted:
+            continue
+        conf = _config.from_settings(alias, settings_dict, environ)
+        found.extend((problem, conf.password) for problem in conf.problems)
+    if aliases is None:
+        found.extend((p, "") for p in _config.load_metrics(environ).problems)
+    return found
+
+
+def to_message(problem: _config.Problem, password: str = "", *, debug: bool) -> checks.CheckMessage:
+    """Return the Django check message of ``problem``: an error, or a warning when ``debug``."""
+    where = f"Database {problem.alias!r}, {problem.key}" if problem.alias else problem.key
+    text = redact(f"{where}: {problem.message}", password)
+    hint = redact(problem.hint, password)
+    if debug:
+        return checks.Warning(
+            f"{text} The default is used (DEBUG is on; this is an error in production).",
+            hint=hint,
+            id=problem.id.replace(".E", ".W"),
+        )
+    return checks.Error(text, hint=hint, id=problem.id)
+
+
+@checks.register(TAG)
+def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Report invalid django-asyncpool settings: errors in production, warnings with DEBUG."""
+    debug = bool(settings.DEBUG)
+    return [to_message(problem, password, debug=debug) for problem, password in problems()]

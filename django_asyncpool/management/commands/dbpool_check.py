@@ -1,0 +1,292 @@
+"""``manage.py dbpool_check``: is every database reachable through both pools?
+
+Each alias of the ENGINE is probed through its sync pool (in a thread) and its
+async pool (``ConnectionPool(alias).connection()`` on an event loop of its own,
+in another thread), all at once. Every probe has its own deadline and the
+command waits no longer than ``--timeout``: a probe still stuck then (a
+blackholed network path) is reported as timed out and left behind in its
+daemon thread. Exit status: 0 healthy, 1 an alias is unhealthy, 2 configuration
+errors. The JSON schema is documented in docs/command.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from ... import config as _config
+from ..._policy import redact
+from ...checks import problems
+
+SERVER_VERSION = "select current_setting('server_version')"
+
+
+class Command(BaseCommand):
+    help = (
+        "Connect to every database alias of django-asyncpool through its sync and async "
+        "pools; report server version, latency, pool statistics and breaker state. "
+        "Exit status: 0 healthy, 1 unhealthy, 2 configuration errors."
+    )
+    requires_system_checks: list[str] = []  # it reports configuration problems itself
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--database",
+            action="append",
+            dest="databases",
+            metavar="ALIAS",
+            help="Check only this alias (repeatable). Default: every alias of the ENGINE.",
+        )
+        parser.add_argument(
+            "--format", choices=("table", "json"), default="table", help="Output format."
+        )
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=10.0,
+            metavar="SECONDS",
+            help="Give up on probes still running after this long (default: 10).",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        timeout: float = options["timeout"]
+        if timeout <= 0:
+            raise CommandError("--timeout must be a positive number of seconds.", returncode=2)
+        ours = [a for a, d in settings.DATABASES.items() if d.get("ENGINE") == _config.ENGINE]
+        aliases: list[str] = options["databases"] or ours
+        unknown = [a for a in aliases if a not in ours]
+        if unknown:
+            raise CommandError(
+                f"Not a database alias of ENGINE {_config.ENGINE!r}: {', '.join(unknown)}. "
+                f"Use one of: {', '.join(ours) or 'none configured'}.",
+                returncode=2,
+            )
+        report = run(aliases, timeout)
+        if options["format"] == "json":
+            self.stdout.write(json.dumps(report, indent=2))
+        else:
+            self.stdout.write(render_table(report))
+        if report["exit_code"]:
+            raise SystemExit(report["exit_code"])
+
+
+# -- probes -----------------------------------------------------------------------------
+
+
+def run(aliases: list[str], timeout: float) -> dict[str, Any]:
+    """Probe ``aliases`` through both pools, all at once; return the report (JSON-ready)."""
+    started = time.monotonic()
+    deadline = started + timeout
+    found = problems(aliases=aliases)
+    configs = {a: _config.from_settings(a, settings.DATABASES[a]) for a in aliases}
+    probes = {
+        (alias, side): _Probe(fn, alias, deadline)
+        for alias in aliases
+        for side, fn in (("sync", _probe_sync), ("async", _probe_async))
+    }
+    for probe in probes.values():
+        probe.join(deadline)
+    entries = []
+    for alias in aliases:
+        conf = configs[alias]
+        sides = {side: probes[alias, side].result(conf.password) for side in ("sync", "async")}
+        entries.append(
+            {
+                "alias": alias,
+                "target": conf.describe(),
+                "healthy": all(side["ok"] for side in sides.values()),
+                "breaker": _breaker(alias),
+                **sides,
+            }
+        )
+    healthy = all(entry["healthy"] for entry in entries)
+    exit_code = 2 if found else 0 if healthy else 1
+    return {
+        "healthy": healthy and not found,
+        "exit_code": exit_code,
+        "timeout": timeout,
+        "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
+        "problems": [
+            {
+                "id": p.id,
+                "alias": p.alias,
+                "key": p.key,
+                "message": redact(p.message, password),
+                "hint": redact(p.hint, password),
+            }
+            for p, password in found
+        ],
+        "aliases": entries,
+    }
+
+
+class _Probe:
+    """One probe running in a daemon thread, so that a stuck one can be left behind."""
+
+    def __init__(
+        self, fn: Callable[[str, float], dict[str, Any]], alias: str, deadline: float
+    ) -> None:
+        self.value: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(fn, alias, deadline), daemon=True, name=f"dbpool_check:{alias}"
+        )
+        self._thread.start()
+
+    def _run(self, fn: Callable[[str, float], dict[str, Any]], alias: str, deadline: float) -> None:
+        try:
+            self.value = fn(alias, deadline)
+        except BaseException as exc:  # reported, never raised in a thread
+            self.error = exc
+
+    def join(self, deadline: float) -> None:
+        self._thread.join(max(deadline - time.monotonic(), 0.0))
+
+    def result(self, password: str) -> dict[str, Any]:
+        if self.value is not None:
+            return {"ok": True, "error": None, **self.value}
+        if self.error is None:
+            error = "timed out: no answer before --timeout (server hung or network path dead)"
+        else:
+            text = redact(str(self.error).strip(), password)
+            error = f"{type(self.error).__name__}: {text}" if text else type(self.error).__name__
+        return {"ok": False, "error": error}
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def _probe_sync(alias: str, deadline: float) -> dict[str, Any]:
+    from django.db import connections
+
+    from ...base import DatabaseWrapper
+
+    wrapper = connections[alias]  # this thread's own wrapper; the pool is the process's
+    try:
+        t0 = time.monotonic()
+        wrapper.ensure_connection()
+        t1 = time.monotonic()
+        with wrapper.cursor() as cursor:
+            cursor.execute(SERVER_VERSION)
+            t2 = time.monotonic()
+            (version,) = cursor.fetchone()
+    finally:
+        wrapper.close()  # back to the pool
+    pool = DatabaseWrapper._connection_pools.get(alias)
+    stats: dict[str, Any] = {"enabled": pool is not None}
+    if pool is not None:
+        raw = pool.get_stats()
+        stats.update(
+            size=raw.get("pool_size", 0),
+            max_size=pool.max_size,
+            idle=raw.get("pool_available", 0),
+            in_use=pool.in_use,
+            waiting=raw.get("requests_waiting", 0),
+        )
+    return {
+        "server_version": version,
+        "connect_ms": _ms(t1 - t0),
+        "query_ms": _ms(t2 - t1),
+        "pool": stats,
+    }
+
+
+def _probe_async(alias: str, deadline: float) -> dict[str, Any]:
+    from ...pool import ConnectionPool
+
+    async def probe() -> dict[str, Any]:
+        pool = ConnectionPool(alias)
+        t0 = time.monotonic()
+        async with pool.connection() as conn:
+            t1 = time.monotonic()
+            version = await conn.fetchval(SERVER_VERSION)
+            t2 = time.monotonic()
+        metrics = pool.metrics
+        keys = ("pool_size", "max_overflow", "overflow", "in_use", "idle", "waiting")
+        return {
+            "server_version": version,
+            "connect_ms": _ms(t1 - t0),
+            "query_ms": _ms(t2 - t1),
+            "pool": {key: metrics[key] for key in keys},
+        }
+
+    async def bounded() -> dict[str, Any]:
+        # Cancelled at the deadline: asyncpg's connect and SQLAlchemy's wait both yield.
+        return await asyncio.wait_for(probe(), max(deadline - time.monotonic(), 0.001))
+
+    return asyncio.run(bounded())
+
+
+def _breaker(alias: str) -> dict[str, Any]:
+    from ... import _registry
+
+    try:
+        guard = _registry.guard(alias)
+    except Exception as exc:  # the settings are broken beyond what the checks report
+        return {"state": "unknown", "failures": None, "error": type(exc).__name__}
+    return {"state": guard.state, "failures": guard.breaker.fail_counter}
+
+
+# -- output -----------------------------------------------------------------------------
+
+
+def _pool_text(side: str, pool: dict[str, Any]) -> str:
+    if side == "sync":
+        if not pool.get("enabled"):
+            return "no pool (OPTIONS['pool'] = False)"
+        return (
+            f"size {pool['size']}/{pool['max_size']}, idle {pool['idle']}, "
+            f"in use {pool['in_use']}, waiting {pool['waiting']}"
+        )
+    return (
+        f"size {pool['pool_size']} + overflow {pool['overflow']}/{pool['max_overflow']}, "
+        f"idle {pool['idle']}, in use {pool['in_use']}, waiting {pool['waiting']}"
+    )
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """Return the report as an aligned table, with problems and errors below it."""
+    header = ("ALIAS", "POOL", "STATUS", "VERSION", "CONNECT", "QUERY", "BREAKER", "STATS")
+    rows: list[tuple[str, ...]] = [header]
+    errors: list[str] = []
+    for entry in report["aliases"]:
+        breaker = entry["breaker"]
+        for side in ("sync", "async"):
+            r = entry[side]
+            if r["ok"]:
+                cells = (
+                    "ok",
+                    str(r["server_version"]),
+                    f"{r['connect_ms']:.1f} ms",
+                    f"{r['query_ms']:.1f} ms",
+                    _pool_text(side, r["pool"]),
+                )
+            else:
+                cells = ("FAILED", "-", "-", "-", "-")
+                errors.append(f"{entry['alias']} ({side}): {r['error']}")
+            state = f"{breaker['state']} ({breaker['failures']} failures)"
+            rows.append((entry["alias"], side, *cells[:4], state, cells[4]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    for entry in report["aliases"]:
+        lines.append(f"{entry['alias']}: {entry['target']}")
+    if errors:
+        lines += ["", "Errors:", *(f"  {e}" for e in errors)]
+    if report["problems"]:
+        lines += ["", "Configuration problems:"]
+        for p in report["problems"]:
+            where = f"{p['alias']!r} " if p["alias"] else ""
+            lines.append(f"  {p['id']} {where}{p['key']}: {p['message']} {p['hint']}")
+    verdict = {0: "healthy", 1: "UNHEALTHY", 2: "CONFIGURATION ERRORS"}[report["exit_code"]]
+    lines += ["", f"{verdict} ({report['elapsed_ms']:.0f} ms)"]
+    return "\n".join(lines)
