@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import traceback
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
-from sqlalchemy.ext.asyncio import AsyncSession
+import sqlalchemy.exc
+from sqlalchemy import TextClause, text
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
+from sqlalchemy.engine.result import IteratorResult, Result, SimpleResultMetaData
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.util import EMPTY_DICT
 from sqlalchemy.util.concurrency import greenlet_spawn
 
-from . import _registry
 from .errors import ReadOnlyError
 
 if TYPE_CHECKING:
@@ -43,10 +49,7 @@ async def _discard(session: AsyncSession) -> None:
         await session.close()
 
 
-def _leak_timer(pool: ConnectionPool, what: str) -> asyncio.TimerHandle | None:
-    threshold = _registry.guard(pool.alias).config.leak_threshold
-    if threshold is None:
-        return None
+def _leak_timer(pool: ConnectionPool, threshold: float, what: str) -> asyncio.TimerHandle:
     stack = "".join(traceback.format_stack(limit=12)[:-2])
 
     def warn() -> None:
@@ -62,6 +65,100 @@ def _leak_timer(pool: ConnectionPool, what: str) -> asyncio.TimerHandle | None:
     return asyncio.get_running_loop().call_later(threshold, warn)
 
 
+@functools.lru_cache(maxsize=1024)
+def _compile_text(sql: str) -> tuple[str, tuple[str, ...]]:
+    """Return ``sql`` with asyncpg's ``$n`` placeholders, and the parameter names in order."""
+    compiled = text(sql).compile(dialect=_DIALECT)
+    return str(compiled), tuple(compiled.positiontup or ())
+
+
+_DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
+
+
+class ReadOnlySession(AsyncSession):
+    """The ``AsyncSession`` of a ``session_scope(readonly=True)``.
+
+    Every statement runs in autocommit, as its own read-only transaction. Textual
+    SQL (``text()`` with plain parameters) goes straight to an asyncpg connection
+    of the read-only pool and comes back as SQLAlchemy's own ``Result``; the ORM
+    session machinery, which costs more than the query, is used only for other
+    statements (ORM queries, typed or expanding parameters, ``echo``).
+    """
+
+    def __init__(self, engine: AsyncEngine, pool: ConnectionPool) -> None:
+        super().__init__(engine, expire_on_commit=False, autoflush=False)
+        self._readonly_engine = engine
+        self._asyncpool = pool
+        self._lease: _Lease | None = None
+
+    def _plan(self, statement: Any, params: Any) -> tuple[str, list[Any]] | None:
+        if type(statement) is not TextClause or self._readonly_engine.echo:
+            return None
+        if params is not None and not isinstance(params, Mapping):
+            return None  # executemany
+        for bind in statement._bindparams.values():
+            if bind.expanding or bind.value is not None or not bind.type._isnull:
+                return None
+        sql, names = _compile_text(statement.text)
+        try:
+            return sql, [params[name] for name in names] if names else []  # type: ignore[index]
+        except (KeyError, TypeError):
+            return None  # missing parameters: SQLAlchemy says which
+
+    async def execute(
+        self,
+        statement: Any,
+        params: Any = None,
+        *,
+        execution_options: Any = EMPTY_DICT,
+        bind_arguments: Any = None,
+        **kw: Any,
+    ) -> Result[Any]:
+        plan = None if execution_options or bind_arguments or kw else self._plan(statement, params)
+        if plan is None:
+            result: Result[Any] = await super().execute(
+                statement,
+                params,
+                execution_options=execution_options,
+                bind_arguments=bind_arguments,
+                **kw,
+            )
+            return result
+        sql, args = plan
+        if self._lease is None:
+            lease = _Lease(self._asyncpool, self._readonly_engine, track=False)
+            await lease.__aenter__()
+            self._lease = lease
+        raw: Any = self._lease.raw
+        try:
+            rows = await raw.fetch(sql, *args)  # asyncpg's statement cache: no extra trip
+            if rows:
+                keys = list(rows[0].keys())
+            else:  # the column names still matter (report headers)
+                keys = [attr.name for attr in (await raw.prepare(sql)).get_attributes()]
+        except asyncpg.PostgresError as exc:
+            raise self._lease.dbapi_error(exc, sql, args) from None
+        return IteratorResult(SimpleResultMetaData(keys), iter(rows))
+
+    async def scalar(self, statement: Any, params: Any = None, **kw: Any) -> Any:
+        return (await self.execute(statement, params, **kw)).scalar()
+
+    async def scalars(self, statement: Any, params: Any = None, **kw: Any) -> Any:
+        return (await self.execute(statement, params, **kw)).scalars()
+
+    async def end(self, exc_type: Any, exc: Any) -> None:
+        """Give the connections back: the lease's, and the ORM session's if it used one."""
+        lease, self._lease = self._lease, None
+        try:
+            if lease is not None:
+                await lease.__aexit__(exc_type, exc, None)
+        finally:
+            if exc is not None and not isinstance(exc, Exception):
+                await _discard(self)
+            elif self.in_transaction():
+                await self.close()
+
+
 class _SessionScope:
     __slots__ = ("_pool", "_readonly", "_session", "_timer")
 
@@ -72,19 +169,30 @@ class _SessionScope:
 
     async def __aenter__(self) -> AsyncSession:
         state = self._pool._for_loop()
-        engine = state.readonly if self._readonly else state.engine
-        self._session = AsyncSession(engine, expire_on_commit=False)
-        self._timer = _leak_timer(self._pool, "session")
+        if self._readonly:
+            self._session: AsyncSession = ReadOnlySession(state.readonly, self._pool)
+        else:
+            self._session = AsyncSession(state.engine, expire_on_commit=False)
+        if state.config.leak_threshold is not None:
+            self._timer = _leak_timer(self._pool, state.config.leak_threshold, "session")
         return self._session
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         session = self._session
         if self._timer is not None:
             self._timer.cancel()
+        if isinstance(session, ReadOnlySession):
+            await session.end(exc_type, exc)
+            if exc_type is not None and _readonly_violation(exc):
+                raise ReadOnlyError(
+                    f"A read-only session_scope() on {self._pool.alias!r} tried to write. Use "
+                    "session_scope() (without readonly=True) for writes.",
+                    alias=self._pool.alias,
+                ) from exc
+            return
         if exc_type is None:
             try:
-                if not self._readonly:
-                    await session.commit()
+                await session.commit()
             except BaseException:
                 await _discard(session)
                 raise
@@ -93,12 +201,6 @@ class _SessionScope:
             await session.close()  # rolls back
         else:
             await _discard(session)  # cancelled, or the connection is gone
-        if exc_type is not None and self._readonly and _readonly_violation(exc):
-            raise ReadOnlyError(
-                f"A read-only session_scope() on {self._pool.alias!r} tried to write. Use "
-                "session_scope() (without readonly=True) for writes.",
-                alias=self._pool.alias,
-            ) from exc
 
 
 def _lost(exc: BaseException) -> bool:
@@ -113,17 +215,39 @@ def _readonly_violation(exc: BaseException) -> bool:
 
 
 class _Lease:
-    __slots__ = ("_fairy", "_pool", "_timer")
+    __slots__ = ("_engine", "_fairy", "_pool", "_timer", "_track")
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(
+        self, pool: ConnectionPool, engine: AsyncEngine | None = None, *, track: bool = True
+    ) -> None:
         self._pool = pool
+        self._engine = engine
+        self._track = track
         self._timer: asyncio.TimerHandle | None = None
 
-    async def __aenter__(self) -> asyncpg.Connection:
-        engine = self._pool._for_loop().engine
-        self._fairy = await engine.raw_connection()
-        self._timer = _leak_timer(self._pool, "connection")
+    @property
+    def raw(self) -> Any:
         return self._fairy.driver_connection
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        state = self._pool._for_loop()
+        self._fairy = await (self._engine or state.engine).raw_connection()
+        if self._track and state.config.leak_threshold is not None:
+            self._timer = _leak_timer(self._pool, state.config.leak_threshold, "connection")
+        return self._fairy.driver_connection
+
+    def dbapi_error(self, exc: Exception, sql: str, args: Any) -> sqlalchemy.exc.DBAPIError:
+        """Return ``exc`` as SQLAlchemy would raise it: a DBAPIError around the adapted error."""
+        adapter: Any = self._fairy.dbapi_connection
+        try:
+            adapter._handle_exception(exc)
+        except Exception as adapted:
+            error = sqlalchemy.exc.DBAPIError.instance(
+                sql, args, adapted, adapter.dbapi.Error, dialect=_DIALECT
+            )
+            assert isinstance(error, sqlalchemy.exc.DBAPIError)
+            return error
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         fairy = self._fairy

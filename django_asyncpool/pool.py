@@ -43,6 +43,7 @@ class ConnectionPool:
     alias: str
     stats: Stats
     _loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopEngine]
+    _last: tuple[asyncio.AbstractEventLoop, _LoopEngine] | None  # the hot path's one lookup
 
     def __new__(cls, alias: str = "default") -> ConnectionPool:
         try:
@@ -56,6 +57,7 @@ class ConnectionPool:
                 pool.alias = alias
                 pool.stats = Stats()
                 pool._loops = weakref.WeakKeyDictionary()
+                pool._last = None
                 cls._instances[alias] = pool
             return cls._instances[alias]
 
@@ -66,9 +68,11 @@ class ConnectionPool:
 
     def _for_loop(self) -> _LoopEngine:
         loop = asyncio.get_running_loop()
-        state = self._loops.get(loop)
-        if state is None:
-            state = self._start(loop)
+        last = self._last
+        if last is not None and last[0] is loop:
+            return last[1]
+        state = self._loops.get(loop) or self._start(loop)
+        self._last = (loop, state)
         return state
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> _LoopEngine:
@@ -145,6 +149,7 @@ class ConnectionPool:
         other threads are disposed on their own loops.
         """
         current = asyncio.get_running_loop()
+        self._last = None
         for loop, state in list(self._loops.items()):
             del self._loops[loop]
             if loop is current:

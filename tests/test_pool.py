@@ -41,7 +41,7 @@ def dbname() -> str:
 @pytest.fixture
 async def products() -> list[int]:
     async with session_scope() as session:
-        await session.execute(text("truncate shop_product restart identity"))
+        await session.execute(text("truncate shop_product restart identity cascade"))
         await session.execute(
             text(
                 "insert into shop_product (sku, name, price_cents) "
@@ -302,3 +302,23 @@ def test_unix_socket_host_works(make_alias, pg) -> None:
             return str(await conn.fetchval("select coalesce(inet_server_addr()::text, 'socket')"))
 
     assert asyncio.run(which()) == "socket"
+
+
+async def test_readonly_session_behaves_like_an_async_session(products) -> None:
+    from sqlalchemy import literal, select
+
+    async with session_scope(readonly=True) as session:
+        assert isinstance(session, AsyncSession)
+        row = (await session.execute(PK, {"pk": 7})).one()  # text: the asyncpg fast path
+        assert (row.id, row.name) == (7, "product 7")
+        assert await session.scalar(text("select count(*) from shop_product")) == 50
+        names = (await session.scalars(text("select name from shop_product order by id"))).all()
+        assert names[:2] == ["product 1", "product 2"]
+        empty = await session.execute(PK, {"pk": -1})
+        assert list(empty.keys()) == ["id", "name"] and empty.all() == []
+        assert (await session.execute(select(literal(5)))).scalar() == 5  # the ORM path
+        with pytest.raises(sqlalchemy.exc.ProgrammingError, match="no_such_table"):
+            await session.execute(text("select * from no_such_table"))
+        with pytest.raises(sqlalchemy.exc.StatementError, match="pk"):
+            await session.execute(PK)  # a missing parameter: SQLAlchemy's own message
+    assert ConnectionPool().metrics["in_use"] == 0
