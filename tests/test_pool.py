@@ -248,24 +248,35 @@ async def test_leak_warning_carries_the_stack(make_alias, caplog) -> None:
     assert pool.metrics["leaks"] == 1
 
 
-async def test_run_transaction_retries_serialization_failures(products) -> None:
+async def test_run_transaction_retries_a_real_serialization_failure(products) -> None:
     pool = ConnectionPool()
-    calls = 0
+    attempts = 0
 
-    async def transfer(session: AsyncSession) -> int:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            await session.execute(text("select 1"))
-            raise sqlalchemy.exc.DBAPIError("x", None, _SerializationFailure())
-        return 42
+    async def bump(session: AsyncSession) -> int:
+        nonlocal attempts
+        attempts += 1
+        await session.execute(text("set transaction isolation level repeatable read"))
+        price = (
+            await session.execute(text("select price_cents from shop_product where id = 1"))
+        ).scalar()
+        if attempts == 1:  # another transaction changes the row after our snapshot
+            async with pool.session_scope() as other:
+                await other.execute(
+                    text("update shop_product set price_cents = price_cents + 100 where id = 1")
+                )
+        await session.execute(
+            text("update shop_product set price_cents = :p where id = 1"), {"p": price + 1}
+        )
+        return int(price + 1)
 
-    assert await pool.run_transaction(transfer) == 42
-    assert calls == 2
+    assert await pool.run_transaction(bump) == 102  # 1, +100 by the other, +1 on the retry
+    assert attempts == 2
 
+    async def fails(session: AsyncSession) -> None:
+        await session.execute(text("select 1/0"))
 
-class _SerializationFailure(Exception):
-    sqlstate = "40001"
+    with pytest.raises(sqlalchemy.exc.DBAPIError, match="division by zero"):
+        await pool.run_transaction(fails)  # not retryable: raised at once
 
 
 def test_asyncpg_arguments_from_django_settings(pg) -> None:
