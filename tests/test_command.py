@@ -1,0 +1,188 @@
+"""``manage.py dbpool_check`` against a real server: healthy, stopped, blackholed, misconfigured."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from django_asyncpool.base import DatabaseWrapper
+from testproject.pgserver import PASSWORD
+from tests.proxy import TcpProxy
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "hunter2-never-printed"
+# Small pools and few retries: a failing probe gives up quickly on its own.
+QUICK = {
+    "pool": {"min_size": 0, "max_size": 2, "timeout": 3},
+    "async_pool": {"pool_size": 2, "max_overflow": 0, "timeout": 3},
+    "retry": {"max_tries": 2, "max_time": 1},
+}
+
+
+@pytest.fixture(autouse=True)
+def db_access(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
+    """Let the probe threads connect (the test database exists, no transaction around it)."""
+    with django_db_blocker.unblock():
+        yield
+
+
+@pytest.fixture
+def alias(make_alias: Callable[..., str]) -> Iterator[Callable[..., str]]:
+    """make_alias(), closing the sync pools the command opened for those aliases."""
+    made: list[str] = []
+
+    def make(**overrides: Any) -> str:
+        overrides.setdefault("OPTIONS", QUICK)
+        made.append(make_alias(**overrides))
+        return made[-1]
+
+    yield make
+    for name in made:
+        pool = DatabaseWrapper._connection_pools.pop(name, None)
+        if pool is not None:
+            pool.close(timeout=1)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dbpool_check(*args: str) -> tuple[int, str, float]:
+    """Run the command in this process; return (exit status, output, seconds taken)."""
+    out = io.StringIO()
+    started = time.monotonic()
+    try:
+        call_command("dbpool_check", *args, stdout=out)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    except CommandError as exc:
+        code, out = exc.returncode, io.StringIO(str(exc))
+    return code, out.getvalue(), time.monotonic() - started
+
+
+def test_healthy(alias: Callable[..., str]) -> None:
+    name = alias()
+    code, out, _ = dbpool_check("--database", name)
+    assert code == 0, out
+    row = {line.split()[1]: line for line in out.splitlines() if line.startswith(name + " ")}
+    assert set(row) == {"sync", "async"}
+    for line in row.values():
+        assert " ok " in line and "closed (0 failures)" in line and " ms " in line
+    assert "healthy" in out.splitlines()[-1]
+
+
+def test_json_output(alias: Callable[..., str]) -> None:
+    name = alias()
+    code, out, _ = dbpool_check("--database", name, "--format", "json")
+    assert code == 0
+    assert PASSWORD not in out
+    report = json.loads(out)
+    assert report["healthy"] is True and report["exit_code"] == 0 and report["problems"] == []
+    (entry,) = report["aliases"]
+    assert entry["alias"] == name and entry["healthy"] is True
+    assert entry["breaker"] == {"state": "closed", "failures": 0}
+    for side in ("sync", "async"):
+        probe = entry[side]
+        assert probe["ok"] is True and probe["error"] is None
+        assert int(probe["server_version"].split(".")[0]) >= 13
+        assert probe["connect_ms"] >= 0 and probe["query_ms"] > 0
+    assert entry["sync"]["pool"]["max_size"] == 2 and entry["sync"]["pool"]["in_use"] == 0
+    assert entry["async"]["pool"]["in_use"] == 0 and entry["async"]["pool"]["idle"] == 1
+
+
+@pytest.mark.slow
+def test_server_stopped(alias: Callable[..., str], server_down: Callable[[], None]) -> None:
+    name = alias(PASSWORD=SECRET)
+    server_down()
+    code, out, took = dbpool_check("--database", name, "--timeout", "5")
+    assert code == 1, out
+    assert took < 6
+    assert "UNHEALTHY" in out and f"{name} (sync): DatabaseUnavailable" in out
+    assert f"{name} (async): DatabaseUnavailable" in out
+    assert SECRET not in out
+
+
+@pytest.mark.slow
+def test_blackholed_link_never_hangs(alias: Callable[..., str], proxy: TcpProxy) -> None:
+    # No connect_timeout anywhere: only the command's own deadlines bound the probes.
+    name = alias(HOST=proxy.host, PORT=proxy.port, OPTIONS={**QUICK, "pool": {"timeout": 30}})
+    proxy.blackhole()
+    try:
+        code, out, took = dbpool_check("--database", name, "--timeout", "2", "--format", "json")
+    finally:
+        proxy.cut()  # ends the hung connections, so nothing is left half-open
+    assert code == 1, out
+    assert took < 3.5
+    entry = json.loads(out)["aliases"][0]
+    assert entry["healthy"] is False
+    assert "timed out" in entry["sync"]["error"] and "timed out" in entry["async"]["error"]
+
+
+def test_two_aliases_one_down(alias: Callable[..., str]) -> None:
+    up = alias()
+    down = alias(HOST="127.0.0.1", PORT=closed_port(), PASSWORD=SECRET)
+    code, out, took = dbpool_check("--database", up, "--database", down, "--format", "json")
+    assert code == 1
+    assert took < 10
+    assert SECRET not in out
+    entries = {e["alias"]: e for e in json.loads(out)["aliases"]}
+    assert entries[up]["healthy"] is True
+    assert entries[down]["healthy"] is False
+    assert "Connection refused" in entries[down]["sync"]["error"]
+    assert entries[down]["async"]["ok"] is False
+
+
+def test_bad_configuration_exits_2(alias: Callable[..., str]) -> None:
+    name = alias(OPTIONS={**QUICK, "async_pool": {"pool_size": 0}})
+    code, out, _ = dbpool_check("--database", name)
+    assert code == 2
+    assert "dbpool.E003" in out and f"'{name}' OPTIONS['async_pool']['pool_size']" in out
+    assert "CONFIGURATION ERRORS" in out
+
+
+def test_unknown_alias_exits_2() -> None:
+    code, out, _ = dbpool_check("--database", "nope")
+    assert code == 2
+    assert "nope" in out and "Use one of: default, replica" in out
+
+
+def test_the_real_command_line() -> None:
+    """``python manage.py dbpool_check``: the project's aliases, its exit status."""
+    env = {**os.environ, "DJANGO_DEBUG": "0"}
+    done = subprocess.run(
+        [sys.executable, "manage.py", "dbpool_check", "--timeout", "20"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "default  sync   ok" in done.stdout and "replica  async  ok" in done.stdout
+
+    env["DB_POOL_SIZE"] = "lots"  # fills async_pool of 'replica', which sets none itself
+    done = subprocess.run(
+        [sys.executable, "manage.py", "dbpool_check", "--format", "json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    (problem,) = json.loads(done.stdout)["problems"]
+    assert problem["id"] == "dbpool.E002" and problem["key"] == "DB_POOL_SIZE"
