@@ -1,0 +1,157 @@
+"""Startup and shutdown: nothing connects unless asked, the warm-up, ASGI lifespan."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from django.apps import apps
+from django.core.asgi import get_asgi_application
+
+from django_asyncpool import DatabaseUnavailable
+from django_asyncpool.asgi import PoolLifespan
+from django_asyncpool.base import DatabaseWrapper
+from testproject.pgserver import PASSWORD, LocalPostgres
+
+from .conftest import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def by_name(pg: LocalPostgres, application_name: str) -> int:
+    return int(
+        pg.psql(
+            "select count(*) from pg_stat_activity "
+            f"where application_name = '{application_name}' and pid <> pg_backend_pid()"
+        )
+    )
+
+
+@pytest.fixture(autouse=True)
+def db_access(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
+    with django_db_blocker.unblock():
+        yield
+
+
+@pytest.fixture
+def alias(make_alias: Callable[..., str]) -> Iterator[Callable[..., str]]:
+    made: list[str] = []
+
+    def make(**overrides: Any) -> str:
+        made.append(make_alias(**overrides))
+        return made[-1]
+
+    yield make
+    for name in made:
+        pool = DatabaseWrapper._connection_pools.pop(name, None)
+        if pool is not None:
+            pool.close(timeout=1)
+
+
+def test_startup_opens_no_connection() -> None:
+    """``django.setup()`` and ``manage.py check`` with the server unreachable: no error."""
+    url = f"postgresql+asyncpg://u:pw@127.0.0.1:{closed_port()}/nowhere"
+    code = (
+        "import django, time; t = time.monotonic(); django.setup()\n"
+        "from django.core.management import call_command; call_command('check')\n"
+        "from django_asyncpool.base import DatabaseWrapper\n"
+        "assert not DatabaseWrapper._connection_pools, DatabaseWrapper._connection_pools\n"
+    )
+    env = {**os.environ, "DATABASE_URL": url, "DJANGO_SETTINGS_MODULE": "testproject.settings"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no issues" in done.stdout
+
+
+def test_warmup_opens_the_sync_pool_at_startup(
+    alias: Callable[..., str], pg: LocalPostgres
+) -> None:
+    name = alias(
+        OPTIONS={"pool": {"min_size": 2, "max_size": 4}, "warmup": 5, "application_name": "warm1"}
+    )
+    apps.get_app_config("django_asyncpool").ready()
+    pool = DatabaseWrapper._connection_pools[name]
+    assert pool.get_stats()["pool_size"] == 2
+    assert by_name(pg, "warm1") == 2
+
+
+def test_warmup_fails_fast_when_unreachable(alias: Callable[..., str]) -> None:
+    name = alias(HOST="127.0.0.1", PORT=closed_port(), OPTIONS={"warmup": 1})
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailable) as info:
+        apps.get_app_config("django_asyncpool").ready()
+    assert time.monotonic() - started < 3
+    message = str(info.value)
+    assert f"'{name}'" in message and "OPTIONS['warmup'] = 1s" in message
+    assert "Connection refused" in message or "connection failed" in message
+    assert PASSWORD not in message
+    assert name not in DatabaseWrapper._connection_pools  # nothing half-open left behind
+
+
+class Server:
+    """uvicorn serving Django (wrapped in PoolLifespan) in a thread, lifespan on."""
+
+    def __init__(self) -> None:
+        app = PoolLifespan(get_asgi_application())
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="error")
+        self.server = uvicorn.Server(config)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except BaseException as exc:  # uvicorn exits on a failed startup: keep it
+            self.error = exc
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def test_lifespan_warms_up_and_closes_the_pools(
+    alias: Callable[..., str], pg: LocalPostgres
+) -> None:
+    name = alias(OPTIONS={"pool": {"min_size": 1}, "warmup": 5, "application_name": "life1"})
+    server = Server()
+    try:
+        assert wait_until(lambda: server.server.started, 10)
+        # The warm-up opened an async connection on the server's event loop.
+        assert by_name(pg, "life1") == 1
+        apps.get_app_config("django_asyncpool").ready()  # the sync pool's warm-up
+        assert by_name(pg, "life1") == 2
+    finally:
+        server.stop()
+    assert not server.thread.is_alive()
+    # Lifespan shutdown closed both: the server sees no connection of that alias.
+    assert wait_until(lambda: by_name(pg, "life1") == 0, 5)
+    assert name not in DatabaseWrapper._connection_pools
+
+
+def test_lifespan_startup_fails_when_warmup_cannot_connect(alias: Callable[..., str]) -> None:
+    alias(HOST="127.0.0.1", PORT=closed_port(), OPTIONS={"warmup": 2, "retry": {"max_tries": 1}})
+    started = time.monotonic()
+    server = Server()
+    server.thread.join(10)
+    assert not server.thread.is_alive()
+    assert not server.server.started  # uvicorn refused to serve
+    assert isinstance(server.error, SystemExit), server.error
+    assert time.monotonic() - started < 5
