@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _port_is_free(host: str, port: int) -> bool:
     with socket.socket() as s:
+        # As uvicorn binds: connections left in TIME_WAIT do not make the port busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -50,8 +50,11 @@ INSTALLED_APPS = [
     "django.contrib.auth",
     "django_prometheus",
     "django_asyncpool",
+    "health_check",
     "testproject.shop",
 ]
+# For the health page's HTML (health_check/templates).
+TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True}]
 MIDDLEWARE: list[str] = []
 ROOT_URLCONF = "testproject.urls"
 ASGI_APPLICATION = "testproject.asgi.application"

@@ -379,6 +379,7 @@ PAGES = [
     ("/sync/orders/1/", "sync view, Django ORM: an order and its lines"),
     ("/report/", "async view, session_scope(readonly=True): sales per product"),
     ("/pool/", "ConnectionPool(alias).metrics of every alias, as JSON"),
+    ("/health/", "django-health-check page: both pools of every alias"),
     ("/metrics", "Prometheus metrics (django-prometheus)"),
 ]
 CREATE_EXAMPLES = [

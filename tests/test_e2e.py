@@ -1,0 +1,437 @@
+"""testproject end to end: every view over HTTP, through an ASGI client and real servers.
+
+The first part drives ``testproject.asgi.application`` in this process with httpx's
+ASGI transport, on the test database. The second part runs the demo the way the
+README does (``scripts/demo.py``: an embedded PostgreSQL of its own, uvicorn), then
+``manage.py runserver`` and ``manage.py dbpool_check`` against it, and stops the demo
+with Ctrl-C (SIGINT).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+from django.core.management import call_command
+
+from testproject import pgserver
+from testproject.asgi import application
+
+from .conftest import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+DETAIL_STYLES = ["/products/{}/", "/fast/products/{}/", "/orm/products/{}/", "/sync/products/{}/"]
+
+db = pytest.mark.django_db(transaction=True, reset_sequences=True, databases=["default", "replica"])
+
+
+# -- through an ASGI client, in this process --------------------------------------------------
+
+
+@pytest.fixture
+def sample() -> None:
+    call_command("load_sample", products=30, orders=3, stdout=io.StringIO())
+
+
+@pytest.fixture
+async def client(sample: None) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        yield c
+
+
+async def _pools(client: httpx.AsyncClient) -> dict[str, Any]:
+    response = await client.get("/pool/")
+    assert response.status_code == 200
+    return response.json()  # type: ignore[no-any-return]
+
+
+@db
+async def test_the_four_styles_return_the_same_product(client: httpx.AsyncClient) -> None:
+    bodies = [(await client.get(style.format(7))).json() for style in DETAIL_STYLES]
+    assert bodies[0] == {
+        "id": 7,
+        "sku": "SKU-00007",
+        "name": bodies[0]["name"],
+        "price_cents": bodies[0]["price_cents"],
+    }
+    assert all(body == bodies[0] for body in bodies)
+
+
+@db
+async def test_lists_index_and_report(client: httpx.AsyncClient) -> None:
+    index = await client.get("/")
+    assert index.status_code == 200 and 'href="/fast/products/1/"' in index.text
+    page = (await client.get("/products/?limit=5&offset=10")).json()
+    assert [p["id"] for p in page["products"]] == [11, 12, 13, 14, 15]
+    assert (await client.get("/sync/products/?limit=5&offset=10")).json() == page
+    report = (await client.get("/report/")).json()
+    assert report["orders"] == 3 and report["lines"] == 9
+    assert report["revenue_cents"] == sum(p["revenue_cents"] for p in report["top_products"])
+
+
+@db
+async def test_create_product_then_read_it_everywhere(client: httpx.AsyncClient) -> None:
+    made = await client.post("/products/", json={"sku": "NEW-1", "name": "New", "price_cents": 5})
+    assert made.status_code == 201
+    pk = made.json()["id"]
+    for style in DETAIL_STYLES:
+        assert (await client.get(style.format(pk))).json()["sku"] == "NEW-1"
+    again = await client.post(
+        "/products/", json={"sku": "NEW-1", "name": "Other", "price_cents": 6}
+    )
+    assert again.status_code == 409
+    assert again.json() == {
+        "error": "That already exists (unique constraint shop_product_sku_key)."
+    }
+
+
+@db
+async def test_order_is_created_in_one_transaction(client: httpx.AsyncClient) -> None:
+    p1, p2 = (await client.get("/products/1/")).json(), (await client.get("/products/2/")).json()
+    body = {
+        "customer": "a@example.com",
+        "lines": [{"product": 1, "quantity": 2}, {"product": 2, "quantity": 1}],
+    }
+    made = await client.post("/orders/", json=body)
+    assert made.status_code == 201, made.text
+    order = made.json()
+    assert order["total_cents"] == 2 * p1["price_cents"] + p2["price_cents"]
+    detail = (await client.get(f"/sync/orders/{order['id']}/")).json()
+    assert detail["customer"] == "a@example.com"
+    assert sorted((x["product"], x["quantity"]) for x in detail["lines"]) == [(1, 2), (2, 1)]
+    assert (await client.get("/report/")).json()["orders"] == 4
+
+    # A failure half-way rolls the whole order back: no order without its lines.
+    for lines, status, message in [
+        (
+            [{"product": 1, "quantity": 1}, {"product": 999999, "quantity": 1}],
+            404,
+            "No product with id 999999",
+        ),
+        ([{"product": 1, "quantity": 0}], 400, "constraint orderline_quantity_at_least_1"),
+        (
+            [{"product": 1, "quantity": 1}, {"product": 1, "quantity": 3}],
+            409,
+            "orderline_one_per_product",
+        ),
+    ]:
+        failed = await client.post("/orders/", json={"customer": "b", "lines": lines})
+        assert failed.status_code == status and message in failed.json()["error"]
+    assert (await client.get("/report/")).json()["orders"] == 4
+
+
+@db
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "message"),
+    [
+        ("GET", "/products/999999/", None, 404, "No product with id 999999"),
+        ("GET", "/fast/products/999999/", None, 404, "No product with id 999999"),
+        ("GET", "/orm/products/999999/", None, 404, "Product matching query does not exist"),
+        ("GET", "/sync/products/999999/", None, 404, "Product matching query does not exist"),
+        ("GET", "/sync/orders/999999/", None, 404, "Order matching query does not exist"),
+        ("GET", "/products/99999999999999999999/", None, 404, None),  # past bigint: no match
+        ("GET", "/products/?limit=x", None, 400, "limit and offset must be integers"),
+        ("GET", "/sync/products/?limit=1000", None, 400, "limit must be within 1..100"),
+        ("POST", "/products/", b"{not json", 400, "not valid JSON"),
+        ("POST", "/products/", b"\xff\xfe", 400, "not valid JSON"),
+        ("POST", "/products/", b"[1, 2]", 400, "must be a JSON object"),
+        ("POST", "/products/", {"sku": "X"}, 400, "'name' must be a non-empty string"),
+        (
+            "POST",
+            "/products/",
+            {"sku": "X", "name": "x", "price_cents": "1"},
+            400,
+            "must be an integer",
+        ),
+        (
+            "POST",
+            "/products/",
+            {"sku": "X", "name": "x", "price_cents": 2**40},
+            400,
+            "out of range",
+        ),
+        ("POST", "/products/", {"sku": "X", "name": "x", "price_cents": -1}, 400, "constraint"),
+        ("POST", "/products/", {"sku": "X" * 40, "name": "x", "price_cents": 1}, 400, "at most 32"),
+        ("POST", "/orders/", {"customer": "c", "lines": []}, 400, "non-empty list"),
+        (
+            "POST",
+            "/orders/",
+            {"customer": "c", "lines": [{"product": 1}]},
+            400,
+            "lines[0]: 'quantity'",
+        ),
+        ("DELETE", "/products/1/", None, 405, None),
+        ("GET", "/orders/", None, 405, None),
+    ],
+)
+async def test_bad_input_gets_a_clear_4xx(
+    client: httpx.AsyncClient, method: str, path: str, body: Any, status: int, message: str | None
+) -> None:
+    if isinstance(body, dict):
+        response = await client.request(method, path, json=body)
+    else:
+        response = await client.request(method, path, content=body)
+    assert response.status_code == status, response.text
+    if message is not None:
+        assert message in response.json()["error"]
+
+
+@db
+async def test_reads_go_to_the_replica_pool_and_writes_to_default(
+    client: httpx.AsyncClient,
+) -> None:
+    before = await _pools(client)
+    await client.get("/products/1/")
+    await client.get("/fast/products/1/")
+    middle = await _pools(client)
+
+    def checkouts(pools: dict[str, Any], alias: str) -> int:
+        return int(pools[alias]["async"]["created"] + pools[alias]["async"]["reused"])
+
+    assert checkouts(middle, "replica") == checkouts(before, "replica") + 2
+    assert checkouts(middle, "default") == checkouts(before, "default")
+    await client.post("/products/", json={"sku": "W1", "name": "w", "price_cents": 1})
+    after = await _pools(client)
+    assert checkouts(after, "default") == checkouts(middle, "default") + 1
+    assert after["replica"]["async"]["breaker_state"] == "closed"
+    assert after["default"]["sync"] is not None  # the sync pool load_sample used
+
+
+@db
+async def test_health_page_checks_both_aliases(client: httpx.AsyncClient) -> None:
+    response = await client.get("/health/?format=json")
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "PoolCheck(alias='default')": "OK",
+        "PoolCheck(alias='replica')": "OK",
+    }
+    assert (await client.get("/health/")).status_code == 200  # the HTML page
+
+
+# -- the demo, a real uvicorn process --------------------------------------------------------
+
+
+class Demo:
+    """``scripts/demo.py`` in a subprocess, its output collected by a thread."""
+
+    def __init__(self, pgdata: Path, port: int) -> None:
+        env = dict(os.environ, ASYNCPOOL_PGDATA=str(pgdata), PYTHONUNBUFFERED="1")
+        env.pop("DATABASE_URL", None)  # the embedded server, as on a bare machine
+        env.pop("DJANGO_SETTINGS_MODULE", None)
+        self.pgdata = pgdata
+        self.base = f"http://127.0.0.1:{port}"
+        self.port = port
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "demo.py"), "--port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        wait_until(lambda: "Press Ctrl-C" in self.output or self.proc.poll() is not None, 180)
+        if "Press Ctrl-C" not in self.output:
+            self.stop()
+            raise AssertionError(f"the demo did not start:\n{self.output}")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def pg_port(self) -> int:
+        return int((self.pgdata / "demo.port").read_text())
+
+    def database_url(self) -> str:
+        password = quote(pgserver.PASSWORD, safe="")
+        return f"postgresql+asyncpg://postgres:{password}@127.0.0.1:{self.pg_port}/asyncpool"
+
+    def stop(self) -> int:
+        """Press Ctrl-C; return the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            code = self.proc.wait(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        self._reader.join(5)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        return code
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        # As servers do: a port with connections in TIME_WAIT but no listener is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def pgdata(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("demo") / "pgdata"
+    yield path
+    if (path / "PG_VERSION").exists():
+        server = pgserver.LocalPostgres(path)
+        server.destroy()
+
+
+@pytest.fixture(scope="module")
+def demo(pgdata: Path) -> Iterator[Demo]:
+    d = Demo(pgdata, pgserver.free_port())
+    yield d
+    d.stop()
+
+
+def _get(url: str) -> httpx.Response:
+    return httpx.get(url, timeout=30)
+
+
+@pytest.mark.slow
+def test_demo_prints_the_urls_and_serves_every_one(demo: Demo) -> None:
+    from testproject.shop.views import PAGES
+
+    assert "data in " + str(demo.pgdata.resolve()) in demo.output
+    assert pgserver.PASSWORD not in demo.output
+    for url, _ in PAGES:
+        assert f"{demo.base}{url}" in demo.output
+        response = _get(demo.base + url)
+        assert response.status_code == 200, (url, response.text[:300])
+    assert "Sample data: 1000 products, 50 new orders." in demo.output
+
+
+@pytest.mark.slow
+def test_demo_writes_and_rejects_bad_input(demo: Demo) -> None:
+    made = httpx.post(
+        f"{demo.base}/products/", json={"sku": "E2E-1", "name": "e2e", "price_cents": 1}
+    )
+    assert made.status_code == 201
+    order = {"customer": "e2e", "lines": [{"product": made.json()["id"], "quantity": 3}]}
+    assert httpx.post(f"{demo.base}/orders/", json=order).json()["total_cents"] == 3
+    assert httpx.post(f"{demo.base}/orders/", content=b"{").status_code == 400
+    dup = httpx.post(f"{demo.base}/products/", json={"sku": "E2E-1", "name": "x", "price_cents": 1})
+    assert dup.status_code == 409
+    assert _get(f"{demo.base}/fast/products/123456789/").status_code == 404
+
+
+@pytest.mark.slow
+def test_demo_pool_metrics_move_under_uvicorn(demo: Demo) -> None:
+    before = _get(f"{demo.base}/pool/").json()["replica"]["async"]
+    for _ in range(20):
+        assert _get(f"{demo.base}/products/3/").status_code == 200
+    after = _get(f"{demo.base}/pool/").json()["replica"]["async"]
+    assert after["loops"] == 1  # uvicorn's one long loop: one engine
+    assert after["created"] + after["reused"] == before["created"] + before["reused"] + 20
+    assert after["created"] <= 15  # pool_size + max_overflow: connections are reused
+    assert after["in_use"] == 0 and after["breaker_state"] == "closed"
+    text = _get(f"{demo.base}/metrics").text
+    assert "python_info" in text  # django-prometheus serves the registry
+
+
+@pytest.mark.slow
+def test_dbpool_check_against_the_demo(demo: Demo) -> None:
+    if not (ROOT / "django_asyncpool" / "management" / "commands" / "dbpool_check.py").exists():
+        pytest.skip("issue 5 (dbpool_check) has not landed")
+    env = dict(os.environ, DATABASE_URL=demo.database_url())
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    done = subprocess.run(
+        [sys.executable, "manage.py", "dbpool_check"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "default" in out and "replica" in out
+    assert pgserver.PASSWORD not in out
+
+
+@pytest.mark.slow
+def test_runserver_runs_every_view_each_on_a_fresh_loop(demo: Demo) -> None:
+    """Django's dev server (WSGI) runs each async view in its own event loop."""
+    port = pgserver.free_port()
+    env = dict(os.environ, DATABASE_URL=demo.database_url(), PYTHONUNBUFFERED="1")
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: not _port_free(port) or proc.poll() is not None, 60)
+        assert proc.poll() is None
+        for _ in range(3):  # again and again: each request is a new loop, a new engine
+            for style in DETAIL_STYLES:
+                response = _get(base + style.format(5))
+                assert response.status_code == 200 and response.json()["id"] == 5
+            assert _get(f"{base}/report/").status_code == 200
+            assert _get(f"{base}/products/?limit=3").status_code == 200
+        order = {"customer": "runserver", "lines": [{"product": 5, "quantity": 1}]}
+        assert httpx.post(f"{base}/orders/", json=order).status_code == 201
+        assert httpx.post(f"{base}/orders/", content=b"nope").status_code == 400
+        pools = _get(f"{base}/pool/").json()
+        assert pools["replica"]["async"]["loops"] <= 1  # closed loops' engines are gone
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert "Traceback" not in out and "different loop" not in out, out
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_server_and_the_embedded_postgresql(demo: Demo) -> None:
+    pg_port = demo.pg_port
+    assert not _port_free(demo.port) and not _port_free(pg_port)
+    assert demo.stop() == 0, demo.output
+    assert "Embedded PostgreSQL stopped." in demo.output
+    assert "Traceback" not in demo.output, demo.output
+    assert _port_free(demo.port), "the web server still listens"
+    assert wait_until(lambda: _port_free(pg_port), 10), "PostgreSQL still listens"
+    assert not pgserver.LocalPostgres(demo.pgdata, port=pg_port).is_running()
+
+
+@pytest.mark.slow
+def test_a_second_run_reuses_the_data(demo: Demo, pgdata: Path) -> None:
+    keep = {"sku": "KEEP", "name": "k", "price_cents": 1}
+    made = demo.proc.poll() is None and httpx.post(f"{demo.base}/products/", json=keep).is_success
+    assert demo.stop() == 0
+    again = Demo(pgdata, pgserver.free_port())
+    try:
+        assert "Sample data: 1" in again.output and "0 new orders." in again.output
+        assert _get(f"{again.base}/sync/orders/1/").json()["customer"] == "customer0@example.com"
+        if made:  # still there from the first run
+            assert httpx.post(f"{again.base}/products/", json=keep).status_code == 409
+    finally:
+        assert again.stop() == 0
+    assert "Embedded PostgreSQL stopped." in again.output
