@@ -115,7 +115,7 @@ def main(argv: list[str]) -> int:
             host=args.host,
             port=args.port,
             workers=1,
-            lifespan="off",  # Django's ASGI handler does not speak the lifespan protocol
+            lifespan="on",  # django_asyncpool.asgi closes the pools at shutdown
             access_log=args.access_log,
             log_level="info" if args.access_log else "warning",
         )

@@ -1,4 +1,8 @@
-"""The ASGI application of the testproject: ``uvicorn testproject.asgi:application``."""
+"""The ASGI application of the testproject: ``uvicorn testproject.asgi:application``.
+
+Django's application wrapped in django_asyncpool's lifespan handler: the server's
+shutdown closes the pools.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,6 @@ import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "testproject.settings")
 
-from django.core.asgi import get_asgi_application
+from django_asyncpool.asgi import get_asgi_application
 
 application = get_asgi_application()
