@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -80,6 +81,13 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, step: float 
         time.sleep(step)
 
 
+def closed_port() -> int:
+    """Return a local TCP port nothing listens on (connections to it are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture
 def make_wrapper(django_db_blocker: Any) -> Iterator[Callable[..., DatabaseWrapper]]:
     """Build a DatabaseWrapper of ENGINE django_asyncpool with its own alias and settings.
@@ -137,6 +145,9 @@ def make_alias() -> Iterator[Callable[..., str]]:
 
     yield make
     for alias in made:
+        pool = DatabaseWrapper._connection_pools.pop(alias, None)
+        if pool is not None:
+            pool.close(timeout=1)
         ConnectionPool._instances.pop(alias, None)
         _registry.discard(alias)
         connections.settings.pop(alias, None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,9 +15,10 @@ from typing import Any
 import pytest
 from django.core.management import CommandError, call_command
 
-from django_asyncpool.base import DatabaseWrapper
 from testproject.pgserver import PASSWORD
 from tests.proxy import TcpProxy
+
+from .conftest import closed_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "hunter2-never-printed"
@@ -38,26 +38,14 @@ def db_access(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
 
 
 @pytest.fixture
-def alias(make_alias: Callable[..., str]) -> Iterator[Callable[..., str]]:
-    """make_alias(), closing the sync pools the command opened for those aliases."""
-    made: list[str] = []
+def alias(make_alias: Callable[..., str]) -> Callable[..., str]:
+    """make_alias() with small pools and few retries by default."""
 
     def make(**overrides: Any) -> str:
         overrides.setdefault("OPTIONS", QUICK)
-        made.append(make_alias(**overrides))
-        return made[-1]
+        return make_alias(**overrides)
 
-    yield make
-    for name in made:
-        pool = DatabaseWrapper._connection_pools.pop(name, None)
-        if pool is not None:
-            pool.close(timeout=1)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return make
 
 
 def dbpool_check(*args: str) -> tuple[int, str, float]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,9 +12,10 @@ from django.http import HttpResponse
 from django.test import RequestFactory, override_settings
 from health_check.views import HealthCheckView
 
-from django_asyncpool.base import DatabaseWrapper
 from django_asyncpool.health import PoolCheck, pool_checks
 from testproject.pgserver import PASSWORD
+
+from .conftest import closed_port
 
 QUICK = {
     "pool": {"min_size": 0, "max_size": 2, "timeout": 3},
@@ -32,25 +32,14 @@ def db_access(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
 
 
 @pytest.fixture
-def alias(make_alias: Callable[..., str]) -> Iterator[Callable[..., str]]:
-    made: list[str] = []
+def alias(make_alias: Callable[..., str]) -> Callable[..., str]:
+    """make_alias() with small pools and few retries by default."""
 
     def make(**overrides: Any) -> str:
         overrides.setdefault("OPTIONS", QUICK)
-        made.append(make_alias(**overrides))
-        return made[-1]
+        return make_alias(**overrides)
 
-    yield make
-    for name in made:
-        pool = DatabaseWrapper._connection_pools.pop(name, None)
-        if pool is not None:
-            pool.close(timeout=1)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return make
 
 
 async def get(aliases: list[str], accept: str = "application/json") -> HttpResponse:
@@ -98,7 +87,8 @@ async def test_an_open_breaker_is_reported(alias: Callable[..., str]) -> None:
 
 async def test_the_html_page_renders_each_alias(alias: Callable[..., str]) -> None:
     down = alias(HOST="127.0.0.1", PORT=closed_port())
-    apps = [*settings.INSTALLED_APPS, "health_check"]
+    # Its template comes from the app (the test project may list it already).
+    apps = [*dict.fromkeys([*settings.INSTALLED_APPS, "health_check"])]
     with override_settings(INSTALLED_APPS=apps, TEMPLATES=TEMPLATES):
         response = await get(["default", down], accept="text/html")
     page = response.content.decode()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,15 +21,9 @@ from django_asyncpool.asgi import PoolLifespan
 from django_asyncpool.base import DatabaseWrapper
 from testproject.pgserver import PASSWORD, LocalPostgres
 
-from .conftest import wait_until
+from .conftest import closed_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def by_name(pg: LocalPostgres, application_name: str) -> int:
@@ -46,21 +39,6 @@ def by_name(pg: LocalPostgres, application_name: str) -> int:
 def db_access(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
     with django_db_blocker.unblock():
         yield
-
-
-@pytest.fixture
-def alias(make_alias: Callable[..., str]) -> Iterator[Callable[..., str]]:
-    made: list[str] = []
-
-    def make(**overrides: Any) -> str:
-        made.append(make_alias(**overrides))
-        return made[-1]
-
-    yield make
-    for name in made:
-        pool = DatabaseWrapper._connection_pools.pop(name, None)
-        if pool is not None:
-            pool.close(timeout=1)
 
 
 def test_startup_opens_no_connection() -> None:
@@ -81,9 +59,9 @@ def test_startup_opens_no_connection() -> None:
 
 
 def test_warmup_opens_the_sync_pool_at_startup(
-    alias: Callable[..., str], pg: LocalPostgres
+    make_alias: Callable[..., str], pg: LocalPostgres
 ) -> None:
-    name = alias(
+    name = make_alias(
         OPTIONS={"pool": {"min_size": 2, "max_size": 4}, "warmup": 5, "application_name": "warm1"}
     )
     apps.get_app_config("django_asyncpool").ready()
@@ -92,8 +70,8 @@ def test_warmup_opens_the_sync_pool_at_startup(
     assert by_name(pg, "warm1") == 2
 
 
-def test_warmup_fails_fast_when_unreachable(alias: Callable[..., str]) -> None:
-    name = alias(HOST="127.0.0.1", PORT=closed_port(), OPTIONS={"warmup": 1})
+def test_warmup_fails_fast_when_unreachable(make_alias: Callable[..., str]) -> None:
+    name = make_alias(HOST="127.0.0.1", PORT=closed_port(), OPTIONS={"warmup": 1})
     started = time.monotonic()
     with pytest.raises(DatabaseUnavailable) as info:
         apps.get_app_config("django_asyncpool").ready()
@@ -128,9 +106,9 @@ class Server:
 
 
 def test_lifespan_warms_up_and_closes_the_pools(
-    alias: Callable[..., str], pg: LocalPostgres
+    make_alias: Callable[..., str], pg: LocalPostgres
 ) -> None:
-    name = alias(OPTIONS={"pool": {"min_size": 1}, "warmup": 5, "application_name": "life1"})
+    name = make_alias(OPTIONS={"pool": {"min_size": 1}, "warmup": 5, "application_name": "life1"})
     server = Server()
     try:
         assert wait_until(lambda: server.server.started, 10)
@@ -146,8 +124,10 @@ def test_lifespan_warms_up_and_closes_the_pools(
     assert name not in DatabaseWrapper._connection_pools
 
 
-def test_lifespan_startup_fails_when_warmup_cannot_connect(alias: Callable[..., str]) -> None:
-    alias(HOST="127.0.0.1", PORT=closed_port(), OPTIONS={"warmup": 2, "retry": {"max_tries": 1}})
+def test_lifespan_startup_fails_when_warmup_cannot_connect(make_alias: Callable[..., str]) -> None:
+    make_alias(
+        HOST="127.0.0.1", PORT=closed_port(), OPTIONS={"warmup": 2, "retry": {"max_tries": 1}}
+    )
     started = time.monotonic()
     server = Server()
     server.thread.join(10)
