@@ -49,17 +49,18 @@ def alias(make_alias: Callable[..., str]) -> Callable[..., str]:
 
 
 def dbpool_check(*args: str) -> tuple[int, str, float]:
-    """Run the command in this process; return (exit status, output, seconds taken)."""
+    """Run the command in this process; return (exit status, stdout + error, seconds taken).
+
+    The error (what manage.py prints on stderr) follows the output on a line of its own.
+    """
     out = io.StringIO()
     started = time.monotonic()
     try:
         call_command("dbpool_check", *args, stdout=out)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    except CommandError as exc:
-        code, out = exc.returncode, io.StringIO(str(exc))
-    return code, out.getvalue(), time.monotonic() - started
+        code, error = 0, ""
+    except CommandError as exc:  # what manage.py turns into the exit status
+        code, error = exc.returncode, str(exc)
+    return code, f"{out.getvalue()}\n{error}", time.monotonic() - started
 
 
 def test_healthy(alias: Callable[..., str]) -> None:
@@ -70,7 +71,7 @@ def test_healthy(alias: Callable[..., str]) -> None:
     assert set(row) == {"sync", "async"}
     for line in row.values():
         assert " ok " in line and "closed (0 failures)" in line and " ms " in line
-    assert "healthy" in out.splitlines()[-1]
+    assert out.strip().splitlines()[-1].startswith("healthy (")
 
 
 def test_json_output(alias: Callable[..., str]) -> None:
@@ -78,7 +79,7 @@ def test_json_output(alias: Callable[..., str]) -> None:
     code, out, _ = dbpool_check("--database", name, "--format", "json")
     assert code == 0
     assert PASSWORD not in out
-    report = json.loads(out)
+    report = json.loads(out.rsplit("\n", 1)[0])
     assert report["healthy"] is True and report["exit_code"] == 0 and report["problems"] == []
     (entry,) = report["aliases"]
     assert entry["alias"] == name and entry["healthy"] is True
@@ -115,7 +116,7 @@ def test_blackholed_link_never_hangs(alias: Callable[..., str], proxy: TcpProxy)
         proxy.cut()  # ends the hung connections, so nothing is left half-open
     assert code == 1, out
     assert took < 3.5
-    entry = json.loads(out)["aliases"][0]
+    entry = json.loads(out.rsplit("\n", 1)[0])["aliases"][0]
     assert entry["healthy"] is False
     assert "timed out" in entry["sync"]["error"] and "timed out" in entry["async"]["error"]
 
@@ -127,7 +128,7 @@ def test_two_aliases_one_down(alias: Callable[..., str]) -> None:
     assert code == 1
     assert took < 10
     assert SECRET not in out
-    entries = {e["alias"]: e for e in json.loads(out)["aliases"]}
+    entries = {e["alias"]: e for e in json.loads(out.rsplit("\n", 1)[0])["aliases"]}
     assert entries[up]["healthy"] is True
     assert entries[down]["healthy"] is False
     assert "Connection refused" in entries[down]["sync"]["error"]
@@ -148,29 +149,27 @@ def test_unknown_alias_exits_2() -> None:
     assert "nope" in out and "Use one of: default, replica" in out
 
 
-def test_the_real_command_line() -> None:
-    """``python manage.py dbpool_check``: the project's aliases, its exit status."""
-    env = {**os.environ, "DJANGO_DEBUG": "0"}
-    done = subprocess.run(
-        [sys.executable, "manage.py", "dbpool_check", "--timeout", "20"],
+def manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python manage.py dbpool_check ARGS`` in production mode (DEBUG off)."""
+    return subprocess.run(
+        [sys.executable, "manage.py", "dbpool_check", *args],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "DJANGO_DEBUG": "0", **env},
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_the_real_command_line() -> None:
+    """``python manage.py dbpool_check``: the project's aliases, its exit status."""
+    done = manage("--timeout", "20")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "default  sync   ok" in done.stdout and "replica  async  ok" in done.stdout
 
-    env["DB_POOL_SIZE"] = "lots"  # fills async_pool of 'replica', which sets none itself
-    done = subprocess.run(
-        [sys.executable, "manage.py", "dbpool_check", "--format", "json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # DB_POOL_SIZE fills async_pool of 'replica', which sets none itself.
+    done = manage("--format", "json", DB_POOL_SIZE="lots")
     assert done.returncode == 2, done.stdout + done.stderr
+    assert "CommandError: configuration errors" in done.stderr
     (problem,) = json.loads(done.stdout)["problems"]
     assert problem["id"] == "dbpool.E002" and problem["key"] == "DB_POOL_SIZE"

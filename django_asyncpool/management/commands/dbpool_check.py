@@ -73,8 +73,11 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(report, indent=2))
         else:
             self.stdout.write(render_table(report))
-        if report["exit_code"]:
-            raise SystemExit(report["exit_code"])
+        if report["exit_code"] == 2:
+            raise CommandError("configuration errors (see above)", returncode=2)
+        if report["exit_code"] == 1:
+            bad = [e["alias"] for e in report["aliases"] if not e["healthy"]]
+            raise CommandError(f"unhealthy: {', '.join(bad)}", returncode=1)
 
 
 # -- probes -----------------------------------------------------------------------------
