@@ -12,6 +12,7 @@ lifespan shutdown with :func:`django_asyncpool.asgi.get_asgi_application`.
 from __future__ import annotations
 
 import logging
+import sys
 
 import psycopg_pool
 from django.apps import AppConfig
@@ -41,9 +42,20 @@ class DjangoAsyncpoolConfig(AppConfig):
             for alias, settings_dict in settings.DATABASES.items()
             if settings_dict.get("ENGINE") == _config.ENGINE
         }
+        if _command() in NO_WARMUP_COMMANDS:
+            return  # they report an unreachable database instead of dying of it
         for conf in self.configs.values():
             if conf.warmup is not None:
                 warm_up(conf)
+
+
+#: manage.py commands that diagnose the database: no warm-up, which would stop them.
+NO_WARMUP_COMMANDS = frozenset({"check", "dbpool_check"})
+
+
+def _command() -> str:
+    """Return the name of the manage.py command this process runs, or ""."""
+    return sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
 
 
 def warm_up(conf: _config.AliasConfig) -> None:

@@ -135,3 +135,31 @@ def test_lifespan_startup_fails_when_warmup_cannot_connect(make_alias: Callable[
     assert not server.server.started  # uvicorn refused to serve
     assert isinstance(server.error, SystemExit), server.error
     assert time.monotonic() - started < 5
+
+
+def test_a_failed_warmup_stops_startup_but_not_the_diagnostics(tmp_path: Path) -> None:
+    port = closed_port()
+    (tmp_path / "warm_settings.py").write_text(
+        "from testproject.settings import *  # noqa: F403\n"
+        "DATABASES = {'default': {**DATABASES['default'], 'HOST': '127.0.0.1', "
+        f"'PORT': {port}, 'OPTIONS': {{'warmup': 1}}}}}}\n"
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "warm_settings",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+    }
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    started = time.monotonic()
+    serving = run("-c", "import django; django.setup()")
+    assert serving.returncode == 1
+    assert "DatabaseUnavailable" in serving.stderr and "OPTIONS['warmup'] = 1s" in serving.stderr
+    assert time.monotonic() - started < 15
+    diagnosing = run("manage.py", "dbpool_check", "--timeout", "5")
+    assert diagnosing.returncode == 1, diagnosing.stderr  # a report, not a crash at startup
+    assert "default  sync   FAILED" in diagnosing.stdout
