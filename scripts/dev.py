@@ -3,6 +3,8 @@
 
     python3 scripts/dev.py demo     # the demo on an embedded PostgreSQL (or DATABASE_URL)
     python3 scripts/dev.py test     # the whole test suite (pytest arguments may follow)
+    python3 scripts/dev.py docs     # build the docs site into build/site (strict, offline)
+    python3 scripts/dev.py docs serve   # serve it at http://127.0.0.1:8000, live reload
 
 More, for the version matrix CI runs:
 
@@ -33,7 +35,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = {"demo", "test", "django-suite", "venv"}
+COMMANDS = {"demo", "test", "django-suite", "venv", "docs"}
 #: The exit status when the interpreter asked for with --python does not exist here.
 NO_INTERPRETER = 3
 
@@ -156,6 +158,11 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "test":
         return subprocess.call([str(python), "-m", "pytest", *rest])
+    if command == "docs":
+        # mkdocs-material prints a banner about its successor unless told not to.
+        env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+        args = rest if rest[:1] in (["serve"], ["build"]) else ["build", "--strict", *rest]
+        return subprocess.call([str(python), "-m", "mkdocs", *args], env=env)
     if command == "django-suite":
         return subprocess.call([str(python), str(ROOT / "scripts" / "django-suite.py"), *rest])
     # exec, not a child: on Ctrl-C subprocess.call() kills its child after 0.25 s, before
