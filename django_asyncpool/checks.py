@@ -22,6 +22,9 @@ from ._policy import redact
 __all__ = ["check_configuration", "problems", "to_message"]
 
 TAG = "django_asyncpool"
+#: Problems where no default replaces the value: an ignored key, a URL or CONN_MAX_AGE
+#: used as given, a PgBouncer conflict refused at connect time.
+NO_DEFAULT = frozenset({"dbpool.E004", "dbpool.E006", "dbpool.E007", "dbpool.E020"})
 
 
 def problems(
@@ -50,8 +53,9 @@ def to_message(problem: _config.Problem, password: str = "", *, debug: bool) -> 
     text = redact(f"{where}: {problem.message}", password)
     hint = redact(problem.hint, password)
     if debug:
+        used = "" if problem.id in NO_DEFAULT else " The default is used"
         return checks.Warning(
-            f"{text} The default is used (DEBUG is on; this is an error in production).",
+            f"{text}{used} (DEBUG is on; this is an error in production).",
             hint=hint,
             id=problem.id.replace(".E", ".W"),
         )

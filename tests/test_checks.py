@@ -12,7 +12,7 @@ from django.core.management.base import SystemCheckError
 from django.test import override_settings
 
 from django_asyncpool import config as _config
-from django_asyncpool.checks import TAG, problems, to_message
+from django_asyncpool.checks import NO_DEFAULT, TAG, problems, to_message
 
 PASSWORD = "s3cret-pw-never-shown"
 BASE = {"ENGINE": "django_asyncpool", "NAME": "app", "USER": "app", "PASSWORD": PASSWORD}
@@ -113,7 +113,8 @@ def test_bad_configuration(
     message = messages[0]
     if debug:
         assert isinstance(message, checks.Warning) and not message.is_serious()
-        assert "default is used" in message.msg
+        assert "an error in production" in message.msg
+        assert ("default is used" in message.msg) is (expected not in NO_DEFAULT)
     else:
         assert isinstance(message, checks.Error) and message.is_serious()
     text = f"{message.msg} {message.hint}"
