@@ -113,8 +113,15 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             pgconn.consume_input()
             if pgconn.status != pq.ConnStatus.OK or pgconn.notifies() is None:
                 raise psycopg.OperationalError("the server closed the connection")
-        if time.monotonic() - getattr(conn, _RETURNED, 0.0) > self.bypass:
+        if self._check is not None:  # CONN_HEALTH_CHECKS: every checkout is pinged
+            self._check(conn)
+        elif time.monotonic() - getattr(conn, _RETURNED, 0.0) > self.bypass:
             self.check_connection(conn)
+
+    def _check_connection(self, conn: psycopg.Connection[Any]) -> None:
+        # getconn() runs ``check`` itself, in _check_liveness: psycopg_pool's own loop
+        # would sleep after each failed check, stalling every request after a restart.
+        return
 
     def describe_state(self) -> str:
         """Return "size 3/10, in use 3, waiting 2" for error messages."""

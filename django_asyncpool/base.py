@@ -20,14 +20,17 @@ import weakref
 from typing import Any
 
 import psycopg_pool
+from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
+from django.db.utils import DatabaseErrorWrapper
+from django.utils.functional import cached_property
 
 from . import _registry
 from ._syncpool import SyncPool, stamp_returned
 from .config import DJANGO_OPTIONS, OUR_KEYS, _libpq_keys, connection_fields
 from .creation import DatabaseCreation
-from .errors import PoolClosed, PoolTimeout
+from .errors import PoolClosed, PoolError, PoolTimeout
 from .features import DatabaseFeatures
 
 logger = logging.getLogger("django_asyncpool")
@@ -59,6 +62,15 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def pool(self) -> SyncPool | None:
         if self.alias == NO_DB_ALIAS:
             return None
+        options = self.settings_dict.get("OPTIONS") or {}
+        # This wrapper's own settings first, as in Django: a copy made with the pool
+        # off (Django's tests do it) must not take connections from the alias's pool.
+        if "pool" in options and options["pool"] in (False, None):
+            return None
+        if options.get("pool") and self.settings_dict.get("CONN_MAX_AGE"):
+            # Refused as Django's own backend refuses it; when the pool is on only by
+            # our default, the system check dbpool.E007 reports it instead.
+            raise ImproperlyConfigured("Pooling doesn't support persistent connections.")
         pool = self._connection_pools.get(self.alias)
         if pool is not None:
             return pool
@@ -68,13 +80,18 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         connect_kwargs = self.get_connection_params()
         # Ensure we run in autocommit, Django properly sets it later on.
         connect_kwargs["autocommit"] = True
-        bypass = 0.0 if self.settings_dict.get("CONN_HEALTH_CHECKS") else config.liveness_bypass
+        # Every checkout is checked with OPTIONS["pool"]["check"] (Django >= 6.1), or
+        # pinged with CONN_HEALTH_CHECKS, as with Django's own backend.
+        check = SyncPool.check_connection if self.settings_dict.get("CONN_HEALTH_CHECKS") else None
+        if isinstance(options.get("pool"), dict) and "check" in options["pool"]:
+            check = options["pool"]["check"]
         pool = SyncPool(
             kwargs=connect_kwargs,
             open=False,  # opened by the first getconn, never at import or startup
             configure=self._configure_connection,  # type: ignore[attr-defined]
+            check=check,
             name=f"django_asyncpool:{self.alias}",
-            bypass=bypass,
+            bypass=config.liveness_bypass,
             **config.sync_pool,
         )
         # Several threads may build one at once; the first to store it wins.
@@ -100,7 +117,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             except psycopg_pool.PoolTimeout as exc:
                 pool = self.pool
                 state = pool.describe_state() if pool else "no pool"
-                raise PoolTimeout(
+                raise SyncPoolTimeout(
                     f"No connection to database {guard.config.describe()} became free within "
                     f"{pool.timeout if pool else 0:.1f}s ({state}). Raise OPTIONS['pool']"
                     "['max_size'] or ['timeout'], or find the code holding connections "
@@ -108,16 +125,42 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                     alias=self.alias,
                 ) from exc
             except psycopg_pool.PoolClosed as exc:
-                raise PoolClosed(
+                raise SyncPoolClosed(
                     f"The pool of database {guard.config.describe()} is closed.", alias=self.alias
                 ) from exc
 
         return guard.run(acquire)
 
+    @cached_property
+    def wrap_database_errors(self) -> DatabaseErrorWrapper:
+        return _ErrorWrapper(self)
+
     def _close(self) -> None:
         if self.connection is not None and self.pool is not None:
             stamp_returned(self.connection)
         super()._close()  # type: ignore[misc]
+
+
+class SyncPoolTimeout(PoolTimeout, psycopg_pool.PoolTimeout):
+    """The sync pool's PoolTimeout; also psycopg_pool's, as Django's own backend raises."""
+
+
+class SyncPoolClosed(PoolClosed, psycopg_pool.PoolClosed):
+    """The sync pool's PoolClosed; also psycopg_pool's, as Django's own backend raises."""
+
+
+class _ErrorWrapper(DatabaseErrorWrapper):
+    """Django's error wrapper, letting django-asyncpool's own errors through.
+
+    They are Django OperationalErrors already, with what to do; the sync pool's
+    SyncPoolTimeout and SyncPoolClosed, also psycopg errors, would be replaced by a
+    bare OperationalError.
+    """
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        if exc_type is not None and issubclass(exc_type, PoolError):
+            return
+        super().__exit__(exc_type, exc_value, traceback)
 
 
 #: Keys Django's get_connection_params() adds itself (not user OPTIONS).

@@ -83,11 +83,16 @@ MODULES = [
 REQUIREMENTS = {"tblib": "tblib", "PyYAML": "yaml"}
 
 SETTINGS = '''\
-"""Written by django-asyncpool's scripts/django-suite.py: Django's tests on its ENGINE."""
+"""Written by django-asyncpool's scripts/django-suite.py: Django's tests on its ENGINE.
+
+Django's own test settings of this version (test_sqlite.py), with both aliases on
+the ENGINE, its pool on.
+"""
 
 import os
 
 from django_asyncpool.config import parse_url
+from test_sqlite import *  # noqa: F403
 
 _db = parse_url(os.environ["ASYNCPOOL_SUITE_DATABASE_URL"])
 
@@ -106,10 +111,6 @@ def _alias(name):
 
 
 DATABASES = {{"default": _alias("django_default"), "other": _alias("django_other")}}
-SECRET_KEY = "django_tests_secret_key"
-PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
-USE_TZ = False
 '''
 
 
