@@ -86,8 +86,17 @@ async def run_page(page_samples: list[Sample]) -> dict[str, object]:
         if code.co_flags & inspect.CO_COROUTINE:
             await eval(code, namespace)
         else:
-            await asyncio.to_thread(exec, code, namespace)
+            await asyncio.to_thread(_run_in_thread, code, namespace)
     return namespace
+
+
+def _run_in_thread(code: types.CodeType, namespace: dict[str, object]) -> None:
+    from django.db import connections
+
+    try:
+        exec(code, namespace)
+    finally:
+        connections.close_all()  # as at the end of a request: back to the pool
 
 
 # -- the convention itself ----------------------------------------------------------------
