@@ -60,6 +60,8 @@ class Round:
     p50_ms: float
     p99_ms: float
     errors: int = 0
+    requests: int = 0
+    cpu_ms: float = float("nan")  # the server's CPU time per request
 
 
 @dataclass
@@ -111,6 +113,7 @@ def run_wrk(base: str, template: str, ids: list[int], concurrency: int, seconds:
             check=True,
         ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
@@ -118,7 +121,7 @@ def run_wrk(base: str, template: str, ids: list[int], concurrency: int, seconds:
     count = int(bad.group(1)) if bad else 0
     if errors:
         count += sum(int(n) for n in re.findall(r"\d+", errors.group(0)))
-    return Round(rps, p50, p99, count)
+    return Round(rps, p50, p99, count, requests)
 
 
 async def _python_round(
@@ -155,6 +158,7 @@ async def _python_round(
         latencies[len(latencies) // 2] * 1e3,
         latencies[int(len(latencies) * 0.99)] * 1e3,
         errors,
+        len(latencies),
     )
 
 
@@ -207,6 +211,17 @@ def stop_demo(proc: subprocess.Popen[str]) -> None:
         proc.kill()
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """Return the user + system CPU time of process ``pid`` (all threads), or NaN."""
+    if pid is None:
+        return float("nan")
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def get_json(url: str) -> dict:  # type: ignore[type-arg]
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())  # type: ignore[no-any-return]
@@ -222,6 +237,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--pid", type=int, help="the server's pid, for CPU per request")
     args = parser.parse_args()
     client = args.client
     if client == "auto":
@@ -230,8 +246,10 @@ def main() -> int:
 
     proc = None
     base = args.url.rstrip("/") if args.url else None
+    pid = args.pid
     if base is None:
         proc, base = start_demo()
+        pid = proc.pid
     try:
         ids = [p["id"] for p in get_json(f"{base}/products/?limit=100")["products"]]
         print(
@@ -247,7 +265,9 @@ def main() -> int:
         for n in range(args.rounds):
             order = names[n % len(names) :] + names[: n % len(names)]
             for name in order:
+                cpu = cpu_seconds(pid)
                 r = run(base, VARIANTS[name], ids, args.concurrency, args.seconds)
+                r.cpu_ms = (cpu_seconds(pid) - cpu) * 1e3 / max(r.requests, 1)
                 results.add(name, r)
             figures = "  ".join(f"{k} {results.rounds[k][-1].rps:7.0f}" for k in names)
             print(f"round {n + 1}: requests/s  {figures}", flush=True)
@@ -258,7 +278,8 @@ def main() -> int:
 
     base_rps = results.median(BASELINE, "rps")
     print(
-        f"\n{'variant':<14} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}  vs {BASELINE}"
+        f"\n{'variant':<14} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+        f"{'CPU ms/req':>10}  req/s vs {BASELINE}"
     )
     missed = []
     for name in names:
@@ -273,12 +294,14 @@ def main() -> int:
         errors = sum(r.errors for r in results.rounds[name])
         print(
             f"{name:<14} {rps:8.0f} {results.median(name, 'p50_ms'):8.2f} "
-            f"{results.median(name, 'p99_ms'):8.2f} {errors:7d}  {ratio:5.2f}x{verdict}"
+            f"{results.median(name, 'p99_ms'):8.2f} {errors:7d} "
+            f"{results.median(name, 'cpu_ms'):10.2f}  {ratio:5.2f}x{verdict}"
         )
     for alias, stats in pools.items():
         a = stats["async"]
         print(
             f"async pool {alias!r}: created {a['created']}, reused {a['reused']}, "
+            f"invalidated {a['invalidated']}, "
             f"timeouts {a['timeouts']}, failures {a['failures']}, breaker {a['breaker_state']}"
         )
     return 1 if missed else 0
