@@ -122,3 +122,40 @@ def test_unknown_option_is_reported(make_wrapper, caplog) -> None:
     text = caplog.text
     assert "max_sizee" in text and "sslmdoe" in text
     assert "dbpool.E004" in text
+
+
+def test_pools_are_closed_at_process_exit(tmp_path) -> None:
+    """A process that used the pool closes it on the way out (the server sees clean goodbyes)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import atexit, json, os, sys\n"
+        "seen = {}\n"
+        # registered first, so it runs last: after django_asyncpool's own exit handler
+        "atexit.register(lambda: print(json.dumps({a: p.closed for a, p in seen.items()})))\n"
+        "import django; django.setup()\n"
+        "from django.db import connection\n"
+        "from django_asyncpool.base import DatabaseWrapper\n"
+        "connection.ensure_connection(); connection.close()\n"
+        "seen.update(DatabaseWrapper._connection_pools)\n"
+    )
+    # DATABASE_URL (set by the settings) points the child at this run's server.
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "testproject.settings",
+        "PYTHONPATH": os.getcwd(),
+    }
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=os.getcwd(),
+        check=True,
+    ).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == {"default": True}
