@@ -24,7 +24,7 @@ from sqlalchemy.util.concurrency import await_
 
 from . import _registry
 from ._policy import Guard
-from .config import AliasConfig
+from .config import AliasConfig, refuse_pgbouncer_conflicts
 from .errors import PoolTimeout
 
 _ASYNCPG_DSN_KEYS = frozenset(
@@ -43,6 +43,9 @@ _ASYNCPG_DSN_KEYS = frozenset(
         "passfile",
     }
 )
+#: The server closing the connection: admin_shutdown (pg_terminate_backend, fast
+#: shutdown), crash_shutdown, cannot_connect_now, idle_session_timeout.
+_GOODBYE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
 #: SQLSTATEs worth re-running a whole transaction for (opt-in).
 _RETRY_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 
@@ -165,6 +168,7 @@ class _LoopEngine:
     """The engines of one event loop: read-write, and read-only (made when first used)."""
 
     def __init__(self, stats: Stats, config: AliasConfig) -> None:
+        refuse_pgbouncer_conflicts(config)
         self.stats = stats
         self.config = config
         self.engine = self._engine(readonly=False)
@@ -192,10 +196,22 @@ class _LoopEngine:
         async def connect() -> Any:
             return await asyncpg.connect(**kwargs)
 
+        def creator() -> Any:
+            # create_async_engine(async_creator=) would drop the adapter's arguments:
+            # SQLAlchemy's own prepared-statement cache must be off behind PgBouncer.
+            dbapi: Any = engine.sync_engine.dialect.dbapi
+            return dbapi.connect(
+                async_creator_fn=connect,
+                prepared_statement_cache_size=0 if config.pgbouncer else 100,
+            )
+
         options = config.async_pool
+        # Behind PgBouncer a read-only scope runs in BEGIN READ ONLY ... ROLLBACK: it
+        # accepts no startup setting, and autocommit would leave writes unchecked.
+        autocommit = readonly and not config.pgbouncer
         engine = create_async_engine(
             "postgresql+asyncpg://",
-            async_creator=connect,
+            creator=creator,
             poolclass=type(
                 "_GuardedPool",
                 (_GuardedPool,),
@@ -209,10 +225,11 @@ class _LoopEngine:
             # cost a round trip for nothing.
             pool_reset_on_return=None,
             echo=options.echo,
-            isolation_level="AUTOCOMMIT" if readonly else None,
-            **({"prepared_statement_cache_size": 0} if config.pgbouncer else {}),
+            isolation_level="AUTOCOMMIT" if autocommit else None,
+            execution_options={"postgresql_readonly": True} if readonly and not autocommit else {},
         )
         bypass = config.liveness_bypass
+        ping_timeout = options.timeout
         stats = self.stats
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -228,10 +245,31 @@ class _LoopEngine:
                 raise sqlalchemy.exc.DisconnectionError("the server closed the connection")
             if time.monotonic() - record.info.get("returned_at", 0.0) > bypass:
                 try:
-                    dbapi_connection.ping()
+                    # Bounded: on a dead network path (packets dropped, nothing refused)
+                    # an unbounded ping would hang the checkout for good.
+                    await_(raw.execute(";", timeout=ping_timeout))
                 except Exception as exc:
                     stats.invalidated += 1
+                    # Now: SQLAlchemy's invalidation would first try a graceful close,
+                    # for up to 2 s more on a dead path.
+                    raw.terminate()
                     raise sqlalchemy.exc.DisconnectionError(str(exc)) from exc
+
+        @event.listens_for(engine.sync_engine, "handle_error")
+        def on_error(context: Any) -> None:
+            # The server's goodbye (shutdown, pg_terminate_backend) arrives as an error
+            # before the socket closes, so the dialect's is_disconnect() (is_closed())
+            # says no and the session would ROLLBACK on the dying connection. When it
+            # arrives between two statements, asyncpg's protocol is left mid-error and
+            # the next one fails with InternalClientError ("another operation is in
+            # progress"): the connection is out of step for good. Only this connection
+            # is thrown away; the checkout liveness check finds the others.
+            exc = context.original_exception
+            if getattr(exc, "sqlstate", None) in _GOODBYE_SQLSTATES or isinstance(
+                exc.__cause__, asyncpg.exceptions.InternalClientError
+            ):
+                context.is_disconnect = True
+                context.invalidate_pool_on_disconnect = False
 
         @event.listens_for(engine.sync_engine, "checkin")
         def on_checkin(dbapi_connection: Any, record: Any) -> None:

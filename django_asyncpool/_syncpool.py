@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import select
 import threading
 import time
+import traceback
 from typing import Any
 
 import psycopg
 import psycopg_pool
 from psycopg import pq
 from psycopg_pool.base import AttemptWithBackoff
+from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
 
 __all__ = ["SyncPool", "stamp_returned"]
 
+logger = logging.getLogger("django_asyncpool")
+
 _RETURNED = "_asyncpool_returned_at"
+#: Set on a connection reported as leaked: the pool has replaced it and closes it on return.
+_LEAKED = "_asyncpool_leaked"
+#: Frames of these packages say nothing about which code took a connection.
+_INTERNAL = ("/django_asyncpool/", "/psycopg_pool/", "/psycopg/", "/django/db/", "/django/utils/")
 
 
 def stamp_returned(conn: psycopg.Connection[Any]) -> None:
@@ -49,13 +58,29 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
     * Connections are checked on checkout without a round trip: an idle connection
       whose socket is readable was closed by the server (terminated backend,
       restart). Only a connection idle for longer than ``bypass`` seconds is pinged.
+
+    With ``leak_threshold``, a connection held longer than that is reported as
+    leaked (with where it was taken) and replaced, so that a thread that never
+    gives its connection back does not shrink the pool for good (psycopg_pool,
+    and so Django's own pool, would lose it). The leaked connection stays usable
+    by its holder and is closed when it comes back.
     """
 
-    def __init__(self, *args: Any, bypass: float = 0.5, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        bypass: float = 0.5,
+        leak_threshold: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.bypass = bypass
+        self.leak_threshold = leak_threshold
+        self.leaks = 0  # connections reported as leaked
         self.last_connect_error: BaseException | None = None
         self.in_use = 0
         self._count_lock = threading.Lock()
+        # id(conn) -> (conn, when taken, where taken); only with a leak_threshold.
+        self._held: dict[int, tuple[psycopg.Connection[Any], float, traceback.StackSummary]] = {}
         super().__init__(*args, **kwargs)
 
     def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
@@ -78,12 +103,67 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             conn = super().getconn(max(deadline - time.monotonic(), 0.0))
         with self._count_lock:
             self.in_use += 1
+            if self.leak_threshold is not None:
+                self._held[id(conn)] = (conn, time.monotonic(), traceback.extract_stack(limit=40))
         return conn
 
     def putconn(self, conn: psycopg.Connection[Any]) -> None:
-        with self._count_lock:
-            self.in_use -= 1
+        with self._count_lock:  # the same lock as the sweep: a leak is decided once
+            leaked = getattr(conn, _LEAKED, False)
+            if not leaked:
+                self.in_use -= 1
+                self._held.pop(id(conn), None)
+        if leaked:
+            # Replaced when it was reported: the pool no longer counts it.
+            logger.info("A connection of pool %r reported as leaked came back: closed", self.name)
+            conn.close()
+            return
         super().putconn(conn)
+
+    def _start_initial_tasks(self) -> None:
+        super()._start_initial_tasks()
+        if self.leak_threshold is not None:
+            every = min(max(self.leak_threshold / 2, 0.05), 10.0)
+            self.run_task(Schedule(self, _LeakSweep(self, every), every))
+
+    def sweep_leaks(self) -> None:
+        """Report and replace the connections held for longer than ``leak_threshold``."""
+        if self.leak_threshold is None:
+            return
+        now = time.monotonic()
+        with self._count_lock:
+            leaked = [h for h in self._held.values() if now - h[1] > self.leak_threshold]
+            for conn, _, _ in leaked:
+                del self._held[id(conn)]
+                self.in_use -= 1
+                setattr(conn, _LEAKED, True)
+        for _, taken, stack in leaked:
+            with self._lock:
+                # No longer one of the pool's: let it open a replacement, now if
+                # clients are waiting or the pool is below min_size.
+                self._nconns -= 1
+                self._stats["connections_leaked"] += 1
+                if self._nconns < self._min_size:
+                    self._nconns += 1
+                    self.run_task(AddConnection(self))
+                elif self._waiting:
+                    self._maybe_grow_pool()
+            self.leaks += 1
+            where = "".join(
+                traceback.format_list(
+                    [f for f in stack if not any(part in f.filename for part in _INTERNAL)]
+                )
+            )
+            logger.warning(
+                "A connection of pool %r has been held for %.1fs, longer than leak_threshold "
+                "(%gs): reported as leaked and replaced; it is closed when it comes back. Make "
+                "the code that took it close it (a thread should call "
+                "django.db.connection.close() when done). It was taken at:\n%s",
+                self.name,
+                now - taken,
+                self.leak_threshold,
+                where,
+            )
 
     def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
         super()._add_connection(attempt or _Reconnect(timeout=self.reconnect_timeout), growing)
@@ -130,3 +210,16 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             f"size {stats.get('pool_size', 0)}/{self.max_size}, in use {self.in_use}, "
             f"idle {stats.get('pool_available', 0)}, waiting {stats.get('requests_waiting', 0)}"
         )
+
+
+class _LeakSweep(MaintenanceTask):
+    """Run :meth:`SyncPool.sweep_leaks` every ``every`` seconds."""
+
+    def __init__(self, pool: SyncPool, every: float) -> None:
+        super().__init__(pool)
+        self.every = every
+
+    def _run(self, pool: psycopg_pool.ConnectionPool[Any]) -> None:
+        pool.schedule_task(self, self.every)  # first, so that an error never stops it
+        if isinstance(pool, SyncPool):
+            pool.sweep_leaks()

@@ -28,7 +28,14 @@ from django.utils.functional import cached_property
 
 from . import _registry
 from ._syncpool import SyncPool, stamp_returned
-from .config import DJANGO_OPTIONS, OUR_KEYS, _libpq_keys, connection_fields
+from .config import (
+    DJANGO_OPTIONS,
+    OUR_KEYS,
+    _libpq_keys,
+    connection_fields,
+    pgbouncer_on,
+    refuse_pgbouncer_conflicts,
+)
 from .creation import DatabaseCreation
 from .errors import PoolClosed, PoolError, PoolTimeout
 from .features import DatabaseFeatures
@@ -54,6 +61,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def __init__(self, settings_dict: dict[str, Any], alias: str = "default") -> None:
         # DATABASE_URL fills the connection fields when the alias gives none.
         settings_dict.update(connection_fields(settings_dict, os.environ))
+        if pgbouncer_on(settings_dict.get("OPTIONS") or {}):
+            # QuerySet.iterator()'s WITH HOLD cursors outlive the transaction, and so
+            # PgBouncer's transaction pooling; an explicit False is refused (E020).
+            settings_dict.setdefault("DISABLE_SERVER_SIDE_CURSORS", True)
         super().__init__(settings_dict, alias)
         self._options_reported = False
         _wrappers.add(self)
@@ -92,6 +103,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             check=check,
             name=f"django_asyncpool:{self.alias}",
             bypass=config.liveness_bypass,
+            leak_threshold=config.leak_threshold,
             **config.sync_pool,
         )
         # Several threads may build one at once; the first to store it wins.
@@ -109,6 +121,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         guard = _registry.guard(self.alias, self)
+        refuse_pgbouncer_conflicts(guard.config)
         parent = super().get_new_connection
 
         def acquire() -> Any:

@@ -350,6 +350,57 @@ def sync_pool_options(reader: _Reader, given: Any) -> dict[str, Any] | None:
     return options
 
 
+#: What PgBouncer's transaction pooling cannot carry: session state on a server
+#: connection that the next transaction may not get.
+PGBOUNCER_CONFLICTS = {
+    "prepare_threshold": "psycopg's named prepared statements",
+    "assume_role": "a session-level SET ROLE",
+    "options": "session settings sent at connect (-c name=value)",
+}
+
+
+def pgbouncer_problems(
+    reader: _Reader, conn: Mapping[str, Any], options: Mapping[str, Any]
+) -> None:
+    """Record the settings that cannot work behind PgBouncer in transaction mode (E020)."""
+    for key, what in PGBOUNCER_CONFLICTS.items():
+        if options.get(key) is not None:
+            reader.problem(
+                "dbpool.E020",
+                f"OPTIONS[{key!r}]",
+                f"OPTIONS[{key!r}] needs {what}, which PgBouncer's transaction pooling "
+                "loses: each transaction may run on another server connection.",
+                f"Remove OPTIONS[{key!r}] (set it on the role or the database instead: "
+                "ALTER ROLE ... SET), or turn OPTIONS['pgbouncer'] off.",
+            )
+    if conn.get("DISABLE_SERVER_SIDE_CURSORS") is False:
+        reader.problem(
+            "dbpool.E020",
+            "DISABLE_SERVER_SIDE_CURSORS",
+            "DISABLE_SERVER_SIDE_CURSORS is False, but QuerySet.iterator()'s server-side "
+            "cursors do not survive PgBouncer's transaction pooling.",
+            "Leave DISABLE_SERVER_SIDE_CURSORS out (OPTIONS['pgbouncer'] sets it to True).",
+        )
+
+
+def pgbouncer_on(options: Mapping[str, Any]) -> bool:
+    """Return True when ``OPTIONS["pgbouncer"]`` turns the PgBouncer switch on."""
+    value = options.get("pgbouncer")
+    return value is True or (isinstance(value, str) and value.strip().lower() in _TRUE)
+
+
+def refuse_pgbouncer_conflicts(config: AliasConfig) -> None:
+    """Raise ImproperlyConfigured when ``config`` asks for what PgBouncer cannot carry."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    conflicts = [p for p in config.problems if p.id == "dbpool.E020"]
+    if conflicts:
+        raise ImproperlyConfigured(
+            f"Database {config.describe()} has OPTIONS['pgbouncer'] on, but "
+            + " ".join(f"{p.message} {p.hint}" for p in conflicts)
+        )
+
+
 def from_settings(
     alias: str, settings_dict: Mapping[str, Any], environ: Mapping[str, str] | None = None
 ) -> AliasConfig:
@@ -438,6 +489,8 @@ def from_settings(
         )
         retry = RetryConfig(max_tries=retry.max_tries, max_time=retry.max_time)
         object.__setattr__(config, "retry", retry)
+    if config.pgbouncer:
+        pgbouncer_problems(reader, conn, options)
     object.__setattr__(config, "problems", tuple(reader.problems))
     return config
 

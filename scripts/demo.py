@@ -131,7 +131,14 @@ def main(argv: list[str]) -> int:
             conn.close_pool()  # before the server goes, so no pool worker tries to reconnect
         if embedded is not None:
             embedded.stop()
-            print("Embedded PostgreSQL stopped.", flush=True)
+            if embedded.is_running():
+                print(
+                    f"The embedded PostgreSQL did not stop; stop it with: {embedded.bin}/pg_ctl "
+                    f"-D {embedded.datadir} stop",
+                    file=sys.stderr,
+                )
+            else:
+                print("Embedded PostgreSQL stopped.", flush=True)
 
 
 if __name__ == "__main__":

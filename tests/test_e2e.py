@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -294,12 +297,13 @@ def _port_free(port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def pgdata(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = tmp_path_factory.mktemp("demo") / "pgdata"
+def pgdata() -> Iterator[Path]:
+    # Not pytest's tmp_path: concurrent pytest runs prune each other's old base directories.
+    path = Path(tempfile.mkdtemp(prefix="asyncpool-demo-")) / "pgdata"
     yield path
     if (path / "PG_VERSION").exists():
-        server = pgserver.LocalPostgres(path)
-        server.destroy()
+        pgserver.LocalPostgres(path).destroy()
+    shutil.rmtree(path.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -410,6 +414,45 @@ def test_runserver_runs_every_view_each_on_a_fresh_loop(demo: Demo) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("client", ["python", "wrk"])
+def test_load_script_drives_the_demo(demo: Demo, client: str) -> None:
+    if client == "wrk" and not shutil.which("wrk"):
+        pytest.skip("wrk is not installed (apt-get install -y wrk)")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/load_demo.py",
+            "--url",
+            demo.base,
+            "--pid",
+            str(demo.proc.pid),
+            "--seconds",
+            "1",
+            "--rounds",
+            "1",
+            "--concurrency",
+            "4",
+            "--client",
+            client,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode in (0, 1), done.stdout + done.stderr  # 1: a bar missed
+    rows = re.findall(
+        r"^(session_scope|fast_path|aget|sync_orm) +(\d+) .* (\d+) +([\d.]+) +([\d.]+)x",
+        done.stdout,
+        re.M,
+    )
+    assert [r[0] for r in rows] == ["session_scope", "fast_path", "aget", "sync_orm"], (
+        done.stdout + done.stderr
+    )
+    assert all(int(r[1]) > 0 and r[2] == "0" for r in rows), done.stdout  # req/s, no errors
+
+
+@pytest.mark.slow
 def test_ctrl_c_stops_the_server_and_the_embedded_postgresql(demo: Demo) -> None:
     pg_port = demo.pg_port
     assert not _port_free(demo.port) and not _port_free(pg_port)
@@ -417,7 +460,7 @@ def test_ctrl_c_stops_the_server_and_the_embedded_postgresql(demo: Demo) -> None
     assert "Embedded PostgreSQL stopped." in demo.output
     assert "Traceback" not in demo.output, demo.output
     assert _port_free(demo.port), "the web server still listens"
-    assert wait_until(lambda: _port_free(pg_port), 10), "PostgreSQL still listens"
+    assert wait_until(lambda: _port_free(pg_port), 10), f"PostgreSQL still listens\n{demo.output}"
     assert not pgserver.LocalPostgres(demo.pgdata, port=pg_port).is_running()
 
 
