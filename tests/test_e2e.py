@@ -211,6 +211,41 @@ async def test_reads_go_to_the_replica_pool_and_writes_to_default(
     assert after["default"]["sync"] is not None  # the sync pool load_sample used
 
 
+def _checkouts(metrics_text: str, alias: str, pool: str) -> float:
+    """Sum created + reused connections of one pool in a Prometheus text page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name in (
+                "db_pool_connections_created_total",
+                "db_pool_connections_reused_total",
+            ) and sample.labels == {"alias": alias, "pool": pool}:
+                total += sample.value
+    return total
+
+
+needs_metrics = pytest.mark.skipif(
+    not (ROOT / "django_asyncpool" / "metrics.py").exists(),
+    reason="issue 4 (metrics) has not landed",
+)
+
+
+@db
+@needs_metrics
+async def test_metrics_page_shows_both_pools_moving(client: httpx.AsyncClient) -> None:
+    before = (await client.get("/metrics")).text
+    for _ in range(3):
+        assert (await client.get("/products/1/")).status_code == 200  # async, replica
+        assert (await client.get("/sync/products/1/")).status_code == 200  # sync, replica
+    after = (await client.get("/metrics")).text
+    assert _checkouts(after, "replica", "async") >= _checkouts(before, "replica", "async") + 3
+    assert _checkouts(after, "replica", "sync") >= _checkouts(before, "replica", "sync") + 3
+    assert 'db_connection_state{alias="replica",pool="async",state="idle"}' in after
+    assert pgserver.PASSWORD not in after
+
+
 @db
 async def test_health_page_checks_both_aliases(client: httpx.AsyncClient) -> None:
     response = await client.get("/health/?format=json")
@@ -356,6 +391,16 @@ def test_demo_pool_metrics_move_under_uvicorn(demo: Demo) -> None:
     assert after["in_use"] == 0 and after["breaker_state"] == "closed"
     text = _get(f"{demo.base}/metrics").text
     assert "python_info" in text  # django-prometheus serves the registry
+
+
+@pytest.mark.slow
+@needs_metrics
+def test_demo_metrics_page_moves_under_uvicorn(demo: Demo) -> None:
+    before = _checkouts(_get(f"{demo.base}/metrics").text, "replica", "async")
+    for _ in range(10):
+        assert _get(f"{demo.base}/fast/products/4/").status_code == 200
+    after = _checkouts(_get(f"{demo.base}/metrics").text, "replica", "async")
+    assert after == before + 10
 
 
 @pytest.mark.slow
