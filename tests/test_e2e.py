@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -44,6 +44,14 @@ db = pytest.mark.django_db(transaction=True, reset_sequences=True, databases=["d
 @pytest.fixture
 def sample() -> None:
     call_command("load_sample", products=30, orders=3, stdout=io.StringIO())
+
+
+@pytest.fixture
+def no_held_connections(sample: None) -> None:
+    """Give this thread's connections back: a server restart would break them."""
+    from django.db import connections
+
+    connections.close_all()
 
 
 @pytest.fixture
@@ -188,6 +196,25 @@ async def test_bad_input_gets_a_clear_4xx(
     assert response.status_code == status, response.text
     if message is not None:
         assert message in response.json()["error"]
+
+
+@db
+@pytest.mark.slow
+async def test_database_down_is_a_503_that_says_what_to_do(
+    client: httpx.AsyncClient, no_held_connections: None, server_down: Callable[[], None]
+) -> None:
+    from django_asyncpool import _registry
+
+    server_down()
+    try:
+        for path in ("/products/1/", "/fast/products/1/", "/report/"):
+            response = await client.get(path)
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "5"
+            assert "'replica'" in response.json()["error"]
+            assert pgserver.PASSWORD not in response.text
+    finally:
+        _registry.discard("replica")  # a fresh breaker for the tests that follow
 
 
 @db
