@@ -247,7 +247,7 @@ class _LoopEngine:
                 try:
                     # Bounded: on a dead network path (packets dropped, nothing refused)
                     # an unbounded ping would hang the checkout for good.
-                    await_(raw.execute(";", timeout=ping_timeout))
+                    await_(raw.execute("select 1", timeout=ping_timeout))
                 except Exception as exc:
                     stats.invalidated += 1
                     # Now: SQLAlchemy's invalidation would first try a graceful close,

@@ -358,6 +358,25 @@ def test_blackhole_fails_within_the_timeout_then_fails_fast_then_recovers(
     assert figures["recovery"] < 1 + 2  # reset_timeout + 2 s
 
 
+def test_a_healthy_idle_connection_is_pinged_and_kept(make_alias) -> None:
+    alias = make_alias(NAME="postgres", OPTIONS=_options(liveness_bypass=0.05))
+
+    async def pid() -> int:
+        async with ConnectionPool(alias).connection() as conn:
+            return int(await conn.fetchval("select pg_backend_pid()"))
+
+    async def scenario() -> tuple[int, int, int]:
+        first = await pid()
+        await asyncio.sleep(0.1)  # idle past liveness_bypass: the checkout pings it
+        second = await pid()
+        invalidated = ConnectionPool(alias).metrics["invalidated"]
+        await ConnectionPool(alias).close()
+        return first, second, invalidated
+
+    first, second, invalidated = asyncio.run(scenario())
+    assert (second, invalidated) == (first, 0)
+
+
 # -- 4: a cancellation storm --------------------------------------------------------------
 
 
