@@ -12,18 +12,18 @@ import contextlib
 import select
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import sqlalchemy.exc
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, PoolProxiedConnection
 from sqlalchemy.util.concurrency import await_
 
 from . import _registry
 from ._policy import Guard
+from ._stats import Stats
 from .config import AliasConfig, refuse_pgbouncer_conflicts
 from .errors import PoolTimeout
 
@@ -50,18 +50,10 @@ _GOODBYE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
 _RETRY_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 
 
-@dataclass
-class Stats:
-    """Counters of one alias's async side, summed over its event loops."""
-
-    attempts: int = 0
-    failures: int = 0
-    timeouts: int = 0
-    created: int = 0
-    checkouts: int = 0
-    waiting: int = 0
-    invalidated: int = 0
-    leaks: int = 0
+#: In a record's info: a new connection, not yet checked out (the next checkout is no reuse).
+_FRESH = "asyncpool_fresh"
+#: In a record's info: monotonic time of the checkout, for the time the connection is held.
+_TAKEN = "asyncpool_taken_at"
 
 
 def connect_kwargs(config: AliasConfig) -> dict[str, Any]:
@@ -120,28 +112,56 @@ class _GuardedPool(AsyncAdaptedQueuePool):
 
     guard: Guard
     stats: Stats
+    #: Time checkouts for the latency histogram (``OPTIONS["metrics"]``).
+    metered: bool = True
+    #: The most connections this engine opens: pool_size + max_overflow.
+    cap: int = 0
 
     def __init__(self, creator: Any, **kwargs: Any) -> None:
         super().__init__(creator, **kwargs)
         create = self._invoke_creator
-        guard = self.guard
+        guard, stats = self.guard, self.stats
 
         def guarded(record: Any) -> Any:
-            return guard.run(lambda: create(record), sleep=_greenlet_sleep)
+            tries = 0
+
+            def once() -> Any:
+                nonlocal tries
+                tries += 1
+                return create(record)
+
+            try:
+                return guard.run(once, sleep=_greenlet_sleep)
+            finally:
+                if tries > 1:
+                    stats.retries += tries - 1
 
         self._invoke_creator = guarded  # type: ignore[assignment]
 
+    def connect(self) -> PoolProxiedConnection:
+        # The whole checkout, liveness check and reconnection included: the time to a
+        # usable connection, and its outcome.
+        stats = self.stats
+        stats.attempts += 1
+        started = time.perf_counter()
+        try:
+            fairy = super().connect()
+        except BaseException as exc:
+            stats.failed(exc)
+            raise
+        stats.checkouts += 1
+        if self.metered:
+            stats.latency.observe(time.perf_counter() - started)
+        return fairy
+
     def _do_get(self) -> Any:
         stats, guard = self.stats, self.guard
-        stats.attempts += 1
         if guard.breaker.current_state != "closed":
             guard.check_open()
         stats.waiting += 1
         try:
             record = super()._do_get()
         except sqlalchemy.exc.TimeoutError as exc:
-            stats.failures += 1
-            stats.timeouts += 1
             guard.failed(exc, trial=False)
             raise PoolTimeout(
                 f"No connection to database {guard.config.describe()} became free within "
@@ -151,12 +171,8 @@ class _GuardedPool(AsyncAdaptedQueuePool):
                 "(OPTIONS['leak_threshold'] logs where they were taken).",
                 alias=guard.alias,
             ) from exc
-        except Exception:
-            stats.failures += 1
-            raise
         finally:
             stats.waiting -= 1
-        stats.checkouts += 1
         return record
 
 
@@ -215,7 +231,12 @@ class _LoopEngine:
             poolclass=type(
                 "_GuardedPool",
                 (_GuardedPool,),
-                {"guard": _registry.guard(config.alias), "stats": self.stats},
+                {
+                    "guard": _registry.guard(config.alias),
+                    "stats": self.stats,
+                    "metered": config.metrics,
+                    "cap": options.pool_size + options.max_overflow,
+                },
             ),
             pool_size=options.pool_size,
             max_overflow=options.max_overflow,
@@ -231,11 +252,13 @@ class _LoopEngine:
         bypass = config.liveness_bypass
         ping_timeout = options.timeout
         stats = self.stats
+        metered = config.metrics
 
         @event.listens_for(engine.sync_engine, "connect")
         def on_connect(dbapi_connection: Any, record: Any) -> None:
             stats.created += 1
             record.info["returned_at"] = time.monotonic()
+            record.info[_FRESH] = True
 
         @event.listens_for(engine.sync_engine, "checkout")
         def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
@@ -243,7 +266,9 @@ class _LoopEngine:
             if raw.is_closed() or _socket_readable(raw):
                 stats.invalidated += 1
                 raise sqlalchemy.exc.DisconnectionError("the server closed the connection")
-            if time.monotonic() - record.info.get("returned_at", 0.0) > bypass:
+            info = record.info
+            now = time.monotonic()
+            if now - info.get("returned_at", 0.0) > bypass:
                 try:
                     # Bounded: on a dead network path (packets dropped, nothing refused)
                     # an unbounded ping would hang the checkout for good.
@@ -254,6 +279,10 @@ class _LoopEngine:
                     # for up to 2 s more on a dead path.
                     raw.terminate()
                     raise sqlalchemy.exc.DisconnectionError(str(exc)) from exc
+            if not info.pop(_FRESH, False):
+                stats.reused += 1
+            if metered:
+                info[_TAKEN] = now
 
         @event.listens_for(engine.sync_engine, "handle_error")
         def on_error(context: Any) -> None:
@@ -273,7 +302,11 @@ class _LoopEngine:
 
         @event.listens_for(engine.sync_engine, "checkin")
         def on_checkin(dbapi_connection: Any, record: Any) -> None:
-            record.info["returned_at"] = time.monotonic()
+            info = record.info
+            now = info["returned_at"] = time.monotonic()
+            taken = info.pop(_TAKEN, None)
+            if taken is not None:
+                stats.held.observe(now - taken)
 
         return engine
 

@@ -54,6 +54,9 @@ def guard(alias: str, wrapper: Any = None) -> Guard:
         if alias not in _guards:
             conf = config_for_wrapper(wrapper) if wrapper is not None else config(alias)
             _guards[alias] = Guard(conf)
+            from .metrics import watch
+
+            watch(_guards[alias])  # counts its breaker's transitions
         return _guards[alias]
 
 

@@ -36,7 +36,9 @@ class DjangoAsyncpoolConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # noqa: F401  (registers the system checks)
+        from .metrics import setup as setup_metrics
 
+        setup_metrics()  # registers the pool metrics (once); METRICS_ENABLED: the exporter
         self.configs = {
             alias: _config.from_settings(alias, settings_dict)
             for alias, settings_dict in settings.DATABASES.items()

@@ -26,7 +26,7 @@ from django.db.backends.postgresql import base as postgresql
 from django.db.utils import DatabaseErrorWrapper
 from django.utils.functional import cached_property
 
-from . import _registry
+from . import _registry, _stats
 from ._syncpool import SyncPool, stamp_returned
 from .config import (
     DJANGO_OPTIONS,
@@ -142,13 +142,15 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                     f"The pool of database {guard.config.describe()} is closed.", alias=self.alias
                 ) from exc
 
-        return guard.run(acquire)
+        return _stats.acquire_sync(_stats.get(self.alias, "sync"), guard, acquire)
 
     @cached_property
     def wrap_database_errors(self) -> DatabaseErrorWrapper:
         return _ErrorWrapper(self)
 
     def _close(self) -> None:
+        if self.connection is not None:
+            _stats.returned_sync(_stats.get(self.alias, "sync"), self.connection)
         if self.connection is not None and self.pool is not None:
             stamp_returned(self.connection)
         super()._close()  # type: ignore[misc]

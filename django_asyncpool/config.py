@@ -117,6 +117,8 @@ class AliasConfig:
     pgbouncer: bool = False
     #: Seconds to open the pools in at start, failing fast otherwise; None: open lazily.
     warmup: float | None = None
+    #: Instrument this alias and export its pool metrics (off: no timing on the hot path).
+    metrics: bool = True
     problems: tuple[Problem, ...] = ()
 
     def describe(self) -> str:
@@ -135,7 +137,7 @@ SECTIONS: dict[str, type] = {
     "circuit_breaker": BreakerConfig,
     "retry": RetryConfig,
 }
-FLAGS = frozenset({"leak_threshold", "liveness_bypass", "pgbouncer", "warmup"})
+FLAGS = frozenset({"leak_threshold", "liveness_bypass", "metrics", "pgbouncer", "warmup"})
 OUR_KEYS = frozenset(SECTIONS) | FLAGS
 
 #: Environment variables of the usage guide that fill ``async_pool``.
@@ -476,6 +478,7 @@ def from_settings(
         liveness_bypass=flag("liveness_bypass", 0.5),
         pgbouncer=flag("pgbouncer", False),
         warmup=warmup(options.get("warmup")),
+        metrics=flag("metrics", True),
         problems=(),
     )
     retry = config.retry

@@ -24,9 +24,10 @@ import asyncpg
 import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from . import _registry
-from ._engines import Stats, _GuardedPool, _LoopEngine
+from . import _registry, _stats
+from ._engines import _GuardedPool, _LoopEngine
 from ._scopes import _discard, _Lease, _retryable, _SessionScope
+from ._stats import Stats
 
 __all__ = ["ConnectionPool", "session_scope"]
 
@@ -55,7 +56,7 @@ class ConnectionPool:
                 _registry.settings_dict(alias)  # a clear error for an alias that is not ours
                 pool = super().__new__(cls)
                 pool.alias = alias
-                pool.stats = Stats()
+                pool.stats = _stats.get(alias, "async")  # outlives this object
                 pool._loops = weakref.WeakKeyDictionary()
                 pool._last = None
                 cls._instances[alias] = pool

@@ -1,0 +1,511 @@
+"""The pools' Prometheus metrics: every metric object, created once, and how they are fed.
+
+The pools count into plain data (:mod:`django_asyncpool._stats`, one ``Stats`` per
+alias and side); Prometheus only renders it, so the hot path never touches a
+metric object. What brings the metric objects up to date is :func:`flush`:
+
+* In one process (``runserver``, one uvicorn worker, a script), one collector,
+  registered once in prometheus_client's ``REGISTRY``, flushes on each scrape
+  (django-prometheus's ``/metrics``, the standalone exporter) and yields the metrics.
+* With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set) a scrape reads
+  only the files every process writes its values to, and no collector runs. So
+  each process flushes into its files every :data:`FLUSH_INTERVAL` seconds from a
+  daemon thread, and at exit. Counters and histograms add up over the processes,
+  gauges of connections add up over the live ones (``livesum``), and the breaker's
+  0/1 state gauges take the largest value (``livemax``: 1 when any live process is
+  in that state).
+
+Labels are the alias and the pool (``"sync"`` or ``"async"``): never a host, a
+user, a DSN or a password. docs/metrics.md has the table of what each one means.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import values as _values
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from . import _stats
+from ._policy import Guard
+
+__all__ = ["METRICS", "exported_names", "flush", "install", "setup", "watch"]
+
+logger = logging.getLogger("django_asyncpool")
+
+OUTCOMES = ("success", "failure", "timeout", "rejected")
+STATES = ("idle", "in_use", "waiting")
+BREAKER_STATES = ("closed", "open", "half-open")
+#: Seconds between two writes of a process's values with PROMETHEUS_MULTIPROC_DIR.
+FLUSH_INTERVAL = 1.0
+
+_L = ("alias", "pool")
+
+ATTEMPTS = Counter(
+    "db_connection_attempts_total",
+    "Requests for a connection, by outcome: success, failure (could not connect), "
+    "timeout (none became free in time), rejected (the circuit breaker is open).",
+    (*_L, "outcome"),
+    registry=None,
+)
+STATE = Gauge(
+    "db_connection_state",
+    "Connections by state: idle (open, in the pool), in_use (handed out); waiting is "
+    "the number of callers waiting for one.",
+    (*_L, "state"),
+    registry=None,
+    multiprocess_mode="livesum",
+)
+LATENCY = Histogram(
+    "db_connection_latency_seconds",
+    "Time to obtain a usable connection: waiting, opening, retries and the liveness "
+    "check included.",
+    _L,
+    buckets=_stats.LATENCY_BUCKETS,
+    registry=None,
+)
+HELD = Histogram(
+    "db_connection_held_seconds",
+    "Time a connection was held, from checkout until it went back to the pool.",
+    _L,
+    buckets=_stats.HELD_BUCKETS,
+    registry=None,
+)
+SIZE = Gauge(
+    "db_pool_size",
+    "Connections open now (idle + in use).",
+    _L,
+    registry=None,
+    multiprocess_mode="livesum",
+)
+MIN_SIZE = Gauge(
+    "db_pool_min_size",
+    "Connections the pool keeps open at least (sync: min_size; async: 0, opened on demand).",
+    _L,
+    registry=None,
+    multiprocess_mode="livesum",
+)
+MAX_SIZE = Gauge(
+    "db_pool_max_size",
+    "Connections the pool may open at most (sync: max_size; async: pool_size + "
+    "max_overflow for each engine: one per event loop, and its read-only one).",
+    _L,
+    registry=None,
+    multiprocess_mode="livesum",
+)
+CREATED = Counter(
+    "db_pool_connections_created_total",
+    "New connections opened to the server (sync: counted when first handed out).",
+    _L,
+    registry=None,
+)
+REUSED = Counter(
+    "db_pool_connections_reused_total",
+    "Checkouts served by a connection that had been handed out before.",
+    _L,
+    registry=None,
+)
+INVALIDATED = Counter(
+    "db_pool_connections_invalidated_total",
+    "Connections found closed by the server (or returned broken) and replaced.",
+    _L,
+    registry=None,
+)
+TIMEOUTS = Counter(
+    "db_pool_timeouts_total",
+    "Requests that waited the pool timeout without getting a connection.",
+    _L,
+    registry=None,
+)
+RETRIES = Counter(
+    "db_pool_retries_total",
+    "Connection tries beyond the first one (backoff retries after a failure).",
+    _L,
+    registry=None,
+)
+LEAKS = Counter(
+    "db_pool_leaks_total",
+    "Leak warnings: connections held longer than OPTIONS['leak_threshold'].",
+    _L,
+    registry=None,
+)
+BREAKER_STATE = Gauge(
+    "db_pool_breaker_state",
+    "1 for the circuit breaker's current state (closed, open, half-open), 0 for the others. "
+    "One breaker per alias serves both pools.",
+    ("alias", "state"),
+    registry=None,
+    multiprocess_mode="livemax",
+)
+BREAKER_TRANSITIONS = Counter(
+    "db_pool_breaker_transitions_total",
+    "Times the circuit breaker entered a state.",
+    ("alias", "state"),
+    registry=None,
+)
+
+METRICS: tuple[Counter | Gauge | Histogram, ...] = (
+    ATTEMPTS,
+    STATE,
+    LATENCY,
+    HELD,
+    SIZE,
+    MIN_SIZE,
+    MAX_SIZE,
+    CREATED,
+    REUSED,
+    INVALIDATED,
+    TIMEOUTS,
+    RETRIES,
+    LEAKS,
+    BREAKER_STATE,
+    BREAKER_TRANSITIONS,
+)
+
+
+def exported_names() -> dict[str, str]:
+    """Return ``{name: type}`` of every metric, named as they appear on /metrics."""
+    names = {}
+    for metric in METRICS:
+        for family in metric.describe():
+            suffix = "_total" if family.type == "counter" else ""
+            names[family.name + suffix] = family.type
+    return names
+
+
+# -- from plain data to the metric objects -----------------------------------------------------
+
+#: (metric, Stats -> value) of the counters kept in Stats.
+_COUNTERS: tuple[tuple[Counter, str, Callable[[_stats.Stats], int]], ...] = (
+    (ATTEMPTS, "success", lambda s: s.checkouts),
+    (ATTEMPTS, "failure", lambda s: s.failures - s.timeouts),
+    (ATTEMPTS, "timeout", lambda s: s.timeouts),
+    (ATTEMPTS, "rejected", lambda s: s.rejected),
+    (CREATED, "", lambda s: s.created),
+    (REUSED, "", lambda s: s.reused),
+    (INVALIDATED, "", lambda s: s.invalidated),
+    (TIMEOUTS, "", lambda s: s.timeouts),
+    (RETRIES, "", lambda s: s.retries),
+    (LEAKS, "", lambda s: s.leaks),
+)
+
+
+class _Side:
+    """One alias's side: its metrics' label children, and the values last written to them."""
+
+    def __init__(self, alias: str, side: str) -> None:
+        self.counters = [
+            (metric.labels(alias, side, *([extra] if extra else [])), value)
+            for metric, extra, value in _COUNTERS
+        ]
+        self.pushed = [0] * len(self.counters)
+        self.histograms = [
+            (LATENCY.labels(alias, side), _Pushed(len(_stats.LATENCY_BUCKETS) + 1)),
+            (HELD.labels(alias, side), _Pushed(len(_stats.HELD_BUCKETS) + 1)),
+        ]
+        self.state = [STATE.labels(alias, side, state) for state in STATES]
+        self.sizes = [m.labels(alias, side) for m in (SIZE, MIN_SIZE, MAX_SIZE)]
+
+    def push(self, stats: _stats.Stats) -> None:
+        for i, (child, value) in enumerate(self.counters):
+            now = value(stats)
+            if now > self.pushed[i]:  # a counter only grows, whatever the race
+                child.inc(now - self.pushed[i])
+                self.pushed[i] = now
+        for (hist_child, pushed), hist in zip(
+            self.histograms, (stats.latency, stats.held), strict=True
+        ):
+            pushed.push(hist_child, hist)
+
+    def set_gauges(self, idle: int, in_use: int, waiting: int, low: int, high: int) -> None:
+        for child, value in zip(self.state, (idle, in_use, waiting), strict=True):
+            child.set(value)
+        for child, value in zip(self.sizes, (idle + in_use, low, high), strict=True):
+            child.set(value)
+
+
+class _Pushed:
+    """What of a :class:`_stats.Histogram` was written to a Prometheus histogram."""
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * buckets
+        self.sum = 0.0
+
+    def push(self, child: Any, hist: _stats.Histogram) -> None:
+        # prometheus_client has no public call to add n observations to a bucket; its
+        # per-bucket values (_buckets, _sum) are what observe() itself increments, in
+        # every version we support (tests/test_metrics.py checks the output is the same).
+        counts, total = list(hist.counts), hist.sum
+        for i, count in enumerate(counts):
+            if count > self.counts[i]:
+                child._buckets[i].inc(count - self.counts[i])
+                self.counts[i] = count
+        if total != self.sum:
+            child._sum.inc(total - self.sum)
+            self.sum = total
+
+
+_flush_lock = threading.Lock()
+_sides: dict[tuple[str, str], _Side] = {}
+_gauged: set[tuple[str, str]] = set()
+_breakers: set[str] = set()
+#: Counters a sync pool keeps itself (leaks, bad returns), as last added to its Stats.
+_harvested: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
+
+
+def flush() -> None:
+    """Bring every metric object up to date with the pools of this process."""
+    from . import _registry
+
+    with _flush_lock:
+        guards = dict(_registry._guards)
+
+        def exported(alias: str) -> bool:
+            guard = guards.get(alias)
+            return guard is None or guard.config.metrics
+
+        gauges = {**_sync_gauges(), **_async_gauges(guards)}
+        for alias, side, stats in _stats.snapshot():
+            if exported(alias):
+                _side(alias, side).push(stats)
+        for key in _gauged - gauges.keys():
+            _side(*key).set_gauges(0, 0, 0, 0, 0)  # the pool is gone: nothing open
+        _gauged.clear()
+        for key, values in gauges.items():
+            if exported(key[0]):
+                _side(*key).set_gauges(*values)
+                _gauged.add(key)
+        _breakers.update(alias for alias, g in guards.items() if g.config.metrics)
+        for alias in _breakers:
+            guard = guards.get(alias)
+            # A breaker is built on first use, closed; a discarded one is rebuilt closed.
+            current = guard.state if guard is not None else "closed"
+            for state in BREAKER_STATES:
+                BREAKER_STATE.labels(alias, state).set(1 if state == current else 0)
+
+
+def _side(alias: str, side: str) -> _Side:
+    try:
+        return _sides[alias, side]
+    except KeyError:
+        made = _sides[alias, side] = _Side(alias, side)
+        return made
+
+
+_Gauges = dict[tuple[str, str], tuple[int, int, int, int, int]]
+
+
+def _sync_gauges() -> _Gauges:
+    """Return ``{(alias, "sync"): (idle, in_use, waiting, min, max)}`` of the sync pools."""
+    base = sys.modules.get("django_asyncpool.base")  # not imported: no sync pool
+    if base is None:
+        return {}
+    out: _Gauges = {}
+    for alias, pool in list(base.DatabaseWrapper._connection_pools.items()):
+        raw = pool.get_stats()
+        out[alias, "sync"] = (
+            raw.get("pool_available", 0),
+            pool.in_use,
+            raw.get("requests_waiting", 0),
+            pool.min_size,
+            pool.max_size,
+        )
+        # The pool counts these itself: add what is new since the last look to the
+        # alias's Stats, which outlive this pool object.
+        now = [getattr(pool, "leaks", 0), raw.get("returns_bad", 0)]
+        seen = _harvested.setdefault(pool, [0, 0])
+        stats = _stats.get(alias, "sync")
+        stats.leaks += max(now[0] - seen[0], 0)
+        stats.invalidated += max(now[1] - seen[1], 0)
+        _harvested[pool] = now
+    return out
+
+
+def _async_gauges(guards: dict[str, Guard]) -> _Gauges:
+    """Return ``{(alias, "async"): (idle, in_use, waiting, min, max)}`` of the async pools."""
+    module = sys.modules.get("django_asyncpool.pool")
+    if module is None:
+        return {}
+    out: _Gauges = {}
+    for alias, pool in list(module.ConnectionPool._instances.items()):
+        idle = in_use = high = engines = 0
+        for _ in range(3):  # another thread may add or drop a loop meanwhile
+            try:
+                states = list(pool._loops.values())
+                break
+            except RuntimeError:
+                continue
+        else:
+            continue
+        for state in states:
+            for engine in (state.engine, state._readonly):
+                if engine is None:
+                    continue
+                sa_pool: Any = engine.sync_engine.pool
+                idle += sa_pool.checkedin()
+                in_use += sa_pool.checkedout()
+                high += sa_pool.cap
+                engines += 1
+        guard = guards.get(alias)
+        if not engines and guard is not None:
+            high = guard.config.async_pool.pool_size + guard.config.async_pool.max_overflow
+        out[alias, "async"] = (idle, in_use, pool.stats.waiting, 0, high)
+    return out
+
+
+def watch(guard: Guard) -> None:
+    """Count the state changes of ``guard``'s breaker (called once per new guard)."""
+    if not guard.config.metrics:
+        return
+    alias = guard.alias
+    entered = {state: BREAKER_TRANSITIONS.labels(alias, state) for state in BREAKER_STATES}
+
+    def on_transition(old: str | None, new: str) -> None:
+        entered[new].inc()
+
+    guard.transitions.append(on_transition)
+
+
+# -- registration --------------------------------------------------------------------------
+
+
+class _Collector(Collector):
+    """Flush, then yield every pool metric: what a scrape of ``REGISTRY`` sees."""
+
+    def collect(self) -> Iterable[Metric]:
+        flush()
+        for metric in METRICS:
+            yield from metric.collect()
+
+    def describe(self) -> Iterable[Metric]:
+        for metric in METRICS:
+            yield from metric.describe()
+
+
+_COLLECTOR = _Collector()
+#: The attribute of a registry that holds the collector registered there: it survives
+#: a re-import of this module, whose new collector then replaces the old one.
+_MARK = "_django_asyncpool_collector"
+_install_lock = threading.RLock()
+_flusher_pid = 0
+
+
+def install(registry: CollectorRegistry = REGISTRY) -> None:
+    """Register the pool metrics with ``registry``, once however often it is called.
+
+    With PROMETHEUS_MULTIPROC_DIR, also start this process's flusher thread.
+    """
+    if getattr(registry, _MARK, None) is not _COLLECTOR:
+        with _install_lock:
+            old = getattr(registry, _MARK, None)
+            if old is not _COLLECTOR:
+                if old is not None:
+                    with contextlib.suppress(KeyError):  # someone unregistered it already
+                        registry.unregister(old)
+                setattr(registry, _MARK, _COLLECTOR)
+                try:
+                    registry.register(_COLLECTOR)
+                except ValueError as exc:
+                    logger.error(
+                        "The pool metrics of django-asyncpool are not exported: %s. Another "
+                        "collector in this process already uses these metric names.",
+                        exc,
+                    )
+    if _flusher_pid != os.getpid() and multiprocess():
+        _start_flusher()
+
+
+def setup() -> None:
+    """Register the pool metrics, and start the standalone exporter if METRICS_ENABLED.
+
+    Called by the app's ``ready()``; safe to call again (tests, autoreload).
+    """
+    install()
+    _prime()
+    from . import _exporter
+
+    _exporter.start_from_settings()
+
+
+def _prime() -> None:
+    """Create the series of every alias of the ENGINE now, at 0 (the breaker closed).
+
+    Dashboards then show zeros rather than no data before the first request. With
+    PROMETHEUS_MULTIPROC_DIR it also creates this process's files before it serves:
+    prometheus_client creates a file empty, then sizes it, and a scrape reading it
+    in between fails with a 500.
+    """
+    from django.conf import settings
+
+    from .config import ENGINE, from_settings
+
+    with _flush_lock:
+        for alias, settings_dict in settings.DATABASES.items():
+            if settings_dict.get("ENGINE") != ENGINE:
+                continue
+            if not from_settings(alias, settings_dict).metrics:
+                continue
+            for side in _stats.SIDES:
+                _side(alias, side)
+            for state in BREAKER_STATES:
+                BREAKER_TRANSITIONS.labels(alias, state)  # the series, at 0
+                if alias not in _breakers:
+                    BREAKER_STATE.labels(alias, state).set(1 if state == "closed" else 0)
+            _breakers.add(alias)
+
+
+def multiprocess() -> bool:
+    """Return True when metric values live in PROMETHEUS_MULTIPROC_DIR's files."""
+    return bool(getattr(_values.ValueClass, "_multiprocess", False))
+
+
+def _start_flusher() -> None:
+    global _flusher_pid
+    with _install_lock:
+        if _flusher_pid == os.getpid():
+            return
+        _flusher_pid = os.getpid()
+        thread = threading.Thread(
+            target=_flush_forever, args=(_flusher_pid,), name="asyncpool-metrics", daemon=True
+        )
+        thread.start()
+
+
+def _flush_forever(pid: int) -> None:
+    stop = threading.Event()
+    while not stop.wait(FLUSH_INTERVAL) and os.getpid() == pid:
+        try:
+            flush()
+        except Exception:
+            logger.warning("Writing the pool metrics failed", exc_info=True)
+
+
+def _after_fork_in_child() -> None:
+    global _flush_lock, _install_lock
+    # Either may have been held by another thread at fork time.
+    _flush_lock = threading.Lock()
+    _install_lock = threading.RLock()
+    if _flusher_pid and multiprocess():
+        _start_flusher()  # the parent's thread did not come along
+
+
+def _flush_at_exit() -> None:
+    if _flusher_pid == os.getpid():
+        try:
+            flush()
+        except Exception:
+            logger.debug("Writing the pool metrics at exit failed", exc_info=True)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_flush_at_exit)

@@ -1,0 +1,1 @@
+"""A tiny site for the multiprocess metrics test: two views that use each pool, and /metrics."""
