@@ -22,14 +22,17 @@ status is runtests.py's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,25 +245,7 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ)
     env["DJANGO_ASYNCPOOL_DJANGO_SUITE"] = "1"  # django_asyncpool.features.SUITE_ENV
     env.pop("DJANGO_SETTINGS_MODULE", None)
-    server = None
-    url = env.pop("DATABASE_URL", "")
-    if not url:
-        sys.path.insert(0, str(ROOT))
-        from testproject.pgserver import LocalPostgres
-
-        server = LocalPostgres(Path(tempfile.mkdtemp(prefix="django-suite-pg-")) / "data")
-        server.init()
-        server.start()
-        url = server.url("postgres")
-        where = f"an embedded PostgreSQL on {server.host}:{server.port}"
-    else:
-        where = "DATABASE_URL's server"
-    env["ASYNCPOOL_SUITE_DATABASE_URL"] = url
-    if not has_icu(url):
-        log("the server has no ICU collations: libc's POSIX stands in for sv-x-icu")
-        env["DJANGO_ASYNCPOOL_SUITE_NO_ICU"] = "1"  # django_asyncpool.features.NO_ICU_ENV
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-
     labels = args.labels or MODULES
     command = [
         sys.executable,
@@ -273,33 +258,18 @@ def main(argv: list[str]) -> int:
         *(["--failfast"] if args.failfast else []),
         *labels,
     ]
-    log(
-        f"Django {version} on Python {py}, ENGINE {args.engine}, pool "
-        f"{'off' if args.no_pool else 'on'}, --parallel {args.parallel}, {where}, "
-        f"{len(labels)} label(s)"
-    )
     started = time.monotonic()
-    lines: list[str] = []
-    try:
-        with subprocess.Popen(
-            command,
-            cwd=tests,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-        ) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                lines.append(line)
-        returncode = proc.returncode
-    finally:
-        if server is not None:
-            server.destroy()
-    output = "".join(lines)
+    with database(env.pop("DATABASE_URL", "")) as (url, where):
+        env["ASYNCPOOL_SUITE_DATABASE_URL"] = url
+        if not has_icu(url):
+            log("the server has no ICU collations: libc's POSIX stands in for sv-x-icu")
+            env["DJANGO_ASYNCPOOL_SUITE_NO_ICU"] = "1"  # features.NO_ICU_ENV
+        log(
+            f"Django {version} on Python {py}, ENGINE {args.engine}, pool "
+            f"{'off' if args.no_pool else 'on'}, --parallel {args.parallel}, {where}, "
+            f"{len(labels)} label(s)"
+        )
+        returncode, output = run(command, tests, env)
     (CACHE / f"last-django-{version}.log").write_text(output)
     passed, failed, skipped = summarize(output)
     log(f"Django {version}, Python {py}: {time.monotonic() - started:.0f}s, exit {returncode}")
@@ -308,6 +278,52 @@ def main(argv: list[str]) -> int:
         log("no test ran")
         return 1
     return returncode
+
+
+@contextlib.contextmanager
+def database(url: str) -> Iterator[tuple[str, str]]:
+    """Yield (url, description): DATABASE_URL's server, or an embedded one made for the run."""
+    if url:
+        yield url, "DATABASE_URL's server"
+        return
+    sys.path.insert(0, str(ROOT))
+    from testproject.pgserver import LocalPostgres
+
+    tmp = Path(tempfile.mkdtemp(prefix="django-suite-pg-"))
+    server = LocalPostgres(tmp / "data")
+    # A CI time-out (SIGTERM) unwinds through finally: the server is stopped and deleted.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        server.init()
+        server.start()
+        yield server.url("postgres"), f"an embedded PostgreSQL on {server.host}:{server.port}"
+    finally:
+        server.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Run ``command``, echoing its output; return its exit status and output."""
+    lines: list[str] = []
+    with subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    ) as proc:
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                lines.append(line)
+        except BaseException:
+            proc.kill()
+            raise
+    return proc.returncode, "".join(lines)
 
 
 if __name__ == "__main__":
