@@ -285,7 +285,7 @@ class _LoopEngine:
                 info[_TAKEN] = now
 
         @event.listens_for(engine.sync_engine, "handle_error")
-        def on_error(context: Any) -> None:
+        def on_error(context: Any) -> Exception | None:
             # The server's goodbye (shutdown, pg_terminate_backend) arrives as an error
             # before the socket closes, so the dialect's is_disconnect() (is_closed())
             # says no and the session would ROLLBACK on the dying connection. When it
@@ -294,11 +294,20 @@ class _LoopEngine:
             # progress"): the connection is out of step for good. Only this connection
             # is thrown away; the checkout liveness check finds the others.
             exc = context.original_exception
-            if getattr(exc, "sqlstate", None) in _GOODBYE_SQLSTATES or isinstance(
-                exc.__cause__, asyncpg.exceptions.InternalClientError
-            ):
+            out_of_step = isinstance(exc.__cause__, asyncpg.exceptions.InternalClientError)
+            if getattr(exc, "sqlstate", None) in _GOODBYE_SQLSTATES or out_of_step:
                 context.is_disconnect = True
                 context.invalidate_pool_on_disconnect = False
+            if out_of_step:
+                # Say what happened rather than asyncpg's internals.
+                lost = asyncpg.exceptions.ConnectionDoesNotExistError(
+                    "the server closed the connection during the request (shutdown or "
+                    "terminated backend); the connection was discarded"
+                )
+                return sqlalchemy.exc.OperationalError(
+                    context.statement, context.parameters, lost, connection_invalidated=True
+                )
+            return None
 
         @event.listens_for(engine.sync_engine, "checkin")
         def on_checkin(dbapi_connection: Any, record: Any) -> None:

@@ -61,7 +61,8 @@ def clean(exc: BaseException) -> bool:
     if isinstance(exc, PoolError):
         return True
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
-        return exc.connection_invalidated  # the connection it was using died: thrown away
+        # The connection it was using died, and was thrown away; said plainly.
+        return exc.connection_invalidated and "another operation" not in str(exc)
     from django.db import InterfaceError
 
     return isinstance(exc, (OperationalError, InterfaceError))
