@@ -78,21 +78,26 @@ _DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
 class ReadOnlySession(AsyncSession):
     """The ``AsyncSession`` of a ``session_scope(readonly=True)``.
 
-    Every statement runs in autocommit, as its own read-only transaction. Textual
+    Every statement runs in autocommit, as its own read-only transaction (behind
+    PgBouncer: in one ``BEGIN READ ONLY`` transaction per scope). Textual
     SQL (``text()`` with plain parameters) goes straight to an asyncpg connection
     of the read-only pool and comes back as SQLAlchemy's own ``Result``; the ORM
     session machinery, which costs more than the query, is used only for other
     statements (ORM queries, typed or expanding parameters, ``echo``).
     """
 
-    def __init__(self, engine: AsyncEngine, pool: ConnectionPool) -> None:
+    def __init__(self, engine: AsyncEngine, pool: ConnectionPool, *, fast: bool = True) -> None:
         super().__init__(engine, expire_on_commit=False, autoflush=False)
         self._readonly_engine = engine
         self._asyncpool = pool
+        # Off with echo (SQLAlchemy logs statements) and behind PgBouncer, where the
+        # read-only setting cannot ride on the connection: there every statement runs
+        # in the engine's BEGIN READ ONLY transaction.
+        self._fast = fast and not engine.echo
         self._lease: _Lease | None = None
 
     def _plan(self, statement: Any, params: Any) -> tuple[str, list[Any]] | None:
-        if type(statement) is not TextClause or self._readonly_engine.echo:
+        if not self._fast or type(statement) is not TextClause:
             return None
         if params is not None and not isinstance(params, Mapping):
             return None  # executemany
@@ -170,7 +175,9 @@ class _SessionScope:
     async def __aenter__(self) -> AsyncSession:
         state = self._pool._for_loop()
         if self._readonly:
-            self._session: AsyncSession = ReadOnlySession(state.readonly, self._pool)
+            self._session: AsyncSession = ReadOnlySession(
+                state.readonly, self._pool, fast=not state.config.pgbouncer
+            )
         else:
             self._session = AsyncSession(state.engine, expire_on_commit=False)
         if state.config.leak_threshold is not None:

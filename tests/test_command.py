@@ -115,7 +115,7 @@ def test_blackholed_link_never_hangs(alias: Callable[..., str], proxy: TcpProxy)
     finally:
         proxy.cut()  # ends the hung connections, so nothing is left half-open
     assert code == 1, out
-    assert took < 3.5
+    assert took < 5  # --timeout 2, plus process work on a loaded 2-core machine
     entry = json.loads(out.rsplit("\n", 1)[0])["aliases"][0]
     assert entry["healthy"] is False
     assert "timed out" in entry["sync"]["error"] and "timed out" in entry["async"]["error"]

@@ -190,14 +190,6 @@ def test_orm_and_session_scope_traffic_through_transaction_pooling(make_alias, b
     assert len(pids) <= SERVER_POOL  # everything went through the bouncer's few servers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_scopes.ReadOnlySession runs text() statements on a raw asyncpg connection in "
-    "autocommit and relies on the startup setting default_transaction_read_only, which "
-    "PgBouncer does not accept (and _engines leaves out behind it); the read-only engine's "
-    "BEGIN READ ONLY only covers the ORM path. Fix in _scopes: behind PgBouncer, run the "
-    "fast path inside raw.transaction(readonly=True).",
-)
 @pytest.mark.django_db(transaction=True)
 def test_readonly_scope_refuses_writes_behind_pgbouncer(make_alias, bouncer) -> None:
     alias = make_alias(HOST=bouncer.host, PORT=bouncer.port, OPTIONS={"pgbouncer": True})
