@@ -227,6 +227,12 @@ class _Side:
         ):
             pushed.push(hist_child, hist)
 
+    def rebase(self, stats: _stats.Stats) -> None:
+        """Take everything in ``stats`` as written already."""
+        self.pushed = [value(stats) for _, value in self.counters]
+        for (_, pushed), hist in zip(self.histograms, (stats.latency, stats.held), strict=True):
+            pushed.counts, pushed.sum = list(hist.counts), hist.sum
+
     def set_gauges(self, idle: int, in_use: int, waiting: int, low: int, high: int) -> None:
         for child, value in zip(self.state, (idle, in_use, waiting), strict=True):
             child.set(value)
@@ -466,7 +472,10 @@ def _prime() -> None:
 
 def multiprocess() -> bool:
     """Return True when metric values live in PROMETHEUS_MULTIPROC_DIR's files."""
-    return bool(getattr(_values.ValueClass, "_multiprocess", False))
+    marked = getattr(_values.ValueClass, "_multiprocess", None)
+    if marked is None:  # older prometheus_client: as it decides, from the environment
+        return "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
+    return bool(marked)
 
 
 def _start_flusher() -> None:
@@ -495,8 +504,14 @@ def _after_fork_in_child() -> None:
     # Either may have been held by another thread at fork time.
     _flush_lock = threading.Lock()
     _install_lock = threading.RLock()
-    if _flusher_pid and multiprocess():
-        _start_flusher()  # the parent's thread did not come along
+    if multiprocess():
+        # This process writes to files of its own, from 0: what the parent counted,
+        # written or not yet, is the parent's to write.
+        for alias, side, stats in _stats.snapshot():
+            if (alias, side) in _sides:
+                _sides[alias, side].rebase(stats)
+        if _flusher_pid:
+            _start_flusher()  # the parent's thread did not come along
 
 
 def _flush_at_exit() -> None:

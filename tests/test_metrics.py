@@ -587,6 +587,45 @@ def test_two_worker_processes_show_their_pools_at_metrics(workers) -> None:
         assert (multiproc / f"gauge_livesum_{pid}.db").exists()
 
 
+def test_a_forked_worker_writes_its_metrics(tmp_path: Path) -> None:
+    """gunicorn --preload: the app is loaded in the master, the workers are forked."""
+    code = (
+        "import asyncio, os, time, django; django.setup()\n"
+        "from prometheus_client import CollectorRegistry, generate_latest\n"
+        "from prometheus_client.multiprocess import MultiProcessCollector\n"
+        "from sqlalchemy import text\n"
+        "from django_asyncpool import session_scope\n"
+        "async def one():\n"
+        "    async with session_scope() as s:\n"
+        "        await s.execute(text('select 1'))\n"
+        "asyncio.run(one())  # the master used the pool, and forks before writing it\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    asyncio.run(one())\n"
+        "    time.sleep(2.5)  # the child's own flusher writes within a second\n"
+        "    os._exit(0)  # no atexit: only the flusher thread can have written\n"
+        "os.waitpid(pid, 0)\n"
+        "registry = CollectorRegistry()\n"
+        "MultiProcessCollector(registry)\n"
+        "print(generate_latest(registry).decode())\n"
+    )
+    multiproc = tmp_path / "prometheus"
+    multiproc.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=_env(PROMETHEUS_MULTIPROC_DIR=str(multiproc)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    # One each, none counted twice (the master's unwritten one by the child too).
+    success = _sample(done.stdout, "db_connection_attempts_total", pool="async", outcome="success")
+    assert success == 2
+    assert len(list(multiproc.glob("counter_*.db"))) == 2
+
+
 # -- the dashboard and the docs name what is exported ------------------------------------------
 
 #: PromQL words that are not metric names.
