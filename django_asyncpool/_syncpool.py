@@ -196,7 +196,36 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         if self._check is not None:  # CONN_HEALTH_CHECKS: every checkout is pinged
             self._check(conn)
         elif time.monotonic() - getattr(conn, _RETURNED, 0.0) > self.bypass:
-            self.check_connection(conn)
+            self._ping(conn)
+
+    def _ping(self, conn: psycopg.Connection[Any]) -> None:
+        """Run an empty query, giving up after the pool timeout.
+
+        psycopg_pool's check_connection() waits for the answer for good: on a dead
+        network path (packets dropped, nothing refused) the checkout would hang.
+        """
+        pgconn = conn.pgconn
+        deadline = time.monotonic() + self.timeout
+        with conn.lock:
+            pgconn.send_query(b"")
+            while pgconn.flush():  # non-blocking mode: 1 while bytes remain to send
+                self._wait(pgconn.socket, deadline, write=True)
+            while pgconn.is_busy():
+                self._wait(pgconn.socket, deadline)
+                pgconn.consume_input()
+            while (result := pgconn.get_result()) is not None:
+                if result.status != pq.ExecStatus.EMPTY_QUERY:
+                    raise psycopg.OperationalError("the connection failed a ping")
+
+    def _wait(self, sock: int, deadline: float, write: bool = False) -> None:
+        remaining = deadline - time.monotonic()
+        ready = (
+            select.select([], [sock], [], max(remaining, 0))
+            if write
+            else (select.select([sock], [], [], max(remaining, 0)))
+        )
+        if not (ready[1] if write else ready[0]):
+            raise psycopg.OperationalError(f"no answer to a ping within {self.timeout:g}s")
 
     def _check_connection(self, conn: psycopg.Connection[Any]) -> None:
         # getconn() runs ``check`` itself, in _check_liveness: psycopg_pool's own loop

@@ -21,7 +21,7 @@ import sqlalchemy.exc
 from django.db import OperationalError, connections
 from sqlalchemy import text
 
-from django_asyncpool import ConnectionPool, PoolError, PoolTimeout, session_scope
+from django_asyncpool import ConnectionPool, PoolError, PoolTimeout, _registry, session_scope
 from django_asyncpool.base import DatabaseWrapper
 from testproject import pgserver
 from testproject.shop.models import Product
@@ -378,6 +378,25 @@ def test_a_healthy_idle_connection_is_pinged_and_kept(make_alias) -> None:
     assert (second, invalidated) == (first, 0)
 
 
+def test_a_healthy_idle_sync_connection_is_pinged_and_kept(make_wrapper) -> None:
+    wrapper = make_wrapper(
+        OPTIONS=_options(pool={"min_size": 1, "max_size": 1}, liveness_bypass=0.05)
+    )
+
+    def pid() -> int:
+        try:
+            with wrapper.cursor() as cursor:
+                cursor.execute("select pg_backend_pid()")
+                return int(cursor.fetchone()[0])
+        finally:
+            wrapper.close()
+
+    first = pid()
+    time.sleep(0.1)  # idle past liveness_bypass: the checkout pings it
+    assert pid() == first
+    assert wrapper.pool is not None and wrapper.pool.get_stats().get("returns_bad", 0) == 0
+
+
 # -- 4: a cancellation storm --------------------------------------------------------------
 
 
@@ -596,3 +615,46 @@ def test_a_connection_never_given_back(make_wrapper, leak_threshold, caplog) -> 
         assert "forgetful_thread" in caplog.text and "leak_threshold" in caplog.text
         assert kept[0].closed  # closed when it came back, not pooled
         assert stats["pool_size"] <= 2
+
+
+def test_sync_blackhole_fails_within_the_timeout_then_fails_fast(make_wrapper, proxy) -> None:
+    wrapper = make_wrapper(
+        HOST=proxy.host,
+        PORT=proxy.port,
+        OPTIONS=_options(
+            connect_timeout=1,
+            pool={"min_size": 1, "max_size": 2, "timeout": 1},
+            liveness_bypass=0.1,
+        ),
+    )
+
+    def query() -> None:
+        try:
+            with wrapper.cursor() as cursor:
+                cursor.execute("select 1")
+        finally:
+            wrapper.close()
+
+    query()
+    time.sleep(0.2)  # idle past liveness_bypass: the checkout pings it
+    proxy.blackhole()
+    slowest, kinds = 0.0, collections.Counter[str]()
+    guard = _registry.guard(wrapper.alias, wrapper)
+    while guard.state != "open" and sum(kinds.values()) < 10:
+        started = time.monotonic()
+        with pytest.raises(PoolError) as info:
+            query()
+        kinds[type(info.value).__name__] += 1
+        slowest = max(slowest, time.monotonic() - started)
+    started = time.monotonic()
+    with pytest.raises(PoolError):
+        query()
+    fast = time.monotonic() - started
+    proxy.restore()
+    print(
+        f"\nsync blackhole: slowest failing call {slowest:.2f}s (connect_timeout 1s, pool "
+        f"timeout 1s); errors {dict(kinds)}; breaker {guard.state}; then {fast * 1e3:.2f} ms"
+    )
+    assert guard.state == "open"
+    assert slowest < 1 + 1 + 1
+    assert fast < 0.01
