@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import select
+import sys
 import threading
 import time
 import traceback
+import types
 from typing import Any
 
 import psycopg
@@ -24,6 +26,23 @@ _RETURNED = "_asyncpool_returned_at"
 _LEAKED = "_asyncpool_leaked"
 #: Frames of these packages say nothing about which code took a connection.
 _INTERNAL = ("/django_asyncpool/", "/psycopg_pool/", "/psycopg/", "/django/db/", "/django/utils/")
+
+
+_Frame = tuple[types.CodeType, int]
+
+
+def _where(limit: int = 40) -> list[_Frame]:
+    """Return the caller's stack, innermost first, as (code, line) pairs.
+
+    About 30 us for 40 frames, against 280 us for traceback.extract_stack(), which
+    reads every source line: the lines are read only when a leak is reported.
+    """
+    frame: types.FrameType | None = sys._getframe(2)
+    stack: list[_Frame] = []
+    while frame is not None and len(stack) < limit:
+        stack.append((frame.f_code, frame.f_lineno))
+        frame = frame.f_back
+    return stack
 
 
 def stamp_returned(conn: psycopg.Connection[Any]) -> None:
@@ -80,7 +99,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         self.in_use = 0
         self._count_lock = threading.Lock()
         # id(conn) -> (conn, when taken, where taken); only with a leak_threshold.
-        self._held: dict[int, tuple[psycopg.Connection[Any], float, traceback.StackSummary]] = {}
+        self._held: dict[int, tuple[psycopg.Connection[Any], float, list[_Frame]]] = {}
         super().__init__(*args, **kwargs)
 
     def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
@@ -104,7 +123,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         with self._count_lock:
             self.in_use += 1
             if self.leak_threshold is not None:
-                self._held[id(conn)] = (conn, time.monotonic(), traceback.extract_stack(limit=40))
+                self._held[id(conn)] = (conn, time.monotonic(), _where())
         return conn
 
     def putconn(self, conn: psycopg.Connection[Any]) -> None:
@@ -151,7 +170,11 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             self.leaks += 1
             where = "".join(
                 traceback.format_list(
-                    [f for f in stack if not any(part in f.filename for part in _INTERNAL)]
+                    [
+                        traceback.FrameSummary(code.co_filename, line, code.co_name)
+                        for code, line in reversed(stack)
+                        if not any(part in code.co_filename for part in _INTERNAL)
+                    ]
                 )
             )
             logger.warning(
