@@ -216,9 +216,12 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             pgconn.consume_input()
             if pgconn.status != pq.ConnStatus.OK or pgconn.notifies() is None:
                 raise psycopg.OperationalError("the server closed the connection")
-        if self._check is not None:  # CONN_HEALTH_CHECKS: every checkout is pinged
-            self._check(conn)
-        elif time.monotonic() - getattr(conn, _RETURNED, 0.0) > self.bypass:
+        if self._check is not None and self._check != SyncPool.check_connection:
+            self._check(conn)  # the user's own check (OPTIONS["pool"]["check"])
+        elif (
+            self._check is not None  # CONN_HEALTH_CHECKS: every checkout is pinged
+            or time.monotonic() - getattr(conn, _RETURNED, 0.0) > self.bypass
+        ):
             self._ping(conn)
 
     def _ping(self, conn: psycopg.Connection[Any]) -> None:

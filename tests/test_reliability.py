@@ -617,10 +617,14 @@ def test_a_connection_never_given_back(make_wrapper, leak_threshold, caplog) -> 
         assert stats["pool_size"] <= 2
 
 
-def test_sync_blackhole_fails_within_the_timeout_then_fails_fast(make_wrapper, proxy) -> None:
+@pytest.mark.parametrize("health_checks", [False, True])
+def test_sync_blackhole_fails_within_the_timeout_then_fails_fast(
+    make_wrapper, proxy, health_checks
+) -> None:
     wrapper = make_wrapper(
         HOST=proxy.host,
         PORT=proxy.port,
+        CONN_HEALTH_CHECKS=health_checks,  # every checkout pinged: bounded the same way
         OPTIONS=_options(
             connect_timeout=1,
             pool={"min_size": 1, "max_size": 2, "timeout": 1},
