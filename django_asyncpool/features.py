@@ -32,10 +32,10 @@ NO_ICU = (
     },
 )
 
-#: Django 5.2 supports PostgreSQL 14-17; the embedded server is PostgreSQL 18.
+#: The embedded server is PostgreSQL 18; Django 5.2 supports PostgreSQL 14-17.
 PG18_NOT_NULL = (
-    "PostgreSQL 18 records NOT NULL constraints in pg_constraint, and Django < 6.0 "
-    "introspects them as extra constraints (Django 6.0 supports PostgreSQL 18).",
+    "PostgreSQL 18 records NOT NULL constraints in pg_constraint, and Django < 6.1 "
+    "introspects them as extra constraints (Django 6.1 leaves out contype 'n').",
     {
         "introspection.tests.IntrospectionTests.test_get_constraints",
         "schema.tests.SchemaTests.test_add_indexed_charfield",
@@ -51,7 +51,7 @@ PG18_NOT_NULL = (
     },
 )
 
-#: A CPU timing test of Django < 6.0, nothing to do with the database.
+#: A CPU timing test of Django < 6.1, nothing to do with the database.
 TIMING = (
     "Compares CPU timings of XML parsing; flaky when the 2-core test machine is busy.",
     {"serializers.test_deserialization.TestDeserializer.test_crafted_xml_performance"},
@@ -90,11 +90,11 @@ class DatabaseFeatures(postgresql.DatabaseFeatures):
         if not _in_django_suite():
             return skips
         declared = []
-        if django.VERSION < (6, 0):  # the test is gone in Django 6
+        if django.VERSION < (6, 1):  # the test is gone in Django 6.1
             declared.append(TIMING)
         if os.environ.get(NO_ICU_ENV) == "1":
             declared.append(NO_ICU)
-        if django.VERSION < (6, 0) and self.connection.pg_version >= 180000:
+        if django.VERSION < (6, 1) and self.connection.pg_version >= 180000:
             declared.append(PG18_NOT_NULL)
         for reason, tests in declared:
             skips.setdefault(reason, set()).update(tests)
