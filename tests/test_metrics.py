@@ -425,6 +425,25 @@ def test_a_taken_port_is_logged_once_and_never_raises(caplog) -> None:
     assert f"METRICS_PORT {port} could not be opened" in warnings[0].getMessage()
 
 
+def test_runserver_serves_from_its_server_process_not_the_autoreloader(monkeypatch) -> None:
+    monkeypatch.setenv("METRICS_ENABLED", "true")
+    monkeypatch.setenv("METRICS_PORT", str(_free_port()))
+    monkeypatch.delenv("RUN_MAIN", raising=False)
+    monkeypatch.setattr(sys, "argv", ["manage.py", "runserver"])
+    assert _exporter.start_from_settings() is None  # the autoreloader: it serves nothing
+    monkeypatch.setattr(sys, "argv", ["manage.py", "runserver", "--noreload"])
+    try:
+        assert _exporter.start_from_settings() is not None
+    finally:
+        _exporter.stop()
+    monkeypatch.setenv("RUN_MAIN", "true")  # the server process the autoreloader started
+    monkeypatch.setattr(sys, "argv", ["manage.py", "runserver"])
+    try:
+        assert _exporter.start_from_settings() is not None
+    finally:
+        _exporter.stop()
+
+
 def test_a_management_command_runs_with_the_port_taken() -> None:
     with _taken_port() as port:
         done = subprocess.run(
