@@ -14,7 +14,8 @@ A B B A ...), reported as medians over the rounds and ratios:
    variant that keeps the connection between ops is measured too.
 
 The server is ``DATABASE_URL`` (``postgresql+asyncpg://...``) when set, otherwise
-an embedded PostgreSQL started for this run. Usage::
+an embedded PostgreSQL started for this run; the table ``asyncpool_bench_item``
+(1,000 rows) is created there if missing. Usage::
 
     .venv/bin/python benchmarks/bench_sync.py [--rounds 10] [--seconds 2.5] [--slice 0.05]
                                               [--calls 1000] [--only failfast|orm]
