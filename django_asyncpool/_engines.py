@@ -123,18 +123,7 @@ class _GuardedPool(AsyncAdaptedQueuePool):
         guard, stats = self.guard, self.stats
 
         def guarded(record: Any) -> Any:
-            tries = 0
-
-            def once() -> Any:
-                nonlocal tries
-                tries += 1
-                return create(record)
-
-            try:
-                return guard.run(once, sleep=_greenlet_sleep)
-            finally:
-                if tries > 1:
-                    stats.retries += tries - 1
+            return guard.run(create, record, sleep=_greenlet_sleep, stats=stats)
 
         self._invoke_creator = guarded  # type: ignore[assignment]
 

@@ -158,28 +158,43 @@ class Guard:
 
     # -- getting a connection --------------------------------------------------------------
 
-    def run(self, acquire: Callable[[], T], sleep: Callable[[float], object] = time.sleep) -> T:
-        """Return ``acquire()`` through the breaker, retried with backoff and full jitter.
+    def run(
+        self,
+        acquire: Callable[..., T],
+        *args: Any,
+        sleep: Callable[[float], object] = time.sleep,
+        stats: Any = None,
+    ) -> T:
+        """Return ``acquire(*args)`` through the breaker, retried with backoff and full jitter.
 
         ``sleep`` waits between tries: ``time.sleep`` in threads, an awaiting sleep in
         SQLAlchemy's greenlet. Only ``Exception``s count: a cancelled task is no failure.
+        ``stats.retries``, if given, counts the retries. This is every checkout's path:
+        the backoff schedule is made only after a failure.
         """
         retry = self.config.retry
         started = time.monotonic()
-        delays = backoff.expo(factor=retry.base_delay, max_value=retry.max_delay)
-        next(delays)  # backoff's generators are primed with one next()
+        delays = None
         tries = 0
         while True:
             trial = self.admit()
             tries += 1
             try:
-                conn = acquire()
+                conn = acquire(*args)
             except Exception as exc:
                 self.failed(exc, trial)
                 remaining = retry.max_time - (time.monotonic() - started)
                 if isinstance(exc, NOT_RETRIED) or tries >= retry.max_tries or remaining <= 0:
-                    raise self.translate(exc) from exc
+                    error = self.translate(exc)
+                    if error is exc:
+                        raise  # ours already: not its own cause (that breaks pickling)
+                    raise error from exc
+                if delays is None:
+                    delays = backoff.expo(factor=retry.base_delay, max_value=retry.max_delay)
+                    next(delays)  # backoff's generators are primed with one next()
                 delay = min(backoff.full_jitter(next(delays)), remaining)
+                if stats is not None:
+                    stats.retries += 1
                 logger.warning(
                     "Connecting to database %s failed (try %d of %d), retrying in %.2fs: %s",
                     self.config.describe(),

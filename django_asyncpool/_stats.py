@@ -125,33 +125,22 @@ def snapshot() -> list[tuple[str, str, Stats]]:
 # -- the sync side's acquisition path (the async side's is _engines._GuardedPool) ------------
 
 
-def acquire_sync(stats: Stats, guard: Guard, acquire: Callable[[], T]) -> T:
-    """Return ``guard.run(acquire)``, counting the attempt, its outcome, retries and latency."""
-    tries = 0
-
-    def once() -> T:
-        nonlocal tries
-        tries += 1
-        return acquire()
-
+def acquire_sync(stats: Stats, guard: Guard, acquire: Callable[..., T], *args: Any) -> T:
+    """Return ``guard.run(acquire, *args)``, counting the attempt, its outcome, retries, latency."""
     stats.attempts += 1
-    metered = guard.config.metrics
     started = time.perf_counter()
     try:
-        conn = guard.run(once)
+        conn = guard.run(acquire, *args, stats=stats)
     except BaseException as exc:
         stats.failed(exc)
         raise
-    finally:
-        if tries > 1:
-            stats.retries += tries - 1
     stats.checkouts += 1
     if getattr(conn, _SEEN, False):
         stats.reused += 1
     else:
         stats.created += 1
         setattr(conn, _SEEN, True)
-    if metered:
+    if guard.config.metrics:
         now = time.perf_counter()
         stats.latency.observe(now - started)
         setattr(conn, _TAKEN, now)

@@ -27,6 +27,7 @@ from django.db.utils import DatabaseErrorWrapper
 from django.utils.functional import cached_property
 
 from . import _registry, _stats
+from ._policy import Guard
 from ._syncpool import SyncPool, stamp_returned
 from .config import (
     DJANGO_OPTIONS,
@@ -71,20 +72,19 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     @property
     def pool(self) -> SyncPool | None:
-        if self.alias == NO_DB_ALIAS:
-            return None
+        # Read several times per request: the common case first, in few steps.
         options = self.settings_dict.get("OPTIONS") or {}
         # This wrapper's own settings first, as in Django: a copy made with the pool
         # off (Django's tests do it) must not take connections from the alias's pool.
-        if "pool" in options and options["pool"] in (False, None):
+        if options.get("pool", True) in (False, None) or self.alias == NO_DB_ALIAS:
             return None
+        pool = self._connection_pools.get(self.alias)
+        if pool is not None:
+            return pool
         if options.get("pool") and self.settings_dict.get("CONN_MAX_AGE"):
             # Refused as Django's own backend refuses it; when the pool is on only by
             # our default, the system check dbpool.E007 reports it instead.
             raise ImproperlyConfigured("Pooling doesn't support persistent connections.")
-        pool = self._connection_pools.get(self.alias)
-        if pool is not None:
-            return pool
         config = _registry.config_for_wrapper(self)
         if config.sync_pool is None:
             return None
@@ -113,7 +113,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         params: dict[str, Any] = super().get_connection_params()
         if not self._options_reported:
             # Parsing the whole configuration costs ~30 us: not on every checkout.
-            _registry.config_for_wrapper(self)  # reports unknown or invalid keys once
+            config = _registry.config_for_wrapper(self)  # reports unknown or invalid keys
+            refuse_pgbouncer_conflicts(config)  # before any connection is made
             self._options_reported = True
         for key in params.keys() - _passed_keys():
             params.pop(key)  # ours, and unknown keys (reported), never reach psycopg
@@ -121,28 +122,28 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         guard = _registry.guard(self.alias, self)
-        refuse_pgbouncer_conflicts(guard.config)
-        parent = super().get_new_connection
+        return _stats.acquire_sync(
+            _stats.get(self.alias, "sync"), guard, self._get_new_connection, guard, conn_params
+        )
 
-        def acquire() -> Any:
-            try:
-                return parent(conn_params)
-            except psycopg_pool.PoolTimeout as exc:
-                pool = self.pool
-                state = pool.describe_state() if pool else "no pool"
-                raise SyncPoolTimeout(
-                    f"No connection to database {guard.config.describe()} became free within "
-                    f"{pool.timeout if pool else 0:.1f}s ({state}). Raise OPTIONS['pool']"
-                    "['max_size'] or ['timeout'], or find the code holding connections "
-                    "(OPTIONS['leak_threshold'] logs where they were taken).",
-                    alias=self.alias,
-                ) from exc
-            except psycopg_pool.PoolClosed as exc:
-                raise SyncPoolClosed(
-                    f"The pool of database {guard.config.describe()} is closed.", alias=self.alias
-                ) from exc
-
-        return _stats.acquire_sync(_stats.get(self.alias, "sync"), guard, acquire)
+    def _get_new_connection(self, guard: Guard, conn_params: dict[str, Any]) -> Any:
+        """Return Django's new (pooled) connection, with the pool's errors made ours."""
+        try:
+            return super().get_new_connection(conn_params)
+        except psycopg_pool.PoolTimeout as exc:
+            pool = self.pool
+            state = pool.describe_state() if pool else "no pool"
+            raise SyncPoolTimeout(
+                f"No connection to database {guard.config.describe()} became free within "
+                f"{pool.timeout if pool else 0:.1f}s ({state}). Raise OPTIONS['pool']"
+                "['max_size'] or ['timeout'], or find the code holding connections "
+                "(OPTIONS['leak_threshold'] logs where they were taken).",
+                alias=self.alias,
+            ) from exc
+        except psycopg_pool.PoolClosed as exc:
+            raise SyncPoolClosed(
+                f"The pool of database {guard.config.describe()} is closed.", alias=self.alias
+            ) from exc
 
     @cached_property
     def wrap_database_errors(self) -> DatabaseErrorWrapper:
@@ -173,7 +174,8 @@ class _ErrorWrapper(DatabaseErrorWrapper):
     """
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
-        if exc_type is not None and issubclass(exc_type, PoolError):
+        # Around every cursor call: the no-error case returns at once.
+        if exc_type is None or issubclass(exc_type, PoolError):
             return
         super().__exit__(exc_type, exc_value, traceback)
 

@@ -327,6 +327,8 @@ def sync_pool_options(reader: _Reader, given: Any) -> dict[str, Any] | None:
     options = dict(SYNC_POOL_DEFAULTS)
     for key, raw in given.items():
         name = f"OPTIONS['pool'][{key!r}]"
+        if key == "check":
+            continue  # Django >= 6.1's own key: the ENGINE passes it to the pool itself
         if key not in allowed:
             reader.problem(
                 "dbpool.E004",

@@ -67,3 +67,12 @@ def test_repr_hides_the_password() -> None:
     config = from_settings("default", BASE, environ={})
     assert "pw" not in repr(config) and "pw" not in config.describe()
     assert isinstance(config, AliasConfig) and config.describe() == "'default' (app@db:5432/app)"
+
+
+def test_django_pool_check_option_is_known() -> None:
+    def check(conn: object) -> None:
+        return None
+
+    config = from_settings("default", {**BASE, "OPTIONS": {"pool": {"check": check}}}, environ={})
+    assert config.problems == ()
+    assert "check" not in (config.sync_pool or {})  # the ENGINE hands it to the pool itself
