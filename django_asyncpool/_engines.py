@@ -119,6 +119,7 @@ class _GuardedPool(AsyncAdaptedQueuePool):
 
     def __init__(self, creator: Any, **kwargs: Any) -> None:
         super().__init__(creator, **kwargs)
+        self._extra = []
         create = self._invoke_creator
         guard, stats = self.guard, self.stats
 
@@ -143,10 +144,17 @@ class _GuardedPool(AsyncAdaptedQueuePool):
             stats.latency.observe(time.perf_counter() - started)
         return fairy
 
+    #: Seconds overflow connections are kept after demand last exceeded pool_size.
+    KEEP_OVERFLOW = 30.0
+
     def _do_get(self) -> Any:
         stats, guard = self.stats, self.guard
         if guard.breaker.current_state != "closed":
             guard.check_open()
+        if self._pool.empty():  # demand at or above pool_size: overflow is in use
+            self._busy_at = time.monotonic()
+            if self._extra:
+                return self._extra.pop()
         stats.waiting += 1
         try:
             record = super()._do_get()
@@ -163,6 +171,41 @@ class _GuardedPool(AsyncAdaptedQueuePool):
         finally:
             stats.waiting -= 1
         return record
+
+    # SQLAlchemy closes an overflow connection the moment it comes back, so a load
+    # steadily above pool_size opens and closes a connection per checkout. Like
+    # HikariCP and psycopg_pool, keep them while the demand lasts: a check-in that
+    # finds the queue full (so nobody waits) sets the connection aside, and it is
+    # closed on a later check-in once demand stayed within pool_size for a while.
+
+    _extra: list[Any]
+    _busy_at: float = 0.0
+
+    def _do_return_conn(self, record: Any) -> None:
+        if time.monotonic() - self._busy_at >= self.KEEP_OVERFLOW:
+            self._close_extra()
+        elif self._pool.full():
+            self._extra.append(record)
+            return
+        super()._do_return_conn(record)
+
+    def _close_extra(self) -> None:
+        while self._extra:
+            record = self._extra.pop()
+            try:
+                record.close()
+            finally:
+                self._dec_overflow()
+
+    def checkedin(self) -> int:
+        return super().checkedin() + len(self._extra)
+
+    def checkedout(self) -> int:
+        return super().checkedout() - len(self._extra)
+
+    def dispose(self) -> None:
+        self._close_extra()
+        super().dispose()
 
 
 def _greenlet_sleep(seconds: float) -> None:

@@ -333,3 +333,31 @@ async def test_readonly_session_behaves_like_an_async_session(products) -> None:
         with pytest.raises(sqlalchemy.exc.StatementError, match="pk"):
             await session.execute(PK)  # a missing parameter: SQLAlchemy's own message
     assert ConnectionPool().metrics["in_use"] == 0
+
+
+def test_overflow_connections_are_kept_under_load_and_shed_after(make_alias, monkeypatch) -> None:
+    from django_asyncpool import _engines
+
+    monkeypatch.setattr(_engines._GuardedPool, "KEEP_OVERFLOW", 0.5)
+    alias = make_alias(OPTIONS={"async_pool": {"pool_size": 2, "max_overflow": 3, "timeout": 5}})
+
+    async def scenario() -> None:
+        pool = ConnectionPool(alias)
+
+        async def worker() -> None:
+            for _ in range(40):
+                async with pool.connection() as conn:
+                    await conn.fetchval("select 1")
+
+        await asyncio.gather(*(worker() for _ in range(12)))  # demand far above pool_size
+        # SQLAlchemy alone would close and reopen an overflow connection per check-in
+        assert pool.metrics["created"] <= 5 + 2, pool.metrics
+        assert pool.metrics["idle"] == 5 and pool.metrics["overflow"] == 3
+        await asyncio.sleep(0.6)  # demand stays within pool_size from here on
+        for _ in range(5):
+            async with pool.connection() as conn:
+                await conn.fetchval("select 1")
+        assert pool.metrics["overflow"] == 0 and pool.metrics["idle"] == 2, pool.metrics
+        await pool.close()
+
+    asyncio.run(scenario())
