@@ -42,16 +42,20 @@ def chart() -> str:
     y = top
     for name, by_c in FIGURES.items():
         weight = ' font-weight="bold"' if name in OURS else ""
-        out.append(f'<text x="{left - 8}" y="{y + bar + 5}" text-anchor="end"{weight}>{name}</text>')
+        out.append(
+            f'<text x="{left - 8}" y="{y + bar + 5}" text-anchor="end"{weight}>{name}</text>'
+        )
         for c, value in by_c.items():
             w = value / top_value * width
-            out.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar}" fill="{COLOURS[c]}"/>')
-            out.append(f'<text x="{left + w + 5:.1f}" y="{y + bar - 3}" font-size="12">{value:,.0f}</text>')
+            out.append(
+                f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar}" fill="{COLOURS[c]}"/>'
+            )
+            out.append(
+                f'<text x="{left + w + 5:.1f}" y="{y + bar - 3}" font-size="12">{value:,.0f}</text>'
+            )
             y += bar
         y += gap
-    out.append(
-        f'<line x1="{left}" y1="{top - 4}" x2="{left}" y2="{y - gap + 4}" stroke="#444"/>'
-    )
+    out.append(f'<line x1="{left}" y1="{top - 4}" x2="{left}" y2="{y - gap + 4}" stroke="#444"/>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
