@@ -269,5 +269,9 @@ class _Lease:
             except BaseException:
                 fairy.invalidate()
                 raise
-        # In SQLAlchemy's greenlet: a check-in past pool_size closes the connection.
-        await greenlet_spawn(fairy.close)
+        pool: Any = fairy._pool
+        if pool._pool.full() or pool._extra:
+            # This check-in may close a connection, which awaits: in SQLAlchemy's greenlet.
+            await greenlet_spawn(fairy.close)
+        else:
+            fairy.close()  # back on the queue, no I/O: spare the greenlet
