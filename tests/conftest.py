@@ -72,6 +72,16 @@ def backends(pg: pgserver.LocalPostgres, dbname: str, state: str | None = None) 
     )
 
 
+def query(wrapper: Any) -> int:
+    """One request through a wrapper: a query, then its connection goes back to the pool."""
+    try:
+        with wrapper.cursor() as cursor:
+            cursor.execute("select pg_backend_pid()")
+            return int(cursor.fetchone()[0])
+    finally:
+        wrapper.close()
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while True:

@@ -26,7 +26,7 @@ from django_asyncpool.base import DatabaseWrapper
 from testproject import pgserver
 from testproject.shop.models import Product
 
-from .conftest import wait_until
+from .conftest import query, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -383,17 +383,9 @@ def test_a_healthy_idle_sync_connection_is_pinged_and_kept(make_wrapper) -> None
         OPTIONS=_options(pool={"min_size": 1, "max_size": 1}, liveness_bypass=0.05)
     )
 
-    def pid() -> int:
-        try:
-            with wrapper.cursor() as cursor:
-                cursor.execute("select pg_backend_pid()")
-                return int(cursor.fetchone()[0])
-        finally:
-            wrapper.close()
-
-    first = pid()
+    first = query(wrapper)
     time.sleep(0.1)  # idle past liveness_bypass: the checkout pings it
-    assert pid() == first
+    assert query(wrapper) == first
     assert wrapper.pool is not None and wrapper.pool.get_stats().get("returns_bad", 0) == 0
 
 

@@ -15,19 +15,9 @@ from django_asyncpool import CircuitOpenError, DatabaseUnavailable, PoolTimeout,
 from testproject.pgserver import PASSWORD
 from testproject.shop.models import Product
 
-from .conftest import terminate_backends, wait_until
+from .conftest import query, terminate_backends, wait_until
 
 FAST = {"pool": {"min_size": 0, "max_size": 2, "timeout": 2}}
-
-
-def query(wrapper) -> int:
-    """One request: a query, then the connection goes back to the pool."""
-    try:
-        with wrapper.cursor() as cursor:
-            cursor.execute("select pg_backend_pid()")
-            return int(cursor.fetchone()[0])
-    finally:
-        wrapper.close()
 
 
 def test_breaker_opens_fails_fast_half_opens_and_closes(make_wrapper, pg, server_down) -> None:
