@@ -67,7 +67,10 @@ class Guard:
         self.opened_at = 0.0  # monotonic time the breaker last opened
         self.transitions: list[Callable[[str | None, str], None]] = []
         self._trial = threading.Lock()
+        # Read on every checkout: one property away, not three.
+        self._storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
         self.breaker = pybreaker.CircuitBreaker(
+            state_storage=self._storage,
             fail_max=config.breaker.fail_max,
             reset_timeout=config.breaker.reset_timeout,
             name=config.alias,
@@ -177,7 +180,7 @@ class Guard:
         delays = None
         tries = 0
         while True:
-            trial = self.admit()
+            trial = self._storage.state != pybreaker.STATE_CLOSED and self.admit()
             tries += 1
             try:
                 conn = acquire(*args)
@@ -209,7 +212,8 @@ class Guard:
                 if trial:
                     self._trial.release()
                 raise
-            self.succeeded(trial)
+            if trial or self._storage.counter:
+                self.succeeded(trial)
             return conn
 
     def translate(self, exc: Exception) -> Exception:

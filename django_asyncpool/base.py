@@ -25,6 +25,7 @@ from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 from django.db.utils import DatabaseErrorWrapper
 from django.utils.functional import cached_property
+from psycopg import IsolationLevel
 
 from . import _registry, _stats
 from ._policy import Guard
@@ -76,7 +77,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         options = self.settings_dict.get("OPTIONS") or {}
         # This wrapper's own settings first, as in Django: a copy made with the pool
         # off (Django's tests do it) must not take connections from the alias's pool.
-        if options.get("pool", True) in (False, None) or self.alias == NO_DB_ALIAS:
+        enabled = options.get("pool", True)
+        if enabled is False or enabled is None or self.alias == NO_DB_ALIAS:
             return None
         pool = self._connection_pools.get(self.alias)
         if pool is not None:
@@ -116,20 +118,33 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             config = _registry.config_for_wrapper(self)  # reports unknown or invalid keys
             refuse_pgbouncer_conflicts(config)  # before any connection is made
             self._options_reported = True
-        for key in params.keys() - _passed_keys():
-            params.pop(key)  # ours, and unknown keys (reported), never reach psycopg
+        passed = _passed_keys()
+        if not params.keys() <= passed:
+            for key in params.keys() - passed:
+                params.pop(key)  # ours, and unknown keys (reported), never reach psycopg
         return params
+
+    @cached_property
+    def _sync_stats(self) -> _stats.Stats:
+        return _stats.get(self.alias, "sync")  # one per alias for the life of the process
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         guard = _registry.guard(self.alias, self)
         return _stats.acquire_sync(
-            _stats.get(self.alias, "sync"), guard, self._get_new_connection, guard, conn_params
+            self._sync_stats, guard, self._get_new_connection, guard, conn_params
         )
 
     def _get_new_connection(self, guard: Guard, conn_params: dict[str, Any]) -> Any:
         """Return Django's new (pooled) connection, with the pool's errors made ours."""
         try:
-            return super().get_new_connection(conn_params)
+            pool = self.pool
+            if pool is None or "isolation_level" in self.settings_dict["OPTIONS"]:
+                # Undecorated: connect() has checked for an event loop already.
+                return _parent_get_new_connection(self, conn_params)
+            # Django's get_new_connection() for the common case: a pool, the
+            # isolation level the server's default (SyncPool.getconn opens the pool).
+            self.isolation_level = IsolationLevel.READ_COMMITTED
+            return pool.getconn()
         except psycopg_pool.PoolTimeout as exc:
             pool = self.pool
             state = pool.describe_state() if pool else "no pool"
@@ -149,12 +164,26 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def wrap_database_errors(self) -> DatabaseErrorWrapper:
         return _ErrorWrapper(self)
 
+    def _set_autocommit(self, autocommit: bool) -> None:
+        # connect() sets it on every checkout; psycopg takes a lock and runs a
+        # generator even when the value does not change.
+        if self.connection.autocommit != autocommit:
+            super()._set_autocommit(autocommit)  # type: ignore[misc]
+
     def _close(self) -> None:
-        if self.connection is not None:
-            _stats.returned_sync(_stats.get(self.alias, "sync"), self.connection)
-        if self.connection is not None and self.pool is not None:
-            stamp_returned(self.connection)
-        super()._close()  # type: ignore[misc]
+        conn = self.connection
+        if conn is None:
+            return
+        _stats.returned_sync(self._sync_stats, conn)
+        if self.pool is None:
+            super()._close()  # type: ignore[misc]  # closed for good
+            return
+        # Django's _close() for a pooled connection, with the time it came back.
+        stamp_returned(conn)
+        with self.wrap_database_errors:
+            # Its own pool, as in Django: settings changes in tests replace pools.
+            conn._pool.putconn(conn)
+        self.connection = None
 
 
 class SyncPoolTimeout(PoolTimeout, psycopg_pool.PoolTimeout):
@@ -179,6 +208,13 @@ class _ErrorWrapper(DatabaseErrorWrapper):
             return
         super().__exit__(exc_type, exc_value, traceback)
 
+
+#: Django's get_new_connection() without its event-loop check (connect() makes it).
+_parent_get_new_connection = getattr(
+    postgresql.DatabaseWrapper.get_new_connection,
+    "__wrapped__",
+    postgresql.DatabaseWrapper.get_new_connection,
+)
 
 #: Keys Django's get_connection_params() adds itself (not user OPTIONS).
 _DRIVER_KEYS = frozenset(

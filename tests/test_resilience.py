@@ -12,7 +12,13 @@ import warnings
 import pytest
 from django.db import IntegrityError, connection
 
-from django_asyncpool import CircuitOpenError, DatabaseUnavailable, PoolTimeout, _registry
+from django_asyncpool import (
+    CircuitOpenError,
+    DatabaseUnavailable,
+    PoolTimeout,
+    _registry,
+    _syncpool,
+)
 from testproject.pgserver import PASSWORD
 from testproject.shop.models import Product
 
@@ -125,16 +131,36 @@ def test_short_outage_within_the_retry_budget_is_invisible(make_wrapper, pg, ser
     assert second != first  # a new backend: the old one died with the server
 
 
-def test_terminated_backends_are_replaced_before_the_caller_sees_them(make_wrapper, pg) -> None:
+@pytest.mark.parametrize("watch", ["epoll", "poll at checkout"])
+def test_terminated_backends_are_replaced_before_the_caller_sees_them(
+    make_wrapper, pg, monkeypatch, watch
+) -> None:
+    if watch != "epoll":  # what platforms without epoll do
+        monkeypatch.setattr(_syncpool, "_hangups", None)
+    elif _syncpool._hangups is None:
+        pytest.skip("no epoll on this platform")
     wrapper = make_wrapper(
         OPTIONS={"pool": {"min_size": 2, "max_size": 2}, "retry": {"max_tries": 1}}
     )
     pids = {query(wrapper) for _ in range(4)}
     assert terminate_backends(pg, "postgres") >= 1
-    wait_until(lambda: False, timeout=0.2)
+    wait_until(lambda: False, timeout=0.2)  # within liveness_bypass: no ping
     for _ in range(10):
         assert query(wrapper) not in pids
     assert _registry.guard(wrapper.alias, wrapper).breaker.fail_counter == 0
+
+
+def test_a_stale_hangup_hint_costs_a_check_not_the_connection(make_wrapper) -> None:
+    if _syncpool._hangups is None:
+        pytest.skip("no epoll on this platform")
+    wrapper = make_wrapper(OPTIONS={"pool": {"min_size": 1, "max_size": 1}})
+    pid = query(wrapper)
+    conn = wrapper.pool.getconn()
+    fd = conn.pgconn.socket
+    wrapper.pool.putconn(conn)
+    _syncpool._hangups.fds.add(fd)  # as if an old socket with this number had hung up
+    assert query(wrapper) == pid  # checked for real, found alive, kept
+    assert fd not in _syncpool._hangups.fds
 
 
 @pytest.mark.django_db(transaction=True)
