@@ -38,10 +38,10 @@ HELD_BUCKETS = (
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 )  # fmt: skip
 
-#: Set on a sync connection once handed out: later hand-outs are reuses.
-_SEEN = "_asyncpool_seen"
-#: perf_counter() when a sync connection was handed out, for the time it is held.
+#: perf_counter() when a sync connection was handed out, for the time it is held (None
+#: with metrics off, or once back). Missing on a connection never handed out before.
 _TAKEN = "_asyncpool_taken_at"
+_NEVER = object()
 
 
 class Histogram:
@@ -135,15 +135,17 @@ def acquire_sync(stats: Stats, guard: Guard, acquire: Callable[..., T], *args: A
         stats.failed(exc)
         raise
     stats.checkouts += 1
-    if getattr(conn, _SEEN, False):
-        stats.reused += 1
-    else:
+    taken = getattr(conn, _TAKEN, _NEVER)
+    if taken is _NEVER:
         stats.created += 1
-        setattr(conn, _SEEN, True)
+    else:
+        stats.reused += 1
     if guard.config.metrics:
         now = time.perf_counter()
         stats.latency.observe(now - started)
         setattr(conn, _TAKEN, now)
+    elif taken is _NEVER:
+        setattr(conn, _TAKEN, None)
     return conn
 
 

@@ -18,7 +18,7 @@ from psycopg import pq
 from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
 
-__all__ = ["SyncPool", "stamp_returned"]
+__all__ = ["SyncPool"]
 
 logger = logging.getLogger("django_asyncpool")
 
@@ -44,11 +44,6 @@ def _where(limit: int = 40) -> list[_Frame]:
         stack.append((frame.f_code, frame.f_lineno))
         frame = frame.f_back
     return stack
-
-
-def stamp_returned(conn: psycopg.Connection[Any]) -> None:
-    """Record when ``conn`` went back to the pool (for the liveness bypass window)."""
-    setattr(conn, _RETURNED, time.monotonic())
 
 
 def _readable(conn: psycopg.Connection[Any]) -> bool:
@@ -244,6 +239,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             logger.info("A connection of pool %r reported as leaked came back: closed", self.name)
             conn.close()
             return
+        setattr(conn, _RETURNED, time.monotonic())  # for the liveness bypass window
         super().putconn(conn)
 
     def _start_initial_tasks(self) -> None:
@@ -310,7 +306,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
                 client.fail(exc)
             raise
         self.last_connect_error = None
-        stamp_returned(conn)
+        setattr(conn, _RETURNED, time.monotonic())  # new: no ping at its first checkout
         _watch(conn)
         return conn
 

@@ -29,7 +29,7 @@ from psycopg import IsolationLevel
 
 from . import _registry, _stats
 from ._policy import Guard
-from ._syncpool import SyncPool, stamp_returned
+from ._syncpool import SyncPool
 from .config import (
     DJANGO_OPTIONS,
     OUR_KEYS,
@@ -178,8 +178,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if self.pool is None:
             super()._close()  # type: ignore[misc]  # closed for good
             return
-        # Django's _close() for a pooled connection, with the time it came back.
-        stamp_returned(conn)
+        # Django's _close() for a pooled connection.
         with self.wrap_database_errors:
             # Its own pool, as in Django: settings changes in tests replace pools.
             conn._pool.putconn(conn)
