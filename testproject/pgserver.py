@@ -222,3 +222,4 @@ def _remembered_port(datadir: Path) -> int | None:
 def _destroy_if_owner(server: LocalPostgres, owner: int) -> None:
     if os.getpid() == owner:  # not in forked children
         server.destroy()
+        shutil.rmtree(server.datadir.parent, ignore_errors=True)  # the mkdtemp() around it
