@@ -94,7 +94,7 @@ class _Hangups:
         while True:
             try:
                 events = self._epoll.poll()
-            except OSError:  # closed (after a fork)
+            except OSError:  # the epoll set was closed
                 return
             for fd, _ in events:
                 self.fds.add(fd)  # EPOLLONESHOT: reported once, then disarmed
