@@ -166,3 +166,21 @@ def make_alias() -> Iterator[Callable[..., str]]:
             connections[alias].close()
         with contextlib.suppress(AttributeError):
             delattr(connections._connections, alias)
+
+
+@pytest.fixture
+def db_access(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
+    """Let threads and probes connect (the test database exists, no transaction around it)."""
+    with django_db_blocker.unblock():
+        yield
+
+
+@pytest.fixture
+def alias(make_alias: Callable[..., str], request: pytest.FixtureRequest) -> Callable[..., str]:
+    """make_alias() with the test module's ``QUICK`` options by default (small pools)."""
+
+    def make(**overrides: Any) -> str:
+        overrides.setdefault("OPTIONS", request.module.QUICK)
+        return make_alias(**overrides)
+
+    return make

@@ -8,9 +8,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -30,22 +29,7 @@ QUICK = {
 }
 
 
-@pytest.fixture(autouse=True)
-def db_access(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
-    """Let the probe threads connect (the test database exists, no transaction around it)."""
-    with django_db_blocker.unblock():
-        yield
-
-
-@pytest.fixture
-def alias(make_alias: Callable[..., str]) -> Callable[..., str]:
-    """make_alias() with small pools and few retries by default."""
-
-    def make(**overrides: Any) -> str:
-        overrides.setdefault("OPTIONS", QUICK)
-        return make_alias(**overrides)
-
-    return make
+pytestmark = pytest.mark.usefixtures("db_access")  # the probe threads connect
 
 
 def dbpool_check(*args: str) -> tuple[int, str, float]:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 from django.conf import settings
@@ -25,21 +24,7 @@ QUICK = {
 TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True}]
 
 
-@pytest.fixture(autouse=True)
-def db_access(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
-    with django_db_blocker.unblock():
-        yield
-
-
-@pytest.fixture
-def alias(make_alias: Callable[..., str]) -> Callable[..., str]:
-    """make_alias() with small pools and few retries by default."""
-
-    def make(**overrides: Any) -> str:
-        overrides.setdefault("OPTIONS", QUICK)
-        return make_alias(**overrides)
-
-    return make
+pytestmark = pytest.mark.usefixtures("db_access")
 
 
 async def get(aliases: list[str], accept: str = "application/json") -> HttpResponse:
