@@ -405,6 +405,18 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _python(*args: str, port: int) -> subprocess.CompletedProcess[str]:
+    """Run ``python ARGS`` in the project with metrics enabled on ``port``."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=_env(METRICS_ENABLED="true", METRICS_PORT=str(port)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_exporter_serves_metrics_on_a_free_port() -> None:
     port = _exporter.start(_free_port(), addr="127.0.0.1")
     try:
@@ -446,14 +458,7 @@ def test_runserver_serves_from_its_server_process_not_the_autoreloader(monkeypat
 
 def test_a_management_command_runs_with_the_port_taken() -> None:
     with _taken_port() as port:
-        done = subprocess.run(
-            [sys.executable, "manage.py", "check"],
-            cwd=ROOT,
-            env=_env(METRICS_ENABLED="true", METRICS_PORT=str(port)),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = _python("manage.py", "check", port=port)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count(f"METRICS_PORT {port} could not be opened") == 1
 
@@ -470,14 +475,7 @@ def test_a_script_with_metrics_enabled_serves_its_own_pool() -> None:
         "asyncio.run(main())\n"
         f"print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read().decode())\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=_env(METRICS_ENABLED="true", METRICS_PORT=str(port)),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _python("-c", code, port=port)
     assert done.returncode == 0, done.stderr
     attempts = _sample(done.stdout, "db_connection_attempts_total", pool="async", outcome="success")
     assert attempts == 1
