@@ -13,6 +13,7 @@ import select
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlencode
 
 import asyncpg
 import sqlalchemy.exc
@@ -24,7 +25,7 @@ from sqlalchemy.util.concurrency import await_
 from . import _registry
 from ._policy import Guard
 from ._stats import Stats
-from .config import AliasConfig, refuse_pgbouncer_conflicts
+from .config import AliasConfig, refuse_unusable
 from .errors import PoolTimeout
 
 _ASYNCPG_DSN_KEYS = frozenset(
@@ -59,9 +60,19 @@ _TAKEN = "asyncpool_taken_at"
 def connect_kwargs(config: AliasConfig) -> dict[str, Any]:
     """Return ``asyncpg.connect()`` keyword arguments for ``config``."""
     params = dict(config.params)
+    # libpq's comma-separated lists (several hosts) are lists for asyncpg; a host that
+    # is a directory is a unix socket for both.
+    host: str | list[str] | None = config.host or None
+    if "," in config.host:
+        host = config.host.split(",")
+    port: int | list[int] | None = None
+    if isinstance(config.port, str):  # one per host; an empty one is the default
+        port = [int(p) if p else 5432 for p in config.port.split(",")]
+    elif config.port:
+        port = config.port
     kwargs: dict[str, Any] = {
-        "host": config.host or None,
-        "port": config.port,
+        "host": host,
+        "port": port,
         "user": config.user or None,
         "password": config.password or None,
         "database": config.dbname,
@@ -77,7 +88,7 @@ def connect_kwargs(config: AliasConfig) -> dict[str, Any]:
         kwargs["timeout"] = float(params["connect_timeout"])
     if server_settings:
         kwargs["server_settings"] = server_settings
-    dsn_query = "&".join(f"{k}={params[k]}" for k in sorted(_ASYNCPG_DSN_KEYS & set(params)))
+    dsn_query = urlencode({k: params[k] for k in sorted(_ASYNCPG_DSN_KEYS & set(params))})
     if dsn_query:
         kwargs["dsn"] = f"postgresql://?{dsn_query}"
     if config.pgbouncer:
@@ -216,7 +227,7 @@ class _LoopEngine:
     """The engines of one event loop: read-write, and read-only (made when first used)."""
 
     def __init__(self, stats: Stats, config: AliasConfig) -> None:
-        refuse_pgbouncer_conflicts(config)
+        refuse_unusable(config)
         self.stats = stats
         self.config = config
         self.engine = self._engine(readonly=False)

@@ -13,6 +13,7 @@ Only what differs from ``django.db.backends.postgresql`` is overridden:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import logging
 import os
@@ -33,10 +34,11 @@ from ._syncpool import SyncPool
 from .config import (
     DJANGO_OPTIONS,
     OUR_KEYS,
+    InvalidURL,
     _libpq_keys,
     connection_fields,
     pgbouncer_on,
-    refuse_pgbouncer_conflicts,
+    refuse_unusable,
 )
 from .creation import DatabaseCreation
 from .errors import PoolClosed, PoolError, PoolTimeout
@@ -61,8 +63,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     _connection_pools: dict[str, SyncPool] = {}
 
     def __init__(self, settings_dict: dict[str, Any], alias: str = "default") -> None:
-        # DATABASE_URL fills the connection fields when the alias gives none.
-        settings_dict.update(connection_fields(settings_dict, os.environ))
+        # DATABASE_URL fills the connection fields when the alias gives none. One that
+        # cannot be used is a system check (dbpool.E006) and refused on connecting.
+        with contextlib.suppress(InvalidURL):
+            settings_dict.update(connection_fields(settings_dict, os.environ))
         if pgbouncer_on(settings_dict.get("OPTIONS") or {}):
             # QuerySet.iterator()'s WITH HOLD cursors outlive the transaction, and so
             # PgBouncer's transaction pooling; an explicit False is refused (E020).
@@ -112,12 +116,14 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         return self._connection_pools.setdefault(self.alias, pool)
 
     def get_connection_params(self) -> dict[str, Any]:
-        params: dict[str, Any] = super().get_connection_params()
         if not self._options_reported:
             # Parsing the whole configuration costs ~30 us: not on every checkout.
             config = _registry.config_for_wrapper(self)  # reports unknown or invalid keys
-            refuse_pgbouncer_conflicts(config)  # before any connection is made
+            # Before any connection is made, and before Django's complaint about a
+            # missing NAME, which an unusable DATABASE_URL would leave.
+            refuse_unusable(config)
             self._options_reported = True
+        params: dict[str, Any] = super().get_connection_params()
         passed = _passed_keys()
         if not params.keys() <= passed:
             for key in params.keys() - passed:

@@ -18,17 +18,21 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+
+from django.core.exceptions import ImproperlyConfigured
 
 __all__ = [
     "AliasConfig",
     "AsyncPoolConfig",
     "BreakerConfig",
+    "InvalidURL",
     "MetricsConfig",
     "Problem",
     "RetryConfig",
+    "from_settings",
     "load",
     "load_metrics",
+    "parse_url",
 ]
 
 ENGINE = "django_asyncpool"
@@ -102,7 +106,8 @@ class AliasConfig:
     user: str = ""
     password: str = field(default="", repr=False)
     host: str = ""
-    port: int | None = None
+    #: A port, or one per host in libpq's comma-separated form (``"5432,5433"``).
+    port: int | str | None = None
     #: libpq parameters from OPTIONS (sslmode, application_name, ...).
     params: Mapping[str, Any] = field(default_factory=dict)
     #: psycopg_pool keyword arguments, or None when ``OPTIONS["pool"]`` is False.
@@ -281,17 +286,84 @@ def _libpq_keys() -> frozenset[str]:
     return frozenset(d.keyword.decode() for d in pq.Conninfo.get_defaults())
 
 
+#: DATABASE_URL's schemes. The driver after ``+`` (asyncpg, psycopg, ...) is not used:
+#: the sync side always connects with psycopg, the async side with asyncpg.
+URL_SCHEMES = ("postgresql", "postgres")
+#: libpq's sslmode values, also what asyncpg (and so SQLAlchemy's URLs) takes as ``ssl=``.
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+URL_FORM = "postgresql://USER:PASSWORD@HOST:PORT/NAME"
+#: libpq's connect() keywords -> Django's settings keys.
+_URL_FIELDS = {"dbname": "NAME", "user": "USER", "password": "PASSWORD", "host": "HOST"}
+
+
+class InvalidURL(ImproperlyConfigured):
+    """DATABASE_URL cannot be used; the message says why and how to write it, never the password."""
+
+    def __init__(self, why: str, hint: str = "") -> None:
+        self.why = why
+        self.hint = hint or (
+            f"Write it as {URL_FORM}, or postgresql://USER@/NAME?host=/socket/dir for a "
+            "unix socket (postgres://, postgresql+asyncpg:// and postgresql+psycopg:// "
+            "work too); percent-encode @ / : % in the user or password (%40 %2F %3A %25)."
+        )
+        super().__init__(f"DATABASE_URL {why} {self.hint}")
+
+
 def parse_url(url: str) -> dict[str, Any]:
-    """Split a ``postgresql+asyncpg://`` URL into Django's connection fields."""
-    parts = urlsplit(url)
-    return {
-        "NAME": unquote(parts.path.lstrip("/")),
-        "USER": unquote(parts.username or ""),
-        "PASSWORD": unquote(parts.password or ""),
-        "HOST": unquote(parts.hostname or ""),
-        "PORT": parts.port,
-        "OPTIONS": dict(parse_qsl(parts.query)),
-    }
+    """Return Django's connection fields (NAME, USER, PASSWORD, HOST, PORT, OPTIONS) of ``url``.
+
+    SQLAlchemy parses it (``make_url``), and its PostgreSQL dialect reads the query
+    as it does for its own engines: ``?host=`` is a host name, a unix socket
+    directory or several hosts (``host=h1:5432&host=h2:5432``, or
+    ``host=h1,h2&port=5432,5433``: HOST and PORT are then libpq's comma-separated
+    lists). Every other query parameter goes to OPTIONS, libpq's names as they are
+    and asyncpg's ``ssl=`` as ``sslmode``. Raise :class:`InvalidURL` (an
+    ImproperlyConfigured) for a URL that is not PostgreSQL's or cannot be read.
+    """
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        # Not SQLAlchemy's message: one day it might quote the URL, password and all.
+        raise InvalidURL("is not a URL.") from None
+    except ValueError:
+        raise InvalidURL("has a port that is not a number.") from None
+    if parsed.drivername.partition("+")[0] not in URL_SCHEMES:
+        raise InvalidURL(
+            f"must start with postgresql:// or postgres://, got {parsed.drivername}://."
+        )
+    if "@" in (parsed.host or ""):
+        raise InvalidURL("has an '@' in its user or password.", "Percent-encode it there as %40.")
+    try:
+        # The psycopg dialect turns the URL into libpq's keywords, several hosts included.
+        params = PGDialect_psycopg().create_connect_args(parsed)[1]  # type: ignore[no-untyped-call]
+    except ArgumentError as exc:  # "number of hosts and ports don't match" and the like
+        why = str(exc).replace(parsed.password, "***") if parsed.password else str(exc)
+        raise InvalidURL(f"has hosts or ports that cannot be read: {why}.") from None
+    conn: dict[str, Any] = {key: params.pop(name, "") for name, key in _URL_FIELDS.items()}
+    port = params.pop("port", None)
+    conn["PORT"] = int(port) if isinstance(port, int) or str(port).isdigit() else port or None
+    for key, value in params.items():
+        if isinstance(value, tuple):
+            raise InvalidURL(
+                f"gives the query parameter {key!r} {len(value)} times.",
+                "Give each query parameter once (several -c settings go in one options=).",
+            )
+    ssl = params.pop("ssl", None)
+    if ssl is not None:
+        if ssl not in SSL_MODES:
+            raise InvalidURL(
+                f"has ssl={ssl}, which is not an SSL mode.",
+                "Use sslmode=require (encrypted) or sslmode=verify-full (encrypted, "
+                f"server certificate checked); the modes are {', '.join(SSL_MODES)}.",
+            )
+        if params.setdefault("sslmode", ssl) != ssl:
+            raise InvalidURL("has ssl= and sslmode= with different modes.", "Keep only sslmode=.")
+    conn["OPTIONS"] = params
+    return conn
 
 
 def connection_fields(
@@ -299,7 +371,8 @@ def connection_fields(
 ) -> dict[str, Any]:
     """Return the fields DATABASE_URL fills in, when the alias names no database or host.
 
-    OPTIONS given in settings win over the URL's query parameters.
+    OPTIONS given in settings win over the URL's query parameters. Raise
+    :class:`InvalidURL` when the URL is needed and cannot be used.
     """
     url = environ.get("DATABASE_URL", "")
     if settings_dict.get("NAME") or settings_dict.get("HOST") or not url:
@@ -393,10 +466,17 @@ def pgbouncer_on(options: Mapping[str, Any]) -> bool:
     return value is True or (isinstance(value, str) and value.strip().lower() in _TRUE)
 
 
-def refuse_pgbouncer_conflicts(config: AliasConfig) -> None:
-    """Raise ImproperlyConfigured when ``config`` asks for what PgBouncer cannot carry."""
-    from django.core.exceptions import ImproperlyConfigured
+def refuse_unusable(config: AliasConfig) -> None:
+    """Raise ImproperlyConfigured before connecting with a configuration that cannot work.
 
+    That is a DATABASE_URL that cannot be used (E006), or settings PgBouncer's
+    transaction pooling cannot carry (E020).
+    """
+    for problem in config.problems:
+        if problem.id == "dbpool.E006":
+            raise ImproperlyConfigured(
+                f"Database {config.alias!r}: {problem.message} {problem.hint}"
+            )
     conflicts = [p for p in config.problems if p.id == "dbpool.E020"]
     if conflicts:
         raise ImproperlyConfigured(
@@ -411,18 +491,14 @@ def from_settings(
     """Build the :class:`AliasConfig` of one ``DATABASES`` entry."""
     environ = os.environ if environ is None else environ
     reader = _Reader(alias)
-    from_url = connection_fields(settings_dict, environ)
+    try:
+        from_url = connection_fields(settings_dict, environ)
+    except InvalidURL as exc:
+        # Nothing of it is used: connecting is refused (refuse_unusable) with this message.
+        reader.problem("dbpool.E006", "DATABASE_URL", f"DATABASE_URL {exc.why}", exc.hint)
+        from_url = {}
     conn = {**settings_dict, **from_url}
     options: Mapping[str, Any] = conn.get("OPTIONS") or {}
-    if from_url:
-        scheme = urlsplit(environ["DATABASE_URL"]).scheme
-        if scheme != "postgresql+asyncpg":
-            reader.problem(
-                "dbpool.E006",
-                "DATABASE_URL",
-                f"DATABASE_URL must start with postgresql+asyncpg://, got {scheme}://.",
-                "Write it as postgresql+asyncpg://USER:PASSWORD@HOST:PORT/NAME.",
-            )
 
     env_async = {name: (var, environ[var]) for var, name in ENV_ASYNC.items() if var in environ}
     known_top = OUR_KEYS | DJANGO_OPTIONS | _libpq_keys()
@@ -456,13 +532,23 @@ def from_settings(
         return WARMUP_DEFAULT if raw is True else flag("warmup", None)
 
     port = conn.get("PORT") or None
+    if port is not None and not str(port).replace(",", "").isdigit():
+        reader.problem(
+            "dbpool.E002",
+            "PORT",
+            f"PORT must be a port number, got {port!r}.",
+            "Set PORT to the server's port (one per host, comma-separated, for several "
+            "hosts), or leave it out for 5432.",
+        )
+        port = None
     config = AliasConfig(
         alias=alias,
         dbname=conn.get("NAME") or "postgres",
         user=conn.get("USER") or "",
         password=conn.get("PASSWORD") or "",
         host=conn.get("HOST") or "",
-        port=int(port) if port else None,
+        # Several hosts' ports stay libpq's comma-separated list.
+        port=port if port is None or "," in str(port) else int(port),
         params={
             k: v
             for k, v in options.items()
@@ -503,7 +589,6 @@ def from_settings(
 def load(alias: str = "default") -> AliasConfig:
     """Return the configuration of ``alias`` from ``settings.DATABASES`` and the environment."""
     from django.conf import settings
-    from django.core.exceptions import ImproperlyConfigured
 
     databases = settings.DATABASES
     ours = sorted(a for a, d in databases.items() if d.get("ENGINE") == ENGINE)

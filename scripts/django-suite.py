@@ -109,7 +109,7 @@ def _alias(name):
         "HOST": _db["HOST"],
         "PORT": _db["PORT"],
         "CONN_MAX_AGE": 0,
-        "OPTIONS": {{"pool": {pool!r}}},
+        "OPTIONS": {{**_db["OPTIONS"], "pool": {pool!r}}},
     }}
 
 

@@ -23,6 +23,8 @@ if not os.environ.get("DATABASE_URL"):
 
 _db = parse_url(os.environ["DATABASE_URL"])
 _connection = {k: _db[k] for k in ("NAME", "USER", "PASSWORD", "HOST", "PORT")}
+#: The URL's query options (sslmode, application_name, ...), under each alias's own.
+_url_options = _db["OPTIONS"]
 
 DATABASES = {
     "default": {
@@ -30,6 +32,7 @@ DATABASES = {
         **_connection,
         "CONN_MAX_AGE": 0,
         "OPTIONS": {
+            **_url_options,
             "pool": {"min_size": 1, "max_size": 10, "timeout": 5},
             "async_pool": {"pool_size": 10, "max_overflow": 5, "timeout": 5},
             "circuit_breaker": {"fail_max": 5, "reset_timeout": 5},
@@ -40,7 +43,7 @@ DATABASES = {
         "ENGINE": "django_asyncpool",
         **_connection,
         "CONN_MAX_AGE": 0,
-        "OPTIONS": {"pool": {"min_size": 1, "max_size": 5, "timeout": 5}},
+        "OPTIONS": {**_url_options, "pool": {"min_size": 1, "max_size": 5, "timeout": 5}},
         "TEST": {"MIRROR": "default"},
     },
 }

@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import copy
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
 
-from django_asyncpool.config import AliasConfig, AsyncPoolConfig, from_settings
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connections
+from django.db.utils import ConnectionHandler
+from sqlalchemy import text
+
+from django_asyncpool import session_scope
+from django_asyncpool._engines import connect_kwargs
+from django_asyncpool.base import DatabaseWrapper
+from django_asyncpool.config import (
+    ENGINE,
+    AliasConfig,
+    AsyncPoolConfig,
+    InvalidURL,
+    from_settings,
+    parse_url,
+)
+from testproject import pgserver
+
+from .conftest import closed_port
 
 BASE = {"NAME": "app", "USER": "app", "PASSWORD": "pw", "HOST": "db", "PORT": 5432}
 ENV = {
@@ -56,11 +79,192 @@ def test_database_url_fills_connection_fields_only_when_the_alias_names_none() -
     assert named.host == "db"  # the alias's own fields win
 
 
-@pytest.mark.parametrize("scheme", ["postgresql", "postgres", "mysql"])
-def test_database_url_must_be_asyncpg(scheme: str) -> None:
-    config = from_settings("default", {}, environ={"DATABASE_URL": f"{scheme}://u:secret@h/db"})
+# -- DATABASE_URL: every form, read alike by the ENGINE and by from_settings ------------------
+
+PW = "s3cr%t/pw@x"  # as percent-encoded in the URLs below
+# (id, URL, Django's fields parse_url returns, asyncpg's connect() keywords they become)
+URLS: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
+    (
+        "unix socket (SQLAlchemy's, Cloud SQL's)",
+        "postgresql+asyncpg://app@/shop?host=/cloudsql/project:region:db",
+        {"NAME": "shop", "USER": "app", "HOST": "/cloudsql/project:region:db", "PORT": None},
+        {"host": "/cloudsql/project:region:db", "database": "shop", "user": "app"},
+    ),
+    (
+        "unix socket, port in the query",
+        "postgresql://app@/shop?host=/run/pg&port=5433",
+        {"HOST": "/run/pg", "PORT": 5433},
+        {"host": "/run/pg", "port": 5433},
+    ),
+    (
+        "unix socket, port in the authority",
+        "postgresql://app@:5433/shop?host=/run/pg",
+        {"HOST": "/run/pg", "PORT": 5433},
+        {"host": "/run/pg", "port": 5433},
+    ),
+    (
+        "postgres://",
+        "postgres://app:pw@db.example:6543/shop",
+        {"NAME": "shop", "USER": "app", "PASSWORD": "pw", "HOST": "db.example", "PORT": 6543},
+        {"host": "db.example", "port": 6543, "user": "app", "password": "pw"},
+    ),
+    (
+        "postgresql://",
+        "postgresql://app:pw@db.example/shop",
+        {"HOST": "db.example", "PORT": None, "OPTIONS": {}},
+        {"host": "db.example", "database": "shop"},
+    ),
+    (
+        "postgresql+psycopg://",
+        "postgresql+psycopg://app:pw@db.example/shop",
+        {"HOST": "db.example", "NAME": "shop"},
+        {"host": "db.example", "database": "shop"},
+    ),
+    (
+        "postgresql+asyncpg://",
+        "postgresql+asyncpg://app:pw@db.example/shop",
+        {"HOST": "db.example", "NAME": "shop"},
+        {"host": "db.example", "database": "shop"},
+    ),
+    (
+        "sslmode",
+        "postgresql://app@db.example/shop?sslmode=verify-full&sslrootcert=/etc/ca%2B1.pem",
+        {"OPTIONS": {"sslmode": "verify-full", "sslrootcert": "/etc/ca+1.pem"}},
+        {"dsn": "postgresql://?sslmode=verify-full&sslrootcert=%2Fetc%2Fca%2B1.pem"},
+    ),
+    (
+        "ssl (asyncpg's spelling)",
+        "postgresql+asyncpg://app@db.example/shop?ssl=require",
+        {"OPTIONS": {"sslmode": "require"}},
+        {"dsn": "postgresql://?sslmode=require"},
+    ),
+    (
+        "percent-encoded user, password, database",
+        "postgresql://us%40er:s3cr%25t%2Fpw%40x@db.example/my%20shop",
+        {"USER": "us@er", "PASSWORD": "s3cr%t/pw@x", "NAME": "my shop"},
+        {"user": "us@er", "password": "s3cr%t/pw@x", "database": "my shop"},
+    ),
+    (
+        "IPv6 with a port",
+        "postgresql://app@[::1]:5433/shop",
+        {"HOST": "::1", "PORT": 5433},
+        {"host": "::1", "port": 5433},
+    ),
+    (
+        "IPv6",
+        "postgresql://app@[2001:db8::7]/shop",
+        {"HOST": "2001:db8::7", "PORT": None},
+        {"host": "2001:db8::7"},
+    ),
+    (
+        "several hosts, host:port each",
+        "postgresql://app@/shop?host=pg1:5432&host=pg2:5433",
+        {"HOST": "pg1,pg2", "PORT": "5432,5433"},
+        {"host": ["pg1", "pg2"], "port": [5432, 5433]},
+    ),
+    (
+        "several hosts, comma-separated",
+        "postgresql://app@/shop?host=pg1,pg2&port=5432,5433&target_session_attrs=read-write",
+        {"HOST": "pg1,pg2", "PORT": "5432,5433"},
+        {"host": ["pg1", "pg2"], "dsn": "postgresql://?target_session_attrs=read-write"},
+    ),
+    (
+        "libpq options",
+        "postgresql://app@db/shop?application_name=web&connect_timeout=3",
+        {"OPTIONS": {"application_name": "web", "connect_timeout": "3"}},
+        {"timeout": 3.0, "server_settings": {"application_name": "web"}},
+    ),
+]
+URL_IDS = [case[0] for case in URLS]
+
+
+@pytest.mark.parametrize(("url", "fields", "asyncpg"), [c[1:] for c in URLS], ids=URL_IDS)
+def test_parse_url_reads_each_form(url: str, fields: dict[str, Any], asyncpg: Any) -> None:
+    parsed = parse_url(url)
+    assert set(parsed) == {"NAME", "USER", "PASSWORD", "HOST", "PORT", "OPTIONS"}
+    assert {key: parsed[key] for key in fields} == fields
+
+
+@pytest.mark.parametrize(("url", "fields", "asyncpg"), [c[1:] for c in URLS], ids=URL_IDS)
+def test_the_engine_and_from_settings_read_database_url_alike(
+    url: str, fields: dict[str, Any], asyncpg: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    given = {"ENGINE": "django_asyncpool", "OPTIONS": {"application_name": "web"}}
+    expected = from_settings("u", given, environ={"DATABASE_URL": url})
+    assert expected.problems == ()
+    # The ENGINE applies DATABASE_URL to the alias's settings when it is made.
+    monkeypatch.setenv("DATABASE_URL", url)
+    settings_dict = ConnectionHandler().configure_settings({"default": copy.deepcopy(given)})
+    wrapper = DatabaseWrapper(settings_dict["default"], alias="u")
+    assert from_settings("u", wrapper.settings_dict, environ={}) == expected
+    # The sync side: what psycopg is given.
+    params = wrapper.get_connection_params()
+    libpq = {"HOST": "host", "PORT": "port", "NAME": "dbname", "USER": "user"}
+    for key, value in fields.items():
+        if key in libpq and value:
+            assert params[libpq[key]] == value, key
+        elif key == "PASSWORD":
+            assert params["password"] == value
+        elif key == "OPTIONS":
+            assert {k: params[k] for k in value if k != "application_name"} == {
+                k: v for k, v in value.items() if k != "application_name"
+            }
+    assert params["application_name"] == "web"  # the alias's OPTIONS win over the URL's
+    # The async side: what asyncpg.connect() is given.
+    kwargs = connect_kwargs(expected)
+    assert {key: kwargs.get(key) for key in asyncpg if key != "server_settings"} == {
+        key: value for key, value in asyncpg.items() if key != "server_settings"
+    }
+    assert kwargs["server_settings"]["application_name"] == "web"
+
+
+# (id, URL with the password PW, what the message must say)
+BAD_URLS = [
+    ("not PostgreSQL", "mysql://app:s3cr%25t%2Fpw%40x@db/shop", "got mysql://"),
+    ("no scheme", "app:s3cr%25t%2Fpw%40x@db/shop", "is not a URL"),
+    ("port not a number", "postgresql://app:s3cr%25t%2Fpw%40x@db:pg/shop", "port"),
+    ("@ not encoded", "postgresql://app:s3cr%t/pw@x@db/shop", "%40"),
+    ("ssl=true", "postgresql://app:s3cr%25t%2Fpw%40x@db/shop?ssl=true", "sslmode=require"),
+    (
+        "ssl and sslmode differ",
+        "postgresql://app:s3cr%25t%2Fpw%40x@db/shop?ssl=require&sslmode=disable",
+        "Keep only sslmode",
+    ),
+    (
+        "hosts and ports differ",
+        "postgresql://app:s3cr%25t%2Fpw%40x@/shop?host=a,b&port=1,2,3",
+        "number of hosts and ports",
+    ),
+    (
+        "a parameter twice",
+        "postgresql://app:s3cr%25t%2Fpw%40x@db/shop?options=-c%20a%3D1&options=-c%20b%3D2",
+        "'options' 2 times",
+    ),
+]
+
+
+@pytest.mark.parametrize(("url", "says"), [c[1:] for c in BAD_URLS], ids=[c[0] for c in BAD_URLS])
+def test_an_unusable_database_url_says_what_to_do(
+    url: str, says: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(InvalidURL) as raised:
+        parse_url(url)
+    assert says in str(raised.value)
+    assert raised.value.hint and str(raised.value).endswith(raised.value.hint)  # what to do
+    for secret in (PW, "s3cr%25t%2Fpw%40x", "s3cr%t/pw@x"):
+        assert secret not in str(raised.value)
+    # A system check problem (dbpool.E006), and nothing of the URL is used...
+    config = from_settings("u", {}, environ={"DATABASE_URL": url})
     assert [p.id for p in config.problems] == ["dbpool.E006"]
-    assert "secret" not in repr(config.problems)
+    assert (config.host, config.user, config.password) == ("", "", "")
+    assert PW not in repr(config.problems)
+    # ...and the ENGINE refuses to connect with it, with the same words.
+    monkeypatch.setenv("DATABASE_URL", url)
+    settings_dict = ConnectionHandler().configure_settings({"default": {"ENGINE": ENGINE}})
+    wrapper = DatabaseWrapper(settings_dict["default"], alias="u")
+    with pytest.raises(ImproperlyConfigured, match="DATABASE_URL") as refused:
+        wrapper.get_connection_params()
+    assert says in str(refused.value) and PW not in str(refused.value)
 
 
 def test_repr_hides_the_password() -> None:
@@ -76,3 +280,48 @@ def test_django_pool_check_option_is_known() -> None:
     config = from_settings("default", {**BASE, "OPTIONS": {"pool": {"check": check}}}, environ={})
     assert config.problems == ()
     assert "check" not in (config.sync_pool or {})  # the ENGINE hands it to the pool itself
+
+
+# -- against the server: the URL's hosts reach both pools --------------------------------------
+
+
+def _url(form: str, pg: pgserver.LocalPostgres) -> str:
+    if form == "unix socket":  # trust authentication there: no password, as on Cloud SQL
+        return f"postgresql+asyncpg://{pg.user}@/postgres?host={pg.socket_dir}&port={pg.port}"
+    # Two hosts, the first refusing connections: libpq and asyncpg both go on to the next.
+    password = quote(pg.password, safe="")
+    hosts = f"host=127.0.0.1:{closed_port()}&host={pg.host}:{pg.port}"
+    return f"postgres://{pg.user}:{password}@/postgres?{hosts}&application_name=from-url"
+
+
+@pytest.mark.parametrize("form", ["unix socket", "several hosts"])
+def test_database_url_hosts_reach_both_pools(
+    form: str,
+    pg: pgserver.LocalPostgres,
+    make_alias: Callable[..., str],
+    db_access: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", _url(form, pg))
+    # No connection fields of its own: DATABASE_URL gives them all.
+    alias = make_alias(
+        **dict.fromkeys(("NAME", "USER", "PASSWORD", "HOST", "PORT"), ""),
+        OPTIONS={"pool": {"min_size": 0, "max_size": 1}, "async_pool": {"pool_size": 1}},
+    )
+    sql = (
+        "select inet_server_addr() is null, current_database(), current_setting('application_name')"
+    )
+
+    def sync_side() -> tuple[Any, ...]:
+        with connections[alias].cursor() as cursor:
+            cursor.execute(sql)
+            return tuple(cursor.fetchone())
+
+    async def async_side() -> tuple[Any, ...]:
+        async with session_scope(using=alias) as session:
+            return tuple((await session.execute(text(sql))).one())
+
+    over_socket = form == "unix socket"
+    name = "" if over_socket else "from-url"
+    assert sync_side() == (over_socket, "postgres", name)
+    assert asyncio.run(async_side()) == (over_socket, "postgres", name)
