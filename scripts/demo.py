@@ -5,8 +5,8 @@
 Without DATABASE_URL it starts an embedded PostgreSQL whose data is kept in
 .demo/pgdata and reused on the next run; with DATABASE_URL it uses that server.
 It migrates, loads sample data (once), serves testproject under uvicorn (ASGI,
-one worker) and prints the URLs to open. Ctrl-C stops the web server, closes the
-pools and stops the embedded PostgreSQL.
+one worker) and prints the URLs to open. Ctrl-C, or SIGTERM (docker stop, systemd),
+stops the web server, closes the pools and stops the embedded PostgreSQL.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -79,6 +80,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("DEMO_PORT", "8000")))
     parser.add_argument("--access-log", action="store_true", help="log every request")
     args = parser.parse_args(argv)
+    # SIGTERM as Ctrl-C: a KeyboardInterrupt, so the finally below stops the embedded
+    # PostgreSQL (SIGTERM's default would end the process and leave the server running).
+    # uvicorn handles both while it serves, then raises the signal again.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if not _port_is_free(args.host, args.port):
         print(
             f"Port {args.port} on {args.host} is in use (another demo?). "

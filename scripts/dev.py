@@ -32,7 +32,9 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = {"demo", "test", "django-suite", "venv", "docs"}
@@ -157,19 +159,27 @@ def main(argv: list[str]) -> int:
         print(python.parent.parent)
         return 0
     if command == "test":
-        return subprocess.call([str(python), "-m", "pytest", *rest])
+        run([str(python), "-m", "pytest", *rest])
     if command == "docs":
         # mkdocs-material prints a banner about its successor unless told not to.
         env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
         args = rest if rest[:1] in (["serve"], ["build"]) else ["build", "--strict", *rest]
-        return subprocess.call([str(python), "-m", "mkdocs", *args], env=env)
+        run([str(python), "-m", "mkdocs", *args], env)
     if command == "django-suite":
-        return subprocess.call([str(python), str(ROOT / "scripts" / "django-suite.py"), *rest])
-    # exec, not a child: on Ctrl-C subprocess.call() kills its child after 0.25 s, before
-    # the demo has stopped its embedded PostgreSQL.
-    demo = [str(python), str(ROOT / "scripts" / "demo.py"), *rest]
+        run([str(python), str(ROOT / "scripts" / "django-suite.py"), *rest])
+    run([str(python), str(ROOT / "scripts" / "demo.py"), *rest])
+
+
+def run(args: list[str], env: Mapping[str, str] | None = None) -> NoReturn:
+    """Become the program ``args`` (exec): signals sent to this process reach it directly.
+
+    A child would not get them: subprocess.call() kills it 0.25 s after Ctrl-C (before
+    the demo has stopped its embedded PostgreSQL), and a SIGTERM (docker stop, systemd)
+    would end this process alone. The exit status is the program's own.
+    """
     sys.stdout.flush()
-    os.execv(demo[0], demo)
+    sys.stderr.flush()
+    os.execve(args[0], args, os.environ if env is None else env)
 
 
 if __name__ == "__main__":

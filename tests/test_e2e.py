@@ -4,7 +4,7 @@ The first part drives ``testproject.asgi.application`` in this process with http
 ASGI transport, on the test database. The second part runs the demo the way the
 README does (``scripts/demo.py``: an embedded PostgreSQL of its own, uvicorn), then
 ``manage.py runserver`` and ``manage.py dbpool_check`` against it, and stops the demo
-with Ctrl-C (SIGINT).
+with Ctrl-C (SIGINT), and then with SIGTERM.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -287,10 +288,17 @@ async def test_health_page_checks_both_aliases(client: httpx.AsyncClient) -> Non
 # -- the demo, a real uvicorn process --------------------------------------------------------
 
 
-class Demo:
-    """``scripts/demo.py`` in a subprocess, its output collected by a thread."""
+#: ``python3 scripts/dev.py`` as the README runs it, on the virtualenv running the tests.
+DEV_PY = (
+    "import pathlib, sys; sys.path.insert(0, 'scripts'); import dev; "
+    "dev.ensure_venv = lambda *a: pathlib.Path(sys.executable); sys.exit(dev.main(sys.argv[1:]))"
+)
 
-    def __init__(self, pgdata: Path, port: int) -> None:
+
+class Demo:
+    """``scripts/demo.py`` (or ``dev.py demo``) in a subprocess, its output read by a thread."""
+
+    def __init__(self, pgdata: Path, port: int, *, via_dev: bool = False) -> None:
         env = dict(os.environ, ASYNCPOOL_PGDATA=str(pgdata), PYTHONUNBUFFERED="1")
         env.pop("DATABASE_URL", None)  # the embedded server, as on a bare machine
         env.pop("DJANGO_SETTINGS_MODULE", None)
@@ -298,8 +306,9 @@ class Demo:
         self.base = f"http://127.0.0.1:{port}"
         self.port = port
         self.lines: list[str] = []
+        program = ["-c", DEV_PY, "demo"] if via_dev else [str(ROOT / "scripts" / "demo.py")]
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "scripts" / "demo.py"), "--port", str(port)],
+            [sys.executable, *program, "--port", str(port)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -330,10 +339,10 @@ class Demo:
         password = quote(pgserver.PASSWORD, safe="")
         return f"postgresql+asyncpg://postgres:{password}@127.0.0.1:{self.pg_port}/asyncpool"
 
-    def stop(self) -> int:
-        """Press Ctrl-C; return the exit status."""
+    def stop(self, sig: int = signal.SIGINT) -> int:
+        """Press Ctrl-C (or send ``sig``); return the exit status."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(sig)
         try:
             code = self.proc.wait(timeout=60)
         finally:
@@ -550,3 +559,30 @@ def test_a_second_run_reuses_the_data(demo: Demo, pgdata: Path) -> None:
     finally:
         assert again.stop() == 0
     assert "Embedded PostgreSQL stopped." in again.output
+
+
+def _running(pid: int) -> bool:
+    """Return True while process ``pid`` runs (a zombie, exited but not reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_server_and_the_embedded_postgresql(demo: Demo, pgdata: Path) -> None:
+    """docker stop, systemd: SIGTERM to ``dev.py demo``, which is the demo itself (an exec)."""
+    demo.stop()  # the module's demo: this one is started as the README says
+    run = Demo(pgdata, pgserver.free_port(), via_dev=True)
+    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+    assert _running(postmaster) and not _port_free(run.port)
+    started = time.monotonic()
+    assert run.stop(signal.SIGTERM) == 0, run.output
+    took = time.monotonic() - started
+    assert took < 30, f"the demo took {took:.1f}s to stop\n{run.output}"
+    assert "Embedded PostgreSQL stopped." in run.output
+    assert "Traceback" not in run.output, run.output
+    assert _port_free(run.port), "the web server still listens"
+    assert wait_until(lambda: not _running(postmaster), 10), f"PostgreSQL still runs\n{run.output}"
+    assert not (pgdata / "postmaster.pid").exists()
