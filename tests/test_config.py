@@ -325,3 +325,25 @@ def test_database_url_hosts_reach_both_pools(
     name = "" if over_socket else "from-url"
     assert sync_side() == (over_socket, "postgres", name)
     assert asyncio.run(async_side()) == (over_socket, "postgres", name)
+
+
+def test_an_unusable_database_url_is_refused_by_both_pools(
+    make_alias: Callable[..., str], monkeypatch: pytest.MonkeyPatch, django_db_blocker: Any
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "mysql://app:s3cr%25t%2Fpw%40x@db/shop")
+    alias = make_alias(**dict.fromkeys(("NAME", "USER", "PASSWORD", "HOST", "PORT"), ""))
+
+    async def async_side() -> None:
+        async with session_scope(using=alias) as session:
+            await session.execute(text("select 1"))
+
+    def sync_side() -> None:
+        connections[alias].ensure_connection()
+
+    for side in (sync_side, lambda: asyncio.run(async_side())):
+        with (
+            django_db_blocker.unblock(),
+            pytest.raises(ImproperlyConfigured, match="DATABASE_URL must start with") as refused,
+        ):
+            side()
+        assert PW not in str(refused.value) and "s3cr" not in str(refused.value)
