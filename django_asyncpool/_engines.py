@@ -88,7 +88,7 @@ def connect_kwargs(config: AliasConfig) -> dict[str, Any]:
         kwargs["timeout"] = float(params["connect_timeout"])
     if server_settings:
         kwargs["server_settings"] = server_settings
-    dsn_query = urlencode({k: params[k] for k in sorted(_ASYNCPG_DSN_KEYS & set(params))})
+    dsn_query = urlencode({k: params[k] for k in sorted(_ASYNCPG_DSN_KEYS & set(params))}, safe="/")
     if dsn_query:
         kwargs["dsn"] = f"postgresql://?{dsn_query}"
     if config.pgbouncer:

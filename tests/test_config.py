@@ -130,7 +130,7 @@ URLS: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
         "sslmode",
         "postgresql://app@db.example/shop?sslmode=verify-full&sslrootcert=/etc/ca%2B1.pem",
         {"OPTIONS": {"sslmode": "verify-full", "sslrootcert": "/etc/ca+1.pem"}},
-        {"dsn": "postgresql://?sslmode=verify-full&sslrootcert=%2Fetc%2Fca%2B1.pem"},
+        {"dsn": "postgresql://?sslmode=verify-full&sslrootcert=/etc/ca%2B1.pem"},
     ),
     (
         "ssl (asyncpg's spelling)",
