@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from ._scopes import _Lease, _SessionScope
     from .pool import ConnectionPool
 
-__all__ = ["chain", "counts", "healthy", "problems", "route", "where_reads_go"]
+__all__ = ["chain", "counts", "healthy", "problems", "route"]
 
 logger = logging.getLogger("django_asyncpool")
 T = TypeVar("T")
@@ -112,14 +112,6 @@ def _plan(alias: str) -> list[str]:
         ):
             _start_trial(member)
     return found or [alias]
-
-
-def where_reads_go(alias: str) -> str:
-    """Return the alias a read of ``alias`` would go to now, with no side effect."""
-    for member in chain(alias):
-        if healthy(member):
-            return member
-    return alias
 
 
 # -- recording ----------------------------------------------------------------------------
