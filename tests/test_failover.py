@@ -196,6 +196,7 @@ async def test_writes_never_fail_over(dead_replica, caplog) -> None:
 async def test_all_down_raises_the_first_alias_error_naming_the_others(dead_replica) -> None:
     second = dead_replica()
     first = dead_replica(second)
+    connections.settings[second]["OPTIONS"]["failover_to"] = [first]  # a loop: tried once each
     with pytest.raises(DatabaseUnavailable) as info:
         async with session_scope(using=first) as session:
             await session.execute(text("select 1"))
@@ -212,6 +213,8 @@ async def test_all_down_raises_the_first_alias_error_naming_the_others(dead_repl
     assert fast.value.alias == first
     assert "circuit breaker is open" in str(fast.value)
     assert f"({second!r}) could not serve the read either" in str(fast.value)
+    assert _failover.route(first) == first  # the ORM: its own alias, and its own error
+    assert _failover.route(second) == second
 
 
 async def test_an_alias_without_failover_to_is_untouched(dead_replica) -> None:
@@ -286,7 +289,7 @@ def test_the_trial_runs_in_the_background_and_reads_come_back(proxy, make_alias,
         assert _failover.route(replica) == "default"
         assert wait_until(lambda: guard.state == "closed", timeout=5)
         assert _failover.route(replica) == replica
-    assert f"Reads of database {replica!r} are back on it" in caplog.text
+    assert f"Reads of database {replica!r} are back on it (they went to 'default')" in caplog.text
     connections[replica].close()
 
 
@@ -448,7 +451,9 @@ def test_a_stopped_replica_under_read_load_fails_over_and_comes_back(
         assert failovers(replica, "default") > counted
         changes = [r.getMessage() for r in caplog.records if "fail over to" in r.getMessage()]
         assert 1 <= len(changes) <= 3, changes  # once per change, not once per read
-        assert f"Reads of database {replica!r} are back on it" in caplog.text
+        assert (
+            f"Reads of database {replica!r} are back on it (they went to 'default')" in caplog.text
+        )
     finally:
         if not second_server.is_running():
             second_server.start()

@@ -1,0 +1,140 @@
+"""What OPTIONS["failover_to"] costs on the async pool, side by side in one process.
+
+    python benchmarks/bench_failover.py [--seconds 1.5] [--rounds 5]
+
+Primary-key lookups through ``session_scope()``, ``session_scope(readonly=True)`` and
+``connection()`` of three aliases of one server: ``default`` (no failover), ``healthy``
+(``failover_to=["default"]``, its breaker closed: what every read of a replica with
+failover pays) and ``down`` (``failover_to=["default"]`` on a closed port, its breaker
+open: every read fails over to ``default``). Concurrency 1 and 32, interleaved round
+after round; medians of ops/s and the ratios to ``default`` are printed, and the cost
+of the ORM router's ``route()`` per call. Uses DATABASE_URL, or starts the embedded
+PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import os
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "testproject.settings")
+
+import django
+from sqlalchemy import text
+
+django.setup()
+
+from bench_async import ROWS, SQL, measure, prepare  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.db import connections  # noqa: E402
+
+from django_asyncpool import ConnectionPool, _failover, _registry  # noqa: E402
+from django_asyncpool.errors import PoolError  # noqa: E402
+
+TEXT = text("select id, name from bench_items where id = :pk")
+SIZES = {"pool_size": 10, "max_overflow": 5}
+
+
+def add_alias(name: str, **overrides: object) -> None:
+    settings_dict = copy.deepcopy(connections["default"].settings_dict)
+    options = {"async_pool": SIZES, **overrides.pop("OPTIONS", {})}  # type: ignore[dict-item]
+    settings_dict.update(overrides, OPTIONS=options)
+    settings.DATABASES[name] = settings_dict
+    connections.settings[name] = settings_dict
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def main(seconds: float, rounds: int) -> None:
+    from django_asyncpool._engines import connect_kwargs
+
+    await prepare(connect_kwargs(_registry.config("default")))
+    add_alias("healthy", OPTIONS={"failover_to": ["default"]})
+    add_alias(
+        "down",
+        HOST="127.0.0.1",
+        PORT=closed_port(),
+        OPTIONS={
+            "failover_to": ["default"],
+            "circuit_breaker": {"fail_max": 1, "reset_timeout": 3600},
+            "retry": {"max_tries": 1},
+        },
+    )
+    try:
+        async with ConnectionPool("down").connection(failover=False):
+            pass
+    except PoolError:
+        pass  # refused: its breaker is open for the whole run
+    assert _registry.guard("down").state == "open"
+
+    def variants(alias: str) -> dict[str, Callable[[int], Awaitable[object]]]:
+        pool = ConnectionPool(alias)
+
+        async def scope(pk: int) -> object:
+            async with pool.session_scope() as session:
+                return (await session.execute(TEXT, {"pk": pk})).one()
+
+        async def readonly(pk: int) -> object:
+            async with pool.session_scope(readonly=True) as session:
+                return (await session.execute(TEXT, {"pk": pk})).one()
+
+        async def fast(pk: int) -> object:
+            async with pool.connection() as conn:
+                return await conn.fetchrow(SQL, pk)
+
+        return {"session_scope()": scope, "readonly": readonly, "connection()": fast}
+
+    aliases = ("default", "healthy", "down")
+    table = {alias: variants(alias) for alias in aliases}
+    for alias in aliases:  # warm every pool up
+        for fn in table[alias].values():
+            await asyncio.gather(*(fn(1 + pk % ROWS) for pk in range(32)))
+
+    for concurrency in (1, 32):
+        results: dict[tuple[str, str], list[float]] = {}
+        for _ in range(rounds):
+            for kind in table["default"]:
+                for alias in aliases:
+                    ops = await measure(table[alias][kind], concurrency, seconds)
+                    results.setdefault((alias, kind), []).append(ops)
+        print(f"\nconcurrency {concurrency}: median ops/s of {rounds} rounds of {seconds}s")
+        print(f"  {'path':18} {'default':>8} {'healthy':>8} {'ratio':>6} {'down':>8} {'ratio':>6}")
+        for kind in table["default"]:
+            med = {a: statistics.median(results[a, kind]) for a in aliases}
+            base = med["default"]
+            print(
+                f"  {kind:18} {base:8.0f} {med['healthy']:8.0f} {med['healthy'] / base:6.2f} "
+                f"{med['down']:8.0f} {med['down'] / base:6.2f}"
+            )
+
+    calls = 200_000
+    for alias in ("default", "healthy", "down"):
+        started = time.perf_counter()
+        for _ in range(calls):
+            _failover.route(alias)
+        took = (time.perf_counter() - started) / calls
+        print(f"route({alias!r}) -> {_failover.route(alias)!r}: {took * 1e6:.2f} us per call")
+
+    for alias in aliases:
+        await ConnectionPool(alias).close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=1.5)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    asyncio.run(main(args.seconds, args.rounds))
