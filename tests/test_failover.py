@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import OperationalError, connections, router
+from health_check.exceptions import ServiceUnavailable
 from prometheus_client import REGISTRY
 from sqlalchemy import text
 
@@ -35,7 +36,9 @@ from django_asyncpool import (
     _registry,
     session_scope,
 )
+from django_asyncpool.asgi import warm_up_async
 from django_asyncpool.checks import problems
+from django_asyncpool.health import PoolCheck
 from django_asyncpool.routers import FailoverMixin
 from testproject.pgserver import LocalPostgres
 from testproject.shop.models import Product
@@ -243,6 +246,18 @@ def test_dbpool_check_probes_the_alias_itself_and_says_where_reads_go(dead_repli
     (entry,) = json.loads(out.getvalue())["aliases"]
     assert entry["failover_to"] == ["default"] and entry["reads_go_to"] == "default"
     assert entry["async"]["ok"] is False and entry["sync"]["ok"] is False
+
+
+async def test_health_check_and_warmup_probe_the_alias_itself(make_alias) -> None:
+    options = {**DOWN_FAST, "circuit_breaker": {"fail_max": 50}, "failover_to": ["default"]}
+    replica = make_alias(HOST="127.0.0.1", PORT=closed_port(), OPTIONS={**options, "warmup": 5})
+    # Its reads fail over, so a probe through the failover would say it is fine.
+    async with ConnectionPool(replica).connection() as conn:
+        assert await conn.fetchval("select 1") == 1
+    with pytest.raises(ServiceUnavailable, match="DatabaseUnavailable"):
+        await PoolCheck(alias=replica).run()
+    with pytest.raises(DatabaseUnavailable):
+        await warm_up_async()
 
 
 # -- the ORM through the routers ----------------------------------------------------------------
