@@ -38,6 +38,7 @@ import pybreaker
 from django.db import connections
 
 from . import _registry
+from ._scopes import ReadOnlySession, _Lease, _SessionScope
 from .config import ENGINE, Problem, from_settings
 from .errors import CircuitOpenError, DatabaseUnavailable, ReadOnlyError
 
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
     import asyncpg
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    from ._scopes import _Lease, _SessionScope
     from .pool import ConnectionPool
 
 __all__ = ["chain", "counts", "healthy", "problems", "route"]
@@ -264,8 +264,6 @@ class FailoverScope:
         self._target = pool.alias
 
     async def __aenter__(self) -> AsyncSession:
-        from ._scopes import ReadOnlySession, _SessionScope
-
         async def enter(target: str) -> AsyncSession:
             pool = type(self._pool)(target)
             scope: _SessionScope = _SessionScope(pool, self._readonly or target != self._pool.alias)
@@ -307,8 +305,6 @@ class FailoverLease:
         self._pool = pool
 
     async def __aenter__(self) -> asyncpg.Connection:
-        from ._scopes import _Lease
-
         async def enter(target: str) -> asyncpg.Connection:
             pool = type(self._pool)(target)
             # Another alias's read-only engine: its server refuses writes.
