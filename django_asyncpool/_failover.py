@@ -30,7 +30,6 @@ import copy
 import logging
 import os
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -102,16 +101,16 @@ def _plan(alias: str) -> list[str]:
     healthy, ``[alias]``: its own error is the one to raise.
     """
     found = []
-    now = time.monotonic()
     for member in chain(alias):
         guard = _registry.guard(member)
         state = guard.breaker.current_state
         if state == pybreaker.STATE_CLOSED:
             found.append(member)
-        elif (
-            state == pybreaker.STATE_OPEN
-            and now >= guard.opened_at + guard.config.breaker.reset_timeout
-        ):
+        elif state == pybreaker.STATE_OPEN:
+            try:
+                guard.check_open()  # the guard's own word on when a trial is due
+            except CircuitOpenError:
+                continue
             _start_trial(member)
     return found or [alias]
 
@@ -119,8 +118,13 @@ def _plan(alias: str) -> list[str]:
 # -- recording ----------------------------------------------------------------------------
 
 
-def _note(alias: str, target: str, why: str) -> None:
-    """Record that a read of ``alias`` went to ``target``: count it, log a change once."""
+def _note(alias: str, target: str, why: str, *, open_breaker: bool = False) -> None:
+    """Record that a read of ``alias`` went to ``target``: count it, log a change once.
+
+    ``open_breaker``: it went because ``alias``'s breaker was not closed. If it has
+    closed since (a trial succeeded meanwhile), the read is counted but the reads
+    are not marked as away: they are back already.
+    """
     if target == alias:
         if alias in _away:
             with _lock:
@@ -131,6 +135,8 @@ def _note(alias: str, target: str, why: str) -> None:
     with _lock:
         _counts[alias, target] = _counts.get((alias, target), 0) + 1
         was = _away.get(alias)
+        if open_breaker and healthy(alias):
+            return
         _away[alias] = target
     if was != target:
         logger.warning(
@@ -194,7 +200,7 @@ def route(alias: str) -> str:
         return alias
     target = _plan(alias)[0]
     if target != alias:  # alias itself: every alias of the chain is down
-        _note(alias, target, "its circuit breaker is open")
+        _note(alias, target, "its circuit breaker is open", open_breaker=True)
     return target
 
 
@@ -220,7 +226,7 @@ async def _through_chain(alias: str, attempt: Callable[[str], Awaitable[T]]) -> 
         except FAIL_OVER_ON as exc:
             errors[target] = exc
             continue
-        _note(alias, target, why)
+        _note(alias, target, why, open_breaker=alias not in errors)
         return result
     if alias not in errors:
         try:  # fails fast: the breaker is open
