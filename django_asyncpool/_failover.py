@@ -30,6 +30,7 @@ import copy
 import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -62,6 +63,8 @@ _away: dict[str, str] = {}
 _counts: dict[tuple[str, str], int] = {}
 #: Aliases whose trial connection is being made in a background thread.
 _trials: set[str] = set()
+#: alias -> monotonic time before which its open breaker is not due a trial.
+_quiet: dict[str, float] = {}
 
 
 # -- the chain ----------------------------------------------------------------------------
@@ -106,10 +109,12 @@ def _plan(alias: str) -> list[str]:
         state = guard.breaker.current_state
         if state == pybreaker.STATE_CLOSED:
             found.append(member)
-        elif state == pybreaker.STATE_OPEN:
+        elif state == pybreaker.STATE_OPEN and time.monotonic() >= _quiet.get(member, 0.0):
             try:
                 guard.check_open()  # the guard's own word on when a trial is due
-            except CircuitOpenError:
+            except CircuitOpenError as exc:
+                # Not due: ask again when it says (building the error costs microseconds).
+                _quiet[member] = time.monotonic() + exc.retry_after
                 continue
             _start_trial(member)
     return found or [alias]
