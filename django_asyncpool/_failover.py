@@ -38,7 +38,7 @@ import pybreaker
 from django.db import connections
 
 from . import _registry
-from ._scopes import ReadOnlySession, _Lease, _SessionScope
+from ._scopes import ReadOnlySession, _Lease, _readonly_violation, _SessionScope
 from .config import ENGINE, Problem, from_settings
 from .errors import CircuitOpenError, DatabaseUnavailable, ReadOnlyError
 
@@ -264,7 +264,8 @@ class FailoverScope:
 
     The connection is taken on entering, not at the first statement, so that an
     alias that cannot give one is passed over before the caller's code runs. On
-    another alias the scope is read-only.
+    another alias the scope is read-only: a transaction scope keeps its transaction,
+    begun READ ONLY.
     """
 
     __slots__ = ("_pool", "_readonly", "_scope", "_target")
@@ -276,14 +277,13 @@ class FailoverScope:
 
     async def __aenter__(self) -> AsyncSession:
         async def enter(target: str) -> AsyncSession:
-            pool = type(self._pool)(target)
-            scope: _SessionScope = _SessionScope(pool, self._readonly or target != self._pool.alias)
+            scope = _SessionScope(type(self._pool)(target), self._readonly)
             session = await scope.__aenter__()
             try:
                 if isinstance(session, ReadOnlySession):
                     await session.checkout()
                 else:
-                    await session.connection()
+                    await session.connection(execution_options=_elsewhere(target, self._pool))
             except BaseException as exc:
                 await scope.__aexit__(type(exc), exc, exc.__traceback__)
                 raise
@@ -299,12 +299,23 @@ class FailoverScope:
         except ReadOnlyError as err:
             if target == alias:
                 raise
-            raise ReadOnlyError(
-                f"session_scope(using={alias!r}) tried to write, but it had failed over to "
-                f"{target!r}, where it is read-only: writes never fail over. Send writes to "
-                "the primary's alias.",
-                alias=alias,
-            ) from err
+            raise _write_refused(alias, target) from err
+        if target != alias and exc is not None and _readonly_violation(exc):
+            raise _write_refused(alias, target) from exc
+
+
+def _elsewhere(target: str, pool: ConnectionPool) -> dict[str, Any] | None:
+    """Return the execution options of a session of ``pool`` that landed on ``target``."""
+    return None if target == pool.alias else {"postgresql_readonly": True}  # BEGIN READ ONLY
+
+
+def _write_refused(alias: str, target: str) -> ReadOnlyError:
+    return ReadOnlyError(
+        f"session_scope(using={alias!r}) tried to write, but it had failed over to "
+        f"{target!r}, where it is read-only: writes never fail over. Send writes to "
+        "the primary's alias.",
+        alias=alias,
+    )
 
 
 class FailoverLease:
@@ -336,8 +347,7 @@ async def get_connection(pool: ConnectionPool) -> AsyncSession:
 
     async def enter(target: str) -> AsyncSession:
         other = type(pool)(target)
-        state = other._for_loop()
-        return await other._session(state.engine if target == pool.alias else state.readonly)
+        return await other._session(other._for_loop().engine, _elsewhere(target, pool))
 
     return await _through_chain(pool.alias, enter)
 

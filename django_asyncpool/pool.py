@@ -101,10 +101,12 @@ class ConnectionPool:
             return await _failover.get_connection(self)
         return await self._session(self._for_loop().engine)
 
-    async def _session(self, engine: AsyncEngine) -> AsyncSession:
+    async def _session(
+        self, engine: AsyncEngine, options: dict[str, Any] | None = None
+    ) -> AsyncSession:
         session = AsyncSession(engine, expire_on_commit=False)
         try:
-            await session.connection()
+            await session.connection(execution_options=options)
         except BaseException:
             await _discard(session)
             raise

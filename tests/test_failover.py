@@ -157,7 +157,12 @@ async def test_reads_of_a_dead_replica_go_to_the_next_alias(dead_replica, caplog
         # The first read finds the breaker closed: it tries the replica, is refused
         # (which opens the breaker) and goes on; the later ones skip the replica.
         async with session_scope(using=replica) as session:
-            assert (await session.execute(text("select 1"))).scalar() == 1
+            # Still one transaction (now() is its start), begun READ ONLY.
+            first = (await session.execute(text("select now()"))).scalar()
+            await asyncio.sleep(0.01)
+            assert (await session.execute(text("select now()"))).scalar() == first
+            read_only = text("select current_setting('transaction_read_only')")
+            assert (await session.execute(read_only)).scalar() == "on"
         assert _registry.guard(replica).state == "open"
         async with session_scope(using=replica, readonly=True) as session:
             assert (await session.execute(text("select 2"))).scalar() == 2
@@ -166,6 +171,7 @@ async def test_reads_of_a_dead_replica_go_to_the_next_alias(dead_replica, caplog
         session = await ConnectionPool(replica).get_connection()
         try:
             assert (await session.execute(text("select 4"))).scalar() == 4
+            assert (await session.execute(read_only)).scalar() == "on"
         finally:
             await session.close()
     assert failovers(replica, "default") == before + 4
@@ -195,6 +201,9 @@ async def test_writes_never_fail_over(dead_replica, caplog) -> None:
     async with session_scope() as session:
         count = "select count(*) from shop_product where sku = :s"
         assert (await session.execute(text(count), {"s": marker})).scalar() == 0
+        # The primary's own scopes, on the same pooled connections, are not read-only.
+        read_only = text("select current_setting('transaction_read_only')")
+        assert (await session.execute(read_only)).scalar() == "off"
 
 
 async def test_all_down_raises_the_first_alias_error_naming_the_others(dead_replica) -> None:
