@@ -145,6 +145,15 @@ class ReadOnlySession(AsyncSession):
             raise self._lease.dbapi_error(exc, sql, args) from None
         return IteratorResult(SimpleResultMetaData(keys), iter(rows))
 
+    async def checkout(self) -> None:
+        """Check a connection out now rather than at the first statement (failover does)."""
+        if not self._fast:
+            await self.connection()
+        elif self._lease is None:
+            lease = _Lease(self._asyncpool, self._readonly_engine, track=False)
+            await lease.__aenter__()
+            self._lease = lease
+
     async def scalar(self, statement: Any, params: Any = None, **kw: Any) -> Any:
         return (await self.execute(statement, params, **kw)).scalar()
 

@@ -48,7 +48,7 @@ async def warm_up_async() -> None:
             continue
         try:
             async with asyncio.timeout(conf.warmup):
-                async with ConnectionPool(alias).connection() as conn:
+                async with ConnectionPool(alias).connection(failover=False) as conn:
                     await conn.execute("select 1")
         except TimeoutError as exc:
             raise TimeoutError(

@@ -16,6 +16,7 @@ from typing import Any
 from django.conf import settings
 from django.core import checks
 
+from . import _failover
 from . import config as _config
 from ._policy import redact
 
@@ -25,6 +26,8 @@ TAG = "django_asyncpool"
 #: Problems where no default replaces the value: an ignored key, a URL or CONN_MAX_AGE
 #: used as given, a PgBouncer conflict refused at connect time.
 NO_DEFAULT = frozenset({"dbpool.E004", "dbpool.E006", "dbpool.E007", "dbpool.E020"})
+#: failover_to problems between aliases: the alias is skipped, a loop ends at its start.
+NO_DEFAULT |= {"dbpool.E041", "dbpool.E042", "dbpool.E043"}
 
 
 def problems(
@@ -42,6 +45,7 @@ def problems(
             continue
         conf = _config.from_settings(alias, settings_dict, environ)
         found.extend((problem, conf.password) for problem in conf.problems)
+    found.extend((p, "") for p in _failover.problems(databases, environ, wanted))
     if aliases is None:
         found.extend((p, "") for p in _config.load_metrics(environ).problems)
     return found

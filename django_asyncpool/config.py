@@ -124,6 +124,8 @@ class AliasConfig:
     warmup: float | None = None
     #: Instrument this alias and export its pool metrics (off: no timing on the hot path).
     metrics: bool = True
+    #: Aliases that serve this (replica) alias's reads while it is down, in order.
+    failover_to: tuple[str, ...] = ()
     problems: tuple[Problem, ...] = ()
 
     def describe(self) -> str:
@@ -142,7 +144,9 @@ SECTIONS: dict[str, type] = {
     "circuit_breaker": BreakerConfig,
     "retry": RetryConfig,
 }
-FLAGS = frozenset({"leak_threshold", "liveness_bypass", "metrics", "pgbouncer", "warmup"})
+FLAGS = frozenset(
+    {"failover_to", "leak_threshold", "liveness_bypass", "metrics", "pgbouncer", "warmup"}
+)
 OUR_KEYS = frozenset(SECTIONS) | FLAGS
 
 #: Environment variables of the usage guide that fill ``async_pool``.
@@ -485,6 +489,22 @@ def refuse_unusable(config: AliasConfig) -> None:
         )
 
 
+def failover_aliases(reader: _Reader, given: Any) -> tuple[str, ...]:
+    """Return ``OPTIONS["failover_to"]`` as a tuple of aliases, or () if it is not a list (E040)."""
+    if given is None:
+        return ()
+    if isinstance(given, (list, tuple)) and all(isinstance(a, str) and a for a in given):
+        return tuple(given)
+    reader.problem(
+        "dbpool.E040",
+        "OPTIONS['failover_to']",
+        f"OPTIONS['failover_to'] must be a list of database aliases, got {given!r}: "
+        "this alias does not fail over.",
+        "Write it as a list of aliases of settings.DATABASES, e.g. ['replica2', 'default'].",
+    )
+    return ()
+
+
 def from_settings(
     alias: str, settings_dict: Mapping[str, Any], environ: Mapping[str, str] | None = None
 ) -> AliasConfig:
@@ -567,6 +587,7 @@ def from_settings(
         pgbouncer=flag("pgbouncer", False),
         warmup=warmup(options.get("warmup")),
         metrics=flag("metrics", True),
+        failover_to=failover_aliases(reader, options.get("failover_to")),
         problems=(),
     )
     retry = config.retry

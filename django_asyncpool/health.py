@@ -52,7 +52,7 @@ class PoolCheck(HealthCheck):  # type: ignore[misc]  # health_check ships no typ
                 f"database {self.alias!r}: circuit breaker open after repeated connection failures"
             )
         try:
-            async with ConnectionPool(self.alias).connection() as conn:
+            async with ConnectionPool(self.alias).connection(failover=False) as conn:
                 await conn.fetchval("select 1")
             await asyncio.to_thread(_select_one, self.alias)
         except Exception as exc:

@@ -153,6 +153,13 @@ BREAKER_TRANSITIONS = Counter(
     ("alias", "state"),
     registry=None,
 )
+FAILOVERS = Counter(
+    "db_pool_failovers_total",
+    "Reads meant for an alias that went to the alias 'to' of its OPTIONS['failover_to'] "
+    "because its breaker was open or it could not connect.",
+    ("alias", "to"),
+    registry=None,
+)
 
 METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     ATTEMPTS,
@@ -170,6 +177,7 @@ METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     LEAKS,
     BREAKER_STATE,
     BREAKER_TRANSITIONS,
+    FAILOVERS,
 )
 
 
@@ -265,6 +273,8 @@ _flush_lock = threading.Lock()
 _sides: dict[tuple[str, str], _Side] = {}
 _gauged: set[tuple[str, str]] = set()
 _breakers: set[str] = set()
+#: (alias, to) -> failovers already added to FAILOVERS.
+_failovers: dict[tuple[str, str], int] = {}
 #: Counters a sync pool keeps itself (leaks, bad returns), as last added to its Stats.
 _harvested: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
 
@@ -298,6 +308,17 @@ def flush() -> None:
             current = guard.state if guard is not None else "closed"
             for state in BREAKER_STATES:
                 BREAKER_STATE.labels(alias, state).set(1 if state == current else 0)
+        _push_failovers(exported)
+
+
+def _push_failovers(exported: Callable[[str], bool]) -> None:
+    from . import _failover
+
+    for (alias, to), count in _failover.counts().items():
+        done = _failovers.get((alias, to), 0)
+        if count > done and exported(alias):
+            FAILOVERS.labels(alias, to).inc(count - done)
+            _failovers[alias, to] = count
 
 
 def _side(alias: str, side: str) -> _Side:
@@ -459,8 +480,11 @@ def _prime() -> None:
         for alias, settings_dict in settings.DATABASES.items():
             if settings_dict.get("ENGINE") != ENGINE:
                 continue
-            if not from_settings(alias, settings_dict).metrics:
+            config = from_settings(alias, settings_dict)
+            if not config.metrics:
                 continue
+            for to in config.failover_to:
+                FAILOVERS.labels(alias, to)  # the series, at 0
             for side in _stats.SIDES:
                 _side(alias, side)
             for state in BREAKER_STATES:
@@ -510,6 +534,9 @@ def _after_fork_in_child() -> None:
         for alias, side, stats in _stats.snapshot():
             if (alias, side) in _sides:
                 _sides[alias, side].rebase(stats)
+        from . import _failover
+
+        _failovers.update(_failover.counts())
         if _flusher_pid:
             _start_flusher()  # the parent's thread did not come along
 

@@ -24,7 +24,7 @@ import asyncpg
 import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from . import _registry, _stats
+from . import _failover, _registry, _stats
 from ._engines import _GuardedPool, _LoopEngine
 from ._scopes import _discard, _Lease, _retryable, _SessionScope
 from ._stats import Stats
@@ -43,6 +43,8 @@ class ConnectionPool:
 
     alias: str
     stats: Stats
+    #: ``OPTIONS["failover_to"]``: while this alias is down its reads go there.
+    failover_to: tuple[str, ...]
     _loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopEngine]
     _last: tuple[asyncio.AbstractEventLoop, _LoopEngine] | None  # the hot path's one lookup
 
@@ -56,6 +58,7 @@ class ConnectionPool:
                 _registry.settings_dict(alias)  # a clear error for an alias that is not ours
                 pool = super().__new__(cls)
                 pool.alias = alias
+                pool.failover_to = _registry.config(alias).failover_to
                 pool.stats = _stats.get(alias, "async")  # outlives this object
                 pool._loops = weakref.WeakKeyDictionary()
                 pool._last = None
@@ -94,29 +97,42 @@ class ConnectionPool:
 
     async def get_connection(self) -> AsyncSession:
         """Return a new ``AsyncSession`` with a connection checked out; the caller closes it."""
-        session = AsyncSession(self._for_loop().engine, expire_on_commit=False)
+        if self.failover_to:
+            return await _failover.get_connection(self)
+        return await self._session(self._for_loop().engine)
+
+    async def _session(
+        self, engine: AsyncEngine, options: dict[str, Any] | None = None
+    ) -> AsyncSession:
+        session = AsyncSession(engine, expire_on_commit=False)
         try:
-            await session.connection()
+            await session.connection(execution_options=options)
         except BaseException:
             await _discard(session)
             raise
         return session
 
-    def session_scope(self, *, readonly: bool = False) -> _SessionScope:
+    def session_scope(self, *, readonly: bool = False) -> _SessionScope | _failover.FailoverScope:
         """Return an async context manager: an ``AsyncSession`` in a transaction.
 
         Commit on success, roll back on any exception (re-raised), always close.
         ``readonly=True`` runs in autocommit with no BEGIN/COMMIT round trips, and
         the server refuses writes.
         """
+        if self.failover_to:
+            return _failover.FailoverScope(self, readonly)
         return _SessionScope(self, readonly)
 
-    def connection(self) -> _Lease:
+    def connection(self, *, failover: bool = True) -> _Lease | _failover.FailoverLease:
         """Return an async context manager yielding a raw ``asyncpg.Connection``.
 
         The fast path: no session, no transaction unless you start one, under the
-        same connection cap, breaker and accounting as the sessions.
+        same connection cap, breaker and accounting as the sessions. With
+        ``OPTIONS["failover_to"]`` it is read-only on another alias while this one is
+        down; ``failover=False`` asks for this alias's own (a health check's probe).
         """
+        if failover and self.failover_to:
+            return _failover.FailoverLease(self)
         return _Lease(self)
 
     async def run_transaction(
@@ -195,6 +211,8 @@ class ConnectionPool:
         }
 
 
-def session_scope(using: str = "default", *, readonly: bool = False) -> _SessionScope:
+def session_scope(
+    using: str = "default", *, readonly: bool = False
+) -> _SessionScope | _failover.FailoverScope:
     """Return ``ConnectionPool(using).session_scope(readonly=readonly)``, for views."""
     return ConnectionPool(using).session_scope(readonly=readonly)

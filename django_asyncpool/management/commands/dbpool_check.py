@@ -96,7 +96,7 @@ def run(aliases: list[str], timeout: float) -> dict[str, Any]:
     }
     for probe in probes.values():
         probe.join(deadline)
-    entries = []
+    entries: list[dict[str, Any]] = []
     for alias in aliases:
         conf = configs[alias]
         sides = {side: probes[alias, side].result(conf.password) for side in ("sync", "async")}
@@ -106,9 +106,13 @@ def run(aliases: list[str], timeout: float) -> dict[str, Any]:
                 "target": conf.describe(),
                 "healthy": all(side["ok"] for side in sides.values()),
                 "breaker": _breaker(alias),
+                "failover_to": list(conf.failover_to),
                 **sides,
             }
         )
+    probed = {entry["alias"]: entry["healthy"] for entry in entries}
+    for entry in entries:
+        entry["reads_go_to"] = _reads_go_to(entry["alias"], probed)
     healthy = all(entry["healthy"] for entry in entries)
     exit_code = 2 if found else 0 if healthy else 1
     return {
@@ -208,7 +212,7 @@ def _probe_async(alias: str, deadline: float) -> dict[str, Any]:
     async def probe() -> dict[str, Any]:
         pool = ConnectionPool(alias)
         t0 = time.monotonic()
-        async with pool.connection() as conn:
+        async with pool.connection(failover=False) as conn:
             t1 = time.monotonic()
             version = await conn.fetchval(SERVER_VERSION)
             t2 = time.monotonic()
@@ -226,6 +230,24 @@ def _probe_async(alias: str, deadline: float) -> dict[str, Any]:
         return await asyncio.wait_for(probe(), max(deadline - time.monotonic(), 0.001))
 
     return asyncio.run(bounded())
+
+
+def _reads_go_to(alias: str, probed: dict[str, bool]) -> str:
+    """Return where reads of ``alias`` go now: itself, or the alias they fail over to.
+
+    An alias probed in this run is healthy when its probes passed; another one
+    when its breaker is closed in this process.
+    """
+    from ... import _failover
+
+    try:
+        members = _failover.chain(alias)
+    except Exception:  # the settings are broken beyond what the checks report
+        return alias
+    for member in members:
+        if probed[member] if member in probed else _failover.healthy(member):
+            return member
+    return alias
 
 
 def _breaker(alias: str) -> dict[str, Any]:
@@ -282,7 +304,12 @@ def render_table(report: dict[str, Any]) -> str:
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
     for entry in report["aliases"]:
-        lines.append(f"{entry['alias']}: {entry['target']}")
+        alias, reads = entry["alias"], entry["reads_go_to"]
+        if reads != alias:
+            where = f"; reads fail over to {reads!r}"
+        else:
+            where = "; reads go to itself" if entry["failover_to"] else ""
+        lines.append(f"{alias}: {entry['target']}{where}")
     if errors:
         lines += ["", "Errors:", *(f"  {e}" for e in errors)]
     if report["problems"]:
