@@ -36,7 +36,7 @@ from prometheus_client import values as _values
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from . import _stats
+from . import _shared, _stats
 from ._policy import Guard
 
 __all__ = ["METRICS", "exported_names", "flush", "install", "setup", "watch"]
@@ -153,6 +153,21 @@ BREAKER_TRANSITIONS = Counter(
     ("alias", "state"),
     registry=None,
 )
+STORAGE_ERRORS = Counter(
+    "db_breaker_storage_errors_total",
+    "Calls to the breaker's shared storage (OPTIONS['circuit_breaker']['storage'], Redis) "
+    "that failed or timed out; each outage makes the process use its local breaker state.",
+    ("alias",),
+    registry=None,
+)
+STORAGE_SHARED = Gauge(
+    "db_breaker_storage_shared",
+    "1 while the breaker state is shared through Redis, 0 while a process falls back to "
+    "its local state because Redis does not answer (with several processes: the lowest).",
+    ("alias",),
+    registry=None,
+    multiprocess_mode="livemin",
+)
 
 METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     ATTEMPTS,
@@ -170,6 +185,8 @@ METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     LEAKS,
     BREAKER_STATE,
     BREAKER_TRANSITIONS,
+    STORAGE_ERRORS,
+    STORAGE_SHARED,
 )
 
 
@@ -265,6 +282,8 @@ _flush_lock = threading.Lock()
 _sides: dict[tuple[str, str], _Side] = {}
 _gauged: set[tuple[str, str]] = set()
 _breakers: set[str] = set()
+#: Failed calls to the shared breaker storage already added to STORAGE_ERRORS, per alias.
+_storage_pushed: dict[str, int] = {}
 #: Counters a sync pool keeps itself (leaks, bad returns), as last added to its Stats.
 _harvested: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
 
@@ -298,6 +317,13 @@ def flush() -> None:
             current = guard.state if guard is not None else "closed"
             for state in BREAKER_STATES:
                 BREAKER_STATE.labels(alias, state).set(1 if state == current else 0)
+        for alias, storage in _shared.snapshot().items():
+            if exported(alias):
+                errors, pushed = storage["errors"], _storage_pushed.get(alias, 0)
+                if errors > pushed:
+                    STORAGE_ERRORS.labels(alias).inc(errors - pushed)
+                    _storage_pushed[alias] = errors
+                STORAGE_SHARED.labels(alias).set(1 if storage["shared"] else 0)
 
 
 def _side(alias: str, side: str) -> _Side:
@@ -510,6 +536,7 @@ def _after_fork_in_child() -> None:
         for alias, side, stats in _stats.snapshot():
             if (alias, side) in _sides:
                 _sides[alias, side].rebase(stats)
+        _storage_pushed.update((a, s["errors"]) for a, s in _shared.snapshot().items())
         if _flusher_pid:
             _start_flusher()  # the parent's thread did not come along
 
