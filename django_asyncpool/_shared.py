@@ -69,6 +69,9 @@ T = TypeVar("T")
 
 #: Seconds between two tries to reach Redis again while falling back to local state.
 RECHECK = 1.0
+#: Seconds between two reads while failures are counted but the breaker is closed: another
+#: process may open it before this one's retry (the retries' backoff starts at 0.1 s).
+EPISODE = 0.01
 SCHEMES = frozenset({"redis", "rediss", "unix"})
 PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _KEY = "OPTIONS['circuit_breaker']"
@@ -219,7 +222,8 @@ class SharedStorage(pybreaker.CircuitBreakerStorage):
         self._busy_until = 0.0  # another process holds the trial: don't ask before then
         self._token: str | None = None
         self._flip = threading.Lock()
-        self._stop = threading.Event()
+        self._stopped = False
+        self._wake = threading.Event()  # the follower reads Redis now, not after its sleep
         self._breaker: pybreaker.CircuitBreaker | None = None
         # One try, short timeouts: a slow Redis must cost a caller no more than that.
         self.client: Redis = redis.Redis.from_url(
@@ -261,6 +265,7 @@ class SharedStorage(pybreaker.CircuitBreakerStorage):
                 ok, shared = self._io(lambda: backend.counter)
                 if ok:
                     self._counter = max(self._counter, shared)
+                self._wake.set()  # follow the others closely until this episode ends
 
     def reset_counter(self) -> None:
         self._counter = 0
@@ -391,18 +396,22 @@ class SharedStorage(pybreaker.CircuitBreakerStorage):
             old.stop()
         threading.Thread(
             target=_follow,
-            args=(weakref.ref(self), self._stop, os.getpid()),
+            args=(weakref.ref(self), self._wake, os.getpid()),
             name=f"asyncpool-breaker:{self.alias}",
             daemon=True,
         ).start()
 
     def stop(self) -> None:
         """Stop following the shared state (the guard is gone)."""
-        self._stop.set()
+        self._stopped = True
+        self._wake.set()
 
     def wait(self) -> float:
         """Return the seconds until the next :meth:`_sync` has something to do."""
         if self.shared:
+            if self._counter and self._state == pybreaker.STATE_CLOSED:
+                # Failures under way: others' may open it before this process retries.
+                return min(self.refresh, EPISODE)
             return self.refresh
         return max(self._retry_at - time.monotonic(), self.refresh)
 
@@ -459,17 +468,17 @@ class SharedStorage(pybreaker.CircuitBreakerStorage):
             self.remote = False
 
 
-def _follow(ref: weakref.ref[SharedStorage], stop: threading.Event, pid: int) -> None:
+def _follow(ref: weakref.ref[SharedStorage], wake: threading.Event, pid: int) -> None:
     while os.getpid() == pid:
         store = ref()
         if store is None:
             return
         interval = store.wait()
         del store  # a guard that is gone must not be kept alive by this thread
-        if stop.wait(interval):
-            return
+        wake.wait(interval)
+        wake.clear()
         store = ref()
-        if store is None:
+        if store is None or store._stopped:
             return
         try:
             store._sync()
@@ -490,15 +499,11 @@ def snapshot() -> dict[str, dict[str, Any]]:
         alias: {
             "storage": "redis",
             "where": store.where,
-            "shared": store.shared,
-            "seconds": round(time.monotonic() - store.since, 1),
-            "errors": errors.get(alias, 0),
+            "shared": store.shared,  # False: Redis did not answer, local state in use
+            "seconds": round(time.monotonic() - store.since, 1),  # since ``shared`` changed
+            "errors": errors.get(alias, 0),  # failed Redis calls, for the life of the process
         }
         for alias, store in live.items()
-    } | {
-        alias: {"storage": "redis", "where": "", "shared": False, "seconds": 0.0, "errors": n}
-        for alias, n in errors.items()
-        if alias not in live
     }
 
 
