@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import json
 import os
@@ -149,7 +150,8 @@ def spread_once(redis: RedisServer, link: str, processes: int, shared: bool) -> 
         loads = [worker._read() for worker in workers]
     finally:
         for worker in workers:
-            worker.send("quit")
+            with contextlib.suppress(OSError):
+                worker.send("quit")  # all at once: each takes a moment to exit
         for worker in workers:
             worker.close()
         proxy.close()

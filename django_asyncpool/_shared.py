@@ -91,12 +91,13 @@ def checked(reader: _Reader, breaker: BreakerConfig) -> BreakerConfig:
     storage, prefix = breaker.storage, breaker.storage_prefix
     if storage:
         scheme = urlsplit(storage).scheme  # the URL may carry a password: never echoed
-        if scheme not in SCHEMES:
+        if scheme not in SCHEMES or not _port_ok(storage):
             reader.problem(
                 "dbpool.E030",
                 f"{_KEY}['storage']",
                 f"{_KEY}['storage'] must be a redis:// URL, got "
-                f"{f'a {scheme}:// URL' if scheme else 'no URL scheme'}.",
+                f"{f'a {scheme}:// URL' if scheme else 'no URL scheme'}"
+                f"{'' if _port_ok(storage) else ' with a port that is not a number'}.",
                 "Write it as redis://HOST:PORT/DB (rediss:// for TLS, unix:///PATH for a "
                 "socket), or leave it out to keep the breaker state in each process.",
             )
@@ -124,6 +125,14 @@ def checked(reader: _Reader, breaker: BreakerConfig) -> BreakerConfig:
     return dataclasses.replace(breaker, storage=storage, storage_prefix=prefix)
 
 
+def _port_ok(url: str) -> bool:
+    try:
+        urlsplit(url).port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        return False
+    return True
+
+
 def where(url: str) -> str:
     """Return ``redis://host:port/db`` of ``url``: no user, no password."""
     parts = urlsplit(url)
@@ -137,9 +146,21 @@ def where(url: str) -> str:
 
 def storage(config: AliasConfig) -> pybreaker.CircuitBreakerStorage:
     """Return the breaker storage of ``config``: in memory, or a local view of Redis."""
-    if not config.breaker.storage:
-        return pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
-    return SharedStorage(config)
+    if config.breaker.storage:
+        try:
+            return SharedStorage(config)
+        except Exception as exc:  # a URL redis-py refuses: the checkouts go on, locally
+            password = urlsplit(config.breaker.storage).password or ""
+            text = str(exc).replace(password, "***") if password else str(exc)
+            logger.error(
+                "Breaker state of database %s is not shared: OPTIONS['circuit_breaker']"
+                "['storage'] was refused (%s: %s). Fix the URL; this process uses its own "
+                "breaker state.",
+                config.describe(),
+                type(exc).__name__,
+                text,
+            )
+    return pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
 
 
 def trial_gate(store: pybreaker.CircuitBreakerStorage, breaker: pybreaker.CircuitBreaker) -> Any:
@@ -321,12 +342,10 @@ class SharedStorage(pybreaker.CircuitBreakerStorage):
 
     def _io(self, call: Callable[[], Any]) -> tuple[bool, Any]:
         """Return ``(True, call())``, or ``(False, None)`` after falling back if Redis failed."""
-        from redis.exceptions import RedisError
-
         self.tripped = None
         try:
             value = call()
-        except RedisError as exc:
+        except Exception as exc:  # RedisError, or garbage under our keys: never the caller's
             self.tripped = exc
         if self.tripped is not None:
             self._fall_back(self.tripped)
@@ -388,7 +407,10 @@ class SharedStorage(pybreaker.CircuitBreakerStorage):
     def follow(self, breaker: pybreaker.CircuitBreaker) -> None:
         """Read the shared state now, then keep following it from a daemon thread."""
         self._breaker = breaker
-        self._sync()  # bounded by storage_timeout: a new process starts from what is known
+        try:
+            self._sync()  # bounded by storage_timeout: a new process starts from what is known
+        except Exception as exc:  # this runs in a caller's checkout: never let it fail
+            self._fall_back(exc)
         with _lock:
             old = _live.get(self.alias)
             _live[self.alias] = self

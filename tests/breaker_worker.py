@@ -17,6 +17,7 @@ line on stdin and answers each with one JSON line on stdout:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -69,16 +70,18 @@ class Worker:
         return answer
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            try:
-                self.send("quit")  # several workers: send("quit") to each first, then close
-                self.process.wait(10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.process.kill()
-                self.process.wait(10)
+        """Stop the worker (``send("quit")`` to several first: they exit side by side)."""
+        with contextlib.suppress(OSError):
+            self.send("quit")  # a second one after an earlier send("quit") goes nowhere
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
         for pipe in (self.process.stdin, self.process.stdout):
             if pipe is not None:
-                pipe.close()
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
 
 def main() -> None:
