@@ -542,5 +542,5 @@ def forget() -> None:
     global _lock
     _lock = threading.Lock()  # may have been held by another thread at fork time
     for store in _live.values():
-        store.stop()
+        store._stopped = True  # no Event.set(): its lock too may be held since the fork
     _live.clear()
