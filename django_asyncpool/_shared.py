@@ -41,7 +41,7 @@ import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib.util import find_spec
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import pybreaker
@@ -65,7 +65,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("django_asyncpool")
-T = TypeVar("T")
 
 #: Seconds between two tries to reach Redis again while falling back to local state.
 RECHECK = 1.0
