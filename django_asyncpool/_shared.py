@@ -204,7 +204,8 @@ class _Tripwire(logging.Logger):
         self.store = store
 
     def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
-        self.store.tripped = sys.exc_info()[1] or RuntimeError(str(msg))
+        # Called in the thread whose Redis call failed: that call's _io() sees it.
+        self.store.trip.error = sys.exc_info()[1] or RuntimeError(str(msg))
 
 
 class SharedStorage(pybreaker.CircuitBreakerStorage):
@@ -233,7 +234,7 @@ class SharedStorage(pybreaker.CircuitBreakerStorage):
         self._opened_at: datetime | None = None
         self.shared = False  # True while Redis answers: only then do callers talk to it
         self.since = time.monotonic()  # when ``shared`` last changed
-        self.tripped: BaseException | None = None
+        self.trip = threading.local()  # .error: what the last Redis call of a thread raised
         self.remote = False  # True while applying what another process did
         self._ever = False  # shared at least once
         self._down_logged = False
@@ -341,13 +342,13 @@ class SharedStorage(pybreaker.CircuitBreakerStorage):
 
     def _io(self, call: Callable[[], Any]) -> tuple[bool, Any]:
         """Return ``(True, call())``, or ``(False, None)`` after falling back if Redis failed."""
-        self.tripped = None
+        self.trip.error = None
         try:
             value = call()
         except Exception as exc:  # RedisError, or garbage under our keys: never the caller's
-            self.tripped = exc
-        if self.tripped is not None:
-            self._fall_back(self.tripped)
+            self.trip.error = exc
+        if self.trip.error is not None:
+            self._fall_back(self.trip.error)
             return False, None
         return True, value
 
@@ -467,7 +468,7 @@ class SharedStorage(pybreaker.CircuitBreakerStorage):
                 self._counter = counter
                 if state != self._state:
                     self._apply(breaker, state)
-            if recovering and not self.tripped:
+            if recovering and self.trip.error is None:
                 self._recovered()
 
     def _connect(self) -> pybreaker.CircuitRedisStorage:
