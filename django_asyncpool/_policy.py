@@ -14,7 +14,6 @@ functions only. Half-open admits one trial at a time; the rest fail fast.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -23,6 +22,7 @@ import backoff
 import pybreaker
 from django.core.exceptions import ImproperlyConfigured
 
+from . import _shared
 from .config import AliasConfig
 from .errors import CircuitOpenError, DatabaseUnavailable, PoolClosed, PoolError, PoolTimeout
 
@@ -66,9 +66,9 @@ class Guard:
         self.alias = config.alias
         self.opened_at = 0.0  # monotonic time the breaker last opened
         self.transitions: list[Callable[[str | None, str], None]] = []
-        self._trial = threading.Lock()
-        # Read on every checkout: one property away, not three.
-        self._storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+        # Read on every checkout: one property away, not three. With
+        # OPTIONS["circuit_breaker"]["storage"], a local view of the state in Redis.
+        self._storage = _shared.storage(config)
         self.breaker = pybreaker.CircuitBreaker(
             state_storage=self._storage,
             fail_max=config.breaker.fail_max,
@@ -77,6 +77,8 @@ class Guard:
             listeners=[_Listener(self)],
             throw_new_error_on_trip=False,
         )
+        # One trial at a time: in this process, and with shared state in every process.
+        self._trial = _shared.trial_gate(self._storage, self.breaker)
 
     # -- the breaker ---------------------------------------------------------------------
 
@@ -89,7 +91,9 @@ class Guard:
         if new == pybreaker.STATE_OPEN:
             self.opened_at = time.monotonic()
             why = (
-                "the trial connection failed"
+                "another process opened it: the state is shared through Redis"
+                if getattr(self._storage, "remote", False)
+                else "the trial connection failed"
                 if old == pybreaker.STATE_HALF_OPEN
                 else f"{self.breaker.fail_max} consecutive connection failures"
             )

@@ -6,6 +6,7 @@ import logging
 import threading
 from typing import Any
 
+from . import _shared
 from . import config as _config
 from ._policy import Guard
 
@@ -63,6 +64,7 @@ def guard(alias: str, wrapper: Any = None) -> Guard:
 def discard(alias: str) -> None:
     """Forget the guard of ``alias`` (its settings changed, or it is gone)."""
     _guards.pop(alias, None)
+    _shared.close(alias)
 
 
 def forget() -> None:
@@ -70,3 +72,4 @@ def forget() -> None:
     global _lock
     _lock = threading.Lock()  # may have been held by another thread at fork time
     _guards.clear()
+    _shared.forget()

@@ -81,6 +81,11 @@ class BreakerConfig:
 
     fail_max: int = 5  # consecutive connection failures that open it
     reset_timeout: float = 30.0  # seconds open before one trial is let through
+    #: redis:// URL where every process keeps this alias's breaker state; "": each its own.
+    storage: str = field(default="", repr=False)  # may carry a Redis password
+    storage_prefix: str = "django_asyncpool"  # first part of the Redis key names
+    storage_timeout: float = 0.25  # seconds a Redis call may take before falling back
+    storage_refresh: float = 0.1  # seconds between two reads of the shared state
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -169,6 +174,8 @@ _BOUNDS: dict[str, tuple[type, float, bool]] = {
     "timeout": (float, 0, False),
     "fail_max": (int, 1, True),
     "reset_timeout": (float, 0, False),
+    "storage_timeout": (float, 0, False),
+    "storage_refresh": (float, 0, False),
     "max_tries": (int, 1, True),
     "max_time": (float, 0, False),
     "base_delay": (float, 0, False),
@@ -211,6 +218,16 @@ class _Reader:
                 key,
                 f"{key} must be true or false, got {raw!r}.",
                 "Use True/False (or true/false in the environment).",
+            )
+            return default
+        if isinstance(default, str):
+            if isinstance(raw, str):
+                return raw
+            self.problem(
+                "dbpool.E002",
+                key,
+                f"{key} must be a string, got {type(raw).__name__}.",
+                f"Set {key} to a string (default: {default!r}).",
             )
             return default
         kind, low, inclusive = _BOUNDS.get(name, (type(default), float("-inf"), True))
@@ -603,6 +620,9 @@ def from_settings(
         object.__setattr__(config, "retry", retry)
     if config.pgbouncer:
         pgbouncer_problems(reader, conn, options)
+    from ._shared import checked  # imports this module
+
+    object.__setattr__(config, "breaker", checked(reader, config.breaker))
     object.__setattr__(config, "problems", tuple(reader.problems))
     return config
 

@@ -36,7 +36,7 @@ from prometheus_client import values as _values
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from . import _stats
+from . import _shared, _stats
 from ._policy import Guard
 
 __all__ = ["METRICS", "exported_names", "flush", "install", "setup", "watch"]
@@ -160,6 +160,21 @@ FAILOVERS = Counter(
     ("alias", "to"),
     registry=None,
 )
+STORAGE_ERRORS = Counter(
+    "db_breaker_storage_errors_total",
+    "Calls to the breaker's shared storage (OPTIONS['circuit_breaker']['storage'], Redis) "
+    "that failed or timed out; each outage makes the process use its local breaker state.",
+    ("alias",),
+    registry=None,
+)
+STORAGE_SHARED = Gauge(
+    "db_breaker_storage_shared",
+    "1 while the breaker state is shared through Redis, 0 while a process falls back to "
+    "its local state because Redis does not answer (with several processes: the lowest).",
+    ("alias",),
+    registry=None,
+    multiprocess_mode="livemin",
+)
 
 METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     ATTEMPTS,
@@ -178,6 +193,8 @@ METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     BREAKER_STATE,
     BREAKER_TRANSITIONS,
     FAILOVERS,
+    STORAGE_ERRORS,
+    STORAGE_SHARED,
 )
 
 
@@ -275,6 +292,8 @@ _gauged: set[tuple[str, str]] = set()
 _breakers: set[str] = set()
 #: (alias, to) -> failovers already added to FAILOVERS.
 _failovers: dict[tuple[str, str], int] = {}
+#: Failed calls to the shared breaker storage already added to STORAGE_ERRORS, per alias.
+_storage_pushed: dict[str, int] = {}
 #: Counters a sync pool keeps itself (leaks, bad returns), as last added to its Stats.
 _harvested: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
 
@@ -308,6 +327,13 @@ def flush() -> None:
             current = guard.state if guard is not None else "closed"
             for state in BREAKER_STATES:
                 BREAKER_STATE.labels(alias, state).set(1 if state == current else 0)
+        for alias, storage in _shared.snapshot().items():
+            if exported(alias):
+                errors, pushed = storage["errors"], _storage_pushed.get(alias, 0)
+                if errors > pushed:
+                    STORAGE_ERRORS.labels(alias).inc(errors - pushed)
+                    _storage_pushed[alias] = errors
+                STORAGE_SHARED.labels(alias).set(1 if storage["shared"] else 0)
         _push_failovers(exported)
 
 
@@ -537,6 +563,7 @@ def _after_fork_in_child() -> None:
         from . import _failover
 
         _failovers.update(_failover.counts())
+        _storage_pushed.update((a, s["errors"]) for a, s in _shared.snapshot().items())
         if _flusher_pid:
             _start_flusher()  # the parent's thread did not come along
 

@@ -184,3 +184,15 @@ def alias(make_alias: Callable[..., str], request: pytest.FixtureRequest) -> Cal
         return make_alias(**overrides)
 
     return make
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A throwaway redis-server on a free port (skips where the binary is missing)."""
+    from tests.redisserver import RedisServer, binary
+
+    if binary() is None:
+        pytest.skip("needs redis-server (apt-get install redis-server)")
+    server = RedisServer()
+    yield server
+    server.close()

@@ -67,7 +67,7 @@ def test_json_output(alias: Callable[..., str]) -> None:
     assert report["healthy"] is True and report["exit_code"] == 0 and report["problems"] == []
     (entry,) = report["aliases"]
     assert entry["alias"] == name and entry["healthy"] is True
-    assert entry["breaker"] == {"state": "closed", "failures": 0}
+    assert entry["breaker"] == {"state": "closed", "failures": 0, "storage": {"storage": "local"}}
     for side in ("sync", "async"):
         probe = entry[side]
         assert probe["ok"] is True and probe["error"] is None

@@ -251,13 +251,18 @@ def _reads_go_to(alias: str, probed: dict[str, bool]) -> str:
 
 
 def _breaker(alias: str) -> dict[str, Any]:
-    from ... import _registry
+    from ... import _registry, _shared
 
     try:
         guard = _registry.guard(alias)
     except Exception as exc:  # the settings are broken beyond what the checks report
         return {"state": "unknown", "failures": None, "error": type(exc).__name__}
-    return {"state": guard.state, "failures": guard.breaker.fail_counter}
+    storage = _shared.snapshot().get(alias) if guard.config.breaker.storage else None
+    return {
+        "state": guard.state,
+        "failures": guard.breaker.fail_counter,
+        "storage": storage or {"storage": "local"},
+    }
 
 
 # -- output -----------------------------------------------------------------------------
@@ -310,6 +315,14 @@ def render_table(report: dict[str, Any]) -> str:
         else:
             where = "; reads go to itself" if entry["failover_to"] else ""
         lines.append(f"{alias}: {entry['target']}{where}")
+        storage = entry["breaker"].get("storage", {})
+        if storage.get("storage") == "redis":
+            lines.append(
+                f"{entry['alias']}: breaker state shared through Redis at {storage['where']}"
+                if storage["shared"]
+                else f"{entry['alias']}: Redis at {storage['where']} NOT REACHABLE: falling "
+                f"back to this process's own breaker state ({storage['errors']} errors)"
+            )
     if errors:
         lines += ["", "Errors:", *(f"  {e}" for e in errors)]
     if report["problems"]:
