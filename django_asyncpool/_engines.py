@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import select
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,14 +19,15 @@ import asyncpg
 import sqlalchemy.exc
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import AsyncAdaptedQueuePool, PoolProxiedConnection
+from sqlalchemy.pool import Pool, PoolProxiedConnection
+from sqlalchemy.pool.base import _AsyncConnDialect
 from sqlalchemy.util.concurrency import await_
 
 from . import _registry
-from ._policy import Guard
+from ._policy import Guard, redact
 from ._stats import Stats
 from .config import AliasConfig, refuse_pgbouncer_conflicts
-from .errors import PoolTimeout
+from .errors import AsyncConnectionLost, PoolTimeout
 
 _ASYNCPG_DSN_KEYS = frozenset(
     {
@@ -85,6 +87,30 @@ def connect_kwargs(config: AliasConfig) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def is_lost(exc: BaseException) -> bool:
+    """Return True if asyncpg's ``exc`` says the connection died (not the query failed)."""
+    return (
+        isinstance(exc, (asyncpg.exceptions.ConnectionDoesNotExistError, ConnectionError))
+        or getattr(exc, "sqlstate", None) in _GOODBYE_SQLSTATES
+    )
+
+
+def lost_error(
+    config: AliasConfig, exc: BaseException, statement: str | None = None, params: Any = None
+) -> AsyncConnectionLost:
+    """Return the error a caller sees for a connection that died under a query."""
+    return AsyncConnectionLost(
+        f"The connection to database {config.describe()} was lost during a query "
+        f"({redact(str(exc).strip(), config.password) or type(exc).__name__}) and discarded: "
+        "the server restarted, the backend was terminated or the network failed. Run the "
+        "transaction again once the server answers (ConnectionPool.run_transaction() does).",
+        alias=config.alias,
+        statement=statement,
+        params=params,
+        orig=exc,
+    )
+
+
 def _socket_readable(raw: Any) -> bool:
     """Return True when an idle asyncpg connection has bytes (or EOF) waiting.
 
@@ -101,25 +127,59 @@ def _socket_readable(raw: Any) -> bool:
         return True
 
 
-class _GuardedPool(AsyncAdaptedQueuePool):
-    """SQLAlchemy's asyncio queue pool with the alias's breaker, retries and stats.
+class _GuardedPool(Pool):
+    """A fair asyncio pool with the alias's breaker, retries and stats.
+
+    SQLAlchemy's ``AsyncAdaptedQueuePool`` waits on an ``asyncio.Queue``, which is
+    not fair: a connection put back wakes the oldest getter, but a task that runs
+    first takes it, and the woken getter queues again at the back; under steady
+    overload a waiter can be passed over until it times out. Here, as in
+    psycopg_pool, a connection that comes back goes straight to the oldest waiter,
+    and nobody takes an idle connection or opens one while someone waits.
+
+    Connections above ``pool_size`` (up to ``max_overflow`` more) are kept while the
+    demand lasts, like HikariCP and psycopg_pool (SQLAlchemy would close and reopen
+    one per checkout), and closed on check-in once the demand stayed within
+    ``pool_size`` for :attr:`KEEP_OVERFLOW` seconds.
 
     Opening a connection (for a checkout, or to replace a dead one in place) goes
     through the guard with retries; a checkout fails fast while the breaker is
-    open, and a wait that times out counts as a failure. ``guard`` and ``stats``
-    are class attributes of a per-engine subclass, so ``recreate()`` keeps them.
+    open. A wait that times out raises :class:`PoolTimeout`, counted by the breaker
+    only with ``OPTIONS["circuit_breaker"]["count_pool_timeouts"]``. ``guard`` and
+    ``stats`` are class attributes of a per-engine subclass, so ``recreate()``
+    keeps them. All of it runs on the engine's one event loop: no lock.
     """
+
+    _is_asyncio = True
+    _dialect = _AsyncConnDialect()
 
     guard: Guard
     stats: Stats
     #: Time checkouts for the latency histogram (``OPTIONS["metrics"]``).
     metered: bool = True
-    #: The most connections this engine opens: pool_size + max_overflow.
-    cap: int = 0
+    #: Seconds overflow connections are kept after demand last exceeded pool_size.
+    KEEP_OVERFLOW = 30.0
 
-    def __init__(self, creator: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        creator: Any,
+        pool_size: int = 5,
+        max_overflow: int = 10,
+        timeout: float = 30.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(creator, **kwargs)
-        self._extra = []
+        self._size = pool_size
+        self._max_overflow = max_overflow
+        #: The most connections this engine opens: pool_size + max_overflow.
+        self.cap = pool_size + max_overflow
+        self._timeout = timeout
+        self._idle: deque[Any] = deque()
+        #: Futures of the callers waiting, oldest first; done ones are skipped.
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._opened = 0  # records idle, checked out, or being opened
+        self._busy_at = 0.0  # monotonic time demand last exceeded pool_size
+        self._disposed = False
         create = self._invoke_creator
         guard, stats = self.guard, self.stats
 
@@ -144,68 +204,171 @@ class _GuardedPool(AsyncAdaptedQueuePool):
             stats.latency.observe(time.perf_counter() - started)
         return fairy
 
-    #: Seconds overflow connections are kept after demand last exceeded pool_size.
-    KEEP_OVERFLOW = 30.0
+    # -- checkout ---------------------------------------------------------------------------
 
     def _do_get(self) -> Any:
-        stats, guard = self.stats, self.guard
+        guard = self.guard
         if guard.breaker.current_state != "closed":
             guard.check_open()
-        if self._pool.empty():  # demand at or above pool_size: overflow is in use
-            self._busy_at = time.monotonic()
-            if self._extra:
-                return self._extra.pop()
+        idle = self._idle
+        if self._opened - len(idle) >= self._size:
+            self._busy_at = time.monotonic()  # demand above pool_size: keep the overflow
+        if idle:
+            return idle.popleft()  # an idle connection means nobody is waiting
+        if self._opened >= self.cap:
+            record = self._wait()
+            if record is not None:
+                return record
+            # None: a free slot was handed over, to open a connection in
+        else:
+            self._opened += 1
+        try:
+            return self._create_connection()
+        except BaseException:
+            self._release_slot()
+            raise
+
+    def _wait(self) -> Any:
+        """Queue up; return the record handed over, or None for a slot to open one in."""
+        stats = self.stats
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiting.append(waiter)
+        timer = loop.call_later(self._timeout, _expire, waiter)
         stats.waiting += 1
         try:
-            record = super()._do_get()
-        except sqlalchemy.exc.TimeoutError as exc:
-            guard.failed(exc, trial=False)
-            raise PoolTimeout(
+            got = await_(waiter)
+        except BaseException:
+            # Cancelled: what was handed over meanwhile goes on to the next in line.
+            if waiter.done() and not waiter.cancelled():
+                self._pass_on(waiter.result())
+            else:
+                waiter.cancel()
+            raise
+        finally:
+            timer.cancel()
+            stats.waiting -= 1
+        if got is _TIMED_OUT:
+            guard = self.guard
+            error = PoolTimeout(
                 f"No connection to database {guard.config.describe()} became free within "
-                f"{self._timeout:.1f}s (size {self.size()}, in use {self.checkedout()}, "
-                f"waiting {stats.waiting}). Raise OPTIONS['async_pool']['pool_size'], "
+                f"{self._timeout:.1f}s (size {self._size}, in use {self.checkedout()}, "
+                f"waiting {stats.waiting + 1}). Raise OPTIONS['async_pool']['pool_size'], "
                 "['max_overflow'] or ['timeout'], or find the code holding connections "
                 "(OPTIONS['leak_threshold'] logs where they were taken).",
                 alias=guard.alias,
-            ) from exc
-        finally:
-            stats.waiting -= 1
-        return record
+            )
+            guard.failed(error, trial=False)  # counted only if the breaker is told to
+            raise error
+        return got
 
-    # SQLAlchemy closes an overflow connection the moment it comes back, so a load
-    # steadily above pool_size opens and closes a connection per checkout. Like
-    # HikariCP and psycopg_pool, keep them while the demand lasts: a check-in that
-    # finds the queue full (so nobody waits) sets the connection aside, and it is
-    # closed on a later check-in once demand stayed within pool_size for a while.
+    def _pass_on(self, got: Any) -> None:
+        """Give what a cancelled waiter was handed (a record, or a slot) to the next one."""
+        if got is None:
+            self._release_slot()
+        elif got is not _TIMED_OUT and not self._hand_over(got):
+            self._idle.append(got)
 
-    _extra: list[Any]
-    _busy_at: float = 0.0
+    def _hand_over(self, got: Any) -> bool:
+        """Give ``got`` to the oldest caller still waiting; return False if there is none."""
+        waiting = self._waiting
+        while waiting:
+            waiter = waiting.popleft()
+            if not waiter.done():  # not timed out, not cancelled
+                waiter.set_result(got)
+                return True
+        return False
+
+    def _release_slot(self) -> None:
+        """Give up a slot counted in ``_opened``: to a waiter, who opens a connection in it."""
+        if not self._hand_over(None):
+            self._opened -= 1
+
+    # -- check-in ---------------------------------------------------------------------------
+
+    def closes_on_return(self) -> bool:
+        """Return True if a check-in now may close a connection (which awaits: a greenlet)."""
+        return self._disposed or (
+            self._opened > self._size and time.monotonic() - self._busy_at >= self.KEEP_OVERFLOW
+        )
 
     def _do_return_conn(self, record: Any) -> None:
-        if time.monotonic() - self._busy_at >= self.KEEP_OVERFLOW:
-            self._close_extra()
-        elif self._pool.full():
-            self._extra.append(record)
+        if self._hand_over(record):
             return
-        super()._do_return_conn(record)
-
-    def _close_extra(self) -> None:
-        while self._extra:
-            record = self._extra.pop()
+        if self.closes_on_return():
+            # The demand stayed within pool_size for a while (or the pool was disposed):
+            # close this connection, and the idle ones above pool_size.
+            self._opened -= 1
             try:
                 record.close()
             finally:
-                self._dec_overflow()
+                while self._idle and (self._disposed or self._opened > self._size):
+                    self._opened -= 1
+                    self._idle.pop().close()
+            return
+        self._idle.append(record)
 
-    def checkedin(self) -> int:
-        return super().checkedin() + len(self._extra)
-
-    def checkedout(self) -> int:
-        return super().checkedout() - len(self._extra)
+    # -- the pool's state ---------------------------------------------------------------------
 
     def dispose(self) -> None:
-        self._close_extra()
-        super().dispose()
+        # Connections in use are closed as they come back (SQLAlchemy's queue pool
+        # would keep them in a pool nobody uses any more).
+        self._disposed = True
+        while self._idle:
+            self._opened -= 1
+            self._idle.popleft().close()
+        self.logger.info("Pool disposed. %s", self.status())
+
+    def recreate(self) -> _GuardedPool:
+        self.logger.info("Pool recreating")
+        return self.__class__(
+            self._creator,
+            pool_size=self._size,
+            max_overflow=self._max_overflow,
+            timeout=self._timeout,
+            recycle=self._recycle,
+            echo=self.echo,
+            logging_name=self._orig_logging_name,
+            reset_on_return=self._reset_on_return,
+            pre_ping=self._pre_ping,
+            _dispatch=self.dispatch,
+            dialect=self._dialect,
+        )
+
+    def status(self) -> str:
+        return (
+            f"Pool size: {self.size()}  Connections in pool: {self.checkedin()} Current "
+            f"Overflow: {self.overflow()} Current Checked out connections: "
+            f"{self.checkedout()} Waiting: {self.waiting()}"
+        )
+
+    def size(self) -> int:
+        return self._size
+
+    def timeout(self) -> float:
+        return self._timeout
+
+    def checkedin(self) -> int:
+        return len(self._idle)
+
+    def checkedout(self) -> int:
+        return self._opened - len(self._idle)
+
+    def overflow(self) -> int:
+        return self._opened - self._size
+
+    def waiting(self) -> int:
+        """Return how many callers wait for a connection of this engine."""
+        return sum(not waiter.done() for waiter in self._waiting)
+
+
+#: A waiter's future resolves to a record, to None (a free slot to open one in), or this.
+_TIMED_OUT: Any = object()
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_result(_TIMED_OUT)
 
 
 def _greenlet_sleep(seconds: float) -> None:
@@ -267,7 +430,6 @@ class _LoopEngine:
                     "guard": _registry.guard(config.alias),
                     "stats": self.stats,
                     "metered": config.metrics,
-                    "cap": options.pool_size + options.max_overflow,
                 },
             ),
             pool_size=options.pool_size,
@@ -330,16 +492,18 @@ class _LoopEngine:
             if getattr(exc, "sqlstate", None) in _GOODBYE_SQLSTATES or out_of_step:
                 context.is_disconnect = True
                 context.invalidate_pool_on_disconnect = False
+            if not context.is_disconnect or context.connection is None:
+                return None
+            # One error for a lost connection, whichever way asyncpg said it (the
+            # server's goodbye, "connection was closed in the middle of operation", a
+            # reset socket): ours, and SQLAlchemy's OperationalError.
+            cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
             if out_of_step:
                 # Say what happened rather than asyncpg's internals.
-                lost = asyncpg.exceptions.ConnectionDoesNotExistError(
-                    "the server closed the connection during the request (shutdown or "
-                    "terminated backend); the connection was discarded"
+                cause = asyncpg.exceptions.ConnectionDoesNotExistError(
+                    "the server closed the connection during the request"
                 )
-                return sqlalchemy.exc.OperationalError(
-                    context.statement, context.parameters, lost, connection_invalidated=True
-                )
-            return None
+            return lost_error(config, cause, context.statement, context.parameters)
 
         @event.listens_for(engine.sync_engine, "checkin")
         def on_checkin(dbapi_connection: Any, record: Any) -> None:

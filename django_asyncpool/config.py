@@ -77,6 +77,8 @@ class BreakerConfig:
 
     fail_max: int = 5  # consecutive connection failures that open it
     reset_timeout: float = 30.0  # seconds open before one trial is let through
+    #: Count pool timeouts (a full pool: the application's load) as failures too.
+    count_pool_timeouts: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
