@@ -492,7 +492,11 @@ class _LoopEngine:
             if getattr(exc, "sqlstate", None) in _GOODBYE_SQLSTATES or out_of_step:
                 context.is_disconnect = True
                 context.invalidate_pool_on_disconnect = False
-            if not context.is_disconnect or context.connection is None:
+            if (
+                not context.is_disconnect
+                or context.connection is None
+                or not isinstance(exc, Exception)  # cancelled: SQLAlchemy calls it a disconnect
+            ):
                 return None
             # One error for a lost connection, whichever way asyncpg said it (the
             # server's goodbye, "connection was closed in the middle of operation", a

@@ -389,6 +389,23 @@ async def test_a_query_cut_under_connection_raises_connection_lost(
     await pool.close()
 
 
+@pytest.mark.parametrize("readonly", [False, True])
+async def test_a_cancelled_query_stays_a_cancellation(make_alias, db_access, readonly) -> None:
+    alias = make_alias(OPTIONS=ONE)
+
+    async def sleeper() -> None:
+        async with session_scope(alias, readonly=readonly) as session:
+            await session.execute(text("select pg_sleep(10)"))
+
+    task = asyncio.create_task(sleeper())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):  # SQLAlchemy calls it a disconnect
+        await task
+    assert await select_one(ConnectionPool(alias)) == 1
+    await ConnectionPool(alias).close()
+
+
 async def test_run_transaction_runs_again_after_a_lost_connection(
     make_alias, pg, db_access
 ) -> None:
