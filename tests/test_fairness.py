@@ -341,7 +341,7 @@ async def kill_sleeper(pg: pgserver.LocalPostgres, marker: str) -> None:
     raise AssertionError(f"no backend ran {marker}")
 
 
-def assert_lost(exc: BaseException, *, sqlalchemy_too: bool = True) -> None:
+def assert_lost(exc: BaseException) -> None:
     assert isinstance(exc, AsyncConnectionLost), repr(exc)
     assert isinstance(exc, ConnectionLost) and isinstance(exc, OperationalError)
     assert isinstance(exc, sqlalchemy.exc.OperationalError) and exc.connection_invalidated
@@ -370,6 +370,23 @@ async def test_a_query_cut_under_session_scope_raises_connection_lost(
         assert (await session.execute(text("select 1"))).scalar() == 1
     assert ConnectionPool(alias).metrics["in_use"] == 0
     await ConnectionPool(alias).close()
+
+
+async def test_a_query_cut_under_get_connection_raises_connection_lost(
+    make_alias, pg, db_access
+) -> None:
+    pool = ConnectionPool(make_alias(OPTIONS=ONE))
+    session = await pool.get_connection()
+    try:
+        killer = asyncio.create_task(kill_sleeper(pg, "lost-get"))
+        with pytest.raises(ConnectionLost) as info:
+            await session.execute(text("select pg_sleep(10) -- lost-get"))
+        await killer
+    finally:
+        await session.close()
+    assert_lost(info.value)
+    assert await select_one(pool) == 1
+    await pool.close()
 
 
 async def test_a_query_cut_under_connection_raises_connection_lost(
