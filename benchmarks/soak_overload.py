@@ -8,7 +8,8 @@ breaker ``fail_max`` 3 / ``reset_timeout`` 2, ``--tasks`` tasks on one event loo
 looping a primary-key lookup through ``session_scope()``. The sync side: as many
 threads looping the same lookup through the ORM's connection, ``OPTIONS["pool"]
 ["max_size"]`` 8. Printed per side: requests, errors by type, p50/p99/max time to
-get a connection, how often the breaker opened. The bars: 0 errors, the breaker
+get a connection (after 1 s of warm-up: the pools opening their connections), how
+often the breaker opened. The bars: 0 errors, the breaker
 never opens, max wait < 1 s. Uses DATABASE_URL, or starts the embedded PostgreSQL;
 creates a table ``fairness_items`` (1,000 rows) there if it is missing.
 """
