@@ -1,8 +1,9 @@
 """Soak: the load matrix, our pools beside the peers a user would pick instead.
 
-    python benchmarks/soak_matrix.py [--quick] [--seconds 1] [--rounds 2] [--down 1.5]
+    python benchmarks/soak_matrix.py [--quick] [--seconds 0.5] [--rounds 3] [--down 1.5]
         [--pool-size 8] [--overflows 0,4] [--multiples 0.5,1,2.5,4,10]
-        [--scenarios steady,restart,terminate,blackhole] [--timeout 5]
+        [--fault-multiples 1,4,10] [--scenarios steady,restart,terminate,blackhole]
+        [--timeout 5]
 
 Each cell is a pool size (``--pool-size`` + an overflow of ``--overflows``: the cap
 is pool_size + max_overflow on the async side, ``max_size`` on the sync side) and a
@@ -18,9 +19,12 @@ same size and timeout:
   the same ORM work as our ENGINE, on psycopg_pool;
 - psycopg_pool's ``ConnectionPool`` (threads), without Django.
 
-Scenarios: ``steady`` runs each client alone, ``--rounds`` times interleaved, for
-``--seconds`` each; the faults run every client at once through one fault in the
-middle (``--seconds`` before it, ``--down`` seconds of it, then 2 s):
+Scenarios: ``steady`` runs each client alone (an event loop, or its threads, as in
+an application), the clients one after another, ``--rounds`` times in alternating
+order, ``--seconds`` each: our p99 wait is divided by each peer's within a round,
+and the median of those ratios printed. A fault runs the async clients at once (each
+on its own event loop and thread), then the threaded ones, through one fault each:
+``--seconds`` of load, ``--down`` seconds of the fault, then 2 s:
 
 - ``restart``: the embedded server stopped (``pg_ctl stop -m fast``) and started;
 - ``terminate``: ``pg_terminate_backend`` of every client backend;
@@ -42,6 +46,7 @@ import argparse
 import collections
 import logging
 import os
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -132,9 +137,12 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}" if seconds < 0.1 else f"{seconds * 1e3:.0f}"
 
 
-def ratios(figures: dict[str, Figures]) -> dict[str, dict[str, float]]:
+Ratios = dict[str, dict[str, float]]
+
+
+def ratios(figures: dict[str, Figures]) -> Ratios:
     """Return, for each of ours, its p99 wait over each peer's."""
-    out: dict[str, dict[str, float]] = {}
+    out: Ratios = {}
     for ours, peers in PEERS.items():
         if ours in figures:
             mine = figures[ours].wait(0.99)
@@ -143,13 +151,15 @@ def ratios(figures: dict[str, Figures]) -> dict[str, dict[str, float]]:
 
 
 def print_cell(
-    title: str, figures: dict[str, Figures], fault_ends: dict[str, float] | None = None
+    title: str,
+    figures: dict[str, Figures],
+    compared: Ratios,
+    fault_ends: dict[str, float] | None = None,
 ) -> None:
     print(f"\n== {title}")
     head = f"  {'client':27s} {'requests':>8s}  {'wait ms: p50':>12s} {'p99':>7s} {'max':>7s}"
     head += f" {'hold p50':>8s} {'overtaken':>9s} {'stuck':>5s}"
     print(head + ("  recovered" if fault_ends is not None else "") + "  errors")
-    compared = ratios(figures)
     for name, f in figures.items():
         errors = ", ".join(f"{k} {v}" for k, v in f.errors.most_common()) or "0"
         line = (
@@ -168,14 +178,33 @@ def print_cell(
             print(f"    {f.name} {kind}: {sample}"[:240])
 
 
-def steady(sizes: Sizes, workers: int, base: dict[str, Any], args: Any) -> dict[str, Figures]:
+def steady(
+    sizes: Sizes, workers: int, base: dict[str, Any], args: Any
+) -> tuple[dict[str, Figures], Ratios]:
+    """Return each client's figures over ``--rounds`` rounds, and our median p99 ratios.
+
+    Each client runs alone (one event loop or its threads, as in an application), the
+    clients one after another, in the reverse order every other round; a ratio is
+    taken within each round (runs a few seconds apart), then the median of the rounds.
+    """
     cell = clients(sizes, base)
     runs: dict[str, list[Figures]] = collections.defaultdict(list)
     for r in range(args.rounds):
         for client in cell if r % 2 == 0 else cell[::-1]:
-            [f] = run([client], workers, seconds=args.seconds, warmup=args.warmup)
+            [f] = run(
+                [client],
+                workers,
+                seconds=args.seconds,
+                warmup=args.warmup,
+                prewarm=min(workers, sizes.cap),
+            )
             runs[client.name].append(f)
-    return {c.name: merge(runs[c.name]) for c in cell}
+    per_round = [ratios({c.name: runs[c.name][r] for c in cell}) for r in range(args.rounds)]
+    medians = {
+        ours: {peer: statistics.median(rr[ours][peer] for rr in per_round) for peer in peers}
+        for ours, peers in per_round[0].items()
+    }
+    return {c.name: merge(runs[c.name]) for c in cell}, medians
 
 
 def faulty(
@@ -214,7 +243,14 @@ def faulty(
     try:
         for threaded in (False, True):
             group = [c for c in cell if c.threaded is threaded]
-            figures = run(group, workers, warmup=args.warmup, during=fault, grace=sizes.timeout + 5)
+            figures = run(
+                group,
+                workers,
+                warmup=args.warmup,
+                during=fault,
+                grace=sizes.timeout + 5,
+                prewarm=min(workers, sizes.cap),
+            )
             out.update((f.name, (f, ends[-1])) for f in figures)
     finally:
         if not pg.is_running():
@@ -224,19 +260,18 @@ def faulty(
     return {c.name: out[c.name] for c in cell}
 
 
-def markdown(rows: list[tuple[str, int, dict[str, Figures]]]) -> None:
+def markdown(rows: list[tuple[str, int, dict[str, Figures], Ratios]]) -> None:
     """Print the steady cells: p99 / max wait in ms per client, our ratios to the peers."""
     names = list(rows[0][2])
-    print("\n| cell | workers | " + " | ".join(names) + " | ours / peer, p99 |")
+    print("\n| cell | workers | " + " | ".join(names) + " | ours / peer, p99 (median) |")
     print("|---|---:|" + "---:|" * len(names) + "---|")
-    for title, workers, figures in rows:
+    for title, workers, figures, compared in rows:
         cells = []
         for name in names:
             f = figures[name]
             errors = sum(f.errors.values())
             cell = f"{ms(f.wait(0.99))} / {ms(max(f.waits, default=0.0))}"
             cells.append(cell + (f" ({errors} errors)" if errors else ""))
-        compared = ratios(figures)
         worst = ", ".join(
             f"{r:.2f}x {peer.split(' ')[0]}"
             for ours in compared
@@ -264,9 +299,9 @@ def fault_markdown(rows: list[tuple[str, dict[str, tuple[Figures, float]]]]) -> 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run: fewer, shorter cells")
-    parser.add_argument("--seconds", type=float, default=1.0, help="per client and round")
-    parser.add_argument("--rounds", type=int, default=2, help="steady rounds, interleaved")
-    parser.add_argument("--warmup", type=float, default=0.3)
+    parser.add_argument("--seconds", type=float, default=0.5, help="per client and round")
+    parser.add_argument("--rounds", type=int, default=3, help="steady rounds, interleaved")
+    parser.add_argument("--warmup", type=float, default=0.2)
     parser.add_argument("--down", type=float, default=1.5, help="seconds of each fault")
     parser.add_argument("--pool-size", type=int, default=8)
     parser.add_argument("--overflows", default="0,4")
@@ -277,8 +312,8 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.quick:  # what is not given on the command line
         quick = {
-            "seconds": 0.5,
-            "rounds": 1,
+            "seconds": 0.4,
+            "rounds": 2,
             "down": 1.0,
             "multiples": "1,4,10",
             "fault_multiples": "4",
@@ -304,7 +339,7 @@ def main(argv: list[str]) -> None:
         f"concurrency {multiples} x the cap (faults: {fault_multiples}); {args.seconds:g}s per "
         "client and round"
     )
-    table: list[tuple[str, int, dict[str, Figures]]] = []
+    table: list[tuple[str, int, dict[str, Figures], Ratios]] = []
     faults: list[tuple[str, dict[str, tuple[Figures, float]]]] = []
     for scenario in scenarios:
         for overflow in overflows:
@@ -313,15 +348,17 @@ def main(argv: list[str]) -> None:
                 workers = max(1, round(multiple * sizes.cap))
                 title = f"overflow {overflow} (cap {sizes.cap}), {multiple:g}x"
                 if scenario == "steady":
-                    figures = steady(sizes, workers, base, args)
-                    print_cell(f"steady, {title} = {workers} workers", figures)
-                    table.append((title, workers, figures))
+                    figures, compared = steady(sizes, workers, base, args)
+                    print_cell(f"steady, {title} = {workers} workers", figures, compared)
+                    table.append((title, workers, figures, compared))
                 else:
                     both = faulty(scenario, sizes, workers, base, args)
                     faults.append((f"{scenario}, {title}", both))
+                    figures = {name: f for name, (f, _) in both.items()}
                     print_cell(
                         f"{scenario}, {title} = {workers} workers",
-                        {name: f for name, (f, _) in both.items()},
+                        figures,
+                        ratios(figures),
                         {name: end for name, (_, end) in both.items()},
                     )
     if table:

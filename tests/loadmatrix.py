@@ -312,15 +312,26 @@ class _Side:
         self.workers = workers
         self.stop = stop
         self.grace = grace
+        self.ready = threading.Event()  # the pool opened, and warmed by a first burst
         self.measure_from = float("inf")
         # (started, had its connection or 0.0, ended, error or None): appends only, no lock.
         self.records: list[tuple[float, float, float, BaseException | None]] = []
         self.threads: list[threading.Thread] = []
         self.stuck = 0
 
-    def start(self) -> None:
+    def start(self, prewarm: int) -> None:
+        self.prewarm = prewarm
         if self.client.threaded:
             self.client.open()
+            burst = [
+                threading.Thread(target=self.client.request, args=(n + 1, [0.0]), daemon=True)
+                for n in range(prewarm)
+            ]
+            for t in burst:
+                t.start()
+            for t in burst:
+                t.join(10)
+            self.ready.set()
             self.threads = [
                 threading.Thread(target=self._thread_worker, args=(n,), daemon=True)
                 for n in range(self.workers)
@@ -373,6 +384,9 @@ class _Side:
 
     async def _loop(self) -> None:
         await self.client.aopen()
+        burst = (self.client.arequest(n + 1, [0.0]) for n in range(self.prewarm))
+        await asyncio.gather(*burst, return_exceptions=True)
+        self.ready.set()
         tasks = [asyncio.create_task(self._task_worker(n)) for n in range(self.workers)]
         while not self.stop.is_set():
             await asyncio.sleep(0.02)
@@ -416,20 +430,24 @@ def run(
     warmup: float = 0.3,
     during: Callable[[], None] | None = None,
     grace: float = 10.0,
+    prewarm: int = 0,
 ) -> list[Figures]:
     """Load every client at once with ``workers`` each; return their figures.
 
-    The first ``warmup`` seconds open the pools and are not counted; then the load
-    runs ``seconds`` (or as long as ``during()``, which injects a fault, takes). A
-    request started before the end is counted whenever it finishes: a starved waiter
-    shows as its whole wait. Workers still busy ``grace`` seconds after the end are
-    reported as ``stuck``.
+    First ``prewarm`` requests at once open the connections the load will use (on a
+    busy machine opening one takes long enough to look like a queue); the first
+    ``warmup`` seconds of load are not counted; then the load runs ``seconds`` (or as
+    long as ``during()``, which injects a fault, takes). A request started before the
+    end is counted whenever it finishes: a starved waiter shows as its whole wait.
+    Workers still busy ``grace`` seconds after the end are reported as ``stuck``.
     """
     stop = threading.Event()
     sides = [_Side(client, workers, stop, grace) for client in clients]
     for side in sides:
-        side.start()
+        side.start(prewarm)
     try:
+        for side in sides:
+            side.ready.wait(30)
         time.sleep(warmup)
         measure_from = time.perf_counter()
         for side in sides:
