@@ -263,7 +263,12 @@ class _Lease:
 
     def lost(self, exc: BaseException) -> bool:
         """Return True if ``exc`` (raised using this lease) means its connection died."""
-        return isinstance(exc, ConnectionLost) or is_lost(exc) or self.raw.is_closed()
+        if isinstance(exc, ConnectionLost) or is_lost(exc):
+            return True
+        # asyncpg's "connection is closed" and the like; never the caller's own errors.
+        return isinstance(exc, (asyncpg.InterfaceError, asyncpg.PostgresError, OSError)) and bool(
+            self.raw.is_closed()
+        )
 
     def lost_error(self, exc: BaseException, sql: str | None = None, args: Any = None) -> Any:
         """Return our ConnectionLost for ``exc``, which :meth:`lost` said is one."""
@@ -289,11 +294,15 @@ class _Lease:
         elif raw.is_in_transaction():
             try:
                 await raw.execute("ROLLBACK")
-            except BaseException as rollback_exc:
+            except Exception as rollback_exc:
+                gone = self.lost(rollback_exc)  # before invalidate(): it reads the connection
                 fairy.invalidate()
-                if not isinstance(rollback_exc, Exception) or not self.lost(rollback_exc):
+                if not gone:
                     raise
                 lost = rollback_exc
+            except BaseException:
+                fairy.invalidate()
+                raise
         pool: Any = fairy._pool
         if pool.closes_on_return():
             # This check-in may close a connection, which awaits: in SQLAlchemy's greenlet.

@@ -435,6 +435,18 @@ async def test_a_cancelled_query_stays_a_cancellation(make_alias, db_access, rea
     await ConnectionPool(alias).close()
 
 
+async def test_a_callers_own_error_stays_its_own_on_a_closed_connection(
+    make_alias, db_access
+) -> None:
+    pool = ConnectionPool(make_alias(OPTIONS=ONE))
+    with pytest.raises(ValueError, match="mine"):
+        async with pool.connection() as conn:
+            await conn.close()
+            raise ValueError("mine")
+    assert await select_one(pool) == 1  # the closed one was replaced
+    await pool.close()
+
+
 async def test_run_transaction_runs_again_after_a_lost_connection(
     make_alias, pg, db_access
 ) -> None:
