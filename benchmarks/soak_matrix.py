@@ -33,11 +33,13 @@ on its own event loop and thread), then the threaded ones, through one fault eac
   and lets new ones through.
 
 Printed per cell and client: requests, errors by type, p50/p99/max time to get a
-connection (the *wait*, of the requests that got one), the median hold, workers stuck
-afterwards, and the ratio of our p99 wait to each peer's; for a fault, when the last
-error happened after the fault ended. Then the steady cells as one Markdown table.
+connection (the *wait*, of the requests that got one), the median hold, the most later
+arrivals served before one request (*overtaken*: 0 in a queue served in order), workers
+stuck afterwards, and the ratio of our p99 wait to each peer's; for a fault, when the
+last error happened after the fault ended. Then the steady cells, and the faults, as
+Markdown tables (docs/reliability.md, "Load matrix").
 Needs the embedded server for the faults (no DATABASE_URL). About 5 minutes in full,
-40 s with ``--quick``.
+2 with ``--quick`` (on a busy 2-core machine).
 """
 
 from __future__ import annotations
