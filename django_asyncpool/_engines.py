@@ -85,9 +85,21 @@ def connect_kwargs(config: AliasConfig) -> dict[str, Any]:
 
 
 def is_lost(exc: BaseException) -> bool:
-    """Return True if asyncpg's ``exc`` says the connection died (not the query failed)."""
+    """Return True if asyncpg's ``exc`` says the connection died (not the query failed).
+
+    The server's goodbye (shutdown, pg_terminate_backend) that arrives between two
+    messages of a statement (after its Parse, before its Bind) leaves asyncpg's
+    protocol out of step for good: the statement fails with InternalClientError.
+    """
     return (
-        isinstance(exc, (asyncpg.exceptions.ConnectionDoesNotExistError, ConnectionError))
+        isinstance(
+            exc,
+            (
+                asyncpg.exceptions.ConnectionDoesNotExistError,
+                asyncpg.exceptions.InternalClientError,
+                ConnectionError,
+            ),
+        )
         or getattr(exc, "sqlstate", None) in _GOODBYE_SQLSTATES
     )
 
@@ -96,6 +108,11 @@ def lost_error(
     config: AliasConfig, exc: BaseException, statement: str | None = None, params: Any = None
 ) -> AsyncConnectionLost:
     """Return the error a caller sees for a connection that died under a query."""
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        # Say what happened rather than asyncpg's internals ("cannot switch to state").
+        exc = asyncpg.exceptions.ConnectionDoesNotExistError(
+            "the server closed the connection during the request"
+        )
     return AsyncConnectionLost(
         f"The connection to database {config.describe()} was lost during a query "
         f"({redact(str(exc).strip(), config.password) or type(exc).__name__}) and discarded: "
@@ -237,8 +254,8 @@ class _LoopEngine:
             # progress"): the connection is out of step for good. Only this connection
             # is thrown away; the checkout liveness check finds the others.
             exc = context.original_exception
-            out_of_step = isinstance(exc.__cause__, asyncpg.exceptions.InternalClientError)
-            if getattr(exc, "sqlstate", None) in _GOODBYE_SQLSTATES or out_of_step:
+            cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+            if is_lost(exc) or is_lost(cause):
                 context.is_disconnect = True
                 context.invalidate_pool_on_disconnect = False
             if (
@@ -250,12 +267,6 @@ class _LoopEngine:
             # One error for a lost connection, whichever way asyncpg said it (the
             # server's goodbye, "connection was closed in the middle of operation", a
             # reset socket): ours, and SQLAlchemy's OperationalError.
-            cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
-            if out_of_step:
-                # Say what happened rather than asyncpg's internals.
-                cause = asyncpg.exceptions.ConnectionDoesNotExistError(
-                    "the server closed the connection during the request"
-                )
             return lost_error(config, cause, context.statement, context.parameters)
 
         @event.listens_for(engine.sync_engine, "checkin")

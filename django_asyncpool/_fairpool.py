@@ -109,7 +109,9 @@ class _GuardedPool(Pool):
         if self._opened - len(idle) >= self._size:
             self._busy_at = time.monotonic()  # demand above pool_size: keep the overflow
         if idle:
-            return idle.popleft()  # an idle connection means nobody is waiting
+            # An idle connection means nobody is waiting. The one returned last: its
+            # backend is warm and it needs no ping (liveness_bypass); the others idle.
+            return idle.pop()
         if self._opened >= self.cap:
             record = self._wait()
             if record is not None:
@@ -199,7 +201,7 @@ class _GuardedPool(Pool):
             finally:
                 while self._idle and (self._disposed or self._opened > self._size):
                     self._opened -= 1
-                    self._idle.pop().close()
+                    self._idle.popleft().close()  # the longest idle
             return
         self._idle.append(record)
 

@@ -384,6 +384,29 @@ async def test_a_query_cut_under_session_scope_raises_connection_lost(
     await ConnectionPool(alias).close()
 
 
+@pytest.mark.parametrize("pause", [0.0, 0.2])
+async def test_a_backend_killed_between_two_fast_path_reads_is_connection_lost(
+    make_alias, pg, db_access, pause
+) -> None:
+    # The server's goodbye arrives while the connection is idle in the scope: the next
+    # statement finds asyncpg out of step (or the socket closed), a lost connection too.
+    alias = make_alias(OPTIONS={**ONE, "application_name": f"asyncpool-between-{pause}"})
+    sql = (
+        "select count(pg_terminate_backend(pid)) from pg_stat_activity "
+        f"where application_name = 'asyncpool-between-{pause}'"
+    )
+    with pytest.raises(ConnectionLost) as info:
+        async with session_scope(alias, readonly=True) as session:
+            assert (await session.execute(text("select 1"))).scalar() == 1
+            assert await asyncio.to_thread(pg.psql, sql) == "1"
+            await asyncio.sleep(pause)
+            await session.execute(text("select 2"))
+    assert_lost(info.value)
+    async with session_scope(alias, readonly=True) as session:
+        assert (await session.execute(text("select 3"))).scalar() == 3
+    await ConnectionPool(alias).close()
+
+
 async def test_a_query_cut_under_get_connection_raises_connection_lost(
     make_alias, pg, db_access
 ) -> None:
