@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from .config import AliasConfig
 from .errors import (
+    AsyncConnectionLost,
     CircuitOpenError,
+    ConnectionLost,
     DatabaseUnavailable,
     PoolClosed,
     PoolError,
@@ -22,7 +24,9 @@ from .pool import ConnectionPool, session_scope
 
 __all__ = [
     "AliasConfig",
+    "AsyncConnectionLost",
     "CircuitOpenError",
+    "ConnectionLost",
     "ConnectionPool",
     "DatabaseUnavailable",
     "PoolClosed",

@@ -7,7 +7,6 @@ own engines; they are disposed while the loop shuts its async generators down
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import select
 import time
@@ -19,14 +18,14 @@ import asyncpg
 import sqlalchemy.exc
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import AsyncAdaptedQueuePool, PoolProxiedConnection
 from sqlalchemy.util.concurrency import await_
 
 from . import _registry
-from ._policy import Guard
+from ._fairpool import _GuardedPool
+from ._policy import redact
 from ._stats import Stats
 from .config import AliasConfig, refuse_unusable
-from .errors import PoolTimeout
+from .errors import AsyncConnectionLost
 
 _ASYNCPG_DSN_KEYS = frozenset(
     {
@@ -96,6 +95,47 @@ def connect_kwargs(config: AliasConfig) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def is_lost(exc: BaseException) -> bool:
+    """Return True if asyncpg's ``exc`` says the connection died (not the query failed).
+
+    The server's goodbye (shutdown, pg_terminate_backend) that arrives between two
+    messages of a statement (after its Parse, before its Bind) leaves asyncpg's
+    protocol out of step for good: the statement fails with InternalClientError.
+    """
+    return (
+        isinstance(
+            exc,
+            (
+                asyncpg.exceptions.ConnectionDoesNotExistError,
+                asyncpg.exceptions.InternalClientError,
+                ConnectionError,
+            ),
+        )
+        or getattr(exc, "sqlstate", None) in _GOODBYE_SQLSTATES
+    )
+
+
+def lost_error(
+    config: AliasConfig, exc: BaseException, statement: str | None = None, params: Any = None
+) -> AsyncConnectionLost:
+    """Return the error a caller sees for a connection that died under a query."""
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        # Say what happened rather than asyncpg's internals ("cannot switch to state").
+        exc = asyncpg.exceptions.ConnectionDoesNotExistError(
+            "the server closed the connection during the request"
+        )
+    return AsyncConnectionLost(
+        f"The connection to database {config.describe()} was lost during a query "
+        f"({redact(str(exc).strip(), config.password) or type(exc).__name__}) and discarded: "
+        "the server restarted, the backend was terminated or the network failed. Run the "
+        "transaction again once the server answers (ConnectionPool.run_transaction() does).",
+        alias=config.alias,
+        statement=statement,
+        params=params,
+        orig=exc,
+    )
+
+
 def _socket_readable(raw: Any) -> bool:
     """Return True when an idle asyncpg connection has bytes (or EOF) waiting.
 
@@ -110,117 +150,6 @@ def _socket_readable(raw: Any) -> bool:
         return bool(select.select([sock.fileno()], [], [], 0)[0])
     except (OSError, ValueError):
         return True
-
-
-class _GuardedPool(AsyncAdaptedQueuePool):
-    """SQLAlchemy's asyncio queue pool with the alias's breaker, retries and stats.
-
-    Opening a connection (for a checkout, or to replace a dead one in place) goes
-    through the guard with retries; a checkout fails fast while the breaker is
-    open, and a wait that times out counts as a failure. ``guard`` and ``stats``
-    are class attributes of a per-engine subclass, so ``recreate()`` keeps them.
-    """
-
-    guard: Guard
-    stats: Stats
-    #: Time checkouts for the latency histogram (``OPTIONS["metrics"]``).
-    metered: bool = True
-    #: The most connections this engine opens: pool_size + max_overflow.
-    cap: int = 0
-
-    def __init__(self, creator: Any, **kwargs: Any) -> None:
-        super().__init__(creator, **kwargs)
-        self._extra = []
-        create = self._invoke_creator
-        guard, stats = self.guard, self.stats
-
-        def guarded(record: Any) -> Any:
-            return guard.run(create, record, sleep=_greenlet_sleep, stats=stats)
-
-        self._invoke_creator = guarded  # type: ignore[assignment]
-
-    def connect(self) -> PoolProxiedConnection:
-        # The whole checkout, liveness check and reconnection included: the time to a
-        # usable connection, and its outcome.
-        stats = self.stats
-        stats.attempts += 1
-        started = time.perf_counter()
-        try:
-            fairy = super().connect()
-        except BaseException as exc:
-            stats.failed(exc)
-            raise
-        stats.checkouts += 1
-        if self.metered:
-            stats.latency.observe(time.perf_counter() - started)
-        return fairy
-
-    #: Seconds overflow connections are kept after demand last exceeded pool_size.
-    KEEP_OVERFLOW = 30.0
-
-    def _do_get(self) -> Any:
-        stats, guard = self.stats, self.guard
-        if guard.breaker.current_state != "closed":
-            guard.check_open()
-        if self._pool.empty():  # demand at or above pool_size: overflow is in use
-            self._busy_at = time.monotonic()
-            if self._extra:
-                return self._extra.pop()
-        stats.waiting += 1
-        try:
-            record = super()._do_get()
-        except sqlalchemy.exc.TimeoutError as exc:
-            guard.failed(exc, trial=False)
-            raise PoolTimeout(
-                f"No connection to database {guard.config.describe()} became free within "
-                f"{self._timeout:.1f}s (size {self.size()}, in use {self.checkedout()}, "
-                f"waiting {stats.waiting}). Raise OPTIONS['async_pool']['pool_size'], "
-                "['max_overflow'] or ['timeout'], or find the code holding connections "
-                "(OPTIONS['leak_threshold'] logs where they were taken).",
-                alias=guard.alias,
-            ) from exc
-        finally:
-            stats.waiting -= 1
-        return record
-
-    # SQLAlchemy closes an overflow connection the moment it comes back, so a load
-    # steadily above pool_size opens and closes a connection per checkout. Like
-    # HikariCP and psycopg_pool, keep them while the demand lasts: a check-in that
-    # finds the queue full (so nobody waits) sets the connection aside, and it is
-    # closed on a later check-in once demand stayed within pool_size for a while.
-
-    _extra: list[Any]
-    _busy_at: float = 0.0
-
-    def _do_return_conn(self, record: Any) -> None:
-        if time.monotonic() - self._busy_at >= self.KEEP_OVERFLOW:
-            self._close_extra()
-        elif self._pool.full():
-            self._extra.append(record)
-            return
-        super()._do_return_conn(record)
-
-    def _close_extra(self) -> None:
-        while self._extra:
-            record = self._extra.pop()
-            try:
-                record.close()
-            finally:
-                self._dec_overflow()
-
-    def checkedin(self) -> int:
-        return super().checkedin() + len(self._extra)
-
-    def checkedout(self) -> int:
-        return super().checkedout() - len(self._extra)
-
-    def dispose(self) -> None:
-        self._close_extra()
-        super().dispose()
-
-
-def _greenlet_sleep(seconds: float) -> None:
-    await_(asyncio.sleep(seconds))
 
 
 class _LoopEngine:
@@ -278,7 +207,6 @@ class _LoopEngine:
                     "guard": _registry.guard(config.alias),
                     "stats": self.stats,
                     "metered": config.metrics,
-                    "cap": options.pool_size + options.max_overflow,
                 },
             ),
             pool_size=options.pool_size,
@@ -337,20 +265,20 @@ class _LoopEngine:
             # progress"): the connection is out of step for good. Only this connection
             # is thrown away; the checkout liveness check finds the others.
             exc = context.original_exception
-            out_of_step = isinstance(exc.__cause__, asyncpg.exceptions.InternalClientError)
-            if getattr(exc, "sqlstate", None) in _GOODBYE_SQLSTATES or out_of_step:
+            cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+            if is_lost(exc) or is_lost(cause):
                 context.is_disconnect = True
                 context.invalidate_pool_on_disconnect = False
-            if out_of_step:
-                # Say what happened rather than asyncpg's internals.
-                lost = asyncpg.exceptions.ConnectionDoesNotExistError(
-                    "the server closed the connection during the request (shutdown or "
-                    "terminated backend); the connection was discarded"
-                )
-                return sqlalchemy.exc.OperationalError(
-                    context.statement, context.parameters, lost, connection_invalidated=True
-                )
-            return None
+            if (
+                not context.is_disconnect
+                or context.connection is None
+                or not isinstance(exc, Exception)  # cancelled: SQLAlchemy calls it a disconnect
+            ):
+                return None
+            # One error for a lost connection, whichever way asyncpg said it (the
+            # server's goodbye, "connection was closed in the middle of operation", a
+            # reset socket): ours, and SQLAlchemy's OperationalError.
+            return lost_error(config, cause, context.statement, context.parameters)
 
         @event.listens_for(engine.sync_engine, "checkin")
         def on_checkin(dbapi_connection: Any, record: Any) -> None:

@@ -33,7 +33,10 @@ T = TypeVar("T")
 
 #: Errors that say nothing about the server's health: never counted, never retried.
 NOT_COUNTED: tuple[type[BaseException], ...] = (CircuitOpenError, PoolClosed, ImproperlyConfigured)
-#: Counted by the breaker but not retried: waiting again would exceed the pool timeout.
+#: Not retried either: waiting again would exceed the pool timeout. A pool timeout is
+#: the application's own load, so the breaker counts it only with
+#: ``OPTIONS["circuit_breaker"]["count_pool_timeouts"]`` (opening it on a full pool
+#: would turn a slow-down into an outage).
 NOT_RETRIED: tuple[type[BaseException], ...] = (*NOT_COUNTED, PoolTimeout)
 
 
@@ -68,6 +71,7 @@ class Guard:
         self.transitions: list[Callable[[str | None, str], None]] = []
         # Read on every checkout: one property away, not three. With
         # OPTIONS["circuit_breaker"]["storage"], a local view of the state in Redis.
+        self._not_counted = NOT_COUNTED if config.breaker.count_pool_timeouts else NOT_RETRIED
         self._storage = _shared.storage(config)
         self.breaker = pybreaker.CircuitBreaker(
             state_storage=self._storage,
@@ -143,8 +147,15 @@ class Guard:
             self.breaker.call(_noop)  # a success resets the consecutive-failure count
 
     def failed(self, exc: Exception, trial: bool) -> None:
+        """Record a failed attempt: counted by the breaker unless it says nothing of the server."""
+        if isinstance(exc, PoolTimeout):
+            logger.warning(
+                "%s%s",
+                exc,
+                "" if self._not_counted is NOT_COUNTED else " (not counted by the circuit breaker)",
+            )
         try:
-            if not isinstance(exc, NOT_COUNTED):
+            if not isinstance(exc, self._not_counted):
                 # In closed state this counts and may open; in half-open it re-opens.
                 self.breaker.call(_raise, exc)
         except BaseException:

@@ -18,7 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.util import EMPTY_DICT
 from sqlalchemy.util.concurrency import greenlet_spawn
 
-from .errors import ReadOnlyError
+from ._engines import is_lost, lost_error
+from .errors import ConnectionLost, ReadOnlyError
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -141,8 +142,12 @@ class ReadOnlySession(AsyncSession):
                 keys = list(rows[0].keys())
             else:  # the column names still matter (report headers)
                 keys = [attr.name for attr in (await raw.prepare(sql)).get_attributes()]
-        except asyncpg.PostgresError as exc:
-            raise self._lease.dbapi_error(exc, sql, args) from None
+        except Exception as exc:
+            if self._lease.lost(exc):
+                raise self._lease.lost_error(exc, sql, args) from exc
+            if isinstance(exc, asyncpg.PostgresError):
+                raise self._lease.dbapi_error(exc, sql, args) from None
+            raise
         return IteratorResult(SimpleResultMetaData(keys), iter(rows))
 
     async def checkout(self) -> None:
@@ -265,22 +270,53 @@ class _Lease:
             return error
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def lost(self, exc: BaseException) -> bool:
+        """Return True if ``exc`` (raised using this lease) means its connection died."""
+        if isinstance(exc, ConnectionLost) or is_lost(exc):
+            return True
+        # asyncpg's "connection is closed" and the like; never the caller's own errors.
+        return isinstance(exc, (asyncpg.InterfaceError, asyncpg.PostgresError, OSError)) and bool(
+            self.raw.is_closed()
+        )
+
+    def lost_error(self, exc: BaseException, sql: str | None = None, args: Any = None) -> Any:
+        """Return our ConnectionLost for ``exc``, which :meth:`lost` said is one."""
+        return (
+            exc
+            if isinstance(exc, ConnectionLost)
+            else lost_error(self._pool._for_loop().config, exc, sql, args)
+        )
+
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         fairy = self._fairy
         if self._timer is not None:
             self._timer.cancel()
         raw: Any = fairy.driver_connection
-        if (exc_type is not None and not isinstance(exc, Exception)) or raw.is_closed():
-            fairy.invalidate()  # cancelled mid-query, or gone: never hand it to someone else
+        lost: Exception | None = None  # a lost connection, to raise as ours
+        if exc_type is not None and (not isinstance(exc, Exception) or self.lost(exc)):
+            # Cancelled mid-query, or gone: never hand it to someone else.
+            fairy.invalidate()
+            if isinstance(exc, Exception) and not isinstance(exc, ConnectionLost):
+                lost = exc
+        elif raw.is_closed():
+            fairy.invalidate()
         elif raw.is_in_transaction():
             try:
                 await raw.execute("ROLLBACK")
+            except Exception as rollback_exc:
+                gone = self.lost(rollback_exc)  # before invalidate(): it reads the connection
+                fairy.invalidate()
+                if not gone:
+                    raise
+                lost = rollback_exc
             except BaseException:
                 fairy.invalidate()
                 raise
         pool: Any = fairy._pool
-        if pool._pool.full() or pool._extra:
+        if pool.closes_on_return():
             # This check-in may close a connection, which awaits: in SQLAlchemy's greenlet.
             await greenlet_spawn(fairy.close)
         else:
-            fairy.close()  # back on the queue, no I/O: spare the greenlet
+            fairy.close()  # back to the pool, no I/O: spare the greenlet
+        if lost is not None:
+            raise self.lost_error(lost) from lost

@@ -122,7 +122,7 @@ def snapshot() -> list[tuple[str, str, Stats]]:
     return [(alias, side, stats) for (alias, side), stats in list(_all.items())]
 
 
-# -- the sync side's acquisition path (the async side's is _engines._GuardedPool) ------------
+# -- the sync side's acquisition path (the async side's is _fairpool._GuardedPool) -----------
 
 
 def acquire_sync(stats: Stats, guard: Guard, acquire: Callable[..., T], *args: Any) -> T:

@@ -86,6 +86,8 @@ class BreakerConfig:
     storage_prefix: str = "django_asyncpool"  # first part of the Redis key names
     storage_timeout: float = 0.25  # seconds a Redis call may take before falling back
     storage_refresh: float = 0.1  # seconds between two reads of the shared state
+    #: Count pool timeouts (a full pool: the application's load) as failures too.
+    count_pool_timeouts: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -6,6 +6,8 @@ own database errors keep catching them::
     django.db.OperationalError
      └── PoolError
           ├── CircuitOpenError        the breaker is open: failing fast
+          ├── ConnectionLost          the connection died during a query
+          │    └── AsyncConnectionLost   (async side; also SQLAlchemy's OperationalError)
           ├── DatabaseUnavailable     could not connect (after retries)
           ├── PoolTimeout             no connection free within the timeout
           ├── PoolClosed              the pool was closed
@@ -17,10 +19,15 @@ host and the database, and say what to do.
 
 from __future__ import annotations
 
+from typing import Any
+
+import sqlalchemy.exc
 from django.db import OperationalError
 
 __all__ = [
+    "AsyncConnectionLost",
     "CircuitOpenError",
+    "ConnectionLost",
     "DatabaseUnavailable",
     "PoolClosed",
     "PoolError",
@@ -43,6 +50,47 @@ class CircuitOpenError(PoolError):
     def __init__(self, message: str, *, alias: str = "default", retry_after: float = 0.0) -> None:
         super().__init__(message, alias=alias)
         self.retry_after = retry_after
+
+
+class ConnectionLost(PoolError):
+    """The connection died during a query (server restart, terminated backend, network)."""
+
+
+class AsyncConnectionLost(ConnectionLost, sqlalchemy.exc.OperationalError):
+    """The async pool's ConnectionLost; also SQLAlchemy's ``OperationalError``.
+
+    Its ``connection_invalidated`` is True, as SQLAlchemy sets it on a disconnect,
+    so code written for SQLAlchemy's errors keeps working; ``orig`` is the
+    driver's error.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        alias: str = "default",
+        statement: str | None = None,
+        params: Any = None,
+        orig: BaseException,
+    ) -> None:
+        sqlalchemy.exc.OperationalError.__init__(
+            self, statement, params, orig, connection_invalidated=True
+        )
+        # Not PoolError.__init__: its super() is SQLAlchemy's in this class's MRO.
+        self.args = (message,)
+        self.alias = alias
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # ours, not SQLAlchemy's "(orig) ... [SQL: ...]"
+
+    def __reduce__(self) -> Any:
+        return _rebuild_lost, (str(self), self.alias, self.statement, self.params, self.orig)
+
+
+def _rebuild_lost(
+    message: str, alias: str, statement: str | None, params: Any, orig: BaseException
+) -> AsyncConnectionLost:
+    return AsyncConnectionLost(message, alias=alias, statement=statement, params=params, orig=orig)
 
 
 class DatabaseUnavailable(PoolError):

@@ -7,7 +7,7 @@ loop that opened them): uvicorn's long loop keeps one; Django's dev server,
 engine of such a loop is disposed while the loop shuts down.
 
 Every checkout, whether from a session, ``connection()`` or the ORM, goes through
-:class:`~django_asyncpool._engines._GuardedPool`, which puts the alias's breaker and retries around
+:class:`~django_asyncpool._fairpool._GuardedPool`, which puts the alias's breaker and retries around
 SQLAlchemy's own pool and checks liveness without a round trip.
 """
 
@@ -25,7 +25,8 @@ import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from . import _failover, _registry, _stats
-from ._engines import _GuardedPool, _LoopEngine
+from ._engines import _LoopEngine
+from ._fairpool import _GuardedPool
 from ._scopes import _discard, _Lease, _retryable, _SessionScope
 from ._stats import Stats
 

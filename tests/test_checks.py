@@ -53,6 +53,13 @@ CASES: list[tuple[str, dict[str, Any], dict[str, str], str, str]] = [
         "dbpool.E003",
         "-1",
     ),
+    (
+        "count_pool_timeouts not a bool",
+        opts(circuit_breaker={"count_pool_timeouts": "sometimes"}),
+        {},
+        "dbpool.E002",
+        "'sometimes'",
+    ),
     ("max_tries zero", opts(retry={"max_tries": 0}), {}, "dbpool.E003", "got 0"),
     ("max_time zero", opts(retry={"max_time": 0}), {}, "dbpool.E003", "got 0"),
     ("max_delay zero", opts(retry={"max_delay": 0}), {}, "dbpool.E003", "got 0"),
