@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -143,6 +144,7 @@ def main(argv: list[str]) -> int:
                     file=sys.stderr,
                 )
             else:
+                shutil.rmtree(embedded.socket_dir, ignore_errors=True)  # made anew each start
                 print("Embedded PostgreSQL stopped.", flush=True)
 
 

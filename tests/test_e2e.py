@@ -575,7 +575,8 @@ def test_sigterm_stops_the_server_and_the_embedded_postgresql(demo: Demo, pgdata
     """docker stop, systemd: SIGTERM to ``dev.py demo``, which is the demo itself (an exec)."""
     demo.stop()  # the module's demo: this one is started as the README says
     run = Demo(pgdata, pgserver.free_port(), via_dev=True)
-    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+    pid_lines = (pgdata / "postmaster.pid").read_text().splitlines()
+    postmaster, socket_dir = int(pid_lines[0]), Path(pid_lines[4])  # pid, unix socket dir
     assert _running(postmaster) and not _port_free(run.port)
     started = time.monotonic()
     assert run.stop(signal.SIGTERM) == 0, run.output
@@ -586,3 +587,4 @@ def test_sigterm_stops_the_server_and_the_embedded_postgresql(demo: Demo, pgdata
     assert _port_free(run.port), "the web server still listens"
     assert wait_until(lambda: not _running(postmaster), 10), f"PostgreSQL still runs\n{run.output}"
     assert not (pgdata / "postmaster.pid").exists()
+    assert not socket_dir.exists(), "the server's socket directory was left behind"
