@@ -70,6 +70,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         super().__init__(settings_dict, alias)
         self._options_reported = False
         _wrappers.add(self)
+        if (settings_dict.get("OPTIONS") or {}).get("async_orm") is True:
+            from ._asyncorm import install
+
+            install()  # Django's async QuerySet methods, native for this alias (once)
 
     @property
     def pool(self) -> SyncPool | None:

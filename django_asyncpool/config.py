@@ -119,6 +119,8 @@ class AliasConfig:
     warmup: float | None = None
     #: Instrument this alias and export its pool metrics (off: no timing on the hot path).
     metrics: bool = True
+    #: Run Django's async QuerySet API natively on an async connection (no thread hop).
+    async_orm: bool = False
     problems: tuple[Problem, ...] = ()
 
     def describe(self) -> str:
@@ -137,7 +139,9 @@ SECTIONS: dict[str, type] = {
     "circuit_breaker": BreakerConfig,
     "retry": RetryConfig,
 }
-FLAGS = frozenset({"leak_threshold", "liveness_bypass", "metrics", "pgbouncer", "warmup"})
+FLAGS = frozenset(
+    {"async_orm", "leak_threshold", "liveness_bypass", "metrics", "pgbouncer", "warmup"}
+)
 OUR_KEYS = frozenset(SECTIONS) | FLAGS
 
 #: Environment variables of the usage guide that fill ``async_pool``.
@@ -455,6 +459,19 @@ def from_settings(
             return None
         return WARMUP_DEFAULT if raw is True else flag("warmup", None)
 
+    def async_orm(raw: Any) -> bool:
+        if raw is None or isinstance(raw, bool):
+            return bool(raw)
+        reader.problem(
+            "dbpool.E050",
+            "OPTIONS['async_orm']",
+            f"OPTIONS['async_orm'] must be True or False, got {raw!r}: the native async "
+            "ORM stays off.",
+            "Set OPTIONS['async_orm'] = True to run Django's async QuerySet API on an async "
+            "connection, or leave it out.",
+        )
+        return False
+
     port = conn.get("PORT") or None
     config = AliasConfig(
         alias=alias,
@@ -481,6 +498,7 @@ def from_settings(
         pgbouncer=flag("pgbouncer", False),
         warmup=warmup(options.get("warmup")),
         metrics=flag("metrics", True),
+        async_orm=async_orm(options.get("async_orm")),
         problems=(),
     )
     retry = config.retry

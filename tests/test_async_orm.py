@@ -1,0 +1,521 @@
+"""The native async ORM (``OPTIONS["async_orm"]``): Django's async QuerySet API with no thread hop.
+
+Every test runs against the real server. The native path and Django's thread path
+run on the same alias: the thread path through ``sync_to_async`` of the sync
+method, exactly what Django's own ``aget()`` & co. do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import (
+    DataError,
+    IntegrityError,
+    OperationalError,
+    connections,
+    transaction,
+)
+from django.db.models import Count, F, Max, Q, Sum
+from django.db.models.expressions import RawSQL
+from django.db.models.signals import post_save
+from django.db.transaction import TransactionManagementError
+
+import django_asyncpool
+from django_asyncpool import CircuitOpenError, DatabaseUnavailable, _asyncorm, _ormpool, _stats
+from django_asyncpool.config import from_settings
+from testproject.shop.models import Order, OrderLine, Product
+
+from .conftest import backends
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+
+POOL = {"pool_size": 4, "max_overflow": 0, "timeout": 5}
+
+
+@pytest.fixture
+def native() -> Iterator[str]:
+    """Turn ``async_orm`` on for ``default`` (small pool) for one test; return the alias."""
+    options = connections["default"].settings_dict["OPTIONS"]
+    saved = dict(options)
+    options.update(async_orm=True, async_pool=POOL)
+    _asyncorm.install()
+    yield "default"
+    options.clear()
+    options.update(saved)
+
+
+@pytest.fixture
+async def shop(native: str) -> dict[str, Any]:
+    """Five products, two orders with lines (made through the sync ORM)."""
+
+    def make() -> dict[str, Any]:
+        products = [
+            Product.objects.create(sku=f"S{i}", name=f"product {i}", price_cents=100 * i)
+            for i in range(1, 6)
+        ]
+        orders = [Order.objects.create(customer=name) for name in ("ann", "bob")]
+        for order, (a, b) in zip(orders, ((0, 1), (2, 3)), strict=True):
+            for n, product in enumerate((products[a], products[b]), start=1):
+                OrderLine.objects.create(
+                    order=order, product=product, quantity=n, price_cents=product.price_cents
+                )
+        return {"products": products, "orders": orders}
+
+    return await sync_to_async(make)()
+
+
+@pytest.fixture
+async def threads() -> Any:
+    """Record the thread of every query on ``default`` (native or not)."""
+    seen: list[int] = []
+
+    def spy(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
+        seen.append(threading.get_ident())
+        return execute(sql, params, many, context)
+
+    with connections["default"].execute_wrapper(spy):
+        yield seen
+
+
+@pytest.fixture
+def no_thread_hop(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Count Django's ``sync_to_async`` calls in its query and model modules."""
+    import django.db.models.base as model_base
+    import django.db.models.query as model_query
+
+    calls: list[str] = []
+    for module in (model_query, model_base):
+        real = module.sync_to_async
+
+        def counting(fn: Any, *args: Any, real: Any = real, **kwargs: Any) -> Any:
+            calls.append(getattr(fn, "__name__", repr(fn)))
+            return real(fn, *args, **kwargs)
+
+        monkeypatch.setattr(module, "sync_to_async", counting)
+    return calls
+
+
+def plain(value: Any) -> Any:
+    """Return ``value`` with model instances as (class, field values): comparable."""
+    if hasattr(value, "_meta"):
+        fields = {f.attname: getattr(value, f.attname) for f in value._meta.concrete_fields}
+        cached = {
+            name: plain(obj) for name, obj in sorted(value._state.fields_cache.items()) if obj
+        }
+        return (type(value).__name__, fields, cached)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value) if not hasattr(value, "_fields") else value
+    return value
+
+
+def P() -> Any:
+    return Product.objects.using("default")
+
+
+def L() -> Any:
+    return OrderLine.objects.using("default")
+
+
+async def collect(aiterable: Any) -> list[Any]:
+    return [item async for item in aiterable]
+
+
+#: name -> (native coroutine, the sync call Django's thread path makes)
+READS: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
+    "aget": (lambda: P().aget(sku="S3"), lambda: P().get(sku="S3")),
+    "afirst": (
+        lambda: P().order_by("-price_cents").afirst(),
+        lambda: P().order_by("-price_cents").first(),
+    ),
+    "alast": (lambda: P().order_by("sku").alast(), lambda: P().order_by("sku").last()),
+    "aearliest": (
+        lambda: Order.objects.using("default").aearliest("created_at", "pk"),
+        lambda: Order.objects.using("default").earliest("created_at", "pk"),
+    ),
+    "alatest": (
+        lambda: Order.objects.using("default").alatest("created_at", "pk"),
+        lambda: Order.objects.using("default").latest("created_at", "pk"),
+    ),
+    "aexists": (
+        lambda: P().filter(price_cents__gt=400).aexists(),
+        lambda: P().filter(price_cents__gt=400).exists(),
+    ),
+    "acount": (
+        lambda: P().filter(Q(sku="S1") | Q(price_cents__gte=300)).acount(),
+        lambda: P().filter(Q(sku="S1") | Q(price_cents__gte=300)).count(),
+    ),
+    "aaggregate": (
+        lambda: P().aaggregate(total=Sum("price_cents"), top=Max("price_cents")),
+        lambda: P().aggregate(total=Sum("price_cents"), top=Max("price_cents")),
+    ),
+    "ain_bulk": (
+        lambda: P().ain_bulk(["S1", "S4"], field_name="sku"),
+        lambda: P().in_bulk(["S1", "S4"], field_name="sku"),
+    ),
+    "select_related": (
+        lambda: L().select_related("order", "product").order_by("pk").afirst(),
+        lambda: L().select_related("order", "product").order_by("pk").first(),
+    ),
+    "annotate": (
+        lambda: collect(
+            Order.objects.using("default")
+            .annotate(n=Count("lines"), q=Sum(F("lines__quantity") * 2))
+            .order_by("pk")
+            .values("customer", "n", "q")
+        ),
+        lambda: list(
+            Order.objects.using("default")
+            .annotate(n=Count("lines"), q=Sum(F("lines__quantity") * 2))
+            .order_by("pk")
+            .values("customer", "n", "q")
+        ),
+    ),
+    "async for": (lambda: collect(P().order_by("pk")), lambda: list(P().order_by("pk"))),
+    "values": (
+        lambda: collect(P().order_by("pk").values("sku", "price_cents")),
+        lambda: list(P().order_by("pk").values("sku", "price_cents")),
+    ),
+    "values_list": (
+        lambda: collect(P().order_by("pk").values_list("sku", "name")),
+        lambda: list(P().order_by("pk").values_list("sku", "name")),
+    ),
+    "flat": (
+        lambda: collect(P().order_by("pk").values_list("sku", flat=True)),
+        lambda: list(P().order_by("pk").values_list("sku", flat=True)),
+    ),
+    "named": (
+        lambda: collect(P().order_by("pk").values_list("sku", "price_cents", named=True)),
+        lambda: list(P().order_by("pk").values_list("sku", "price_cents", named=True)),
+    ),
+    "aiterator": (
+        lambda: collect(P().order_by("pk").aiterator(chunk_size=2)),
+        lambda: list(P().order_by("pk").iterator(chunk_size=2)),
+    ),
+    "aexplain": (lambda: P().filter(pk=1).aexplain(), lambda: P().filter(pk=1).explain()),
+}
+
+
+@pytest.mark.parametrize("name", list(READS))
+async def test_reads_return_what_the_thread_path_returns(
+    name: str, shop: Any, threads: list[int], no_thread_hop: list[str]
+) -> None:
+    native_call, sync_call = READS[name]
+    got = await native_call()
+    queried = list(threads)
+    assert no_thread_hop == []
+    assert queried and set(queried) == {threading.get_ident()}  # on the loop's own thread
+    expected = await sync_to_async(sync_call)()
+    assert set(threads[len(queried) :]) != {threading.get_ident()}  # the thread path: another
+    assert plain(got) == plain(expected)
+
+
+async def test_acontains(shop: Any, no_thread_hop: list[str]) -> None:
+    product = shop["products"][0]
+    assert await P().filter(price_cents__lt=300).acontains(product) is True
+    assert await P().filter(price_cents__gt=300).acontains(product) is False
+    assert no_thread_hop == []
+
+
+async def test_writes_run_natively_and_do_what_the_thread_path_does(
+    shop: Any, threads: list[int], no_thread_hop: list[str]
+) -> None:
+    me = threading.get_ident()
+    created = await P().acreate(sku="N1", name="new", price_cents=7)
+    assert (await sync_to_async(P().get)(pk=created.pk)).name == "new"
+    obj, made = await P().aget_or_create(sku="N1", defaults={"name": "other", "price_cents": 1})
+    assert (obj.pk, made) == (created.pk, False)
+    obj, made = await P().aget_or_create(sku="N2", defaults={"name": "two", "price_cents": 2})
+    assert made and obj.name == "two"
+    obj, made = await P().aupdate_or_create(sku="N2", defaults={"name": "deux"})
+    assert not made and (await sync_to_async(P().get)(sku="N2")).name == "deux"
+    bulk = await P().abulk_create(
+        [Product(sku=f"B{i}", name="bulk", price_cents=i) for i in range(3)]
+    )
+    assert all(p.pk for p in bulk)  # RETURNING ids, as the thread path
+    for p in bulk:
+        p.price_cents += 10
+    assert await P().abulk_update(bulk, ["price_cents"]) == 3
+    assert await P().filter(name="bulk").aupdate(name="BULK") == 3
+    assert await P().filter(name="BULK").acount() == 3
+    deleted = await P().filter(name="BULK").adelete()
+    assert deleted == (3, {"shop.Product": 3})
+    order = shop["orders"][0]
+    order.customer = "ann b."
+    await order.asave()
+    assert (await sync_to_async(Order.objects.get)(pk=order.pk)).customer == "ann b."
+    stale = await Order.objects.using("default").aget(pk=order.pk)
+    await sync_to_async(Order.objects.filter(pk=order.pk).update)(customer="changed")
+    await stale.arefresh_from_db(using="default")  # the router would pick "replica"
+    assert stale.customer == "changed"
+    # A cascade: the order's lines go with it, as Django's Collector does.
+    assert await order.adelete() == (3, {"shop.OrderLine": 2, "shop.Order": 1})
+    assert not await sync_to_async(OrderLine.objects.filter(order_id=order.pk).exists)()
+    assert len(threads) >= 15 and set(threads) == {me} and no_thread_hop == []
+
+
+async def test_errors_are_the_ones_django_raises(make_alias: Any, shop: Any) -> None:
+    async def both(native_call: Any, sync_call: Any) -> tuple[BaseException, BaseException]:
+        with pytest.raises(Exception) as native_error:
+            await native_call()
+        with pytest.raises(Exception) as thread_error:
+            await sync_to_async(sync_call)()
+        return native_error.value, thread_error.value
+
+    pairs = [
+        await both(lambda: P().aget(sku="nope"), lambda: P().get(sku="nope")),
+        await both(lambda: P().aget(price_cents__gt=0), lambda: P().get(price_cents__gt=0)),
+        await both(
+            lambda: P().acreate(sku="S1", name="dup", price_cents=1),
+            lambda: P().create(sku="S1", name="dup", price_cents=1),
+        ),
+        await both(
+            lambda: P().acreate(sku="X" * 40, name="long", price_cents=1),
+            lambda: P().create(sku="X" * 40, name="long", price_cents=1),
+        ),
+    ]
+    kinds = [type(native) for native, _ in pairs]
+    assert kinds == [
+        Product.DoesNotExist,
+        Product.MultipleObjectsReturned,
+        IntegrityError,
+        DataError,
+    ]
+    for native_error, thread_error in pairs:
+        assert type(native_error) is type(thread_error)
+        assert str(native_error) == str(thread_error)
+        assert type(native_error.__cause__) is type(thread_error.__cause__)  # psycopg's own
+    # A statement cancelled by the server: OperationalError, and the connection goes on.
+    slow = make_alias(OPTIONS={"async_orm": True, "options": "-c statement_timeout=50"})
+    sleepy = Product.objects.using(slow).annotate(z=RawSQL("pg_sleep(1)", ()))
+    with pytest.raises(OperationalError, match="statement timeout"):
+        await sleepy.afirst()
+    assert await Product.objects.using(slow).acount() == 5
+
+
+async def test_a_model_with_signal_receivers_falls_back_counted(
+    shop: Any, threads: list[int], no_thread_hop: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    heard: list[str] = []
+
+    async def receiver(sender: Any, instance: Any, **kwargs: Any) -> None:
+        heard.append(instance.sku)
+
+    stats = _stats.get("default", _ormpool.SIDE)
+    before = stats.fallbacks.get("asave", 0)
+    post_save.connect(receiver, sender=Product)
+    try:
+        product = shop["products"][0]
+        product.name = "renamed"
+        with caplog.at_level("DEBUG", logger="django_asyncpool"):
+            await product.asave()
+    finally:
+        post_save.disconnect(receiver, sender=Product)
+    assert heard == ["S1"]  # Django's thread path ran the async receiver
+    assert no_thread_hop == ["save"] and threads == []  # the thread's own connection
+    assert stats.fallbacks["asave"] == before + 1
+    assert "asave() on 'default' runs in a thread: Product has signal receivers" in caplog.text
+    # Without the receiver the same call is native again.
+    await product.asave()
+    assert set(threads) == {threading.get_ident()} and no_thread_hop == ["save"]
+    assert stats.fallbacks["asave"] == before + 1
+
+
+async def test_a_read_reaching_another_alias_runs_again_in_a_thread(
+    shop: Any, threads: list[int]
+) -> None:
+    # The shop's router sends the prefetch of the lines' products to "replica",
+    # which has no async_orm: the read starts natively, then runs in a thread.
+    stats = _stats.get("default", _ormpool.SIDE)
+    before = stats.fallbacks.get("__aiter__", 0)
+    got = await collect(
+        Order.objects.using("default").prefetch_related("lines__product").order_by("pk")
+    )
+    assert [[line.product.sku for line in o.lines.all()] for o in got] == [
+        ["S1", "S2"],
+        ["S3", "S4"],
+    ]
+    assert stats.fallbacks["__aiter__"] == before + 1
+
+
+async def test_queries_show_in_the_tasks_own_wrapper(shop: Any) -> None:
+    own = connections["default"]
+    own.force_debug_cursor = True  # as CaptureQueriesContext does (which connects: not here)
+    try:
+        await P().aget(sku="S2")
+        await P().acount()
+    finally:
+        own.force_debug_cursor = False
+    assert [q["sql"].split()[1] for q in own.queries[-2:]] == ['"shop_product"."id",', "COUNT(*)"]
+
+
+# -- transactions ------------------------------------------------------------------------
+
+
+async def test_atomic_commits_and_runs_on_commit_after(shop: Any, threads: list[int]) -> None:
+    done: list[tuple[str, bool]] = []
+    async with django_asyncpool.atomic():
+        await P().acreate(sku="T1", name="in", price_cents=1)
+        transaction.on_commit(lambda: done.append(("hook", threading.get_ident() != me)))
+        pids = {await pid() for _ in range(3)}
+        assert done == []
+        # Another connection does not see it yet.
+        assert not await sync_to_async(P().filter(sku="T1").exists)()
+    assert done == [("hook", True)]  # after the commit, in a thread
+    assert len(pids) == 1  # one connection for the whole block
+    assert await P().filter(sku="T1").aexists()
+
+
+me = threading.get_ident()
+
+
+async def pid() -> int:
+    row = (
+        await P()
+        .annotate(pid=RawSQL("pg_backend_pid()", ()))
+        .values_list("pid", flat=True)
+        .afirst()
+    )
+    assert row is not None
+    return int(row)
+
+
+async def test_atomic_rolls_back_on_exception_and_nests_as_savepoints(shop: Any) -> None:
+    done: list[str] = []
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        async with django_asyncpool.atomic(using="default"):
+            await P().acreate(sku="R1", name="gone", price_cents=1)
+            transaction.on_commit(lambda: done.append("never"))
+            raise Boom
+    assert not await P().filter(sku="R1").aexists() and done == []
+
+    async with django_asyncpool.atomic():
+        await P().acreate(sku="O1", name="outer", price_cents=1)
+        with pytest.raises(IntegrityError):
+            async with django_asyncpool.atomic():
+                await P().acreate(sku="I1", name="inner", price_cents=1)
+                await P().acreate(sku="S1", name="duplicate", price_cents=1)
+        await P().acreate(sku="O2", name="after", price_cents=1)
+    skus = await collect(P().filter(sku__in=["O1", "I1", "O2"]).values_list("sku", flat=True))
+    assert sorted(skus) == ["O1", "O2"]
+
+    @django_asyncpool.atomic(durable=True)
+    async def decorated() -> int:
+        await P().filter(sku="O1").aupdate(name="decorated")
+        return 7
+
+    assert await decorated() == 7
+    assert (await P().aget(sku="O1")).name == "decorated"
+
+
+async def test_the_transactions_connection_is_the_tasks_own(shop: Any) -> None:
+    async with django_asyncpool.atomic():
+        await P().acount()
+        child = asyncio.create_task(P().acount())
+        with pytest.raises(TransactionManagementError, match="atomic\\(\\) block of another task"):
+            await child
+        # A thread has its own connections (as with Django): not the transaction's.
+        assert await sync_to_async(P().count)() == 5
+        assert await P().acount() == 5  # still usable by its own task
+
+
+async def test_atomic_needs_async_orm(shop: Any) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    with pytest.raises(ImproperlyConfigured, match="OPTIONS\\['async_orm'\\] = True"):
+        async with django_asyncpool.atomic(using="replica"):
+            pass
+
+
+# -- cancellation, load and outages ---------------------------------------------------------
+
+
+async def test_cancellation_mid_query_leaks_nothing(shop: Any, pg: Any) -> None:
+    dbname = connections["default"].settings_dict["NAME"]
+    sleepy = P().annotate(z=RawSQL("pg_sleep(30)", ()))
+    for _ in range(3):
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(sleepy.afirst(), 0.2)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2), django_asyncpool.atomic():
+                await P().acreate(sku="C1", name="cancelled", price_cents=1)
+                await sleepy.afirst()
+    pool = _ormpool.holder("default").pool
+    assert pool.get_stats()["pool_available"] == pool.get_stats()["pool_size"]  # all back
+    assert backends(pg, dbname, "active") == 0  # the sleeps were cancelled on the server
+    assert backends(pg, dbname, "idle in transaction") == 0
+    assert not await P().filter(sku="C1").aexists()  # rolled back
+    assert await P().acount() == 5
+
+
+async def test_32_tasks_share_a_pool_of_4(shop: Any) -> None:
+    async def work(i: int) -> int:
+        total = 0
+        for _ in range(10):
+            total += len(await collect(P().filter(price_cents__gte=100 * (i % 5))))
+            await P().aget(sku=f"S{i % 5 + 1}")
+        return total
+
+    results = await asyncio.gather(*(work(i) for i in range(32)), return_exceptions=True)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    stats = _ormpool.holder("default").pool.get_stats()
+    assert stats["pool_max"] == 4 and stats["pool_size"] <= 4
+    assert stats.get("requests_waiting", 0) == 0
+
+
+@pytest.mark.slow
+async def test_server_restart_breaker_and_recovery(
+    shop: Any, make_alias: Any, server_down: Callable[[], None], pg: Any
+) -> None:
+    alias = make_alias(
+        OPTIONS={
+            "async_orm": True,
+            "async_pool": {"pool_size": 2, "max_overflow": 0, "timeout": 2},
+            "circuit_breaker": {"fail_max": 2, "reset_timeout": 1},
+            "retry": {"max_tries": 1},
+        }
+    )
+    assert await Product.objects.using(alias).acount() == 5
+    server_down()
+    with pytest.raises(DatabaseUnavailable):
+        await Product.objects.using(alias).aget(sku="S1")
+    with pytest.raises(DatabaseUnavailable):
+        await Product.objects.using(alias).acount()
+    with pytest.raises(CircuitOpenError):
+        await Product.objects.using(alias).acount()  # fails fast
+    pg.start()
+    await asyncio.sleep(1.1)  # the breaker lets a trial through
+
+    async def answers() -> bool:
+        try:
+            return await Product.objects.using(alias).acount() == 5
+        except OperationalError:
+            await asyncio.sleep(0.2)
+            return False
+
+    for _ in range(25):
+        if await answers():
+            break
+    else:
+        pytest.fail("the async ORM did not recover after the restart")
+    stats = _stats.get(alias, _ormpool.SIDE)
+    assert stats.failures >= 2 and stats.rejected >= 1
+
+
+def test_async_orm_must_be_a_boolean() -> None:
+    conf = from_settings("x", {"NAME": "db", "OPTIONS": {"async_orm": "yes"}})
+    assert conf.async_orm is False
+    assert [p.id for p in conf.problems] == ["dbpool.E050"]
+    assert from_settings("x", {"NAME": "db", "OPTIONS": {"async_orm": True}}).async_orm
+    assert not from_settings("x", {"NAME": "db"}).async_orm
