@@ -52,6 +52,8 @@ INSTALLED_APPS = [
     "django_asyncpool",
     "health_check",
     "testproject.shop",
+    # Every field type of the postgresql backend, for the async ORM's differential test.
+    "testproject.fieldzoo",
 ]
 # For the health page's HTML (health_check/templates).
 TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True}]
