@@ -425,7 +425,7 @@ def holders() -> list[tuple[str, Holder]]:
     for alias, loops in list(_holders.items()):
         for _ in range(3):  # another thread may add a loop meanwhile
             try:
-                out.extend((alias, h) for h in list(loops.values()))
+                out.extend((alias, h) for lp, h in list(loops.items()) if not lp.is_closed())
                 break
             except RuntimeError:
                 continue

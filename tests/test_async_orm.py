@@ -519,3 +519,36 @@ def test_async_orm_must_be_a_boolean() -> None:
     assert [p.id for p in conf.problems] == ["dbpool.E050"]
     assert from_settings("x", {"NAME": "db", "OPTIONS": {"async_orm": True}}).async_orm
     assert not from_settings("x", {"NAME": "db"}).async_orm
+
+
+async def test_metrics_render_the_async_orm_pool_and_fallbacks(shop: Any) -> None:
+    from prometheus_client import REGISTRY
+
+    from django_asyncpool import metrics
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = value(
+        "db_connection_attempts_total", alias="default", pool="async_orm", outcome="success"
+    )
+    falls = value("db_async_orm_fallbacks_total", alias="default", method="acreate")
+    await P().aget(sku="S1")
+
+    async def receiver(sender: Any, **kwargs: Any) -> None:
+        pass
+
+    post_save.connect(receiver, sender=Product)
+    try:
+        await P().acreate(sku="M1", name="m", price_cents=1)
+    finally:
+        post_save.disconnect(receiver, sender=Product)
+    metrics.flush()
+    after = value(
+        "db_connection_attempts_total", alias="default", pool="async_orm", outcome="success"
+    )
+    assert after == before + 1
+    assert value("db_async_orm_fallbacks_total", alias="default", method="acreate") == falls + 1
+    assert value("db_pool_max_size", alias="default", pool="async_orm") == POOL["pool_size"]
+    idle = value("db_connection_state", alias="default", pool="async_orm", state="idle")
+    assert idle >= 1
