@@ -352,7 +352,7 @@ async def _iterable_async_generator(self: Any) -> AsyncIterator[Any]:
             await greenlet_spawn(_bound_call, alias, wrapper, sync_generator.close)
         finally:
             if lease is not None:
-                await greenlet_spawn(lease.holder.checkin, lease)
+                lease.holder.checkin(lease)
 
 
 # -- Model methods --------------------------------------------------------------------------
@@ -511,7 +511,7 @@ class _AsyncAtomic:
         if lease is not None:
             _unbind(self._alias, self._previous)
             lease.wrapper._owner = None
-            await greenlet_spawn(lease.holder.checkin, lease)
+            lease.holder.checkin(lease)
 
     def __call__(self, func: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(func)

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -172,54 +173,123 @@ def _bind(native: NativeWrapper, twin: GreenConnection) -> None:
     wrapper.__dict__["pg_version"] = twin.info.server_version  # no query for it
 
 
-class OrmPool(psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[Any]]):
-    """One loop's async psycopg pool of one alias, failing fast and checking liveness cheaply.
+class OrmPool:
+    """One loop's pool of async psycopg connections of one alias: fair, and cheap to use.
 
-    As :class:`~django_asyncpool._syncpool.SyncPool`: a failed connection attempt
-    fails the waiting clients at once (the breaker and retries take it from there),
-    and a checkout pings only a connection idle for longer than ``bypass`` or whose
-    socket says the server hung up.
+    Not ``psycopg_pool.AsyncConnectionPool``: measured at 32 tasks over a pool of 10,
+    its waiting clients (an ``asyncio.Condition`` and a ``wait_for()`` task each)
+    cost more CPU than the query itself (docs/async-orm.md, "The driver"). Here
+    a checkout from the idle list is a ``pop()``; a waiter is one future in a FIFO
+    queue, handed the next connection that comes back (or the free slot, to connect
+    itself), so a wait is bounded by the queue ahead of it. Connections open on
+    demand, inside the caller's checkout (the guard's breaker and retries around
+    it, as the SQLAlchemy pool does), and close after ``max_lifetime``.
+    Liveness as :class:`~django_asyncpool._syncpool.SyncPool`: a socket the server
+    hung up on is found without a round trip; only a connection idle for longer
+    than ``bypass`` seconds is pinged.
     """
 
-    def __init__(self, *args: Any, wrapper: Any, config: AliasConfig, **kwargs: Any) -> None:
-        self.bypass = config.liveness_bypass
+    def __init__(self, *, kwargs: dict[str, Any], config: AliasConfig, wrapper: Any) -> None:
+        options = config.async_pool
+        self.name = f"django_asyncpool:{config.alias}:async_orm"
         self.alias = config.alias
-        self.last_connect_error: BaseException | None = None
+        self.max_size = options.pool_size + options.max_overflow
+        self.timeout = options.timeout
+        self.max_lifetime = options.recycle
+        self.bypass = config.liveness_bypass
+        self.size = 0  # open or being opened
+        self.closed = False
+        self.idle: deque[psycopg.AsyncConnection[Any]] = deque()
+        #: Futures of the waiting callers, oldest first: a connection, or None for a slot.
+        self.waiters: deque[asyncio.Future[psycopg.AsyncConnection[Any] | None]] = deque()
         self._settings_dict = wrapper.settings_dict
-        self._twin_cursor = kwargs["kwargs"].pop("twin_cursor")
+        self._kwargs = dict(kwargs)
+        self._twin_cursor = self._kwargs.pop("twin_cursor")
+        self._kwargs.setdefault("connect_timeout", max(round(self.timeout), 1))
         self._configure_wrapper = wrapper
-        super().__init__(*args, **kwargs)
 
-    async def getconn(self, timeout: float | None = None) -> psycopg.AsyncConnection[Any]:
-        if not self._opened:
-            await self.open()
-        started = time.monotonic()
-        conn = await super().getconn(timeout)
-        if started - getattr(conn, _RETURNED, 0.0) > self.bypass or _maybe_closed(conn):  # type: ignore[arg-type]
-            conn = await self._checked(
-                conn, started + (self.timeout if timeout is None else timeout)
-            )
-        return conn
+    def get_stats(self) -> dict[str, int]:
+        """Return psycopg_pool's names for what the metrics show."""
+        return {
+            "pool_size": self.size,
+            "pool_available": len(self.idle),
+            "requests_waiting": len(self.waiters),
+            "pool_max": self.max_size,
+        }
 
-    async def _checked(
-        self, conn: psycopg.AsyncConnection[Any], deadline: float
-    ) -> psycopg.AsyncConnection[Any]:
-        """Return ``conn`` if it is alive, else another one that is (as SyncPool._checked)."""
-        for _ in range(self.max_size):
+    async def getconn(self) -> psycopg.AsyncConnection[Any]:
+        """Return a live connection: an idle one, a new one, or the next one returned."""
+        while True:
+            if self.closed:
+                raise PoolClosed(f"The pool {self.name!r} is closed.", alias=self.alias)
+            while self.idle:
+                conn = self.idle.pop()  # the most recently used: its socket is warm
+                if await self._alive(conn):
+                    return conn
+            if self.size < self.max_size:
+                self.size += 1
+                return await self._connect()
+            conn_or_slot = await self._wait()
+            if conn_or_slot is not None:
+                if await self._alive(conn_or_slot):
+                    return conn_or_slot
+                continue
+            return await self._connect()  # a slot was handed over: size counts it already
+
+    async def _wait(self) -> psycopg.AsyncConnection[Any] | None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[psycopg.AsyncConnection[Any] | None] = loop.create_future()
+        self.waiters.append(fut)
+        timer = loop.call_later(self.timeout, _expire, fut)
+        try:
+            return await fut
+        except BaseException:
+            if not fut.cancelled() and fut.done() and fut.exception() is None:
+                self._hand_back(fut.result())  # handed over as we were cancelled
+            raise
+        finally:
+            timer.cancel()
+
+    def _hand_back(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
+        if conn is None:
+            self._release_slot()
+        else:
+            self.putconn(conn)
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        """Open a connection in a slot counted already; free the slot if it fails."""
+        try:
+            conn = await psycopg.AsyncConnection.connect("", **self._kwargs)
             try:
-                await self._check_liveness(conn)
-            except (psycopg.Error, TimeoutError):
-                await conn.close()
-                await super().putconn(conn)  # a bad return: the pool replaces it
+                await greenlet_spawn(self._native, conn)
             except BaseException:
-                await super().putconn(conn)
+                await conn.close()
                 raise
-            else:
-                if _hangups is not None:
-                    _hangups.fds.discard(conn.pgconn.socket)
-                return conn
-            conn = await super().getconn(max(deadline - time.monotonic(), 0.0))
+        except BaseException:
+            self._release_slot()
+            raise
+        setattr(conn, _RETURNED, time.monotonic())  # new: no ping at its first checkout
+        conn._asyncpool_expires = time.monotonic() + self.max_lifetime  # type: ignore[attr-defined]
+        _watch(conn)  # type: ignore[arg-type]
         return conn
+
+    async def _alive(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Return True if ``conn`` is usable; close it (freeing its slot) otherwise."""
+        now = time.monotonic()
+        if now - getattr(conn, _RETURNED, 0.0) <= self.bypass and not _maybe_closed(conn):  # type: ignore[arg-type]
+            return True  # every checkout's path: used a moment ago, not hung up on
+        try:
+            await self._check_liveness(conn)
+        except (psycopg.Error, TimeoutError):
+            await conn.close()
+            self._release_slot()
+            return False
+        except BaseException:
+            self.putconn(conn)
+            raise
+        if _hangups is not None:
+            _hangups.fds.discard(conn.pgconn.socket)  # a stale hint: a reused number
+        return True
 
     async def _check_liveness(self, conn: psycopg.AsyncConnection[Any]) -> None:
         if conn.closed or conn.broken:
@@ -231,28 +301,47 @@ class OrmPool(psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[Any]]):
         if time.monotonic() - getattr(conn, _RETURNED, 0.0) > self.bypass:
             # Bounded: on a dead network path an unbounded ping would hang the checkout.
             async with asyncio.timeout(self.timeout):
-                await psycopg_pool.AsyncConnectionPool.check_connection(conn)
+                await conn.execute("")
 
-    async def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Give ``conn`` to the oldest waiter, or keep it idle; close it if it is spent."""
+        if (
+            self.closed
+            or conn.pgconn.transaction_status != pq.TransactionStatus.IDLE
+            or time.monotonic() >= getattr(conn, "_asyncpool_expires", 0.0)
+        ):
+            conn.pgconn.finish()  # no I/O to wait for: the server sees the socket close
+            self._release_slot()
+            return
         setattr(conn, _RETURNED, time.monotonic())  # for the liveness bypass window
-        await super().putconn(conn)
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return
+        self.idle.append(conn)
 
-    async def _connect(self, timeout: float | None = None) -> psycopg.AsyncConnection[Any]:
-        try:
-            conn = await super()._connect(timeout)
-            await greenlet_spawn(self._native, conn)
-        except Exception as exc:
-            self.last_connect_error = exc
-            async with self._lock:
-                waiting = list(self._waiting)
-                self._waiting.clear()
-            for client in waiting:
-                await client.fail(exc)
-            raise
-        self.last_connect_error = None
-        setattr(conn, _RETURNED, time.monotonic())  # new: no ping at its first checkout
-        _watch(conn)  # type: ignore[arg-type]
-        return conn
+    def _release_slot(self) -> None:
+        """A connection closed (or never opened): the oldest waiter may open one."""
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot passes to it: size stays
+                return
+        self.size -= 1
+
+    async def close(self) -> None:
+        """Close the idle connections and fail the waiters; others close when returned."""
+        self.closed = True
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(
+                    PoolClosed(f"The pool {self.name!r} is closed.", alias=self.alias)
+                )
+        while self.idle:
+            self.idle.pop().pgconn.finish()
+            self.size -= 1
 
     def _native(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Give ``conn`` its twin and wrapper, configured as Django configures connections."""
@@ -275,6 +364,11 @@ class OrmPool(psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[Any]]):
         self._configure_wrapper._configure_connection(twin)
         connection_created.send(sender=NativeWrapper, connection=wrapper)
         setattr(conn, _NATIVE, wrapper)
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(psycopg_pool.PoolTimeout())
 
 
 def _pool_kwargs(wrapper: Any) -> dict[str, Any]:
@@ -307,22 +401,10 @@ class Holder:
     """One alias's :class:`OrmPool` on one event loop, with the alias's guard and stats."""
 
     def __init__(self, config: AliasConfig, wrapper: Any) -> None:
-        options = config.async_pool
         self.config = config
         self.guard: Guard = _registry.guard(config.alias)
         self.stats = _stats.get(config.alias, SIDE)
-        self.pool = OrmPool(
-            "",
-            kwargs=_pool_kwargs(wrapper),
-            min_size=0,
-            max_size=options.pool_size + options.max_overflow,
-            timeout=options.timeout,
-            max_lifetime=options.recycle,
-            open=False,
-            name=f"django_asyncpool:{config.alias}:async_orm",
-            wrapper=wrapper,
-            config=config,
-        )
+        self.pool = OrmPool(kwargs=_pool_kwargs(wrapper), config=config, wrapper=wrapper)
         # Closed when the loop shuts its async generators down (asyncio.run does).
         self._guardian = self._guard_loop()
         with contextlib.suppress(StopIteration):
@@ -339,54 +421,30 @@ class Holder:
         try:
             return await_(pool.getconn())
         except psycopg_pool.PoolTimeout as exc:
-            stats = pool.get_stats()
             raise PoolTimeout(
                 f"No connection to database {self.config.describe()} for the async ORM became "
-                f"free within {pool.timeout:.1f}s (size {stats.get('pool_size', 0)}/"
-                f"{pool.max_size}, waiting {stats.get('requests_waiting', 0)}). Raise "
-                "OPTIONS['async_pool']['pool_size'], ['max_overflow'] or ['timeout'].",
-                alias=self.config.alias,
-            ) from (pool.last_connect_error or exc)
-        except psycopg_pool.PoolClosed as exc:
-            raise PoolClosed(
-                f"The async ORM pool of database {self.config.describe()} is closed.",
+                f"free within {pool.timeout:.1f}s (size {pool.size}/{pool.max_size}, waiting "
+                f"{len(pool.waiters)}). Raise OPTIONS['async_pool']['pool_size'], "
+                "['max_overflow'] or ['timeout'], or find the code holding connections.",
                 alias=self.config.alias,
             ) from exc
         finally:
             self.stats.waiting -= 1
 
     def checkin(self, lease: Lease) -> None:
-        """Give ``lease``'s connection back (in the greenlet), discarding it if it is unclean."""
+        """Give ``lease``'s connection back, discarding it if it is not clean (no I/O)."""
         conn = lease.conn
         _stats.returned_sync(self.stats, conn)
         if not lease.wrapper.reset():
             self.stats.invalidated += 1
-            conn.pgconn.finish()  # the pool sees it closed and opens a replacement
-        pool = self.pool
-        try:
-            await_(pool.putconn(conn))
-        except asyncio.CancelledError:
-            # Cancelled while waiting for the pool's lock (a clean return does no I/O):
-            # the connection is neither idle nor handed over yet. Not shielded up front:
-            # a task per return costs a tenth of a primary-key read.
-            if conn not in pool._pool:
-                asyncio.get_running_loop().create_task(pool._add_to_pool(conn))
-            raise
+            conn.pgconn.finish()  # closed: the pool frees its slot
+        self.pool.putconn(conn)
 
     async def _guard_loop(self) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            await self.close()
-
-    async def close(self) -> None:
-        pool = self.pool
-        try:
-            await pool.close(timeout=1.0)
-        except asyncio.CancelledError:
-            # At loop shutdown its worker tasks were cancelled first: close what is idle.
-            for conn in list(pool._pool):
-                await conn.close()
+            await self.pool.close()
 
 
 def _greenlet_sleep(seconds: float) -> None:

@@ -497,7 +497,7 @@ def _prime() -> None:
                 continue
             if not from_settings(alias, settings_dict).metrics:
                 continue
-            sides = _stats.SIDES
+            sides: tuple[str, ...] = _stats.SIDES
             if (settings_dict.get("OPTIONS") or {}).get("async_orm") is True:
                 sides = (*sides, "async_orm")
             for side in sides:

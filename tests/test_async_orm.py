@@ -474,9 +474,16 @@ async def test_32_tasks_share_a_pool_of_4(shop: Any) -> None:
     assert stats.get("requests_waiting", 0) == 0
 
 
+@pytest.fixture
+async def sync_reconnects() -> Any:
+    """Afterwards, drop sync_to_async's thread's connections: a restart killed them."""
+    yield
+    await sync_to_async(connections.close_all)()
+
+
 @pytest.mark.slow
 async def test_server_restart_breaker_and_recovery(
-    shop: Any, make_alias: Any, server_down: Callable[[], None], pg: Any
+    sync_reconnects: None, shop: Any, make_alias: Any, server_down: Callable[[], None], pg: Any
 ) -> None:
     alias = make_alias(
         OPTIONS={
