@@ -418,6 +418,15 @@ async def test_atomic_rolls_back_on_exception_and_nests_as_savepoints(shop: Any)
     assert await decorated() == 7
     assert (await P().aget(sku="O1")).name == "decorated"
 
+    @django_asyncpool.atomic
+    async def bare() -> None:
+        await P().filter(sku="O1").aupdate(name="bare")
+        raise Boom
+
+    with pytest.raises(Boom):
+        await bare()
+    assert (await P().aget(sku="O1")).name == "decorated"
+
 
 async def test_the_transactions_connection_is_the_tasks_own(shop: Any) -> None:
     async with django_asyncpool.atomic():
