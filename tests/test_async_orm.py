@@ -31,7 +31,7 @@ from django_asyncpool import CircuitOpenError, DatabaseUnavailable, _asyncorm, _
 from django_asyncpool.config import from_settings
 from testproject.shop.models import Order, OrderLine, Product
 
-from .conftest import backends
+from .conftest import backends, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 
@@ -568,3 +568,18 @@ async def test_metrics_render_the_async_orm_pool_and_fallbacks(shop: Any) -> Non
     assert value("db_pool_max_size", alias="default", pool="async_orm") == POOL["pool_size"]
     idle = value("db_connection_state", alias="default", pool="async_orm", state="idle")
     assert idle >= 1
+
+
+def test_a_loop_per_call_gets_its_own_pool_closed_with_it(native: str, pg: Any) -> None:
+    # Celery tasks and Django's dev server run each call on a fresh loop.
+    dbname = connections["default"].settings_dict["NAME"]
+
+    async def call() -> tuple[int, Any]:
+        count = await P().acount()
+        return count, _ormpool.holder("default").pool
+
+    before = backends(pg, dbname)
+    (n1, pool1), (n2, pool2) = asyncio.run(call()), asyncio.run(call())
+    assert n1 == n2 and pool1 is not pool2
+    assert pool1.closed and pool2.closed and pool1.size == pool2.size == 0
+    assert wait_until(lambda: backends(pg, dbname) <= before)
