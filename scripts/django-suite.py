@@ -15,6 +15,12 @@ embedded PostgreSQL started for the run and deleted after it.
 The ENGINE declares the failures that the test environment causes (not the ENGINE)
 only while this runs: see django_asyncpool/features.py.
 
+``--async-orm`` turns ``OPTIONS["async_orm"]`` on for both aliases (Django's async
+QuerySet API runs natively, docs/async-orm.md) and runs the modules whose tests use
+that API (``tests/async/`` first). Every test process writes how many operations ran
+natively and which fell back to the thread path; the script prints the sums and
+fails when nothing ran natively.
+
 The last line reads "django-suite: N passed, N failed, N skipped"; the exit
 status is runtests.py's.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -80,6 +87,11 @@ MODULES = [
     "asgi",
 ]
 
+#: The modules whose tests use Django's async QuerySet API (``--async-orm``): tests/async/
+#: (QuerySets, model methods, related managers, auth, shortcuts), then the async code
+#: of generic relations, sessions and pagination.
+ASYNC_ORM_MODULES = ["async", "generic_relations", "sessions_tests", "pagination"]
+
 #: What these modules need beyond Django's own dependencies (names as in
 #: tests/requirements/py3.txt): tblib carries tracebacks out of the parallel
 #: workers, PyYAML runs the YAML serializer and fixture tests.
@@ -109,11 +121,36 @@ def _alias(name):
         "HOST": _db["HOST"],
         "PORT": _db["PORT"],
         "CONN_MAX_AGE": 0,
-        "OPTIONS": {{"pool": {pool!r}}},
+        "OPTIONS": {options!r},
     }}
 
 
 DATABASES = {{"default": _alias("django_default"), "other": _alias("django_other")}}
+
+if {async_orm!r}:
+    import atexit
+    import json
+    import multiprocessing.util
+
+    def _report():
+        """Write this process's native operations and fallbacks (scripts/django-suite.py)."""
+        from django_asyncpool import _stats
+
+        sides = [stats for alias, side, stats in _stats.snapshot() if side == "async_orm"]
+        fallbacks = {{}}
+        for stats in sides:
+            for method, count in stats.fallbacks.items():
+                fallbacks[method] = fallbacks.get(method, 0) + count
+        report = {{"native": sum(s.checkouts for s in sides), "fallbacks": fallbacks}}
+        path = os.path.join(os.environ["ASYNCPOOL_SUITE_REPORTS"], f"{{os.getpid()}}.json")
+        with open(path, "w") as file:
+            json.dump(report, file)
+
+    atexit.register(_report)
+    # A worker of the parallel runner leaves through os._exit(), after the finalizers.
+    os.register_at_fork(
+        after_in_child=lambda: multiprocessing.util.Finalize(None, _report, exitpriority=100)
+    )
 '''
 
 
@@ -220,6 +257,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("labels", nargs="*", help="test labels (default: the modules of issue 7)")
     parser.add_argument("--parallel", default="2", help="runtests.py --parallel (default: 2)")
+    parser.add_argument(
+        "--async-orm",
+        action="store_true",
+        help="OPTIONS['async_orm'] on; default labels: the modules of ASYNC_ORM_MODULES",
+    )
     parser.add_argument("-v", "--verbosity", default="1", help="runtests.py --verbosity")
     parser.add_argument(
         "--engine",
@@ -239,14 +281,20 @@ def main(argv: list[str]) -> int:
 
     pool: object = False if args.no_pool else {"min_size": 1, "max_size": 10, "timeout": 10}
     (tests / "asyncpool_suite_settings.py").write_text(
-        SETTINGS.format(engine=args.engine, pool=pool)
+        SETTINGS.format(
+            engine=args.engine,
+            options={"pool": pool, **({"async_orm": True} if args.async_orm else {})},
+            async_orm=args.async_orm,
+        )
     )
 
     env = dict(os.environ)
     env["DJANGO_ASYNCPOOL_DJANGO_SUITE"] = "1"  # django_asyncpool.features.SUITE_ENV
     env.pop("DJANGO_SETTINGS_MODULE", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    labels = args.labels or MODULES
+    labels = args.labels or (ASYNC_ORM_MODULES if args.async_orm else MODULES)
+    reports = Path(tempfile.mkdtemp(prefix="django-suite-reports-"))
+    env["ASYNCPOOL_SUITE_REPORTS"] = str(reports)
     command = [
         sys.executable,
         "-u",
@@ -266,7 +314,8 @@ def main(argv: list[str]) -> int:
             env["DJANGO_ASYNCPOOL_SUITE_NO_ICU"] = "1"  # features.NO_ICU_ENV
         log(
             f"Django {version} on Python {py}, ENGINE {args.engine}, pool "
-            f"{'off' if args.no_pool else 'on'}, --parallel {args.parallel}, {where}, "
+            f"{'off' if args.no_pool else 'on'}, async_orm {'on' if args.async_orm else 'off'}, "
+            f"--parallel {args.parallel}, {where}, "
             f"{len(labels)} label(s)"
         )
         returncode, output = run(command, tests, env)
@@ -277,7 +326,29 @@ def main(argv: list[str]) -> int:
     if returncode == 0 and passed == 0:
         log("no test ran")
         return 1
+    native = native_report(reports) if args.async_orm else None
+    shutil.rmtree(reports, ignore_errors=True)
+    if native == 0:
+        log("async_orm is on, but no operation ran natively")
+        return 1
     return returncode
+
+
+def native_report(reports: Path) -> int:
+    """Print what the test processes ran natively and what fell back; return the native count."""
+    native, fallbacks = 0, {}
+    for path in reports.glob("*.json"):
+        report = json.loads(path.read_text())
+        native += report["native"]
+        for method, count in report["fallbacks"].items():
+            fallbacks[method] = fallbacks.get(method, 0) + count
+    listed = ", ".join(f"{method} {count}" for method, count in sorted(fallbacks.items()))
+    print(
+        f"django-suite: async_orm: {native} native operations, "
+        f"{sum(fallbacks.values())} fallbacks to the thread path ({listed or 'none'})",
+        flush=True,
+    )
+    return native
 
 
 @contextlib.contextmanager

@@ -43,6 +43,20 @@ DATABASES = {
         "OPTIONS": {"pool": {"min_size": 1, "max_size": 5, "timeout": 5}},
         "TEST": {"MIRROR": "default"},
     },
+    # The replica again, with Django's async QuerySet API native on it (docs/async-orm.md):
+    # the demo's /orm/native/ view runs the same aget() as /orm/ without the thread hop.
+    "replica_native": {
+        "ENGINE": "django_asyncpool",
+        **_connection,
+        "CONN_MAX_AGE": 0,
+        "OPTIONS": {
+            "pool": {"min_size": 0, "max_size": 5, "timeout": 5},
+            # The native ORM's connections: as many as wrk's connections in load_demo.py.
+            "async_pool": {"pool_size": 10, "max_overflow": 5, "timeout": 5},
+            "async_orm": True,
+        },
+        "TEST": {"MIRROR": "default"},
+    },
 }
 
 INSTALLED_APPS = [

@@ -33,9 +33,17 @@ from testproject.asgi import application
 from .conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-DETAIL_STYLES = ["/products/{}/", "/fast/products/{}/", "/orm/products/{}/", "/sync/products/{}/"]
+DETAIL_STYLES = [
+    "/products/{}/",
+    "/fast/products/{}/",
+    "/orm/products/{}/",
+    "/orm/native/products/{}/",
+    "/sync/products/{}/",
+]
 
-db = pytest.mark.django_db(transaction=True, reset_sequences=True, databases=["default", "replica"])
+db = pytest.mark.django_db(
+    transaction=True, reset_sequences=True, databases=["default", "replica", "replica_native"]
+)
 
 
 # -- through an ASGI client, in this process --------------------------------------------------
@@ -149,6 +157,7 @@ async def test_order_is_created_in_one_transaction(client: httpx.AsyncClient) ->
         ("GET", "/products/999999/", None, 404, "No product with id 999999"),
         ("GET", "/fast/products/999999/", None, 404, "No product with id 999999"),
         ("GET", "/orm/products/999999/", None, 404, "Product matching query does not exist"),
+        ("GET", "/orm/native/products/9999/", None, 404, "Product matching query does not exist"),
         ("GET", "/sync/products/999999/", None, 404, "Product matching query does not exist"),
         ("GET", "/sync/orders/999999/", None, 404, "Order matching query does not exist"),
         ("GET", "/products/99999999999999999999/", None, 404, None),  # past bigint: no match
@@ -274,12 +283,13 @@ async def test_metrics_page_shows_both_pools_moving(client: httpx.AsyncClient) -
 
 
 @db
-async def test_health_page_checks_both_aliases(client: httpx.AsyncClient) -> None:
+async def test_health_page_checks_every_alias(client: httpx.AsyncClient) -> None:
     response = await client.get("/health/?format=json")
     assert response.status_code == 200, response.text
     assert response.json() == {
         "PoolCheck(alias='default')": "OK",
         "PoolCheck(alias='replica')": "OK",
+        "PoolCheck(alias='replica_native')": "OK",
     }
     assert (await client.get("/health/")).status_code == 200  # the HTML page
 
