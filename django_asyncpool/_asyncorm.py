@@ -280,9 +280,10 @@ def _queryset_method(name: str, sync: str, writes: bool, sigs: tuple[Any, ...] |
             return None
         if sigs is _DELETE:
             return "delete signal receivers" if _receivers(sigs) else None
-        if _receivers(sigs, qs.model):
-            return f"{qs.model.__name__} has signal receivers"
-        return None if writes else _read_reason(qs, True)
+        if writes:
+            found = _receivers(sigs, qs.model)
+            return f"{qs.model.__name__} has signal receivers" if found else None
+        return _read_reason(qs, _model_reads(qs))
 
     @functools.wraps(original)
     async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
