@@ -72,8 +72,11 @@ def prepare() -> list[int]:
 
 async def measure(
     fn: Callable[[], Awaitable[object]], tasks: int, seconds: float
-) -> tuple[int, float]:
-    """Return (operations, seconds taken) of ``tasks`` tasks calling ``fn`` for ``seconds``."""
+) -> tuple[int, float, float]:
+    """Return (operations, seconds, CPU seconds) of ``tasks`` tasks calling ``fn`` for ``seconds``.
+
+    The CPU time is this process's, all threads (the thread hop's thread too).
+    """
     done = 0
     deadline = time.perf_counter() + seconds
 
@@ -83,9 +86,9 @@ async def measure(
             await fn()
             done += 1
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(tasks)))
-    return done, time.perf_counter() - started
+    return done, time.perf_counter() - started, time.process_time() - cpu
 
 
 async def interleaved(
@@ -94,22 +97,24 @@ async def interleaved(
     tasks: int,
     seconds: float,
     piece: float,
-) -> tuple[float, float]:
-    """Return the ops/s of ``a`` and ``b``, run in alternating pieces (A B B A ...).
+) -> tuple[float, float, float, float]:
+    """Return the ops/s of ``a`` and ``b``, and their CPU µs per operation.
+
+    They run in alternating pieces (A B B A ...).
 
     Load from other processes comes and goes within a second: short pieces share
     it out evenly between the two.
     """
-    totals = [[0, 0.0], [0, 0.0]]
+    totals = [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]  # operations, seconds, CPU seconds
     order = (0, 1, 1, 0)
     n = 0
     while min(t[1] for t in totals) < seconds:
         which = order[n % 4]
-        done, took = await measure((a, b)[which], tasks, piece)
-        totals[which][0] += done
-        totals[which][1] += took
+        for i, value in enumerate(await measure((a, b)[which], tasks, piece)):
+            totals[which][i] += value
         n += 1
-    return totals[0][0] / totals[0][1], totals[1][0] / totals[1][1]
+    (ops_a, wall_a, cpu_a), (ops_b, wall_b, cpu_b) = totals
+    return ops_a / wall_a, ops_b / wall_b, cpu_a / ops_a * 1e6, cpu_b / ops_b * 1e6
 
 
 async def main(seconds: float, rounds: int, tasks: int) -> int:
@@ -144,7 +149,7 @@ async def main(seconds: float, rounds: int, tasks: int) -> int:
     for native, thread in variants.values():  # warm up: connections, code paths
         await asyncio.gather(*(f() for f in (native, thread) for _ in range(tasks)))
 
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in variants}
     for n in range(rounds):
         for name, (native, thread) in variants.items():
             results[name].append(await interleaved(native, thread, tasks, seconds, PIECE))
@@ -152,19 +157,26 @@ async def main(seconds: float, rounds: int, tasks: int) -> int:
         print(f"round {n + 1}: native / thread hop  {line}", flush=True)
 
     print(f"\n{tasks} tasks, medians of {rounds} rounds of {seconds:g}s each, alias {ALIAS!r}")
-    print(f"  {'operation':20} {'native ops/s':>12} {'thread hop ops/s':>17} {'ratio':>7}")
+    print(
+        f"  {'operation':20} {'native ops/s':>12} {'thread hop':>10} {'ratio':>7}"
+        f" {'CPU µs/op: native':>18} {'thread hop':>10}"
+    )
     missed = []
-    for name, pairs in results.items():
-        native = statistics.median(p[0] for p in pairs)
-        thread = statistics.median(p[1] for p in pairs)
-        ratio = statistics.median(p[0] / p[1] for p in pairs)
+    for name, rounds_ in results.items():
+        native, thread, cpu_native, cpu_thread = (
+            statistics.median(r[i] for r in rounds_) for i in range(4)
+        )
+        ratio = statistics.median(r[0] / r[1] for r in rounds_)
         bar = BARS[name]
         verdict = ""
         if bar is not None:
             verdict = f"  (bar >= {bar:g}x: {'met' if ratio >= bar else 'MISSED'})"
             if ratio < bar:
                 missed.append(name)
-        print(f"  {name:20} {native:12.0f} {thread:17.0f} {ratio:6.2f}x{verdict}")
+        print(
+            f"  {name:20} {native:12.0f} {thread:10.0f} {ratio:6.2f}x"
+            f" {cpu_native:18.0f} {cpu_thread:10.0f}{verdict}"
+        )
     print("  ratio: the median of the per-round ratios")
     return 1 if missed else 0
 
