@@ -217,6 +217,16 @@ class OrmPool:
             "pool_max": self.max_size,
         }
 
+    def take_idle(self) -> psycopg.AsyncConnection[Any] | None:
+        """Return an idle connection that needs no check (used a moment ago), or None."""
+        if self.idle and not self.closed:
+            conn = self.idle[-1]
+            if time.monotonic() - getattr(conn, _RETURNED, 0.0) <= self.bypass and not (
+                _maybe_closed(conn)  # type: ignore[arg-type]
+            ):
+                return self.idle.pop()
+        return None
+
     async def getconn(self) -> psycopg.AsyncConnection[Any]:
         """Return a live connection: an idle one, a new one, or the next one returned."""
         while True:
@@ -417,6 +427,9 @@ class Holder:
 
     def _getconn(self) -> psycopg.AsyncConnection[Any]:
         pool = self.pool
+        conn = pool.take_idle()
+        if conn is not None:
+            return conn  # the common case: no coroutine, no switch to the loop
         self.stats.waiting += 1
         try:
             return await_(pool.getconn())
