@@ -306,8 +306,12 @@ def _queryset_aiter(self: Any) -> AsyncIterator[Any]:
         return _ORIGINALS["__aiter__"](self)  # type: ignore[no-any-return]
 
     async def generator() -> AsyncIterator[Any]:
+        done = self._result_cache is not None and (
+            self._prefetch_done or not self._prefetch_related_lookups
+        )
         try:
-            await run(alias, self._fetch_all, _retryable=True)
+            if not done:  # no connection for a queryset evaluated already
+                await run(alias, self._fetch_all, _retryable=True)
         except _OtherAlias:
             _fallback(alias, "__aiter__", _OTHER)
             await sync_to_async(self._fetch_all)()

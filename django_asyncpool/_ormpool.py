@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 import weakref
@@ -503,6 +504,14 @@ def holders() -> list[tuple[str, Holder]]:
     return out
 
 
-def forget(alias: str) -> None:
-    """Forget the pools of ``alias`` (its settings changed); each closes with its loop."""
-    _holders.pop(alias, None)
+#: Pools inherited from a parent process: kept referenced, never closed (closing
+#: would send the server a goodbye on the parent's sockets).
+_inherited: list[Any] = []
+
+
+def _forget_in_child() -> None:
+    _inherited.append(dict(_holders))
+    _holders.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
