@@ -190,8 +190,11 @@ class OrmPool:
     than ``bypass`` seconds is pinged.
     """
 
-    def __init__(self, *, kwargs: dict[str, Any], config: AliasConfig, wrapper: Any) -> None:
+    def __init__(
+        self, *, kwargs: dict[str, Any], config: AliasConfig, wrapper: Any, stats: _stats.Stats
+    ) -> None:
         options = config.async_pool
+        self.stats = stats
         self.name = f"django_asyncpool:{config.alias}:async_orm"
         self.alias = config.alias
         self.max_size = options.pool_size + options.max_overflow
@@ -292,6 +295,7 @@ class OrmPool:
         try:
             await self._check_liveness(conn)
         except (psycopg.Error, TimeoutError):
+            self.stats.invalidated += 1
             await conn.close()
             self._release_slot()
             return False
@@ -415,7 +419,9 @@ class Holder:
         self.config = config
         self.guard: Guard = _registry.guard(config.alias)
         self.stats = _stats.get(config.alias, SIDE)
-        self.pool = OrmPool(kwargs=_pool_kwargs(wrapper), config=config, wrapper=wrapper)
+        self.pool = OrmPool(
+            kwargs=_pool_kwargs(wrapper), config=config, wrapper=wrapper, stats=self.stats
+        )
         # Closed when the loop shuts its async generators down (asyncio.run does).
         self._guardian = self._guard_loop()
         with contextlib.suppress(StopIteration):

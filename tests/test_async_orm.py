@@ -8,6 +8,7 @@ method, exactly what Django's own ``aget()`` & co. do.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,11 +28,18 @@ from django.db.models.signals import post_save
 from django.db.transaction import TransactionManagementError
 
 import django_asyncpool
-from django_asyncpool import CircuitOpenError, DatabaseUnavailable, _asyncorm, _ormpool, _stats
+from django_asyncpool import (
+    CircuitOpenError,
+    DatabaseUnavailable,
+    PoolTimeout,
+    _asyncorm,
+    _ormpool,
+    _stats,
+)
 from django_asyncpool.config import from_settings
 from testproject.shop.models import Order, OrderLine, Product
 
-from .conftest import backends, wait_until
+from .conftest import backends, terminate_backends, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 
@@ -583,3 +591,41 @@ def test_a_loop_per_call_gets_its_own_pool_closed_with_it(native: str, pg: Any) 
     assert n1 == n2 and pool1 is not pool2
     assert pool1.closed and pool2.closed and pool1.size == pool2.size == 0
     assert wait_until(lambda: backends(pg, dbname) <= before)
+
+
+async def test_a_full_pool_times_out_with_what_to_do(shop: Any, make_alias: Any) -> None:
+    alias = make_alias(
+        OPTIONS={
+            "async_orm": True,
+            "async_pool": {"pool_size": 1, "max_overflow": 0, "timeout": 0.3},
+        }
+    )
+    stats = _stats.get(alias, _ormpool.SIDE)
+    before = stats.timeouts
+    async with django_asyncpool.atomic(using=alias):
+        await Product.objects.using(alias).acount()
+        other = asyncio.create_task(asyncio.sleep(0))  # a task of its own, no transaction
+        await other
+
+        async def elsewhere() -> Any:
+            # Made outside the block's context: a task that does not inherit the transaction.
+            return await Product.objects.using(alias).aget(sku="S1")
+
+        with pytest.raises(PoolTimeout, match=r"async ORM became free within 0\.3s.*pool_size"):
+            await asyncio.get_running_loop().create_task(elsewhere(), context=contextvars.Context())
+    assert stats.timeouts == before + 1
+    assert (await Product.objects.using(alias).aget(sku="S1")).name == "product 1"
+
+
+@pytest.mark.slow
+async def test_terminated_backends_are_replaced_unseen(
+    sync_reconnects: None, shop: Any, pg: Any
+) -> None:
+    dbname = connections["default"].settings_dict["NAME"]
+    await asyncio.gather(*(P().acount() for _ in range(4)))  # four connections, idle
+    invalidated = _stats.get("default", _ormpool.SIDE).invalidated
+    assert terminate_backends(pg, dbname) >= 4
+    await asyncio.sleep(0.2)  # the kernel reports the hang-ups
+    counts = await asyncio.gather(*(P().acount() for _ in range(8)))
+    assert counts == [5] * 8  # no caller saw a dead connection
+    assert _stats.get("default", _ormpool.SIDE).invalidated >= invalidated + 1  # replaced
