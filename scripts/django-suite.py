@@ -295,6 +295,12 @@ def main(argv: list[str]) -> int:
     labels = args.labels or (ASYNC_ORM_MODULES if args.async_orm else MODULES)
     reports = Path(tempfile.mkdtemp(prefix="django-suite-reports-"))
     env["ASYNCPOOL_SUITE_REPORTS"] = str(reports)
+    if args.async_orm:
+        # A native call runs on a connection of its own: one that waits for a lock held by
+        # the transaction Django's TestCase keeps open on the test thread's connection would
+        # wait forever (that thread waits for the test). libpq reads PGOPTIONS: a failure
+        # after 10 s instead of a run that never ends.
+        env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} -c lock_timeout=10000".strip()
     command = [
         sys.executable,
         "-u",

@@ -86,6 +86,9 @@ TZ_CONFIGS = {
     "naive-new-york": (False, "America/New_York", None),
 }
 
+#: JSON's null in a filter: JSONNull() since Django 6.1, which deprecates None for it.
+JSON_NULL: Any = models.JSONNull() if hasattr(models, "JSONNull") else None
+
 #: Django 6.0 made StringAgg general (and deprecated the postgres one).
 StringAgg: Any = getattr(models, "StringAgg", None)
 if StringAgg is None:
@@ -436,7 +439,7 @@ READS = [
     Read("json_index", lambda q, z: q.filter(json__b__1="x").order_by("pk")),
     Read("json_has_key", lambda q, z: q.filter(json__has_key="tag").order_by("pk")),
     Read("json_string", lambda q, z: q.filter(json="just text")),
-    Read("json_null", lambda q, z: q.filter(json=None)),
+    Read("json_null", lambda q, z: q.filter(json=JSON_NULL)),
     Read("json_sql_null", lambda q, z: q.filter(json__isnull=True)),
     # arrays and ranges
     Read("array_contains", lambda q, z: q.filter(ints__contains=[1]).order_by("pk")),
