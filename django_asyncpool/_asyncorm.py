@@ -34,7 +34,7 @@ from sqlalchemy.util.concurrency import greenlet_spawn
 from . import _ormpool, _stats
 from .config import ENGINE
 
-__all__ = ["atomic", "enabled", "install", "run", "thread_wrapper"]
+__all__ = ["atomic", "enabled", "install", "run"]
 
 logger = logging.getLogger("django_asyncpool")
 T = TypeVar("T")
@@ -81,11 +81,6 @@ def _pinned(alias: str) -> Any:
     """Return the wrapper of this task's open atomic block on ``alias``, or None."""
     wrapper = getattr(_local(), alias, None)
     return wrapper if isinstance(wrapper, _ormpool.NativeWrapper) else None
-
-
-def thread_wrapper(alias: str) -> Any:
-    """Return this thread's (or task's) own DatabaseWrapper of ``alias``."""
-    return connections[alias]
 
 
 def enabled(alias: str) -> bool:

@@ -32,6 +32,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 from django.core.exceptions import SynchronousOnlyOperation
+from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.postgresql import base as postgresql
 from django.db.backends.signals import connection_created
@@ -487,14 +488,8 @@ def holder(alias: str) -> Holder:
         loops = _holders.setdefault(alias, weakref.WeakKeyDictionary())
         for other in [lp for lp in loops if lp.is_closed()]:
             del loops[other]
-        made = loops[loop] = Holder(_registry.config(alias), _engine_wrapper(alias))
+        made = loops[loop] = Holder(_registry.config(alias), connections[alias])
         return made
-
-
-def _engine_wrapper(alias: str) -> Any:
-    from ._asyncorm import thread_wrapper
-
-    return thread_wrapper(alias)
 
 
 def holders() -> list[tuple[str, Holder]]:
