@@ -9,9 +9,8 @@ switches back to the loop until it is done. So Django's cursors (client-side
 binding, and the named cursors of ``iterator()``), its adapters, converters and
 error wrapping run unchanged; only the waiting is async.
 
-Each event loop has its own pool per alias (:class:`OrmPool`, a
-``psycopg_pool.AsyncConnectionPool``: a fair FIFO handoff), closed while the loop
-shuts its async generators down, as the SQLAlchemy engines are. Every pooled
+Each event loop has its own pool per alias (:class:`OrmPool`: a fair FIFO handoff),
+closed while the loop shuts its async generators down, as the SQLAlchemy engines are. Every pooled
 connection carries one :class:`NativeWrapper`: Django's ``DatabaseWrapper`` of the
 alias bound to that connection for its whole life, so a checkout builds nothing.
 """
@@ -39,9 +38,9 @@ from django.db.backends.signals import connection_created
 from psycopg import IsolationLevel, pq
 from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 
-from . import _registry, _stats
+from . import _registry, _stats, _syncpool
 from ._policy import Guard
-from ._syncpool import _RETURNED, _hangups, _maybe_closed, _readable, _watch
+from ._syncpool import _RETURNED, _maybe_closed, _readable, _watch
 from .base import DatabaseWrapper
 from .config import AliasConfig
 from .errors import PoolClosed, PoolTimeout
@@ -303,8 +302,9 @@ class OrmPool:
         except BaseException:
             self.putconn(conn)
             raise
-        if _hangups is not None:
-            _hangups.fds.discard(conn.pgconn.socket)  # a stale hint: a reused number
+        hangups = _syncpool._hangups  # replaced after a fork: not imported by value
+        if hangups is not None:
+            hangups.fds.discard(conn.pgconn.socket)  # a stale hint: a reused number
         return True
 
     async def _check_liveness(self, conn: psycopg.AsyncConnection[Any]) -> None:
