@@ -629,3 +629,21 @@ async def test_terminated_backends_are_replaced_unseen(
     counts = await asyncio.gather(*(P().acount() for _ in range(8)))
     assert counts == [5] * 8  # no caller saw a dead connection
     assert _stats.get("default", _ormpool.SIDE).invalidated >= invalidated + 1  # replaced
+
+
+async def test_aiterator_fetches_in_chunks_from_a_server_side_cursor(
+    shop: Any, monkeypatch: pytest.MonkeyPatch, threads: list[int]
+) -> None:
+    named: list[str] = []
+    real = _ormpool.NativeWrapper.chunked_cursor
+
+    def chunked_cursor(self: Any) -> Any:
+        cursor = real(self)
+        named.append(type(cursor.cursor).__name__)
+        return cursor
+
+    monkeypatch.setattr(_ormpool.NativeWrapper, "chunked_cursor", chunked_cursor)
+    got = [p.sku async for p in P().order_by("pk").aiterator(chunk_size=2)]
+    assert got == ["S1", "S2", "S3", "S4", "S5"]
+    assert named == ["ServerSideCursor"]  # Django's own named cursor, on the native connection
+    assert set(threads) == {threading.get_ident()}
