@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from asgiref.sync import SyncToAsync, sync_to_async
 from django.contrib.postgres.aggregates import ArrayAgg, BoolOr, JSONBAgg
-from django.db import connections, models
+from django.db import connections, models, transaction
 from django.db.backends.postgresql.psycopg_any import DateRange, DateTimeTZRange, NumericRange
 from django.db.models import (
     Avg,
@@ -722,8 +722,10 @@ READS = [
 ]
 
 
-async def run_read(read: Read, q: QuerySet[Any], zoo: Zoo) -> tuple[Any, Any]:
-    """Run ``read`` through the thread path and natively; return both outcomes."""
+def both_ways(
+    read: Read, q: QuerySet[Any], zoo: Zoo
+) -> tuple[Callable[[], Any], Callable[[], Awaitable[Any]]]:
+    """Return ``read`` as a sync call (for the thread path) and as a coroutine function."""
     args, kwargs = read.args(zoo), read.kwargs(zoo)
 
     def sync() -> Any:
@@ -742,6 +744,12 @@ async def run_read(read: Read, q: QuerySet[Any], zoo: Zoo) -> tuple[Any, Any]:
             return [row async for row in qs.aiterator(chunk_size=2)]
         return await getattr(qs, f"a{read.op}")(*args, **kwargs)
 
+    return sync, native
+
+
+async def run_read(read: Read, q: QuerySet[Any], zoo: Zoo) -> tuple[Any, Any]:
+    """Run ``read`` through the thread path and natively; return both outcomes."""
+    sync, native = both_ways(read, q, zoo)
     return await in_thread(q.db, sync), await natively(q.db, native)
 
 
@@ -753,6 +761,18 @@ async def test_read(read: Read, alias: str, zoo: Zoo) -> None:
     assert (thread[0] == "raised") is bool(read.raises), thread
     if read.op in {"list", "iterator"} and read.raises is not None:
         assert thread[1][1], "the query found nothing: it compares too little"
+
+
+async def test_reads_at_once(alias: str, zoo: Zoo) -> None:
+    """Every read in its own task, all at the same time: each gets its own answer."""
+    q = Specimen.objects.using(alias)
+    calls = [both_ways(read, q, zoo) for read in READS]
+    expected = [await in_thread(alias, sync) for sync, _ in calls]
+    got = await natively(alias, lambda: asyncio.gather(*(aoutcome(n) for _, n in calls)))
+    assert got[0] == "ok"
+    for read, thread, native in zip(READS, expected, got[1][1], strict=True):
+        # gather() returned each outcome() as a tuple, which snapshot() took apart.
+        assert native == snapshot(thread), read.name
 
 
 # -- writes ----------------------------------------------------------------------------------
@@ -1061,3 +1081,48 @@ async def test_errors(scratch: str, zoo: Zoo) -> None:
     thread = await both(scratch, sync, native)
     kinds = [error[1][2][1] for error in thread[1][1]]  # the snapshot of each outcome()
     assert kinds == [repr("IntegrityError"), repr("DataError"), repr("IntegrityError")], thread
+
+
+async def test_atomic(scratch: str, zoo: Zoo) -> None:
+    """``django_asyncpool.atomic`` as Django's ``transaction.atomic``: nested, rolled back."""
+    from django_asyncpool import atomic
+
+    objects = Specimen.objects.using(scratch)
+
+    def sync(tag: str) -> Any:
+        seen = []
+        with transaction.atomic(using=scratch):
+            first = objects.create(**row(zoo, tag, 1))
+            objects.filter(pk=first.pk).update(integer=F("integer") + 1)
+            seen.append(objects.filter(slug__startswith=f"{tag}-").values_list("integer"))
+            with contextlib.suppress(ValueError), transaction.atomic(using=scratch):
+                objects.create(**row(zoo, tag, 2))
+                raise ValueError("the savepoint goes")
+            seen.append(objects.filter(slug__startswith=f"{tag}-").count())
+        with contextlib.suppress(ValueError), transaction.atomic(using=scratch):
+            objects.create(**row(zoo, tag, 3))
+            raise ValueError("the transaction goes")
+        return [first, *(list(s) if isinstance(s, QuerySet) else s for s in seen)]
+
+    async def native(tag: str) -> Any:
+        seen = []
+        async with atomic(using=scratch):
+            first = await objects.acreate(**row(zoo, tag, 1))
+            await objects.filter(pk=first.pk).aupdate(integer=F("integer") + 1)
+            seen.append(
+                [r async for r in objects.filter(slug__startswith=f"{tag}-").values_list("integer")]
+            )
+            with contextlib.suppress(ValueError):
+                async with atomic(using=scratch):
+                    await objects.acreate(**row(zoo, tag, 2))
+                    raise ValueError("the savepoint goes")
+            seen.append(await objects.filter(slug__startswith=f"{tag}-").acount())
+        with contextlib.suppress(ValueError):
+            async with atomic(using=scratch):
+                await objects.acreate(**row(zoo, tag, 3))
+                raise ValueError("the transaction goes")
+        return [first, *seen]
+
+    thread = await both(scratch, sync, native)
+    # In the transaction: its own row, updated (7 + 1); after the savepoint: still one.
+    assert thread[1][1][1:] == [("list", [("tuple", [("int", "8")])]), ("int", "1")], thread
