@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from asgiref.sync import SyncToAsync
 from django.conf import settings
 from django.db import connections
 
@@ -80,6 +81,24 @@ def query(wrapper: Any) -> int:
             return int(cursor.fetchone()[0])
     finally:
         wrapper.close()
+
+
+@contextlib.contextmanager
+def hops() -> Iterator[list[str]]:
+    """Record the functions handed to a thread by ``sync_to_async`` meanwhile."""
+    seen: list[str] = []
+    original = SyncToAsync.__call__
+
+    async def spy(self: SyncToAsync[Any, Any], *args: Any, **kwargs: Any) -> Any:
+        # Not repr(func): a QuerySet's bound method would evaluate the QuerySet.
+        seen.append(getattr(self.func, "__qualname__", None) or type(self.func).__name__)
+        return await original(self, *args, **kwargs)
+
+    SyncToAsync.__call__ = spy  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        SyncToAsync.__call__ = original  # type: ignore[method-assign]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.05) -> Any:

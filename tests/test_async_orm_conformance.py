@@ -26,7 +26,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from asgiref.sync import SyncToAsync, sync_to_async
+from asgiref.sync import sync_to_async
 from django.contrib.postgres.aggregates import ArrayAgg, BoolOr, JSONBAgg
 from django.db import connections, models, transaction
 from django.db.backends.postgresql.psycopg_any import DateRange, DateTimeTZRange, NumericRange
@@ -73,7 +73,7 @@ from django.utils import timezone
 from django_asyncpool import _stats
 from django_asyncpool import config as _config
 from testproject.fieldzoo.models import Country, Maker, Specimen
-from tests.conftest import add_alias, remove_alias
+from tests.conftest import add_alias, hops, remove_alias
 
 #: The package runs Django's async QuerySet API natively when it knows this option.
 NATIVE = "async_orm" in _config.OUR_KEYS
@@ -274,24 +274,6 @@ def alias(request: pytest.FixtureRequest, zoo: Zoo) -> Iterator[str]:
 
 
 # -- running a query both ways ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def hops() -> Iterator[list[str]]:
-    """Record the functions handed to a thread by ``sync_to_async`` meanwhile."""
-    seen: list[str] = []
-    original = SyncToAsync.__call__
-
-    async def spy(self: SyncToAsync[Any, Any], *args: Any, **kwargs: Any) -> Any:
-        # Not repr(func): a QuerySet's bound method would evaluate the QuerySet.
-        seen.append(getattr(self.func, "__qualname__", None) or type(self.func).__name__)
-        return await original(self, *args, **kwargs)
-
-    SyncToAsync.__call__ = spy  # type: ignore[method-assign]
-    try:
-        yield seen
-    finally:
-        SyncToAsync.__call__ = original  # type: ignore[method-assign]
 
 
 def snapshot(value: Any) -> Any:

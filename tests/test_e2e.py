@@ -30,7 +30,7 @@ from django.core.management import call_command
 from testproject import pgserver
 from testproject.asgi import application
 
-from .conftest import wait_until
+from .conftest import hops, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DETAIL_STYLES = [
@@ -76,7 +76,18 @@ async def _pools(client: httpx.AsyncClient) -> dict[str, Any]:
 
 
 @db
-async def test_the_four_styles_return_the_same_product(client: httpx.AsyncClient) -> None:
+async def test_the_native_orm_view_takes_no_thread_hop(client: httpx.AsyncClient) -> None:
+    """/orm/native/ runs aget() on the loop; /orm/ (the same code, async_orm off) hops."""
+    with hops() as native:
+        assert (await client.get("/orm/native/products/7/")).json()["id"] == 7
+    with hops() as hopping:
+        assert (await client.get("/orm/products/7/")).json()["id"] == 7
+    assert "QuerySet.get" in hopping  # the spy sees Django's own thread hop
+    assert not [name for name in native if name.startswith("QuerySet.")], native
+
+
+@db
+async def test_every_style_returns_the_same_product(client: httpx.AsyncClient) -> None:
     bodies = [(await client.get(style.format(7))).json() for style in DETAIL_STYLES]
     assert bodies[0] == {
         "id": 7,
