@@ -25,7 +25,7 @@ from typing import Any, TypeVar, cast
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import SynchronousOnlyOperation
-from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
+from django.db import DEFAULT_DB_ALIAS, connections, models, router, transaction
 from django.db.models import Model, signals
 from django.db.models import query as _query
 from django.db.transaction import TransactionManagementError
@@ -451,7 +451,11 @@ def install() -> None:
         functools.update_wrapper(method, _ORIGINALS[name])
         setattr(Model, name, method)
     _ORIGINALS["aprefetch_related_objects"] = _query.aprefetch_related_objects
+    functools.update_wrapper(_aprefetch_related_objects, _query.aprefetch_related_objects)
+    # Both names: Django's aiterator() calls the first, applications import the second
+    # (a reference taken before the app is ready stays Django's own).
     _query.aprefetch_related_objects = _aprefetch_related_objects
+    models.aprefetch_related_objects = _aprefetch_related_objects
 
 
 # -- transactions -----------------------------------------------------------------------------

@@ -647,3 +647,22 @@ async def test_aiterator_fetches_in_chunks_from_a_server_side_cursor(
     assert got == ["S1", "S2", "S3", "S4", "S5"]
     assert named == ["ServerSideCursor"]  # Django's own named cursor, on the native connection
     assert set(threads) == {threading.get_ident()}
+
+
+async def test_aprefetch_related_objects(shop: Any, no_thread_hop: list[str]) -> None:
+    from django.db.models import aprefetch_related_objects
+
+    stats = _stats.get("default", _ormpool.SIDE)
+    before = stats.fallbacks.get("aprefetch_related_objects", 0)
+    orders = await collect(Order.objects.using("default").order_by("pk"))
+    # In a transaction on "default" the shop's router reads from "default": native.
+    async with django_asyncpool.atomic():
+        await aprefetch_related_objects(orders, "lines")
+    assert [[line.quantity for line in o.lines.all()] for o in orders] == [[1, 2], [1, 2]]
+    assert no_thread_hop == []
+    # Outside one it reads from "replica" (no async_orm): the thread path, counted.
+    orders = await collect(Order.objects.using("default").order_by("pk"))
+    await aprefetch_related_objects(orders, "lines")
+    assert [len(o.lines.all()) for o in orders] == [2, 2]
+    assert stats.fallbacks["aprefetch_related_objects"] == before + 1
+    assert no_thread_hop == ["prefetch_related_objects"]
