@@ -21,7 +21,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from itertools import islice
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import SynchronousOnlyOperation
@@ -55,8 +55,11 @@ class _OtherAlias(BaseException):
 _OTHER = "it reads a database without async_orm (run again in a thread)"
 
 
+_handler: Any = connections  # its _connections: Django's per-thread (per-task) wrappers
+
+
 def _local() -> Any:
-    return cast(Any, connections)._connections
+    return _handler._connections
 
 
 def _current(alias: str) -> Any:
