@@ -146,11 +146,17 @@ if {async_orm!r}:
         with open(path, "w") as file:
             json.dump(report, file)
 
+    class _Worker:
+        """A worker of the parallel runner leaves through os._exit(), after the finalizers
+        of multiprocessing: the report is one, registered once the worker has cleared the
+        ones it inherited."""
+
+        def __call__(self):
+            multiprocessing.util.Finalize(None, _report, exitpriority=100)
+
+    _worker = _Worker()
     atexit.register(_report)
-    # A worker of the parallel runner leaves through os._exit(), after the finalizers.
-    os.register_at_fork(
-        after_in_child=lambda: multiprocessing.util.Finalize(None, _report, exitpriority=100)
-    )
+    multiprocessing.util.register_after_fork(_worker, _Worker.__call__)
 '''
 
 
