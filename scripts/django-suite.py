@@ -18,8 +18,9 @@ only while this runs: see django_asyncpool/features.py.
 ``--async-orm`` turns ``OPTIONS["async_orm"]`` on for both aliases (Django's async
 QuerySet API runs natively, docs/async-orm.md) and runs the modules whose tests use
 that API (``tests/async/`` first). Every test process writes how many operations ran
-natively and which fell back to the thread path; the script prints the sums and
-fails when nothing ran natively.
+natively, which fell back to the thread path (counted by the package), and which of
+Django's ORM functions went to a thread through ``sync_to_async`` all the same; the
+script prints the sums and fails when nothing ran natively.
 
 The last line reads "django-suite: N passed, N failed, N skipped"; the exit
 status is runtests.py's.
@@ -39,6 +40,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,8 +131,23 @@ DATABASES = {{"default": _alias("django_default"), "other": _alias("django_other
 
 if {async_orm!r}:
     import atexit
+    import collections
     import json
     import multiprocessing.util
+
+    from asgiref.sync import SyncToAsync
+
+    #: The ORM's own functions that still went to a thread (sync_to_async), by name.
+    _hops = collections.Counter()
+    _call = SyncToAsync.__call__
+
+    async def _counted(self, *args, **kwargs):
+        module = getattr(self.func, "__module__", "") or ""
+        if module.startswith(("django.db", "django.contrib.contenttypes")):
+            _hops[getattr(self.func, "__qualname__", "?")] += 1
+        return await _call(self, *args, **kwargs)
+
+    SyncToAsync.__call__ = _counted
 
     def _report():
         """Write this process's native operations and fallbacks (scripts/django-suite.py)."""
@@ -141,7 +158,11 @@ if {async_orm!r}:
         for stats in sides:
             for method, count in stats.fallbacks.items():
                 fallbacks[method] = fallbacks.get(method, 0) + count
-        report = {{"native": sum(s.checkouts for s in sides), "fallbacks": fallbacks}}
+        report = {{
+            "native": sum(s.checkouts for s in sides),
+            "fallbacks": fallbacks,
+            "hops": dict(_hops),
+        }}
         path = os.path.join(os.environ["ASYNCPOOL_SUITE_REPORTS"], f"{{os.getpid()}}.json")
         with open(path, "w") as file:
             json.dump(report, file)
@@ -348,19 +369,24 @@ def main(argv: list[str]) -> int:
 
 def native_report(reports: Path) -> int:
     """Print what the test processes ran natively and what fell back; return the native count."""
-    native, fallbacks = 0, {}
+    native, fallbacks, hops = 0, Counter[str](), Counter[str]()
     for path in reports.glob("*.json"):
         report = json.loads(path.read_text())
         native += report["native"]
-        for method, count in report["fallbacks"].items():
-            fallbacks[method] = fallbacks.get(method, 0) + count
-    listed = ", ".join(f"{method} {count}" for method, count in sorted(fallbacks.items()))
+        fallbacks.update(report["fallbacks"])
+        hops.update(report["hops"])
     print(
         f"django-suite: async_orm: {native} native operations, "
-        f"{sum(fallbacks.values())} fallbacks to the thread path ({listed or 'none'})",
+        f"{fallbacks.total()} counted fallbacks to the thread path ({listed(fallbacks)}); "
+        f"the ORM's functions in a thread (sync_to_async): {listed(hops)}",
         flush=True,
     )
     return native
+
+
+def listed(counts: Counter[str]) -> str:
+    """Return ``name n, name n`` (most first), or "none"."""
+    return ", ".join(f"{name} {n}" for name, n in counts.most_common()) or "none"
 
 
 @contextlib.contextmanager
