@@ -412,7 +412,6 @@ READS = [
     Read("uuid", lambda q, z: q.filter(uuid=uuid.UUID(int=0))),
     Read("ip", lambda q, z: q.filter(ip="2001:db8::1")),
     Read("binary", lambda q, z: q.filter(binary=b"\x00\x01\xff").order_by("pk")),
-    Read("generated", lambda q, z: q.filter(lower_char="alpha").order_by("pk")),
     Read("duration", lambda q, z: q.filter(duration__gt=dt.timedelta(0)).order_by("pk")),
     # JSON
     Read("json_contains", lambda q, z: q.filter(json__contains={"a": 1}).order_by("pk")),

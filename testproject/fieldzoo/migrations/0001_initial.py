@@ -3,7 +3,6 @@
 import django.contrib.postgres.fields
 import django.contrib.postgres.fields.ranges
 import django.db.models.deletion
-import django.db.models.functions.text
 from django.db import migrations, models
 
 
@@ -93,14 +92,6 @@ class Migration(migrations.Migration):
                 (
                     "datetime_range",
                     django.contrib.postgres.fields.ranges.DateTimeRangeField(null=True),
-                ),
-                (
-                    "lower_char",
-                    models.GeneratedField(
-                        db_persist=True,
-                        expression=django.db.models.functions.text.Lower("char"),
-                        output_field=models.CharField(max_length=100),
-                    ),
                 ),
                 (
                     "maker",
