@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import threading
 import time
 import weakref
@@ -36,6 +37,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.postgresql import base as postgresql
 from django.db.backends.signals import connection_created
 from psycopg import IsolationLevel, pq
+from psycopg.waiting import READY_R, WAIT_R
 from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 
 from . import _registry, _stats, _syncpool
@@ -69,7 +71,50 @@ class GreenConnection(psycopg.Connection[Any]):
             raise SynchronousOnlyOperation(
                 "You cannot call this from an async context - use a thread or sync_to_async."
             )
-        return await_(self.aconn.wait(gen, *args, **kwargs))
+        if args or kwargs:  # a timeout (cancel, close): psycopg's own wait
+            return await_(self.aconn.wait(gen, *args, **kwargs))
+        try:
+            state = next(gen)
+            if state == WAIT_R:
+                # The query is sent: let the loop run the other tasks once, and the
+                # answer is usually there. psycopg's wait would register a reader, a
+                # future and a timer for each query; this is a yield and a poll.
+                # Cancelled here, the query still running: the pool discards the
+                # connection when it comes back (its transaction status is ACTIVE).
+                await_(_YIELD)
+                if _ready_now(self.pgconn.socket):
+                    state = gen.send(READY_R)
+        except StopIteration as done:
+            return done.value
+        # Still waiting (a slow query, a large result): psycopg's wait, which also
+        # cancels the query on the server when the task is cancelled.
+        return await_(self.aconn.wait(_resume(gen, state)))
+
+
+class _Yield:
+    """An awaitable that gives the loop one turn (``asyncio.sleep(0)`` without a coroutine)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Any:
+        yield
+
+
+_YIELD = _Yield()
+
+
+def _ready_now(fileno: int) -> bool:
+    return bool(select.select((fileno,), (), (), 0)[0])
+
+
+def _resume(gen: Any, state: Any) -> Any:
+    """Return a generator yielding ``state`` and then what ``gen`` yields (a started one)."""
+    while True:
+        ready = yield state
+        try:
+            state = gen.send(ready)
+        except StopIteration as done:
+            return done.value
 
 
 def _unguarded(method: Any) -> Any:

@@ -476,6 +476,25 @@ async def test_cancellation_mid_query_leaks_nothing(shop: Any, pg: Any) -> None:
     assert await P().acount() == 5
 
 
+async def test_cancelled_while_the_answer_is_on_its_way(shop: Any, pg: Any) -> None:
+    # The wait gives the loop a turn right after sending the query; cancelled there,
+    # the connection (a result still to read) is discarded, and the next query works.
+    assert (await P().aget(sku="S1")).name == "product 1"  # an idle connection: no switch
+    holder = _ormpool.holder("default")
+    invalidated = holder.stats.invalidated
+    task = asyncio.create_task(P().aget(sku="S2"))
+    await asyncio.sleep(0)  # the task checks out, sends, and yields
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert holder.stats.invalidated == invalidated + 1
+    stats = holder.pool.get_stats()
+    assert stats["pool_available"] == stats["pool_size"]
+    assert (await P().aget(sku="S2")).name == "product 2"
+    dbname = connections["default"].settings_dict["NAME"]
+    assert wait_until(lambda: backends(pg, dbname, "active") == 0)
+
+
 async def test_32_tasks_share_a_pool_of_4(shop: Any) -> None:
     async def work(i: int) -> int:
         total = 0
