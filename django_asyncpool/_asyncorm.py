@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from itertools import islice
 from typing import Any, TypeVar
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import AsyncToSync, sync_to_async
 from django.core.exceptions import SynchronousOnlyOperation
 from django.db import DEFAULT_DB_ALIAS, connections, models, router, transaction
 from django.db.models import Model, signals
@@ -32,6 +32,7 @@ from django.db.transaction import TransactionManagementError
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from . import _ormpool, _stats
+from . import base as _base
 from .config import ENGINE
 
 __all__ = ["atomic", "enabled", "install", "run"]
@@ -128,6 +129,9 @@ async def run(alias: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) ->
                 return await greenlet_spawn(fn, *args, **kwargs)
             finally:
                 hooks, pinned._pending_hooks = pinned._pending_hooks, []
+        callers = _callers(alias)
+        if callers is not None:
+            return _borrowed_call(alias, callers, fn, args, kwargs)
         holder = _ormpool.holder(alias)
         return await greenlet_spawn(_op, holder, alias, retryable, hooks, fn, args, kwargs)
     finally:
@@ -200,6 +204,79 @@ def _run_hooks(hooks: list[Any]) -> None:
             func()
 
 
+# -- the caller's transaction: async_to_sync() inside atomic() in a thread ----------------
+#
+# Under async_to_sync, Django's sync_to_async(thread_sensitive=True) goes back to the
+# blocked caller thread (AsyncToSync.executors.current), so its queries run in that
+# thread's transaction. A pooled connection would not see the transaction's rows, would
+# wait on its locks, and would commit outside it. So when the caller's connection is in
+# a transaction, the call runs on that very connection: on the loop thread when the loop
+# is the private one async_to_sync made for that thread (it serves nothing else, and the
+# owner is blocked until the call returns), else in the caller's thread, as Django does.
+
+_THREAD: Any = object()
+_CALLERS = "the caller's transaction (async_to_sync inside atomic() on another loop)"
+
+#: Native calls run on the caller's connection (its transaction), by alias.
+borrowed: dict[str, int] = {}
+
+
+def _callers(alias: str) -> Any:
+    """Return None, the blocked caller thread's wrappers (``alias``'s in a transaction), or
+    ``_THREAD`` (the call must run in that thread)."""
+    # One lookup in the common case: no async_to_sync above (uvicorn, a plain asyncio.run).
+    executor = getattr(AsyncToSync.executors, "current", None)
+    if executor is None:
+        return None
+    thread = executor._work_thread
+    ident = thread.ident
+    found: dict[str, Any] = {}
+    for wrapper in list(_base._wrappers):
+        if wrapper._thread_ident == ident and not isinstance(wrapper, _ormpool.NativeWrapper):
+            # Two of one alias (overridden settings): only Django's own path knows which.
+            found[wrapper.alias] = None if wrapper.alias in found else wrapper
+    if alias not in found:
+        return None
+    own = found[alias]
+    if own is None:
+        return _THREAD
+    if not (own.in_atomic_block or not (own.connection is None or own.autocommit)):
+        return None  # autocommit: a pooled connection does the same
+    loop_executor = AsyncToSync.loop_thread_executors.get(asyncio.get_running_loop())
+    if loop_executor is None or loop_executor._work_thread is not thread:
+        return _THREAD  # a loop that serves others too: no blocking I/O on it
+    return [wrapper for wrapper in found.values() if wrapper is not None]
+
+
+def _borrowed_call(
+    alias: str,
+    wrappers: list[Any],
+    fn: Callable[..., T],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> T:
+    """Return ``fn(*args, **kwargs)`` run here on the blocked caller thread's connections."""
+    borrowed[alias] = borrowed.get(alias, 0) + 1
+    loop = asyncio.get_running_loop()
+    # Django's async_unsafe refuses I/O in a thread with a running loop. This loop is
+    # the caller's own (see _callers), and nothing else runs on it until fn returns.
+    # Without it, connections[...] is this thread's sync (thread-local) storage, which
+    # nothing else uses meanwhile: the caller's wrappers go there, as in its thread.
+    asyncio._set_running_loop(None)
+    try:
+        previous = [(wrapper, _bind(wrapper.alias, wrapper)) for wrapper in wrappers]
+        for wrapper in wrappers:
+            wrapper.inc_thread_sharing()  # its owner thread waits for this call to return
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for wrapper, before in reversed(previous):
+                wrapper.dec_thread_sharing()
+                _unbind(wrapper.alias, before)
+    finally:
+        asyncio._set_running_loop(loop)
+
+
 # -- deciding: native, or Django's thread path -----------------------------------------------
 
 _INIT = (signals.pre_init, signals.post_init)
@@ -225,6 +302,8 @@ def _native(alias: str, method: str, why_not: Callable[[], str | None]) -> bool:
     if _pinned(alias) is not None:
         return True  # in a transaction: the thread path would run outside it
     reason = why_not()
+    if reason is None and _callers(alias) is _THREAD:
+        reason = _CALLERS
     if reason is not None:
         _fallback(alias, method, reason)
         return False
@@ -326,7 +405,11 @@ def _next_slice(gen: Iterator[Any], size: int) -> list[Any]:
 async def _iterable_async_generator(self: Any) -> AsyncIterator[Any]:
     qs = self.queryset
     alias = qs.db
-    if not _native(alias, "aiterator", lambda: _read_reason(qs, _model_reads(qs))):
+    native = _native(alias, "aiterator", lambda: _read_reason(qs, _model_reads(qs)))
+    if native and _pinned(alias) is None and _callers(alias) is not None:
+        _fallback(alias, "aiterator", _CALLERS)  # a server-side cursor: Django's path
+        native = False
+    if not native:
         async for item in _ORIGINALS["_async_generator"](self):
             yield item
         return

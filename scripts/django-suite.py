@@ -151,7 +151,7 @@ if {async_orm!r}:
 
     def _report():
         """Write this process's native operations and fallbacks (scripts/django-suite.py)."""
-        from django_asyncpool import _stats
+        from django_asyncpool import _asyncorm, _stats
 
         sides = [stats for alias, side, stats in _stats.snapshot() if side == "async_orm"]
         fallbacks = {{}}
@@ -159,7 +159,9 @@ if {async_orm!r}:
             for method, count in stats.fallbacks.items():
                 fallbacks[method] = fallbacks.get(method, 0) + count
         report = {{
-            "native": sum(s.checkouts for s in sides),
+            # Pooled checkouts, and calls run on the caller's connection (its transaction).
+            "native": sum(s.checkouts for s in sides) + sum(_asyncorm.borrowed.values()),
+            "borrowed": sum(_asyncorm.borrowed.values()),
             "fallbacks": fallbacks,
             "hops": dict(_hops),
         }}
@@ -369,14 +371,16 @@ def main(argv: list[str]) -> int:
 
 def native_report(reports: Path) -> int:
     """Print what the test processes ran natively and what fell back; return the native count."""
-    native, fallbacks, hops = 0, Counter[str](), Counter[str]()
+    native, borrowed, fallbacks, hops = 0, 0, Counter[str](), Counter[str]()
     for path in reports.glob("*.json"):
         report = json.loads(path.read_text())
         native += report["native"]
+        borrowed += report["borrowed"]
         fallbacks.update(report["fallbacks"])
         hops.update(report["hops"])
     print(
-        f"django-suite: async_orm: {native} native operations, "
+        f"django-suite: async_orm: {native} native operations ({borrowed} of them in the "
+        "caller's transaction, on its connection), "
         f"{fallbacks.total()} counted fallbacks to the thread path ({listed(fallbacks)}); "
         f"the ORM's functions in a thread (sync_to_async): {listed(hops)}",
         flush=True,
