@@ -231,7 +231,8 @@ def _callers(alias: str) -> Any:
     thread = executor._work_thread
     ident = thread.ident
     found: dict[str, Any] = {}
-    for wrapper in list(_base._wrappers):
+    every: list[Any] = list(_base._wrappers)  # Django's wrappers have _thread_ident
+    for wrapper in every:
         if wrapper._thread_ident == ident and not isinstance(wrapper, _ormpool.NativeWrapper):
             # Two of one alias (overridden settings): only Django's own path knows which.
             found[wrapper.alias] = None if wrapper.alias in found else wrapper
