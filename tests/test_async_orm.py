@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from django.db import (
     DataError,
     IntegrityError,
@@ -36,6 +37,7 @@ from django_asyncpool import (
     _ormpool,
     _stats,
 )
+from django_asyncpool import base as _base
 from django_asyncpool.config import from_settings
 from testproject.shop.models import Order, OrderLine, Product
 
@@ -685,3 +687,116 @@ async def test_aprefetch_related_objects(shop: Any, no_thread_hop: list[str]) ->
     assert [len(o.lines.all()) for o in orders] == [2, 2]
     assert stats.fallbacks["aprefetch_related_objects"] == before + 1
     assert no_thread_hop == ["prefetch_related_objects"]
+
+
+# -- the caller's transaction: async_to_sync() inside atomic() in a thread -------------------
+
+
+@pytest.fixture
+def locking(native: str) -> str:
+    """``native``, and its new connections give up waiting for a lock after 2 s."""
+    connections[native].settings_dict["OPTIONS"]["options"] = "-c lock_timeout=2000"
+    return native
+
+
+def on(alias: str) -> Any:
+    return Product.objects.using(alias)
+
+
+def test_async_to_sync_inside_atomic_reads_in_the_callers_transaction(
+    locking: str, no_thread_hop: list[str]
+) -> None:
+    stats = _stats.get(locking, _ormpool.SIDE)
+    checkouts, borrowed = stats.checkouts, _asyncorm.borrowed.get(locking, 0)
+    queried: list[int] = []
+
+    def spy(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
+        queried.append(threading.get_ident())
+        return execute(sql, params, many, context)
+
+    async def read(pk: int) -> Product:
+        return await on(locking).aget(pk=pk)
+
+    with transaction.atomic(using=locking), connections[locking].execute_wrapper(spy):
+        made = on(locking).create(sku="T1", name="uncommitted", price_cents=1)
+        got = async_to_sync(read)(made.pk)
+    assert got.name == "uncommitted"
+    # Natively, on the loop async_to_sync made (not a hop back to this thread, Django's path).
+    assert no_thread_hop == []
+    assert len(queried) == 2 and queried[1] != threading.get_ident()
+    assert _asyncorm.borrowed[locking] == borrowed + 1
+    assert stats.checkouts == checkouts  # no pooled connection
+    assert connections[locking].allow_thread_sharing is False  # nothing left changed
+
+
+def test_acreate_there_rolls_back_with_the_callers_transaction(locking: str) -> None:
+    async def create() -> Product:
+        return await on(locking).acreate(sku="T2", name="rolled back", price_cents=2)
+
+    with pytest.raises(RuntimeError, match="roll back"), transaction.atomic(using=locking):
+        made = async_to_sync(create)()
+        assert on(locking).filter(pk=made.pk).exists()  # the caller's transaction sees it
+        raise RuntimeError("roll back")
+    assert not on(locking).filter(sku="T2").exists()
+
+
+def test_a_row_the_caller_locked_is_no_wait(locking: str) -> None:
+    product = on(locking).create(sku="T3", name="committed", price_cents=3)
+
+    async def rename() -> int:
+        return await on(locking).filter(pk=product.pk).aupdate(name="renamed")
+
+    started = time.monotonic()
+    with transaction.atomic(using=locking):
+        on(locking).select_for_update().get(pk=product.pk)  # the caller's row lock
+        # On a connection of its own this would wait for the lock: OperationalError in 2 s.
+        assert async_to_sync(rename)() == 1
+    assert time.monotonic() - started < 1.5
+    assert on(locking).get(pk=product.pk).name == "renamed"
+
+
+async def test_with_no_async_to_sync_above_the_pool_serves(locking: str) -> None:
+    """As under uvicorn: another thread's open transaction changes nothing for this task."""
+    stats = _stats.get(locking, _ormpool.SIDE)
+    checkouts, borrowed = stats.checkouts, _asyncorm.borrowed.get(locking, 0)
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with transaction.atomic(using=locking):
+            on(locking).create(sku="T4", name="uncommitted", price_cents=4)
+            entered.set()
+            leave.wait(10)
+
+    holder = asyncio.get_running_loop().run_in_executor(None, hold)
+    try:
+        await asyncio.to_thread(entered.wait, 10)
+        assert _base._transactions  # the cheap gate is open: the full check runs
+        assert await on(locking).filter(sku="T4").acount() == 0  # not the thread's transaction
+    finally:
+        leave.set()
+        await holder
+    assert stats.checkouts == checkouts + 1
+    assert _asyncorm.borrowed.get(locking, 0) == borrowed
+
+
+async def test_async_to_sync_back_to_a_serving_loop_goes_to_the_callers_thread(
+    locking: str,
+) -> None:
+    """The caller's loop serves others: no blocking I/O on it, Django's path (counted)."""
+    stats = _stats.get(locking, _ormpool.SIDE)
+    fallbacks = stats.fallbacks.get("aget", 0)
+
+    async def read(pk: int) -> tuple[str, int]:
+        return (await on(locking).aget(pk=pk)).name, threading.get_ident()
+
+    def in_a_thread() -> tuple[str, int, int]:
+        with transaction.atomic(using=locking):
+            made = on(locking).create(sku="T5", name="uncommitted", price_cents=5)
+            name, thread = async_to_sync(read)(made.pk)  # runs on the test's loop
+            transaction.set_rollback(True)
+        return name, thread, threading.get_ident()
+
+    name, loop_thread, caller = await sync_to_async(in_a_thread)()
+    assert name == "uncommitted"
+    assert loop_thread == threading.get_ident() != caller
+    assert stats.fallbacks["aget"] == fallbacks + 1
