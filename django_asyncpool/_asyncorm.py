@@ -215,7 +215,7 @@ def _run_hooks(hooks: list[Any]) -> None:
 # owner is blocked until the call returns), else in the caller's thread, as Django does.
 
 _THREAD: Any = object()
-_CALLERS = "the caller's transaction (async_to_sync inside atomic() on another loop)"
+_CALLERS = "the caller's transaction (async_to_sync in a thread inside atomic())"
 
 #: Native calls run on the caller's connection (its transaction), by alias.
 borrowed: dict[str, int] = {}
