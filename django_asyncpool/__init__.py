@@ -9,6 +9,8 @@ and, in async views, ``async with session_scope() as session: ...``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .config import AliasConfig
 from .errors import (
     AsyncConnectionLost,
@@ -33,6 +35,19 @@ __all__ = [
     "PoolError",
     "PoolTimeout",
     "ReadOnlyError",
+    "atomic",
     "session_scope",
 ]
 __version__ = "0.1.0.dev0"
+
+if TYPE_CHECKING:
+    from ._asyncorm import atomic
+
+
+def __getattr__(name: str) -> Any:
+    # The native async ORM imports Django's models: not when settings import the package.
+    if name == "atomic":
+        from ._asyncorm import atomic
+
+        return atomic
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -84,6 +84,7 @@ class Stats:
     invalidated: int = 0  # found dead (or returned broken) and replaced
     leaks: int = 0  # leak warnings
     waiting: int = 0  # async: callers waiting for a connection now
+    fallbacks: dict[str, int] = field(default_factory=dict)  # async_orm: thread path, by method
     latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     held: Histogram = field(default_factory=lambda: Histogram(HELD_BUCKETS))
 
@@ -125,12 +126,21 @@ def snapshot() -> list[tuple[str, str, Stats]]:
 # -- the sync side's acquisition path (the async side's is _fairpool._GuardedPool) -----------
 
 
-def acquire_sync(stats: Stats, guard: Guard, acquire: Callable[..., T], *args: Any) -> T:
-    """Return ``guard.run(acquire, *args)``, counting the attempt, its outcome, retries, latency."""
+def acquire_sync(
+    stats: Stats,
+    guard: Guard,
+    acquire: Callable[..., T],
+    *args: Any,
+    sleep: Callable[[float], object] = time.sleep,
+) -> T:
+    """Return ``guard.run(acquire, *args)``, counting the attempt, its outcome, retries, latency.
+
+    ``sleep`` waits between tries (an awaiting one in a greenlet: the native async ORM).
+    """
     stats.attempts += 1
     started = time.perf_counter()
     try:
-        conn = guard.run(acquire, *args, stats=stats)
+        conn = guard.run(acquire, *args, sleep=sleep, stats=stats)
     except BaseException as exc:
         stats.failed(exc)
         raise

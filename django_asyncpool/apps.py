@@ -44,6 +44,10 @@ class DjangoAsyncpoolConfig(AppConfig):
             for alias, settings_dict in settings.DATABASES.items()
             if settings_dict.get("ENGINE") == _config.ENGINE
         }
+        if any(conf.async_orm for conf in self.configs.values()):
+            from ._asyncorm import install
+
+            install()  # Django's async QuerySet methods, native for those aliases
         if _command() in NO_WARMUP_COMMANDS:
             return  # they report an unreachable database instead of dying of it
         for conf in self.configs.values():

@@ -51,6 +51,9 @@ logger = logging.getLogger("django_asyncpool")
 _inherited: list[Any] = []
 #: Every wrapper of this process (Django's are thread-local: not all reachable otherwise).
 _wrappers: weakref.WeakSet[DatabaseWrapper] = weakref.WeakSet()
+#: The wrappers with autocommit off (in a transaction): the native async ORM looks for a
+#: blocked async_to_sync caller's transaction only while this is not empty (_asyncorm).
+_transactions: weakref.WeakSet[DatabaseWrapper] = weakref.WeakSet()
 
 
 class DatabaseWrapper(postgresql.DatabaseWrapper):
@@ -74,6 +77,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         super().__init__(settings_dict, alias)
         self._options_reported = False
         _wrappers.add(self)
+        if (settings_dict.get("OPTIONS") or {}).get("async_orm") is True:
+            from ._asyncorm import install
+
+            install()  # Django's async QuerySet methods, native for this alias (once)
 
     @property
     def pool(self) -> SyncPool | None:
@@ -175,6 +182,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # generator even when the value does not change.
         if self.connection.autocommit != autocommit:
             super()._set_autocommit(autocommit)  # type: ignore[misc]
+        if autocommit:
+            _transactions.discard(self)
+        else:
+            _transactions.add(self)
 
     def _close(self) -> None:
         conn = self.connection

@@ -133,6 +133,8 @@ class AliasConfig:
     metrics: bool = True
     #: Aliases that serve this (replica) alias's reads while it is down, in order.
     failover_to: tuple[str, ...] = ()
+    #: Run Django's async QuerySet API natively on an async connection (no thread hop).
+    async_orm: bool = False
     problems: tuple[Problem, ...] = ()
 
     def describe(self) -> str:
@@ -152,7 +154,15 @@ SECTIONS: dict[str, type] = {
     "retry": RetryConfig,
 }
 FLAGS = frozenset(
-    {"failover_to", "leak_threshold", "liveness_bypass", "metrics", "pgbouncer", "warmup"}
+    {
+        "async_orm",
+        "failover_to",
+        "leak_threshold",
+        "liveness_bypass",
+        "metrics",
+        "pgbouncer",
+        "warmup",
+    }
 )
 OUR_KEYS = frozenset(SECTIONS) | FLAGS
 
@@ -570,6 +580,19 @@ def from_settings(
             return None
         return WARMUP_DEFAULT if raw is True else flag("warmup", None)
 
+    def async_orm(raw: Any) -> bool:
+        if raw is None or isinstance(raw, bool):
+            return bool(raw)
+        reader.problem(
+            "dbpool.E050",
+            "OPTIONS['async_orm']",
+            f"OPTIONS['async_orm'] must be True or False, got {raw!r}: the native async "
+            "ORM stays off.",
+            "Set OPTIONS['async_orm'] = True to run Django's async QuerySet API on an async "
+            "connection, or leave it out.",
+        )
+        return False
+
     port = conn.get("PORT") or None
     if port is not None and not str(port).replace(",", "").isdigit():
         reader.problem(
@@ -607,6 +630,7 @@ def from_settings(
         warmup=warmup(options.get("warmup")),
         metrics=flag("metrics", True),
         failover_to=failover_aliases(reader, options.get("failover_to")),
+        async_orm=async_orm(options.get("async_orm")),
         problems=(),
     )
     retry = config.retry

@@ -15,7 +15,8 @@ metric object. What brings the metric objects up to date is :func:`flush`:
   0/1 state gauges take the largest value (``livemax``: 1 when any live process is
   in that state).
 
-Labels are the alias and the pool (``"sync"`` or ``"async"``): never a host, a
+Labels are the alias and the pool (``"sync"``, ``"async"``, or ``"async_orm"`` for the
+native async ORM of :mod:`django_asyncpool._asyncorm`): never a host, a
 user, a DSN or a password. docs/metrics.md has the table of what each one means.
 """
 
@@ -175,6 +176,13 @@ STORAGE_SHARED = Gauge(
     registry=None,
     multiprocess_mode="livemin",
 )
+FALLBACKS = Counter(
+    "db_async_orm_fallbacks_total",
+    "Async ORM calls on an alias with OPTIONS['async_orm'] that ran on Django's thread "
+    "path instead (signal receivers, another database), by method.",
+    ("alias", "method"),
+    registry=None,
+)
 
 METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     ATTEMPTS,
@@ -195,6 +203,7 @@ METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     FAILOVERS,
     STORAGE_ERRORS,
     STORAGE_SHARED,
+    FALLBACKS,
 )
 
 
@@ -240,8 +249,14 @@ class _Side:
         ]
         self.state = [STATE.labels(alias, side, state) for state in STATES]
         self.sizes = [m.labels(alias, side) for m in (SIZE, MIN_SIZE, MAX_SIZE)]
+        self.alias = alias
+        self.fallbacks: dict[str, int] = {}
 
     def push(self, stats: _stats.Stats) -> None:
+        for method, now in list(stats.fallbacks.items()):
+            if now > self.fallbacks.get(method, 0):
+                FALLBACKS.labels(self.alias, method).inc(now - self.fallbacks.get(method, 0))
+                self.fallbacks[method] = now
         for i, (child, value) in enumerate(self.counters):
             now = value(stats)
             if now > self.pushed[i]:  # a counter only grows, whatever the race
@@ -255,6 +270,7 @@ class _Side:
     def rebase(self, stats: _stats.Stats) -> None:
         """Take everything in ``stats`` as written already."""
         self.pushed = [value(stats) for _, value in self.counters]
+        self.fallbacks = dict(stats.fallbacks)
         for (_, pushed), hist in zip(self.histograms, (stats.latency, stats.held), strict=True):
             pushed.counts, pushed.sum = list(hist.counts), hist.sum
 
@@ -309,7 +325,7 @@ def flush() -> None:
             guard = guards.get(alias)
             return guard is None or guard.config.metrics
 
-        gauges = {**_sync_gauges(), **_async_gauges(guards)}
+        gauges = {**_sync_gauges(), **_async_gauges(guards), **_orm_gauges()}
         for alias, side, stats in _stats.snapshot():
             if exported(alias):
                 _side(alias, side).push(stats)
@@ -416,6 +432,26 @@ def _async_gauges(guards: dict[str, Guard]) -> _Gauges:
     return out
 
 
+def _orm_gauges() -> _Gauges:
+    """Return ``{(alias, "async_orm"): (idle, in_use, waiting, min, max)}`` of the native ORM."""
+    module = sys.modules.get("django_asyncpool._ormpool")
+    if module is None:
+        return {}
+    out: _Gauges = {}
+    for alias, holder in module.holders():
+        raw = holder.pool.get_stats()
+        idle, size = raw.get("pool_available", 0), raw.get("pool_size", 0)
+        was = out.get((alias, module.SIDE), (0, 0, 0, 0, 0))
+        out[alias, module.SIDE] = (
+            was[0] + idle,
+            was[1] + max(size - idle, 0),
+            holder.stats.waiting,
+            0,
+            was[4] + holder.pool.max_size,
+        )
+    return out
+
+
 def watch(guard: Guard) -> None:
     """Count the state changes of ``guard``'s breaker (called once per new guard)."""
     if not guard.config.metrics:
@@ -511,7 +547,10 @@ def _prime() -> None:
                 continue
             for to in config.failover_to:
                 FAILOVERS.labels(alias, to)  # the series, at 0
-            for side in _stats.SIDES:
+            sides: tuple[str, ...] = _stats.SIDES
+            if (settings_dict.get("OPTIONS") or {}).get("async_orm") is True:
+                sides = (*sides, "async_orm")
+            for side in sides:
                 _side(alias, side)
             for state in BREAKER_STATES:
                 BREAKER_TRANSITIONS.labels(alias, state)  # the series, at 0

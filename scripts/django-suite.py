@@ -15,6 +15,13 @@ embedded PostgreSQL started for the run and deleted after it.
 The ENGINE declares the failures that the test environment causes (not the ENGINE)
 only while this runs: see django_asyncpool/features.py.
 
+``--async-orm`` turns ``OPTIONS["async_orm"]`` on for both aliases (Django's async
+QuerySet API runs natively, docs/async-orm.md) and runs the modules whose tests use
+that API (``tests/async/`` first). Every test process writes how many operations ran
+natively, which fell back to the thread path (counted by the package), and which of
+Django's ORM functions went to a thread through ``sync_to_async`` all the same; the
+script prints the sums and fails when nothing ran natively.
+
 The last line reads "django-suite: N passed, N failed, N skipped"; the exit
 status is runtests.py's.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -32,6 +40,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,6 +89,11 @@ MODULES = [
     "asgi",
 ]
 
+#: The modules whose tests use Django's async QuerySet API (``--async-orm``): tests/async/
+#: (QuerySets, model methods, related managers, auth, shortcuts), then the async code
+#: of generic relations, sessions and pagination.
+ASYNC_ORM_MODULES = ["async", "generic_relations", "sessions_tests", "pagination"]
+
 #: What these modules need beyond Django's own dependencies (names as in
 #: tests/requirements/py3.txt): tblib carries tracebacks out of the parallel
 #: workers, PyYAML runs the YAML serializer and fixture tests.
@@ -109,11 +123,63 @@ def _alias(name):
         "HOST": _db["HOST"],
         "PORT": _db["PORT"],
         "CONN_MAX_AGE": 0,
-        "OPTIONS": {{**_db["OPTIONS"], "pool": {pool!r}}},
+        "OPTIONS": {{**_db["OPTIONS"], **{options!r}}},
     }}
 
 
 DATABASES = {{"default": _alias("django_default"), "other": _alias("django_other")}}
+
+if {async_orm!r}:
+    import atexit
+    import collections
+    import json
+    import multiprocessing.util
+
+    from asgiref.sync import SyncToAsync
+
+    #: The ORM's own functions that still went to a thread (sync_to_async), by name.
+    _hops = collections.Counter()
+    _call = SyncToAsync.__call__
+
+    async def _counted(self, *args, **kwargs):
+        module = getattr(self.func, "__module__", "") or ""
+        if module.startswith(("django.db", "django.contrib.contenttypes")):
+            _hops[getattr(self.func, "__qualname__", "?")] += 1
+        return await _call(self, *args, **kwargs)
+
+    SyncToAsync.__call__ = _counted
+
+    def _report():
+        """Write this process's native operations and fallbacks (scripts/django-suite.py)."""
+        from django_asyncpool import _asyncorm, _stats
+
+        sides = [stats for alias, side, stats in _stats.snapshot() if side == "async_orm"]
+        fallbacks = {{}}
+        for stats in sides:
+            for method, count in stats.fallbacks.items():
+                fallbacks[method] = fallbacks.get(method, 0) + count
+        report = {{
+            # Pooled checkouts, and calls run on the caller's connection (its transaction).
+            "native": sum(s.checkouts for s in sides) + sum(_asyncorm.borrowed.values()),
+            "borrowed": sum(_asyncorm.borrowed.values()),
+            "fallbacks": fallbacks,
+            "hops": dict(_hops),
+        }}
+        path = os.path.join(os.environ["ASYNCPOOL_SUITE_REPORTS"], f"{{os.getpid()}}.json")
+        with open(path, "w") as file:
+            json.dump(report, file)
+
+    class _Worker:
+        """A worker of the parallel runner leaves through os._exit(), after the finalizers
+        of multiprocessing: the report is one, registered once the worker has cleared the
+        ones it inherited."""
+
+        def __call__(self):
+            multiprocessing.util.Finalize(None, _report, exitpriority=100)
+
+    _worker = _Worker()
+    atexit.register(_report)
+    multiprocessing.util.register_after_fork(_worker, _Worker.__call__)
 '''
 
 
@@ -220,6 +286,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("labels", nargs="*", help="test labels (default: the modules of issue 7)")
     parser.add_argument("--parallel", default="2", help="runtests.py --parallel (default: 2)")
+    parser.add_argument(
+        "--async-orm",
+        action="store_true",
+        help="OPTIONS['async_orm'] on; default labels: the modules of ASYNC_ORM_MODULES",
+    )
     parser.add_argument("-v", "--verbosity", default="1", help="runtests.py --verbosity")
     parser.add_argument(
         "--engine",
@@ -239,14 +310,26 @@ def main(argv: list[str]) -> int:
 
     pool: object = False if args.no_pool else {"min_size": 1, "max_size": 10, "timeout": 10}
     (tests / "asyncpool_suite_settings.py").write_text(
-        SETTINGS.format(engine=args.engine, pool=pool)
+        SETTINGS.format(
+            engine=args.engine,
+            options={"pool": pool, **({"async_orm": True} if args.async_orm else {})},
+            async_orm=args.async_orm,
+        )
     )
 
     env = dict(os.environ)
     env["DJANGO_ASYNCPOOL_DJANGO_SUITE"] = "1"  # django_asyncpool.features.SUITE_ENV
     env.pop("DJANGO_SETTINGS_MODULE", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    labels = args.labels or MODULES
+    labels = args.labels or (ASYNC_ORM_MODULES if args.async_orm else MODULES)
+    reports = Path(tempfile.mkdtemp(prefix="django-suite-reports-"))
+    env["ASYNCPOOL_SUITE_REPORTS"] = str(reports)
+    if args.async_orm:
+        # A native call runs on a connection of its own: one that waits for a lock held by
+        # the transaction Django's TestCase keeps open on the test thread's connection would
+        # wait forever (that thread waits for the test). libpq reads PGOPTIONS: a failure
+        # after 10 s instead of a run that never ends.
+        env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} -c lock_timeout=10000".strip()
     command = [
         sys.executable,
         "-u",
@@ -266,7 +349,8 @@ def main(argv: list[str]) -> int:
             env["DJANGO_ASYNCPOOL_SUITE_NO_ICU"] = "1"  # features.NO_ICU_ENV
         log(
             f"Django {version} on Python {py}, ENGINE {args.engine}, pool "
-            f"{'off' if args.no_pool else 'on'}, --parallel {args.parallel}, {where}, "
+            f"{'off' if args.no_pool else 'on'}, async_orm {'on' if args.async_orm else 'off'}, "
+            f"--parallel {args.parallel}, {where}, "
             f"{len(labels)} label(s)"
         )
         returncode, output = run(command, tests, env)
@@ -277,7 +361,36 @@ def main(argv: list[str]) -> int:
     if returncode == 0 and passed == 0:
         log("no test ran")
         return 1
+    native = native_report(reports) if args.async_orm else None
+    shutil.rmtree(reports, ignore_errors=True)
+    if native == 0:
+        log("async_orm is on, but no operation ran natively")
+        return 1
     return returncode
+
+
+def native_report(reports: Path) -> int:
+    """Print what the test processes ran natively and what fell back; return the native count."""
+    native, borrowed, fallbacks, hops = 0, 0, Counter[str](), Counter[str]()
+    for path in reports.glob("*.json"):
+        report = json.loads(path.read_text())
+        native += report["native"]
+        borrowed += report["borrowed"]
+        fallbacks.update(report["fallbacks"])
+        hops.update(report["hops"])
+    print(
+        f"django-suite: async_orm: {native} native operations ({borrowed} of them in the "
+        "caller's transaction, on its connection), "
+        f"{fallbacks.total()} counted fallbacks to the thread path ({listed(fallbacks)}); "
+        f"the ORM's functions in a thread (sync_to_async): {listed(hops)}",
+        flush=True,
+    )
+    return native
+
+
+def listed(counts: Counter[str]) -> str:
+    """Return ``name n, name n`` (most first), or "none"."""
+    return ", ".join(f"{name} {n}" for name, n in counts.most_common()) or "none"
 
 
 @contextlib.contextmanager

@@ -8,6 +8,8 @@ from django.db import connections
 
 READ_ALIAS = "replica"
 WRITE_ALIAS = "default"
+#: The replica with ``OPTIONS["async_orm"]`` on: views choose it with ``using()``.
+NATIVE_ALIAS = "replica_native"
 
 
 class ReplicaRouter:
@@ -29,4 +31,5 @@ class ReplicaRouter:
         return True  # both aliases are the same database
 
     def allow_migrate(self, db: str, app_label: str, **hints: Any) -> bool | None:
-        return db != READ_ALIAS  # the replica gets its schema from the primary
+        # The replicas get their schema from the primary.
+        return db not in {READ_ALIAS, NATIVE_ALIAS}

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from asgiref.sync import SyncToAsync
 from django.conf import settings
 from django.db import connections
 
@@ -82,6 +83,24 @@ def query(wrapper: Any) -> int:
         wrapper.close()
 
 
+@contextlib.contextmanager
+def hops() -> Iterator[list[str]]:
+    """Record the functions handed to a thread by ``sync_to_async`` meanwhile."""
+    seen: list[str] = []
+    original = SyncToAsync.__call__
+
+    async def spy(self: SyncToAsync[Any, Any], *args: Any, **kwargs: Any) -> Any:
+        # Not repr(func): a QuerySet's bound method would evaluate the QuerySet.
+        seen.append(getattr(self.func, "__qualname__", None) or type(self.func).__name__)
+        return await original(self, *args, **kwargs)
+
+    SyncToAsync.__call__ = spy  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        SyncToAsync.__call__ = original  # type: ignore[method-assign]
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -129,43 +148,53 @@ def make_wrapper(django_db_blocker: Any) -> Iterator[Callable[..., DatabaseWrapp
             _registry.discard(wrapper.alias)
 
 
-@pytest.fixture
-def make_alias() -> Iterator[Callable[..., str]]:
+def add_alias(**overrides: Any) -> str:
     """Add a database alias of ENGINE django_asyncpool to the settings; return its name.
 
-    ``make_alias(HOST=..., PORT=..., OPTIONS={...})`` starts from the default alias's
-    live settings (the test database). Its pools are closed and forgotten afterwards.
+    ``add_alias(HOST=..., PORT=..., OPTIONS={...})`` starts from the default alias's
+    live settings (the test database). :func:`remove_alias` takes it away again.
     """
+    alias = f"a{next(_names)}"
+    settings_dict = copy.deepcopy(connections["default"].settings_dict)
+    options = overrides.pop("OPTIONS", None)
+    settings_dict.update(overrides)
+    if options is not None:
+        settings_dict["OPTIONS"] = options
+    # Django warns when DATABASES is overridden as a setting; an added alias is safe.
+    settings.DATABASES[alias] = settings_dict
+    connections.settings[alias] = settings_dict
+    return alias
+
+
+def remove_alias(alias: str) -> None:
+    """Close and forget the pools of an alias made by :func:`add_alias`, and remove it."""
     from django_asyncpool.pool import ConnectionPool
 
+    pool = DatabaseWrapper._connection_pools.pop(alias, None)
+    if pool is not None:
+        pool.close(timeout=1)
+    ConnectionPool._instances.pop(alias, None)
+    _registry.discard(alias)
+    connections.settings.pop(alias, None)
+    settings.DATABASES.pop(alias, None)
+    with contextlib.suppress(Exception):
+        connections[alias].close()
+    with contextlib.suppress(AttributeError):
+        delattr(connections._connections, alias)
+
+
+@pytest.fixture
+def make_alias() -> Iterator[Callable[..., str]]:
+    """:func:`add_alias` for one test: the aliases it made are removed afterwards."""
     made: list[str] = []
 
     def make(**overrides: Any) -> str:
-        alias = f"a{next(_names)}"
-        settings_dict = copy.deepcopy(connections["default"].settings_dict)
-        options = overrides.pop("OPTIONS", None)
-        settings_dict.update(overrides)
-        if options is not None:
-            settings_dict["OPTIONS"] = options
-        # Django warns when DATABASES is overridden as a setting; an added alias is safe.
-        settings.DATABASES[alias] = settings_dict
-        connections.settings[alias] = settings_dict
-        made.append(alias)
-        return alias
+        made.append(add_alias(**overrides))
+        return made[-1]
 
     yield make
     for alias in made:
-        pool = DatabaseWrapper._connection_pools.pop(alias, None)
-        if pool is not None:
-            pool.close(timeout=1)
-        ConnectionPool._instances.pop(alias, None)
-        _registry.discard(alias)
-        connections.settings.pop(alias, None)
-        settings.DATABASES.pop(alias, None)
-        with contextlib.suppress(Exception):
-            connections[alias].close()
-        with contextlib.suppress(AttributeError):
-            delattr(connections._connections, alias)
+        remove_alias(alias)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -149,7 +150,10 @@ def test_the_real_command_line() -> None:
     """``python manage.py dbpool_check``: the project's aliases, its exit status."""
     done = manage("--timeout", "20")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "default  sync   ok" in done.stdout and "replica  async  ok" in done.stdout
+    # The columns are as wide as the longest alias.
+    assert re.search(r"(?m)^default +sync +ok", done.stdout), done.stdout
+    assert re.search(r"(?m)^replica +async +ok", done.stdout), done.stdout
+    assert re.search(r"(?m)^replica_native +sync +ok", done.stdout), done.stdout
 
     # DB_POOL_SIZE fills async_pool of 'replica', which sets none itself.
     done = manage("--format", "json", DB_POOL_SIZE="lots")

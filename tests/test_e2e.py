@@ -31,12 +31,20 @@ from django.core.management import call_command
 from testproject import pgserver
 from testproject.asgi import application
 
-from .conftest import wait_until
+from .conftest import hops, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-DETAIL_STYLES = ["/products/{}/", "/fast/products/{}/", "/orm/products/{}/", "/sync/products/{}/"]
+DETAIL_STYLES = [
+    "/products/{}/",
+    "/fast/products/{}/",
+    "/orm/products/{}/",
+    "/orm/native/products/{}/",
+    "/sync/products/{}/",
+]
 
-db = pytest.mark.django_db(transaction=True, reset_sequences=True, databases=["default", "replica"])
+db = pytest.mark.django_db(
+    transaction=True, reset_sequences=True, databases=["default", "replica", "replica_native"]
+)
 
 
 # -- through an ASGI client, in this process --------------------------------------------------
@@ -69,7 +77,18 @@ async def _pools(client: httpx.AsyncClient) -> dict[str, Any]:
 
 
 @db
-async def test_the_four_styles_return_the_same_product(client: httpx.AsyncClient) -> None:
+async def test_the_native_orm_view_takes_no_thread_hop(client: httpx.AsyncClient) -> None:
+    """/orm/native/ runs aget() on the loop; /orm/ (the same code, async_orm off) hops."""
+    with hops() as native:
+        assert (await client.get("/orm/native/products/7/")).json()["id"] == 7
+    with hops() as hopping:
+        assert (await client.get("/orm/products/7/")).json()["id"] == 7
+    assert "QuerySet.get" in hopping  # the spy sees Django's own thread hop
+    assert not [name for name in native if name.startswith("QuerySet.")], native
+
+
+@db
+async def test_every_style_returns_the_same_product(client: httpx.AsyncClient) -> None:
     bodies = [(await client.get(style.format(7))).json() for style in DETAIL_STYLES]
     assert bodies[0] == {
         "id": 7,
@@ -150,6 +169,7 @@ async def test_order_is_created_in_one_transaction(client: httpx.AsyncClient) ->
         ("GET", "/products/999999/", None, 404, "No product with id 999999"),
         ("GET", "/fast/products/999999/", None, 404, "No product with id 999999"),
         ("GET", "/orm/products/999999/", None, 404, "Product matching query does not exist"),
+        ("GET", "/orm/native/products/9999/", None, 404, "Product matching query does not exist"),
         ("GET", "/sync/products/999999/", None, 404, "Product matching query does not exist"),
         ("GET", "/sync/orders/999999/", None, 404, "Order matching query does not exist"),
         ("GET", "/products/99999999999999999999/", None, 404, None),  # past bigint: no match
@@ -275,12 +295,13 @@ async def test_metrics_page_shows_both_pools_moving(client: httpx.AsyncClient) -
 
 
 @db
-async def test_health_page_checks_both_aliases(client: httpx.AsyncClient) -> None:
+async def test_health_page_checks_every_alias(client: httpx.AsyncClient) -> None:
     response = await client.get("/health/?format=json")
     assert response.status_code == 200, response.text
     assert response.json() == {
         "PoolCheck(alias='default')": "OK",
         "PoolCheck(alias='replica')": "OK",
+        "PoolCheck(alias='replica_native')": "OK",
     }
     assert (await client.get("/health/")).status_code == 200  # the HTML page
 

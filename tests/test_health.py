@@ -83,4 +83,5 @@ async def test_the_html_page_renders_each_alias(alias: Callable[..., str]) -> No
 
 
 def test_pool_checks_lists_every_alias_of_the_engine() -> None:
-    assert pool_checks() == [(PoolCheck, {"alias": "default"}), (PoolCheck, {"alias": "replica"})]
+    aliases = ["default", "replica", "replica_native"]
+    assert pool_checks() == [(PoolCheck, {"alias": alias}) for alias in aliases]

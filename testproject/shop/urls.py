@@ -26,6 +26,7 @@ urlpatterns = [
     path("report/", views.report, name="report"),
     path("fast/products/<id:pk>/", views.fast_product, name="fast-product"),
     path("orm/products/<id:pk>/", views.orm_product, name="orm-product"),
+    path("orm/native/products/<id:pk>/", views.native_orm_product, name="native-orm-product"),
     path("sync/products/", views.sync_products, name="sync-products"),
     path("sync/products/<id:pk>/", views.sync_product, name="sync-product"),
     path("sync/orders/<id:pk>/", views.sync_order, name="sync-order"),

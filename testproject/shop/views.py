@@ -3,7 +3,8 @@
 - async views with ``session_scope()``: list, detail, create inside a transaction,
   a read-only report (``session_scope(readonly=True)`` skips BEGIN/COMMIT);
 - an async view on the fast path, ``ConnectionPool().connection()`` (raw asyncpg);
-- sync views on the Django ORM, and an async view on the Django async ORM (``aget``);
+- sync views on the Django ORM, and async views on the Django async ORM (``aget``):
+  through Django's thread hop, and native (an alias with ``OPTIONS["async_orm"]`` on);
 - ``ConnectionPool().metrics`` of every alias as JSON.
 
 Reads use the alias the router picks for the model (``replica``), writes ``default``.
@@ -25,6 +26,7 @@ from sqlalchemy import text
 
 from django_asyncpool import ConnectionPool, PoolError, session_scope
 from django_asyncpool.base import DatabaseWrapper
+from testproject.routers import NATIVE_ALIAS
 
 from .models import Order, Product
 
@@ -352,6 +354,13 @@ async def orm_product(request: HttpRequest, pk: int) -> HttpResponse:
     return JsonResponse(_orm_product(await Product.objects.aget(pk=pk)))
 
 
+@api
+@require_GET
+async def native_orm_product(request: HttpRequest, pk: int) -> HttpResponse:
+    """The same ``aget()`` on the replica alias with ``async_orm`` on: no thread hop."""
+    return JsonResponse(_orm_product(await Product.objects.using(NATIVE_ALIAS).aget(pk=pk)))
+
+
 # -- what the pools are doing ----------------------------------------------------------------
 
 
@@ -373,7 +382,8 @@ PAGES = [
     ("/products/", "async view, session_scope(readonly=True): a page of products"),
     ("/products/1/", "async view, session_scope(readonly=True): one product"),
     ("/fast/products/1/", "async view, ConnectionPool().connection(): raw asyncpg, fast path"),
-    ("/orm/products/1/", "async view, Django async ORM: Product.objects.aget()"),
+    ("/orm/products/1/", "async view, Django async ORM: Product.objects.aget() (thread hop)"),
+    ("/orm/native/products/1/", "async view, the same aget() with async_orm on: native"),
     ("/sync/products/1/", "sync view, Django ORM: Product.objects.get()"),
     ("/sync/products/", "sync view, Django ORM: a page of products"),
     ("/sync/orders/1/", "sync view, Django ORM: an order and its lines"),

@@ -1,0 +1,210 @@
+"""Django's async ORM natively (``OPTIONS["async_orm"]``) against its thread hop, in one process.
+
+    python benchmarks/bench_async_orm.py [--seconds 1.5] [--rounds 5] [--tasks 32]
+
+Three operations on ``shop.Product`` (1,000 rows), each by ``--tasks`` concurrent
+tasks on one alias with ``async_orm`` on:
+
+- ``aget``: ``Product.objects.aget(pk=...)``, a random primary key;
+- ``async for``: 100 rows, ``[p async for p in Product.objects.filter(pk__gt=...)[:100]]``;
+- ``acount``: ``Product.objects.filter(pk__gt=...).acount()``.
+
+Each natively, and through the thread hop that Django's own async methods take,
+``await sync_to_async(qs.get)(pk=...)`` (what ``QuerySet.aget`` does when the option
+is off), on the same alias and model. In each round the two run in alternating
+quarter-second pieces (A B B A ...) until each has had ``--seconds``. Printed are the
+medians of ops/s and of the per-round ratios native / thread hop, with the bar of
+issue 15: ``aget`` >= 2x. Uses DATABASE_URL, or starts the embedded
+PostgreSQL; migrates and loads the products when they are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "testproject.settings")
+
+import django
+
+django.setup()
+
+from asgiref.sync import sync_to_async  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.db import connections  # noqa: E402
+
+from testproject.shop.models import Product  # noqa: E402
+
+ROWS = 1_000
+ALIAS = "bench_native"
+#: Variant -> bar on native / thread hop (None: reported only).
+BARS = {"aget": 2.0, "async for 100 rows": None, "acount": None}
+#: Seconds of one piece of a variant's run; the two variants alternate piece by piece.
+PIECE = 0.25
+
+
+def prepare() -> list[int]:
+    """Migrate, load the products when fewer than ROWS, add the alias; return the ids."""
+    call_command("migrate", verbosity=0)
+    missing = ROWS - Product.objects.using("default").count()
+    if missing > 0:
+        Product.objects.using("default").bulk_create(
+            Product(sku=f"BENCH-{time.time_ns()}-{n}", name=f"bench {n}", price_cents=n)
+            for n in range(missing)
+        )
+    settings_dict = copy.deepcopy(connections["default"].settings_dict)
+    settings_dict["OPTIONS"]["async_orm"] = True
+    settings.DATABASES[ALIAS] = connections.settings[ALIAS] = settings_dict
+    ids = list(Product.objects.using("default").order_by("pk").values_list("pk", flat=True))
+    connections.close_all()
+    return ids
+
+
+async def measure(
+    fn: Callable[[], Awaitable[object]], tasks: int, seconds: float
+) -> tuple[int, float, float]:
+    """Return (operations, seconds, CPU seconds) of ``tasks`` tasks calling ``fn`` for ``seconds``.
+
+    The CPU time is this process's, all threads (the thread hop's thread too).
+    """
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            await fn()
+            done += 1
+
+    started, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker() for _ in range(tasks)))
+    return done, time.perf_counter() - started, time.process_time() - cpu
+
+
+async def interleaved(
+    a: Callable[[], Awaitable[object]],
+    b: Callable[[], Awaitable[object]],
+    tasks: int,
+    seconds: float,
+    piece: float,
+) -> tuple[float, float, float, float]:
+    """Return the ops/s of ``a`` and ``b``, and their CPU µs per operation.
+
+    They run in alternating pieces (A B B A ...).
+
+    Load from other processes comes and goes within a second: short pieces share
+    it out evenly between the two.
+    """
+    totals = [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]  # operations, seconds, CPU seconds
+    order = (0, 1, 1, 0)
+    n = 0
+    while min(t[1] for t in totals) < seconds:
+        which = order[n % 4]
+        for i, value in enumerate(await measure((a, b)[which], tasks, piece)):
+            totals[which][i] += value
+        n += 1
+    (ops_a, wall_a, cpu_a), (ops_b, wall_b, cpu_b) = totals
+    return ops_a / wall_a, ops_b / wall_b, cpu_a / ops_a * 1e6, cpu_b / ops_b * 1e6
+
+
+def sync_loop(products: Any, ids: list[int], seconds: float) -> tuple[float, float]:
+    """Return ops/s and CPU µs per op of plain ``get(pk=...)`` calls in this thread."""
+    done = 0
+    started, cpu = time.perf_counter(), time.thread_time()
+    while time.perf_counter() - started < seconds:
+        products.get(pk=random.choice(ids))
+        done += 1
+    took, cpu = time.perf_counter() - started, time.thread_time() - cpu
+    connections.close_all()
+    return done / took, cpu / done * 1e6
+
+
+async def main(seconds: float, rounds: int, tasks: int) -> int:
+    ids = await sync_to_async(prepare)()
+    products = Product.objects.using(ALIAS)
+    low = ids[: len(ids) - 100]  # a start with 100 rows after it
+
+    async def native_aget() -> object:
+        return await products.aget(pk=random.choice(ids))
+
+    async def thread_aget() -> object:
+        return await sync_to_async(products.get)(pk=random.choice(ids))
+
+    async def native_rows() -> object:
+        return [p async for p in products.filter(pk__gt=random.choice(low)).order_by("pk")[:100]]
+
+    async def thread_rows() -> object:
+        qs = products.filter(pk__gt=random.choice(low)).order_by("pk")[:100]
+        return await sync_to_async(list)(qs)
+
+    async def native_count() -> object:
+        return await products.filter(pk__gt=random.choice(low)).acount()
+
+    async def thread_count() -> object:
+        return await sync_to_async(products.filter(pk__gt=random.choice(low)).count)()
+
+    variants = {
+        "aget": (native_aget, thread_aget),
+        "async for 100 rows": (native_rows, thread_rows),
+        "acount": (native_count, thread_count),
+    }
+    for native, thread in variants.values():  # warm up: connections, code paths
+        await asyncio.gather(*(f() for f in (native, thread) for _ in range(tasks)))
+
+    results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in variants}
+    floor: list[tuple[float, float]] = []
+    for n in range(rounds):
+        for name, (native, thread) in variants.items():
+            results[name].append(await interleaved(native, thread, tasks, seconds, PIECE))
+        floor.append(await asyncio.to_thread(sync_loop, products, ids, seconds / 2))
+        line = "  ".join(f"{k} {v[-1][0] / v[-1][1]:.2f}x" for k, v in results.items())
+        print(f"round {n + 1}: native / thread hop  {line}", flush=True)
+
+    print(f"\n{tasks} tasks, medians of {rounds} rounds of {seconds:g}s each, alias {ALIAS!r}")
+    print(
+        f"  {'operation':20} {'native ops/s':>12} {'thread hop':>10} {'ratio':>7}"
+        f" {'CPU µs/op: native':>18} {'thread hop':>10}"
+    )
+    missed = []
+    for name, rounds_ in results.items():
+        native, thread, cpu_native, cpu_thread = (
+            statistics.median(r[i] for r in rounds_) for i in range(4)
+        )
+        ratio = statistics.median(r[0] / r[1] for r in rounds_)
+        bar = BARS[name]
+        verdict = ""
+        if bar is not None:
+            verdict = f"  (bar >= {bar:g}x: {'met' if ratio >= bar else 'MISSED'})"
+            if ratio < bar:
+                missed.append(name)
+        print(
+            f"  {name:20} {native:12.0f} {thread:10.0f} {ratio:6.2f}x"
+            f" {cpu_native:18.0f} {cpu_thread:10.0f}{verdict}"
+        )
+    print("  ratio: the median of the per-round ratios")
+    ops, cpu = (statistics.median(f[i] for f in floor) for i in range(2))
+    print(
+        f"  the same get() in a loop of one thread, no event loop: {ops:.0f} ops/s, "
+        f"{cpu:.0f} CPU µs/op (what either path adds to Django's own work)"
+    )
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=1.5, help="per variant per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tasks", type=int, default=32)
+    args = parser.parse_args()
+    sys.exit(asyncio.run(main(args.seconds, args.rounds, args.tasks)))

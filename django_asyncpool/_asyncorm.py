@@ -1,0 +1,629 @@
+"""Django's async QuerySet API, native on the event loop: ``OPTIONS["async_orm"] = True``.
+
+Django's ``aget()`` & co. run the sync method in a thread (``sync_to_async``).
+For an alias with ``async_orm`` on, the same sync method runs instead in a
+greenlet on the loop (:func:`run`): ``connections[alias]`` resolves there to a
+:class:`~django_asyncpool._ormpool.NativeWrapper` whose connection awaits its
+I/O, so Django's compiler, converters, ``from_db()``, signals and transactions
+run unchanged and only the waiting is async.
+
+What would not be right on the loop falls back to Django's thread path, decided
+before anything is done and counted (``db_async_orm_fallbacks_total``): models
+with signal receivers (the application's sync code, which may block or be
+async), and reads that turn out to touch an alias without ``async_orm`` (run
+again in the thread; writes are never run twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from itertools import islice
+from typing import Any, TypeVar
+
+from asgiref.sync import AsyncToSync, sync_to_async
+from django.core.exceptions import SynchronousOnlyOperation
+from django.db import DEFAULT_DB_ALIAS, connections, models, router, transaction
+from django.db.models import Model, signals
+from django.db.models import query as _query
+from django.db.transaction import TransactionManagementError
+from sqlalchemy.util.concurrency import greenlet_spawn
+
+from . import _ormpool, _stats
+from . import base as _base
+from .config import ENGINE
+
+__all__ = ["atomic", "enabled", "install", "run"]
+
+logger = logging.getLogger("django_asyncpool")
+T = TypeVar("T")
+
+
+# Django keeps each thread's DatabaseWrappers in an asgiref Local that, on a thread
+# running an event loop, is a context variable: each task sees its own. A native call
+# puts its wrapper there for the alias, in the task's context (the greenlet shares
+# it), so Django's code finds it as ``connections[alias]`` with nothing patched on
+# the sync path. An atomic block keeps it there for the whole block.
+_MISSING: Any = object()
+
+
+class _OtherAlias(BaseException):
+    """A native read reached an alias it has no connection of: run it in a thread instead."""
+
+
+_OTHER = "it reads a database without async_orm (run again in a thread)"
+
+
+_handler: Any = connections  # its _connections: Django's per-thread (per-task) wrappers
+
+
+def _local() -> Any:
+    return _handler._connections
+
+
+def _current(alias: str) -> Any:
+    return getattr(_local(), alias, _MISSING)
+
+
+def _bind(alias: str, wrapper: Any) -> Any:
+    """Make ``wrapper`` this task's ``connections[alias]``; return what was there."""
+    previous = getattr(_local(), alias, _MISSING)
+    setattr(_local(), alias, wrapper)
+    return previous
+
+
+def _unbind(alias: str, previous: Any) -> None:
+    if previous is _MISSING:
+        delattr(_local(), alias)
+    else:
+        setattr(_local(), alias, previous)
+
+
+def _pinned(alias: str) -> Any:
+    """Return the wrapper of this task's open atomic block on ``alias``, or None."""
+    wrapper = getattr(_local(), alias, None)
+    return wrapper if isinstance(wrapper, _ormpool.NativeWrapper) else None
+
+
+def enabled(alias: str) -> bool:
+    """Return True when ``alias`` has ``OPTIONS["async_orm"] = True`` (ENGINE django_asyncpool)."""
+    # Read each time (three dict lookups): tests and override_settings change it in place.
+    settings_dict = connections.settings.get(alias)
+    if settings_dict is None:
+        return False  # Django's own method raises its error
+    return (
+        settings_dict.get("ENGINE") == ENGINE
+        and (settings_dict.get("OPTIONS") or {}).get("async_orm") is True
+        and settings_dict.get("AUTOCOMMIT", True) is not False
+    )
+
+
+# -- running a sync ORM call natively ------------------------------------------------------
+
+
+def _check_owner(wrapper: Any, alias: str) -> None:
+    if wrapper._owner is not asyncio.current_task():
+        raise TransactionManagementError(
+            f"Database {alias!r} is in a django_asyncpool.atomic() block of another task: a "
+            "transaction's connection belongs to the task that opened it, and a task made "
+            "inside the block (asyncio.create_task, gather) cannot use it. Await the work in "
+            "the task that opened the block, or open atomic() in the new task outside it."
+        )
+
+
+async def run(alias: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Return ``fn(*args, **kwargs)`` run in a greenlet with a native connection of ``alias``.
+
+    ``_retryable=True`` (a read): if it reaches an alias without a native connection,
+    raise :class:`_OtherAlias` so that the caller runs it again in a thread.
+    """
+    retryable = kwargs.pop("_retryable", False)
+    hooks: list[Any] = []
+    try:
+        pinned = _pinned(alias)
+        if pinned is not None:
+            _check_owner(pinned, alias)
+            try:
+                return await greenlet_spawn(fn, *args, **kwargs)
+            finally:
+                hooks, pinned._pending_hooks = pinned._pending_hooks, []
+        callers = _callers(alias)
+        if callers is not None:
+            return _borrowed_call(alias, callers, fn, args, kwargs)
+        holder = _ormpool.holder(alias)
+        return await greenlet_spawn(_op, holder, alias, retryable, hooks, fn, args, kwargs)
+    finally:
+        if hooks:
+            await sync_to_async(_run_hooks)(hooks)
+
+
+def _op(
+    holder: _ormpool.Holder,
+    alias: str,
+    retryable: bool,
+    hooks: list[Any],
+    fn: Callable[..., T],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> T:
+    lease = holder.checkout()
+    wrapper = lease.wrapper
+    previous = _bind(alias, wrapper)
+    _share_debugging(wrapper, previous)
+    try:
+        return fn(*args, **kwargs)
+    except SynchronousOnlyOperation as exc:
+        # Another alias's own (thread) wrapper refused to do I/O on the loop: before any.
+        if retryable:
+            raise _OtherAlias(str(exc)) from exc
+        raise
+    finally:
+        _unbind(alias, previous)
+        hooks.extend(wrapper._pending_hooks)
+        holder.checkin(lease)
+
+
+def _share_debugging(wrapper: Any, own: Any) -> None:
+    """Let the task's own wrapper see the queries: execute_wrapper(), DEBUG, assertNumQueries."""
+    if own is _MISSING:
+        wrapper.execute_wrappers = []
+        wrapper.queries_log = wrapper.own_queries_log
+        wrapper.force_debug_cursor = False
+        return
+    wrapper.execute_wrappers = own.execute_wrappers
+    wrapper.queries_log = own.queries_log
+    wrapper.force_debug_cursor = own.force_debug_cursor
+
+
+def _bound_call(alias: str, wrapper: Any, fn: Callable[..., T], *args: Any) -> T:
+    previous = _bind(alias, wrapper)
+    try:
+        return fn(*args)
+    finally:
+        _unbind(alias, previous)
+
+
+_hooks_logger = logging.getLogger("django.db.backends.base")
+
+
+def _run_hooks(hooks: list[Any]) -> None:
+    """Run on_commit callbacks as Django does after a commit."""
+    for _, func, robust in hooks:
+        if robust:
+            try:
+                func()
+            except Exception as e:
+                _hooks_logger.error(
+                    f"Error calling {func.__qualname__} in on_commit() during transaction (%s).",
+                    e,
+                    exc_info=True,
+                )
+        else:
+            func()
+
+
+# -- the caller's transaction: async_to_sync() inside atomic() in a thread ----------------
+#
+# Under async_to_sync, Django's sync_to_async(thread_sensitive=True) goes back to the
+# blocked caller thread (AsyncToSync.executors.current), so its queries run in that
+# thread's transaction. A pooled connection would not see the transaction's rows, would
+# wait on its locks, and would commit outside it. So when the caller's connection is in
+# a transaction, the call runs on that very connection: on the loop thread when the loop
+# is the private one async_to_sync made for that thread (it serves nothing else, and the
+# owner is blocked until the call returns), else in the caller's thread, as Django does.
+
+_THREAD: Any = object()
+_CALLERS = "the caller's transaction (async_to_sync in a thread inside atomic())"
+
+#: Native calls run on the caller's connection (its transaction), by alias.
+borrowed: dict[str, int] = {}
+
+
+def _callers(alias: str) -> Any:
+    """Return None, the blocked caller thread's wrappers (``alias``'s in a transaction), or
+    ``_THREAD`` (the call must run in that thread)."""
+    # The common case costs a set's truth test: no sync connection in a transaction (the
+    # lookup in asgiref's Local below raises and catches an AttributeError: ~5 µs).
+    if not _base._transactions:
+        return None
+    executor = getattr(AsyncToSync.executors, "current", None)
+    if executor is None:
+        return None
+    thread = executor._work_thread
+    ident = thread.ident
+    found: dict[str, Any] = {}
+    every: list[Any] = list(_base._wrappers)  # Django's wrappers have _thread_ident
+    for wrapper in every:
+        if (
+            wrapper._thread_ident == ident
+            and not isinstance(wrapper, _ormpool.NativeWrapper)
+            and (wrapper.in_atomic_block or not (wrapper.connection is None or wrapper.autocommit))
+        ):
+            # Two of one alias in a transaction (a stale one?): only Django's path knows.
+            found[wrapper.alias] = _THREAD if wrapper.alias in found else wrapper
+    own = found.get(alias)
+    if own is None or own is _THREAD:
+        return own  # None: autocommit there, and a pooled connection does the same
+    loop_executor = AsyncToSync.loop_thread_executors.get(asyncio.get_running_loop())
+    if loop_executor is None or loop_executor._work_thread is not thread:
+        return _THREAD  # a loop that serves others too: no blocking I/O on it
+    return [wrapper for wrapper in found.values() if wrapper is not _THREAD]
+
+
+def _borrowed_call(
+    alias: str,
+    wrappers: list[Any],
+    fn: Callable[..., T],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> T:
+    """Return ``fn(*args, **kwargs)`` run here on the blocked caller thread's connections."""
+    borrowed[alias] = borrowed.get(alias, 0) + 1
+    loop = asyncio.get_running_loop()
+    # Django's async_unsafe refuses I/O in a thread with a running loop. This loop is
+    # the caller's own (see _callers), and nothing else runs on it until fn returns.
+    # Without it, connections[...] is this thread's sync (thread-local) storage, which
+    # nothing else uses meanwhile: the caller's wrappers go there, as in its thread.
+    asyncio._set_running_loop(None)
+    try:
+        previous = [(wrapper, _bind(wrapper.alias, wrapper)) for wrapper in wrappers]
+        for wrapper in wrappers:
+            wrapper.inc_thread_sharing()  # its owner thread waits for this call to return
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for wrapper, before in reversed(previous):
+                wrapper.dec_thread_sharing()
+                _unbind(wrapper.alias, before)
+    finally:
+        asyncio._set_running_loop(loop)
+
+
+# -- deciding: native, or Django's thread path -----------------------------------------------
+
+_INIT = (signals.pre_init, signals.post_init)
+_SAVE = (signals.pre_save, signals.post_save, *_INIT)
+_DELETE = (signals.pre_delete, signals.post_delete, signals.m2m_changed, *_INIT)
+
+
+def _receivers(sigs: tuple[Any, ...], model: Any = None) -> bool:
+    """Return True if any of ``sigs`` has receivers (for ``model``, or for any sender)."""
+    return any(sig.receivers and (model is None or sig.has_listeners(model)) for sig in sigs)
+
+
+def _fallback(alias: str, method: str, reason: str) -> None:
+    stats = _stats.get(alias, _ormpool.SIDE)
+    stats.fallbacks[method] = stats.fallbacks.get(method, 0) + 1
+    logger.debug("async ORM: %s() on %r runs in a thread: %s", method, alias, reason)
+
+
+def _native(alias: str, method: str, why_not: Callable[[], str | None]) -> bool:
+    """Return True to run ``method`` natively on ``alias``; count it when it falls back."""
+    if not enabled(alias):
+        return False
+    if _pinned(alias) is not None:
+        return True  # in a transaction: the thread path would run outside it
+    reason = why_not()
+    if reason is None and _callers(alias) is _THREAD:
+        reason = _CALLERS
+    if reason is not None:
+        _fallback(alias, method, reason)
+        return False
+    return True
+
+
+def _read_reason(qs: Any, instances: bool) -> str | None:
+    if instances and _receivers(_INIT, qs.model):
+        return f"{qs.model.__name__} has pre_init/post_init receivers"
+    if instances and qs.query.select_related and _receivers(_INIT):
+        return "pre_init/post_init receivers (select_related)"
+    return None
+
+
+def _model_reads(qs: Any) -> bool:
+    return qs._iterable_class is _query.ModelIterable or bool(qs._prefetch_related_lookups)
+
+
+def _write_alias(qs: Any) -> str:
+    return str(qs._db or router.db_for_write(qs.model, **qs._hints))
+
+
+#: QuerySet async method -> (sync method, writes?, signals whose receivers mean the thread).
+_QUERYSET: dict[str, tuple[str, bool, tuple[Any, ...] | None]] = {
+    "aget": ("get", False, _INIT),
+    "afirst": ("first", False, _INIT),
+    "alast": ("last", False, _INIT),
+    "aearliest": ("earliest", False, _INIT),
+    "alatest": ("latest", False, _INIT),
+    "ain_bulk": ("in_bulk", False, _INIT),
+    "aexists": ("exists", False, None),
+    "acount": ("count", False, None),
+    "acontains": ("contains", False, None),
+    "aaggregate": ("aggregate", False, None),
+    "aexplain": ("explain", False, None),
+    "acreate": ("create", True, _SAVE),
+    "aget_or_create": ("get_or_create", True, _SAVE),
+    "aupdate_or_create": ("update_or_create", True, _SAVE),
+    "abulk_create": ("bulk_create", True, None),
+    "abulk_update": ("bulk_update", True, None),
+    "aupdate": ("update", True, None),
+    "adelete": ("delete", True, _DELETE),
+}
+
+
+def _queryset_method(name: str, sync: str, writes: bool, sigs: tuple[Any, ...] | None) -> Any:
+    original = getattr(_query.QuerySet, name)
+
+    def why_not(qs: Any) -> str | None:
+        if sigs is None:
+            return None
+        if sigs is _DELETE:
+            return "delete signal receivers" if _receivers(sigs) else None
+        if writes:
+            found = _receivers(sigs, qs.model)
+            return f"{qs.model.__name__} has signal receivers" if found else None
+        return _read_reason(qs, _model_reads(qs))
+
+    @functools.wraps(original)
+    async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        alias = _write_alias(self) if writes else self.db
+        if _native(alias, name, lambda: why_not(self)):
+            if writes:
+                return await run(alias, getattr(self, sync), *args, **kwargs)
+            try:
+                return await run(alias, getattr(self, sync), *args, _retryable=True, **kwargs)
+            except _OtherAlias:
+                _fallback(alias, name, _OTHER)
+        return await original(self, *args, **kwargs)
+
+    return method
+
+
+def _queryset_aiter(self: Any) -> AsyncIterator[Any]:
+    alias = self.db
+    if not _native(alias, "__aiter__", lambda: _read_reason(self, _model_reads(self))):
+        return _ORIGINALS["__aiter__"](self)  # type: ignore[no-any-return]
+
+    async def generator() -> AsyncIterator[Any]:
+        done = self._result_cache is not None and (
+            self._prefetch_done or not self._prefetch_related_lookups
+        )
+        try:
+            if not done:  # no connection for a queryset evaluated already
+                await run(alias, self._fetch_all, _retryable=True)
+        except _OtherAlias:
+            _fallback(alias, "__aiter__", _OTHER)
+            await sync_to_async(self._fetch_all)()
+        for item in self._result_cache:
+            yield item
+
+    return generator()
+
+
+def _next_slice(gen: Iterator[Any], size: int) -> list[Any]:
+    return list(islice(gen, size))
+
+
+async def _iterable_async_generator(self: Any) -> AsyncIterator[Any]:
+    qs = self.queryset
+    alias = qs.db
+    native = _native(alias, "aiterator", lambda: _read_reason(qs, _model_reads(qs)))
+    if native and _pinned(alias) is None and _callers(alias) is not None:
+        _fallback(alias, "aiterator", _CALLERS)  # a server-side cursor: Django's path
+        native = False
+    if not native:
+        async for item in _ORIGINALS["_async_generator"](self):
+            yield item
+        return
+    # One connection for the whole iteration: a server-side cursor lives on it.
+    wrapper = _pinned(alias)
+    lease = None
+    if wrapper is not None:
+        _check_owner(wrapper, alias)
+    else:
+        holder = _ormpool.holder(alias)
+        lease = await greenlet_spawn(holder.checkout)
+        wrapper = lease.wrapper
+        _share_debugging(wrapper, _current(alias))
+    sync_generator = self.__iter__()
+    try:
+        while True:
+            chunk = await greenlet_spawn(
+                _bound_call, alias, wrapper, _next_slice, sync_generator, self.chunk_size
+            )
+            for item in chunk:
+                yield item
+            if len(chunk) < self.chunk_size:
+                break
+    finally:
+        try:
+            await greenlet_spawn(_bound_call, alias, wrapper, sync_generator.close)
+        finally:
+            if lease is not None:
+                lease.holder.checkin(lease)
+
+
+# -- Model methods --------------------------------------------------------------------------
+
+
+async def _asave(self: Any, *args: Any, **kwargs: Any) -> None:
+    model = type(self)
+    alias = kwargs.get("using") or router.db_for_write(model, instance=self)
+
+    def why_not() -> str | None:
+        if args:
+            return "positional arguments (deprecated by Django)"
+        return f"{model.__name__} has signal receivers" if _receivers(_SAVE, model) else None
+
+    if _native(alias, "asave", why_not):
+        return await run(alias, self.save, **kwargs)
+    return await _ORIGINALS["asave"](self, *args, **kwargs)  # type: ignore[no-any-return]
+
+
+async def _adelete(self: Any, using: str | None = None, keep_parents: bool = False) -> Any:
+    alias = using or router.db_for_write(type(self), instance=self)
+    reason = "delete signal receivers"
+    if _native(alias, "adelete", lambda: reason if _receivers(_DELETE) else None):
+        return await run(alias, self.delete, using=using, keep_parents=keep_parents)
+    return await _ORIGINALS["adelete"](self, using=using, keep_parents=keep_parents)
+
+
+async def _arefresh_from_db(
+    self: Any, using: str | None = None, fields: Any = None, from_queryset: Any = None
+) -> None:
+    model = type(self)
+    if from_queryset is None:
+        alias = model._base_manager.db_manager(using, hints={"instance": self}).db
+    else:
+        alias = (from_queryset.using(using) if using is not None else from_queryset).db
+    reason = f"{model.__name__} has pre_init/post_init receivers"
+    kwargs = {"using": using, "fields": fields, "from_queryset": from_queryset}
+    if _native(alias, "arefresh_from_db", lambda: reason if _receivers(_INIT, model) else None):
+        try:
+            return await run(alias, self.refresh_from_db, _retryable=True, **kwargs)
+        except _OtherAlias:
+            _fallback(alias, "arefresh_from_db", _OTHER)
+    return await _ORIGINALS["arefresh_from_db"](self, **kwargs)  # type: ignore[no-any-return]
+
+
+async def _aprefetch_related_objects(model_instances: Any, *related_lookups: Any) -> None:
+    dbs = {obj._state.db for obj in model_instances}
+    alias = dbs.pop() if len(dbs) == 1 else None
+    if alias is not None and _native(
+        alias,
+        "aprefetch_related_objects",
+        lambda: "pre_init/post_init receivers" if _receivers(_INIT) else None,
+    ):
+        try:
+            return await run(
+                alias,
+                _query.prefetch_related_objects,
+                model_instances,
+                *related_lookups,
+                _retryable=True,
+            )
+        except _OtherAlias:
+            _fallback(alias, "aprefetch_related_objects", _OTHER)
+    return await _ORIGINALS["aprefetch_related_objects"](  # type: ignore[no-any-return]
+        model_instances, *related_lookups
+    )
+
+
+# -- installing ---------------------------------------------------------------------------
+
+_ORIGINALS: dict[str, Callable[..., Any]] = {}
+
+
+def install() -> None:
+    """Patch Django's async ORM methods (once): native for aliases with ``async_orm`` on.
+
+    For every other alias each patched method is Django's own, after one settings lookup.
+    """
+    if _ORIGINALS:
+        return
+    qs_cls = _query.QuerySet
+    for name, (sync, writes, sigs) in _QUERYSET.items():
+        _ORIGINALS[name] = getattr(qs_cls, name)
+        setattr(qs_cls, name, _queryset_method(name, sync, writes, sigs))
+    _ORIGINALS["__aiter__"] = qs_cls.__aiter__
+    qs_cls.__aiter__ = _queryset_aiter  # type: ignore[method-assign]
+    iterable: Any = _query.BaseIterable
+    _ORIGINALS["_async_generator"] = iterable._async_generator
+    iterable._async_generator = _iterable_async_generator
+    for name, method in (
+        ("asave", _asave),
+        ("adelete", _adelete),
+        ("arefresh_from_db", _arefresh_from_db),
+    ):
+        _ORIGINALS[name] = getattr(Model, name)
+        functools.update_wrapper(method, _ORIGINALS[name])
+        setattr(Model, name, method)
+    _ORIGINALS["aprefetch_related_objects"] = _query.aprefetch_related_objects
+    functools.update_wrapper(_aprefetch_related_objects, _query.aprefetch_related_objects)
+    # Both names: Django's aiterator() calls the first, applications import the second
+    # (a reference taken before the app is ready stays Django's own).
+    _query.aprefetch_related_objects = _aprefetch_related_objects
+    models.aprefetch_related_objects = _aprefetch_related_objects
+
+
+# -- transactions -----------------------------------------------------------------------------
+
+
+class _AsyncAtomic:
+    """``async with atomic(using=...)``: Django's ``Atomic`` on the task's own connection."""
+
+    def __init__(self, using: str | None, savepoint: bool, durable: bool) -> None:
+        self.using = using
+        self.savepoint = savepoint
+        self.durable = durable
+
+    async def __aenter__(self) -> None:
+        alias = self.using or DEFAULT_DB_ALIAS
+        if not enabled(alias):
+            from django.core.exceptions import ImproperlyConfigured
+
+            raise ImproperlyConfigured(
+                f"django_asyncpool.atomic(using={alias!r}) needs OPTIONS['async_orm'] = True "
+                f"on database {alias!r}. Turn it on, or run the transaction in a thread: "
+                "sync_to_async(a function decorated with transaction.atomic)."
+            )
+        self._alias = alias
+        self._lease: _ormpool.Lease | None = None
+        wrapper = _pinned(alias)
+        if wrapper is not None:
+            _check_owner(wrapper, alias)  # nested: a savepoint on the task's connection
+        else:
+            holder = _ormpool.holder(alias)
+            lease = await greenlet_spawn(holder.checkout)
+            wrapper = lease.wrapper
+            wrapper._owner = asyncio.current_task()
+            self._lease = lease
+            self._previous = _bind(alias, wrapper)
+            _share_debugging(wrapper, self._previous)
+        self._wrapper = wrapper
+        self._atomic = transaction.Atomic(alias, self.savepoint, self.durable)
+        try:
+            await greenlet_spawn(self._atomic.__enter__)
+        except BaseException:
+            await self._release()
+            raise
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            await greenlet_spawn(self._atomic.__exit__, exc_type, exc, tb)
+        finally:
+            hooks = self._wrapper._pending_hooks
+            self._wrapper._pending_hooks = []
+            await self._release()
+            if hooks:
+                await sync_to_async(_run_hooks)(hooks)
+
+    async def _release(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            _unbind(self._alias, self._previous)
+            lease.wrapper._owner = None
+            lease.holder.checkin(lease)
+
+    def __call__(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        async def inner(*args: Any, **kwargs: Any) -> Any:
+            async with _AsyncAtomic(self.using, self.savepoint, self.durable):
+                return await func(*args, **kwargs)
+
+        return inner
+
+
+def atomic(using: Any = None, savepoint: bool = True, durable: bool = False) -> Any:
+    """Return an async context manager (or decorator): a transaction on the native path.
+
+    As Django's ``transaction.atomic``: nesting makes savepoints, an exception rolls
+    back, ``transaction.on_commit`` callbacks run after the commit. The connection is
+    the task's for the whole block: queries in it run natively on that connection, and
+    another task (or a thread) using it gets a clear error.
+    """
+    if callable(using):
+        return _AsyncAtomic(DEFAULT_DB_ALIAS, savepoint, durable)(using)
+    return _AsyncAtomic(using, savepoint, durable)

@@ -1,0 +1,563 @@
+"""The native async ORM's connections: psycopg ``AsyncConnection``s that Django drives in sync.
+
+Django's ORM is sync code. To run it on the event loop without a thread, it runs
+in a greenlet (SQLAlchemy's ``greenlet_spawn``) and the DB-API connection it holds
+is a :class:`GreenConnection`: psycopg's own sync ``Connection`` sharing the
+libpq connection of a pooled ``AsyncConnection``, whose one I/O entry point,
+``wait()``, hands the protocol generator to the async connection's ``wait()`` and
+switches back to the loop until it is done. So Django's cursors (client-side
+binding, and the named cursors of ``iterator()``), its adapters, converters and
+error wrapping run unchanged; only the waiting is async.
+
+Each event loop has its own pool per alias (:class:`OrmPool`: a fair FIFO handoff),
+closed while the loop shuts its async generators down, as the SQLAlchemy engines are. Every pooled
+connection carries one :class:`NativeWrapper`: Django's ``DatabaseWrapper`` of the
+alias bound to that connection for its whole life, so a checkout builds nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import select
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from django.core.exceptions import SynchronousOnlyOperation
+from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.postgresql import base as postgresql
+from django.db.backends.signals import connection_created
+from psycopg import IsolationLevel, pq
+from psycopg.waiting import READY_R, WAIT_R
+from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
+
+from . import _registry, _stats, _syncpool
+from ._policy import Guard
+from ._syncpool import _RETURNED, _maybe_closed, _readable, _watch
+from .base import DatabaseWrapper
+from .config import AliasConfig
+from .errors import PoolClosed, PoolTimeout
+
+__all__ = ["GreenConnection", "Holder", "Lease", "NativeWrapper", "OrmPool", "holder", "holders"]
+
+logger = logging.getLogger("django_asyncpool")
+
+SIDE = "async_orm"
+#: On a pooled AsyncConnection: its NativeWrapper.
+_NATIVE = "_asyncpool_native"
+
+
+class GreenConnection(psycopg.Connection[Any]):
+    """psycopg's sync connection over an ``AsyncConnection``'s libpq connection.
+
+    Every query, commit and cursor operation of psycopg's sync API goes through
+    ``wait()``; here it awaits the async connection's ``wait()`` from the greenlet
+    (which also cancels the query on the server when the task is cancelled).
+    """
+
+    aconn: psycopg.AsyncConnection[Any]
+
+    def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        if not in_greenlet():  # sync ORM code called in the task itself: Django's error
+            raise SynchronousOnlyOperation(
+                "You cannot call this from an async context - use a thread or sync_to_async."
+            )
+        if args or kwargs:  # a timeout (cancel, close): psycopg's own wait
+            return await_(self.aconn.wait(gen, *args, **kwargs))
+        try:
+            state = next(gen)
+            if state == WAIT_R:
+                # The query is sent: let the loop run the other tasks once, and the
+                # answer is usually there. psycopg's wait would register a reader, a
+                # future and a timer for each query; this is a yield and a poll.
+                # Cancelled here, the query still running: the pool discards the
+                # connection when it comes back (its transaction status is ACTIVE).
+                await_(_YIELD)
+                if _ready_now(self.pgconn.socket):
+                    state = gen.send(READY_R)
+        except StopIteration as done:
+            return done.value
+        # Still waiting (a slow query, a large result): psycopg's wait, which also
+        # cancels the query on the server when the task is cancelled.
+        return await_(self.aconn.wait(_resume(gen, state)))
+
+
+class _Yield:
+    """An awaitable that gives the loop one turn (``asyncio.sleep(0)`` without a coroutine)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Any:
+        yield
+
+
+_YIELD = _Yield()
+
+
+def _ready_now(fileno: int) -> bool:
+    return bool(select.select((fileno,), (), (), 0)[0])
+
+
+def _resume(gen: Any, state: Any) -> Any:
+    """Return a generator yielding ``state`` and then what ``gen`` yields (a started one)."""
+    while True:
+        ready = yield state
+        try:
+            state = gen.send(ready)
+        except StopIteration as done:
+            return done.value
+
+
+def _unguarded(method: Any) -> Any:
+    """Return ``method`` without Django's ``async_unsafe`` guard."""
+    return getattr(method, "__wrapped__", method)
+
+
+class NativeWrapper(DatabaseWrapper):
+    """The alias's DatabaseWrapper, bound to one :class:`GreenConnection` for good.
+
+    Django's ``async_unsafe`` guard refuses these methods on a thread running an
+    event loop; in the greenlet they are safe (the I/O is awaited), so the
+    undecorated methods are used. ``close()`` only marks the connection to be
+    discarded when it goes back to the pool.
+    """
+
+    _twin: GreenConnection
+    #: Its own query log, for a task without a wrapper of its own to share one with.
+    own_queries_log: Any
+    _discard = False
+    #: The task of the atomic block holding this connection (None outside one).
+    _owner: Any = None
+    #: on_commit callbacks of a committed transaction, run after the greenlet (in a thread).
+    _pending_hooks: list[Any]
+
+    connect = _unguarded(BaseDatabaseWrapper.connect)
+    cursor = _unguarded(BaseDatabaseWrapper.cursor)
+    commit = _unguarded(BaseDatabaseWrapper.commit)
+    rollback = _unguarded(BaseDatabaseWrapper.rollback)
+    savepoint = _unguarded(BaseDatabaseWrapper.savepoint)
+    savepoint_rollback = _unguarded(BaseDatabaseWrapper.savepoint_rollback)
+    savepoint_commit = _unguarded(BaseDatabaseWrapper.savepoint_commit)
+    clean_savepoints = _unguarded(BaseDatabaseWrapper.clean_savepoints)
+    create_cursor = _unguarded(postgresql.DatabaseWrapper.create_cursor)
+    chunked_cursor = _unguarded(postgresql.DatabaseWrapper.chunked_cursor)
+
+    @property
+    def pool(self) -> None:
+        return None  # its connection is the async pool's, never the sync one's
+
+    def ensure_connection(self) -> None:
+        if self.connection is None:
+            # Closed (an error in a transaction): the connection is discarded on return.
+            from django.db import InterfaceError
+
+            raise InterfaceError("connection already closed")
+
+    def close(self) -> None:
+        self.run_on_commit = []
+        self._discard = True
+        if self.in_atomic_block:
+            self.closed_in_transaction = True
+            self.needs_rollback = True
+
+    def run_and_clear_commit_hooks(self) -> None:
+        self.validate_no_atomic_block()
+        # Callbacks are the application's sync code (mail, queues): not on the loop.
+        self._pending_hooks.extend(self.run_on_commit)
+        self.run_on_commit = []
+
+    def reset(self) -> bool:
+        """Make this wrapper ready for the next task; return False if its connection is not."""
+        twin = self._twin
+        clean = (
+            not self._discard
+            and self.connection is twin
+            and not self.in_atomic_block
+            and twin._autocommit
+            and twin.pgconn.transaction_status == pq.TransactionStatus.IDLE
+        )
+        self.run_on_commit = []
+        self._pending_hooks = []
+        self._owner = None
+        if not clean:
+            self.connection = twin
+            self.in_atomic_block = False
+            self.savepoint_ids = []
+            self.atomic_blocks = []
+            self.needs_rollback = False
+            self.closed_in_transaction = False
+        return clean
+
+
+def _bind(native: NativeWrapper, twin: GreenConnection) -> None:
+    """Give ``wrapper`` the state Django's ``connect()`` gives a new connection."""
+    wrapper: Any = native
+    wrapper.connection = twin
+    wrapper._twin = twin
+    wrapper._pending_hooks = []
+    wrapper.in_atomic_block = False
+    wrapper.savepoint_ids = []
+    wrapper.atomic_blocks = []
+    wrapper.needs_rollback = False
+    wrapper.health_check_enabled = False
+    wrapper.health_check_done = True
+    wrapper.close_at = None
+    wrapper.closed_in_transaction = False
+    wrapper.errors_occurred = False
+    wrapper.autocommit = True
+    wrapper.run_on_commit = []
+    wrapper.own_queries_log = wrapper.queries_log
+    wrapper.__dict__["pg_version"] = twin.info.server_version  # no query for it
+
+
+class OrmPool:
+    """One loop's pool of async psycopg connections of one alias: fair, and cheap to use.
+
+    Not ``psycopg_pool.AsyncConnectionPool``: measured at 32 tasks over a pool of 10,
+    its waiting clients (an ``asyncio.Condition`` and a ``wait_for()`` task each)
+    cost more CPU than the query itself (docs/async-orm.md, "The driver"). Here
+    a checkout from the idle list is a ``pop()``; a waiter is one future in a FIFO
+    queue, handed the next connection that comes back (or the free slot, to connect
+    itself), so a wait is bounded by the queue ahead of it. Connections open on
+    demand, inside the caller's checkout (the guard's breaker and retries around
+    it, as the SQLAlchemy pool does), and close after ``max_lifetime``.
+    Liveness as :class:`~django_asyncpool._syncpool.SyncPool`: a socket the server
+    hung up on is found without a round trip; only a connection idle for longer
+    than ``bypass`` seconds is pinged.
+    """
+
+    def __init__(
+        self, *, kwargs: dict[str, Any], config: AliasConfig, wrapper: Any, stats: _stats.Stats
+    ) -> None:
+        options = config.async_pool
+        self.stats = stats
+        self.name = f"django_asyncpool:{config.alias}:async_orm"
+        self.alias = config.alias
+        self.max_size = options.pool_size + options.max_overflow
+        self.timeout = options.timeout
+        self.max_lifetime = options.recycle
+        self.bypass = config.liveness_bypass
+        self.size = 0  # open or being opened
+        self.closed = False
+        self.idle: deque[psycopg.AsyncConnection[Any]] = deque()
+        #: Futures of the waiting callers, oldest first: a connection, or None for a slot.
+        self.waiters: deque[asyncio.Future[psycopg.AsyncConnection[Any] | None]] = deque()
+        self._settings_dict = wrapper.settings_dict
+        self._kwargs = dict(kwargs)
+        self._twin_cursor = self._kwargs.pop("twin_cursor")
+        self._kwargs.setdefault("connect_timeout", max(round(self.timeout), 1))
+        self._configure_wrapper = wrapper
+
+    def get_stats(self) -> dict[str, int]:
+        """Return psycopg_pool's names for what the metrics show."""
+        return {
+            "pool_size": self.size,
+            "pool_available": len(self.idle),
+            "requests_waiting": len(self.waiters),
+            "pool_max": self.max_size,
+        }
+
+    def take_idle(self) -> psycopg.AsyncConnection[Any] | None:
+        """Return an idle connection that needs no check (used a moment ago), or None."""
+        if self.idle and not self.closed:
+            conn = self.idle[-1]
+            if time.monotonic() - getattr(conn, _RETURNED, 0.0) <= self.bypass and not (
+                _maybe_closed(conn)  # type: ignore[arg-type]
+            ):
+                return self.idle.pop()
+        return None
+
+    async def getconn(self) -> psycopg.AsyncConnection[Any]:
+        """Return a live connection: an idle one, a new one, or the next one returned."""
+        while True:
+            if self.closed:
+                raise PoolClosed(f"The pool {self.name!r} is closed.", alias=self.alias)
+            while self.idle:
+                conn = self.idle.pop()  # the most recently used: its socket is warm
+                if await self._alive(conn):
+                    return conn
+            if self.size < self.max_size:
+                self.size += 1
+                return await self._connect()
+            conn_or_slot = await self._wait()
+            if conn_or_slot is not None:
+                if await self._alive(conn_or_slot):
+                    return conn_or_slot
+                continue
+            return await self._connect()  # a slot was handed over: size counts it already
+
+    async def _wait(self) -> psycopg.AsyncConnection[Any] | None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[psycopg.AsyncConnection[Any] | None] = loop.create_future()
+        self.waiters.append(fut)
+        timer = loop.call_later(self.timeout, _expire, fut)
+        try:
+            return await fut
+        except BaseException:
+            if not fut.cancelled() and fut.done() and fut.exception() is None:
+                self._hand_back(fut.result())  # handed over as we were cancelled
+            raise
+        finally:
+            timer.cancel()
+
+    def _hand_back(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
+        if conn is None:
+            self._release_slot()
+        else:
+            self.putconn(conn)
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        """Open a connection in a slot counted already; free the slot if it fails."""
+        try:
+            conn = await psycopg.AsyncConnection.connect("", **self._kwargs)
+            try:
+                await greenlet_spawn(self._native, conn)
+            except BaseException:
+                await conn.close()
+                raise
+        except BaseException:
+            self._release_slot()
+            raise
+        setattr(conn, _RETURNED, time.monotonic())  # new: no ping at its first checkout
+        conn._asyncpool_expires = time.monotonic() + self.max_lifetime  # type: ignore[attr-defined]
+        _watch(conn)  # type: ignore[arg-type]
+        return conn
+
+    async def _alive(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Return True if ``conn`` is usable; close it (freeing its slot) otherwise."""
+        now = time.monotonic()
+        if now - getattr(conn, _RETURNED, 0.0) <= self.bypass and not _maybe_closed(conn):  # type: ignore[arg-type]
+            return True  # every checkout's path: used a moment ago, not hung up on
+        try:
+            await self._check_liveness(conn)
+        except (psycopg.Error, TimeoutError):
+            self.stats.invalidated += 1
+            await conn.close()
+            self._release_slot()
+            return False
+        except BaseException:
+            self.putconn(conn)
+            raise
+        hangups = _syncpool._hangups  # replaced after a fork: not imported by value
+        if hangups is not None:
+            hangups.fds.discard(conn.pgconn.socket)  # a stale hint: a reused number
+        return True
+
+    async def _check_liveness(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if conn.closed or conn.broken:
+            raise psycopg.OperationalError("the connection is closed")
+        if _readable(conn):  # type: ignore[arg-type]
+            conn.pgconn.consume_input()
+            if conn.pgconn.status != pq.ConnStatus.OK or conn.pgconn.notifies() is None:
+                raise psycopg.OperationalError("the server closed the connection")
+        if time.monotonic() - getattr(conn, _RETURNED, 0.0) > self.bypass:
+            # Bounded: on a dead network path an unbounded ping would hang the checkout.
+            async with asyncio.timeout(self.timeout):
+                await conn.execute("")
+
+    def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Give ``conn`` to the oldest waiter, or keep it idle; close it if it is spent."""
+        if (
+            self.closed
+            or conn.pgconn.transaction_status != pq.TransactionStatus.IDLE
+            or time.monotonic() >= getattr(conn, "_asyncpool_expires", 0.0)
+        ):
+            conn.pgconn.finish()  # no I/O to wait for: the server sees the socket close
+            self._release_slot()
+            return
+        setattr(conn, _RETURNED, time.monotonic())  # for the liveness bypass window
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return
+        self.idle.append(conn)
+
+    def _release_slot(self) -> None:
+        """A connection closed (or never opened): the oldest waiter may open one."""
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot passes to it: size stays
+                return
+        self.size -= 1
+
+    async def close(self) -> None:
+        """Close the idle connections and fail the waiters; others close when returned."""
+        self.closed = True
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(
+                    PoolClosed(f"The pool {self.name!r} is closed.", alias=self.alias)
+                )
+        while self.idle:
+            self.idle.pop().pgconn.finish()
+            self.size -= 1
+
+    def _native(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Give ``conn`` its twin and wrapper, configured as Django configures connections."""
+        isolation = self._settings_dict["OPTIONS"].get("isolation_level")
+        twin = GreenConnection(conn.pgconn)
+        twin.aconn = conn
+        twin._pool = None  # psycopg: no "deleted while open" warning
+        twin._adapters = conn.adapters
+        twin.cursor_factory = self._twin_cursor
+        twin.prepare_threshold = conn.prepare_threshold
+        twin._autocommit = True
+        if isolation is not None:
+            twin._isolation_level = IsolationLevel(isolation)
+        wrapper = NativeWrapper(self._settings_dict, self.alias)
+        wrapper.isolation_level = (
+            IsolationLevel(isolation) if isolation is not None else IsolationLevel.READ_COMMITTED
+        )
+        _bind(wrapper, twin)
+        # Django's own: time zone (with USE_TZ) and assume_role.
+        self._configure_wrapper._configure_connection(twin)
+        connection_created.send(sender=NativeWrapper, connection=wrapper)
+        setattr(conn, _NATIVE, wrapper)
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(psycopg_pool.PoolTimeout())
+
+
+def _pool_kwargs(wrapper: Any) -> dict[str, Any]:
+    """Return the AsyncConnection kwargs of ``wrapper``'s alias: Django's own parameters."""
+    params: dict[str, Any] = wrapper.get_connection_params()
+    twin_cursor = params.pop("cursor_factory", postgresql.Cursor)
+    params["twin_cursor"] = twin_cursor
+    # The async connection never makes a cursor itself; the twin makes Django's.
+    params["cursor_factory"] = (
+        psycopg.AsyncCursor
+        if issubclass(twin_cursor, postgresql.ServerBindingCursor)
+        else psycopg.AsyncClientCursor
+    )
+    params["autocommit"] = True
+    return params
+
+
+class Lease:
+    """One checked-out connection and its wrapper."""
+
+    __slots__ = ("conn", "holder", "wrapper")
+
+    def __init__(self, holder: Holder, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.holder = holder
+        self.conn = conn
+        self.wrapper: NativeWrapper = getattr(conn, _NATIVE)
+
+
+class Holder:
+    """One alias's :class:`OrmPool` on one event loop, with the alias's guard and stats."""
+
+    def __init__(self, config: AliasConfig, wrapper: Any) -> None:
+        self.config = config
+        self.guard: Guard = _registry.guard(config.alias)
+        self.stats = _stats.get(config.alias, SIDE)
+        self.pool = OrmPool(
+            kwargs=_pool_kwargs(wrapper), config=config, wrapper=wrapper, stats=self.stats
+        )
+        # Closed when the loop shuts its async generators down (asyncio.run does).
+        self._guardian = self._guard_loop()
+        with contextlib.suppress(StopIteration):
+            self._guardian.asend(None).send(None)  # type: ignore[attr-defined]
+
+    def checkout(self) -> Lease:
+        """Return a connection through the breaker and retries (in the greenlet)."""
+        conn = _stats.acquire_sync(self.stats, self.guard, self._getconn, sleep=_greenlet_sleep)
+        return Lease(self, conn)
+
+    def _getconn(self) -> psycopg.AsyncConnection[Any]:
+        pool = self.pool
+        conn = pool.take_idle()
+        if conn is not None:
+            return conn  # the common case: no coroutine, no switch to the loop
+        self.stats.waiting += 1
+        try:
+            return await_(pool.getconn())
+        except psycopg_pool.PoolTimeout as exc:
+            raise PoolTimeout(
+                f"No connection to database {self.config.describe()} for the async ORM became "
+                f"free within {pool.timeout:.1f}s (size {pool.size}/{pool.max_size}, waiting "
+                f"{len(pool.waiters)}). Raise OPTIONS['async_pool']['pool_size'], "
+                "['max_overflow'] or ['timeout'], or find the code holding connections.",
+                alias=self.config.alias,
+            ) from exc
+        finally:
+            self.stats.waiting -= 1
+
+    def checkin(self, lease: Lease) -> None:
+        """Give ``lease``'s connection back, discarding it if it is not clean (no I/O)."""
+        conn = lease.conn
+        _stats.returned_sync(self.stats, conn)
+        if not lease.wrapper.reset():
+            self.stats.invalidated += 1
+            conn.pgconn.finish()  # closed: the pool frees its slot
+        self.pool.putconn(conn)
+
+    async def _guard_loop(self) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await self.pool.close()
+
+
+def _greenlet_sleep(seconds: float) -> None:
+    await_(asyncio.sleep(seconds))
+
+
+_lock = threading.Lock()
+_holders: dict[str, weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Holder]] = {}
+
+
+def holder(alias: str) -> Holder:
+    """Return the running loop's :class:`Holder` of ``alias``."""
+    loop = asyncio.get_running_loop()
+    loops = _holders.get(alias)
+    if loops is not None:
+        found = loops.get(loop)
+        if found is not None:
+            return found
+    with _lock:
+        loops = _holders.setdefault(alias, weakref.WeakKeyDictionary())
+        for other in [lp for lp in loops if lp.is_closed()]:
+            del loops[other]
+        made = loops[loop] = Holder(_registry.config(alias), connections[alias])
+        return made
+
+
+def holders() -> list[tuple[str, Holder]]:
+    """Return ``(alias, holder)`` of every loop's pool in this process (for metrics)."""
+    out: list[tuple[str, Holder]] = []
+    for alias, loops in list(_holders.items()):
+        for _ in range(3):  # another thread may add a loop meanwhile
+            try:
+                out.extend((alias, h) for lp, h in list(loops.items()) if not lp.is_closed())
+                break
+            except RuntimeError:
+                continue
+    return out
+
+
+#: Pools inherited from a parent process: kept referenced, never closed (closing
+#: would send the server a goodbye on the parent's sockets).
+_inherited: list[Any] = []
+
+
+def _forget_in_child() -> None:
+    _inherited.append(dict(_holders))
+    _holders.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
