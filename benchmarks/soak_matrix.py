@@ -21,9 +21,10 @@ same size and timeout:
 
 Scenarios: ``steady`` runs each client alone (an event loop, or its threads, as in
 an application), the clients one after another, ``--rounds`` times in alternating
-order, ``--seconds`` each: our p99 wait is divided by each peer's within a round,
-and the median of those ratios printed. A fault runs the async clients at once (each
-on its own event loop and thread), then the threaded ones, through one fault each:
+order, ``--seconds`` each: our p99 wait (and connect time) is divided by each peer's
+within a round, and the median of those ratios printed. A fault runs the async
+clients at once (each on its own event loop and thread), then the threaded ones,
+through one fault each:
 ``--seconds`` of load, ``--down`` seconds of the fault, then 2 s:
 
 - ``restart``: the embedded server stopped (``pg_ctl stop -m fast``) and started;
@@ -32,12 +33,19 @@ on its own event loop and thread), then the threaded ones, through one fault eac
   byte, then resets the connections it held (as a failover or a lost NAT entry does)
   and lets new ones through.
 
-Printed per cell and client: requests, errors by type, p50/p99/max time to get a
-connection (the *wait*, of the requests that got one), the median hold, the most later
-arrivals served before one request (*overtaken*: 0 in a queue served in order), workers
-stuck afterwards, and the ratio of our p99 wait to each peer's; for a fault, when the
-last error happened after the fault ended. Then the steady cells, and the faults, as
-Markdown tables (docs/reliability.md, "Load matrix").
+Printed per cell and client: requests, errors by type, p50/p99/max *wait* (the time
+in the pool's own checkout, of the requests that got a connection, timed alike for
+every client by wrapping that one method on the instance: ``get_new_connection()`` of
+both Django ENGINEs, ours with its breaker, retries and liveness check as
+``Stats.latency`` counts it; psycopg_pool's ``getconn()``; ``Pool.connect()`` of both
+SQLAlchemy engines), the p99 *connect* time (from the start of the request to a
+connection it can use: the wait plus the caller's path around it, Django's
+``ensure_connection()`` or a session's ``connection()``), the median hold, the most
+later arrivals served before one request (*overtaken*: 0 in a queue served in order;
+for the threaded clients, counted in the pool's own handoffs, see tests/loadmatrix.py),
+workers stuck afterwards, and the ratios of our p99 wait and p99 connect time to each
+peer's; for a fault, when the last error happened after the fault ended. Then the
+steady cells, and the faults, as Markdown tables (docs/reliability.md, "Load matrix").
 Needs the embedded server for the faults (no DATABASE_URL). About 5 minutes in full,
 2 with ``--quick`` (on a busy 2-core machine).
 """
@@ -127,6 +135,7 @@ def merge(runs: Sequence[Figures]) -> Figures:
         total.errors.update(f.errors)
         total.samples.update(f.samples)
         total.waits += f.waits
+        total.connects += f.connects
         total.holds += f.holds
         total.error_times += f.error_times
         total.stuck += f.stuck
@@ -142,13 +151,13 @@ def ms(seconds: float) -> str:
 Ratios = dict[str, dict[str, float]]
 
 
-def ratios(figures: dict[str, Figures]) -> Ratios:
-    """Return, for each of ours, its p99 wait over each peer's."""
+def ratios(figures: dict[str, Figures], measure: str = "wait") -> Ratios:
+    """Return, for each of ours, its p99 ``measure`` (wait, connect) over each peer's."""
     out: Ratios = {}
     for ours, peers in PEERS.items():
         if ours in figures:
-            mine = figures[ours].wait(0.99)
-            out[ours] = {p: mine / max(figures[p].wait(0.99), 1e-6) for p in peers}
+            mine = getattr(figures[ours], measure)(0.99)
+            out[ours] = {p: mine / max(getattr(figures[p], measure)(0.99), 1e-6) for p in peers}
     return out
 
 
@@ -157,16 +166,18 @@ def print_cell(
     figures: dict[str, Figures],
     compared: Ratios,
     fault_ends: dict[str, float] | None = None,
+    connects: Ratios | None = None,
 ) -> None:
     print(f"\n== {title}")
     head = f"  {'client':27s} {'requests':>8s}  {'wait ms: p50':>12s} {'p99':>7s} {'max':>7s}"
-    head += f" {'hold p50':>8s} {'overtaken':>9s} {'stuck':>5s}"
+    head += f" {'connect p99':>11s} {'hold p50':>8s} {'overtaken':>9s} {'stuck':>5s}"
     print(head + ("  recovered" if fault_ends is not None else "") + "  errors")
     for name, f in figures.items():
         errors = ", ".join(f"{k} {v}" for k, v in f.errors.most_common()) or "0"
         line = (
             f"  {name:27s} {f.requests:8d}  {ms(f.wait(0.5)):>12s} {ms(f.wait(0.99)):>7s} "
-            f"{ms(max(f.waits, default=0.0)):>7s} {ms(f.hold_p50):>8s} {f.overtaken:9d} "
+            f"{ms(max(f.waits, default=0.0)):>7s} {ms(f.connect(0.99)):>11s} "
+            f"{ms(f.hold_p50):>8s} {f.overtaken:9d} "
             f"{f.stuck:5d}"
         )
         if fault_ends is not None:  # the last error, after the fault ended
@@ -175,6 +186,8 @@ def print_cell(
         print(f"{line}  {errors}")
         for peer, ratio in compared.get(name, {}).items():
             print(f"  {'':27s} p99 wait {ratio:.2f}x {peer}'s")
+        for peer, ratio in (connects or {}).get(name, {}).items():
+            print(f"  {'':27s} p99 connect {ratio:.2f}x {peer}'s")
     for f in figures.values():
         for kind, sample in f.samples.items():
             print(f"    {f.name} {kind}: {sample}"[:240])
@@ -182,9 +195,10 @@ def print_cell(
 
 def steady(
     sizes: Sizes, workers: int, base: dict[str, Any], args: Any
-) -> tuple[dict[str, Figures], Ratios]:
-    """Return each client's figures over ``--rounds`` rounds, and our median p99 ratios.
+) -> tuple[dict[str, Figures], Ratios, Ratios]:
+    """Return each client's figures over ``--rounds`` rounds, our median p99 ratios.
 
+    Ratios of the wait, then of the connect time.
     Each client runs alone (one event loop or its threads, as in an application), the
     clients one after another, in the reverse order every other round; a ratio is
     taken within each round (runs a few seconds apart), then the median of the rounds.
@@ -201,12 +215,18 @@ def steady(
                 prewarm=min(workers, sizes.cap),
             )
             runs[client.name].append(f)
-    per_round = [ratios({c.name: runs[c.name][r] for c in cell}) for r in range(args.rounds)]
-    medians = {
-        ours: {peer: statistics.median(rr[ours][peer] for rr in per_round) for peer in peers}
-        for ours, peers in per_round[0].items()
-    }
-    return {c.name: merge(runs[c.name]) for c in cell}, medians
+    medians = []
+    for measure in ("wait", "connect"):
+        per_round = [
+            ratios({c.name: runs[c.name][r] for c in cell}, measure) for r in range(args.rounds)
+        ]
+        medians.append(
+            {
+                ours: {p: statistics.median(rr[ours][p] for rr in per_round) for p in peers}
+                for ours, peers in per_round[0].items()
+            }
+        )
+    return {c.name: merge(runs[c.name]) for c in cell}, medians[0], medians[1]
 
 
 def faulty(
@@ -262,24 +282,32 @@ def faulty(
     return {c.name: out[c.name] for c in cell}
 
 
-def markdown(rows: list[tuple[str, int, dict[str, Figures], Ratios]]) -> None:
-    """Print the steady cells: p99 / max wait in ms per client, our ratios to the peers."""
+Row = tuple[str, int, dict[str, Figures], Ratios, Ratios]
+
+
+def markdown(rows: list[Row]) -> None:
+    """Print the steady cells: p99 / max wait (p99 connect) in ms per client, our ratios."""
     names = list(rows[0][2])
-    print("\n| cell | workers | " + " | ".join(names) + " | ours / peer, p99 (median) |")
-    print("|---|---:|" + "---:|" * len(names) + "---|")
-    for title, workers, figures, compared in rows:
+    print(
+        "\n| cell | workers | "
+        + " | ".join(names)
+        + " | ours / peer, p99 wait (median) | ours / peer, p99 connect (median) |"
+    )
+    print("|---|---:|" + "---:|" * len(names) + "---|---|")
+    for title, workers, figures, compared, connects in rows:
         cells = []
         for name in names:
             f = figures[name]
             errors = sum(f.errors.values())
-            cell = f"{ms(f.wait(0.99))} / {ms(max(f.waits, default=0.0))}"
+            cell = f"{ms(f.wait(0.99))} / {ms(max(f.waits, default=0.0))} ({ms(f.connect(0.99))})"
             cells.append(cell + (f" ({errors} errors)" if errors else ""))
-        worst = ", ".join(
-            f"{r:.2f}x {peer.split(' ')[0]}"
-            for ours in compared
-            for peer, r in compared[ours].items()
-        )
-        print(f"| {title} | {workers} | " + " | ".join(cells) + f" | {worst} |")
+        both = [
+            ", ".join(
+                f"{r:.2f}x {peer.split(' ')[0]}" for ours in rr for peer, r in rr[ours].items()
+            )
+            for rr in (compared, connects)
+        ]
+        print(f"| {title} | {workers} | " + " | ".join(cells) + f" | {' | '.join(both)} |")
 
 
 def fault_markdown(rows: list[tuple[str, dict[str, tuple[Figures, float]]]]) -> None:
@@ -293,8 +321,10 @@ def fault_markdown(rows: list[tuple[str, dict[str, tuple[Figures, float]]]]) -> 
             f, end = both[name]
             last = max(max(f.error_times, default=end) - end, 0.0)
             kinds = ", ".join(f"{v} {k}" for k, v in f.errors.most_common())
-            longest = ms(max(f.waits, default=0.0))
-            cells.append(f"{kinds or 'no errors'}; last {last:.2f} s after; max wait {longest} ms")
+            longest = ms(max(f.connects, default=0.0))  # to a usable connection
+            cells.append(
+                f"{kinds or 'no errors'}; last {last:.2f} s after; max connect {longest} ms"
+            )
         print(f"| {title} | " + " | ".join(cells) + " |")
 
 
@@ -341,7 +371,7 @@ def main(argv: list[str]) -> None:
         f"concurrency {multiples} x the cap (faults: {fault_multiples}); {args.seconds:g}s per "
         "client and round"
     )
-    table: list[tuple[str, int, dict[str, Figures], Ratios]] = []
+    table: list[Row] = []
     faults: list[tuple[str, dict[str, tuple[Figures, float]]]] = []
     for scenario in scenarios:
         for overflow in overflows:
@@ -350,9 +380,11 @@ def main(argv: list[str]) -> None:
                 workers = max(1, round(multiple * sizes.cap))
                 title = f"overflow {overflow} (cap {sizes.cap}), {multiple:g}x"
                 if scenario == "steady":
-                    figures, compared = steady(sizes, workers, base, args)
-                    print_cell(f"steady, {title} = {workers} workers", figures, compared)
-                    table.append((title, workers, figures, compared))
+                    figures, compared, connects = steady(sizes, workers, base, args)
+                    print_cell(
+                        f"steady, {title} = {workers} workers", figures, compared, None, connects
+                    )
+                    table.append((title, workers, figures, compared, connects))
                 else:
                     both = faulty(scenario, sizes, workers, base, args)
                     faults.append((f"{scenario}, {title}", both))

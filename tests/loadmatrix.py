@@ -9,8 +9,26 @@ our ENGINE through ``connections[alias]`` in threads, SQLAlchemy's ``AsyncSessio
 on its own engine, psycopg_pool's ``ConnectionPool`` in threads. Each of ``workers``
 tasks (async clients, all on one event loop in a thread of their own) or threads
 (sync clients) sends requests back to back: take a connection, look one row up by
-primary key, give it back. A request records when it started, when it had its
-connection (the *wait*) and when it ended (the *hold* is the rest).
+primary key, give it back.
+
+A request records (in :class:`Times`):
+
+- the *wait*: the time in the pool's own checkout, timed the same way for every client
+  by wrapping that one method on the instance: ``get_new_connection()`` of both Django
+  ENGINEs (ours: the breaker, the retries, ``SyncPool.getconn`` and its liveness check,
+  what ``Stats.latency`` covers; Django's: ``pool.getconn()``), psycopg_pool's
+  ``getconn()``, and ``Pool.connect()`` of both SQLAlchemy engines (ours: the fair
+  pool, its breaker and liveness check);
+- the *connect* time: from the start of the request to a connection the caller can
+  use: the wait and whatever the caller's path adds around it (Django's
+  ``ensure_connection()``: its connection parameters, ``init_connection_state()``...;
+  a session's ``connection()``, its transaction begun);
+- the *hold*: from then to the end of the request;
+- for the threaded clients, the pool's handoffs, from its own queues (under its
+  lock): when a request joined the waiting queue, and when the pool handed it a
+  connection. A thread handed one but not yet scheduled by the OS is not kept
+  waiting by the pool: the order of handoffs is the pool's, whatever the machine's
+  load, where wall-clock times are the OS scheduler's too.
 """
 
 from __future__ import annotations
@@ -18,11 +36,12 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextvars
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import connections
 
@@ -88,11 +107,92 @@ def _conninfo(settings_dict: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# -- what a request records -------------------------------------------------------------------
+
+
+class Times:
+    """A request's time stamps (``time.perf_counter()``; 0.0: not reached)."""
+
+    __slots__ = ("got", "handed", "pool_asked", "pool_got", "queued")
+
+    def __init__(self) -> None:
+        self.got = 0.0  # had a connection it can use
+        self.pool_asked = 0.0  # entered the pool's checkout
+        self.pool_got = 0.0  # left it
+        self.queued = 0.0  # threaded: joined the pool's waiting queue, or took an idle one
+        self.handed = 0.0  # threaded: the pool handed it a connection
+
+
+#: The running request's times: read by the timed checkouts and the handoff logs.
+_current: contextvars.ContextVar[Times | None] = contextvars.ContextVar("_current", default=None)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def timed(checkout: F) -> F:
+    """Return ``checkout`` noting the running request's ``pool_asked`` and ``pool_got``."""
+
+    def timed_checkout(*args: Any, **kwargs: Any) -> Any:
+        times = _current.get()
+        asked = time.perf_counter()
+        try:
+            return checkout(*args, **kwargs)
+        finally:
+            if times is not None and not times.pool_asked:
+                times.pool_asked, times.pool_got = asked, time.perf_counter()
+
+    return timed_checkout  # type: ignore[return-value]
+
+
+class _WaitingLog(collections.deque[Any]):
+    """psycopg_pool's queue of waiters, noting when each joins it and is handed a connection.
+
+    Both happen under the pool's lock: ``append`` in the waiting thread,
+    ``popleft`` (then ``set(conn)``) in the thread giving a connection back.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.times: dict[Any, Times] = {}
+
+    def append(self, waiter: Any) -> None:
+        times = _current.get()
+        if times is not None:
+            times.queued = time.perf_counter()
+            self.times[waiter] = times
+        super().append(waiter)
+
+    def popleft(self) -> Any:
+        waiter = super().popleft()
+        times = self.times.pop(waiter, None)
+        if times is not None:
+            times.handed = time.perf_counter()
+        return waiter
+
+
+class _ReadyLog(collections.deque[Any]):
+    """psycopg_pool's idle connections, noting when a request takes one (under the lock)."""
+
+    def popleft(self) -> Any:
+        times = _current.get()
+        if times is not None:
+            times.queued = times.handed = time.perf_counter()
+        return super().popleft()
+
+
+def log_handoffs(pool: Any) -> None:
+    """Note the handoffs of a psycopg_pool ``pool`` in the requests' :class:`Times`."""
+    with pool._lock:
+        if not isinstance(pool._waiting, _WaitingLog):
+            pool._waiting = _WaitingLog(pool._waiting)
+            pool._pool = _ReadyLog(pool._pool)
+
+
 # -- the clients ----------------------------------------------------------------------------
 
 
 class Client:
-    """A pool under load. ``request(key, box)`` sets ``box[0]`` once it has a connection."""
+    """A pool under load. ``request(key, times)`` sets ``times.got`` once it has a connection."""
 
     name = ""
     threaded = False  # True: one thread per worker; False: one task per worker
@@ -103,7 +203,10 @@ class Client:
     def close(self) -> None:
         """Close the pool (sync clients)."""
 
-    def request(self, key: int, box: list[float]) -> None:
+    def watch(self) -> None:
+        """Log the pool's handoffs, once it is open and warm (sync clients)."""
+
+    def request(self, key: int, times: Times) -> None:
         raise NotImplementedError
 
     async def aopen(self) -> None:
@@ -112,7 +215,7 @@ class Client:
     async def aclose(self) -> None:
         pass
 
-    async def arequest(self, key: int, box: list[float]) -> None:
+    async def arequest(self, key: int, times: Times) -> None:
         raise NotImplementedError
 
 
@@ -127,10 +230,14 @@ class OurScope(Client):
 
         self.sql = text(f"select v from {TABLE} where id = :i")
 
-    async def arequest(self, key: int, box: list[float]) -> None:
+    async def aopen(self) -> None:
+        pool = ConnectionPool(self.alias).engine.sync_engine.pool
+        pool.connect = timed(pool.connect)  # type: ignore[method-assign]
+
+    async def arequest(self, key: int, times: Times) -> None:
         async with session_scope(self.alias) as session:
             await session.connection()
-            box[0] = time.perf_counter()
+            times.got = time.perf_counter()
             (await session.execute(self.sql, {"i": key})).one()
 
     async def aclose(self) -> None:
@@ -146,16 +253,21 @@ class DjangoOrm(Client):
         self.alias = alias
         self.name = name
 
-    def request(self, key: int, box: list[float]) -> None:
-        wrapper = connections[self.alias]
+    def request(self, key: int, times: Times) -> None:
+        wrapper = connections[self.alias]  # one per thread
+        if "get_new_connection" not in vars(wrapper):
+            wrapper.get_new_connection = timed(wrapper.get_new_connection)
         try:
             wrapper.ensure_connection()
-            box[0] = time.perf_counter()
+            times.got = time.perf_counter()
             with wrapper.cursor() as cursor:
                 cursor.execute(f"select v from {TABLE} where id = %s", (key,))
                 cursor.fetchone()
         finally:
             wrapper.close()  # back to the pool, as at the end of a request
+
+    def watch(self) -> None:
+        log_handoffs(type(connections[self.alias])._connection_pools[self.alias])
 
     def close(self) -> None:
         # Both ENGINEs keep their pools in a class attribute (ours shadows Django's).
@@ -196,11 +308,13 @@ class SqlAlchemySession(Client):
             connect_args={"timeout": sizes.connect_timeout},
         )
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        pool = self.engine.sync_engine.pool
+        pool.connect = timed(pool.connect)  # type: ignore[method-assign]
 
-    async def arequest(self, key: int, box: list[float]) -> None:
+    async def arequest(self, key: int, times: Times) -> None:
         async with self.sessions() as session, session.begin():
             await session.connection()
-            box[0] = time.perf_counter()
+            times.got = time.perf_counter()
             (await session.execute(self.sql, {"i": key})).one()
 
     async def aclose(self) -> None:
@@ -230,10 +344,14 @@ class PsycopgPool(Client):
             kwargs={"autocommit": True},  # as Django's connections are
             open=True,
         )
+        self.pool.getconn = timed(self.pool.getconn)  # type: ignore[method-assign]
 
-    def request(self, key: int, box: list[float]) -> None:
+    def watch(self) -> None:
+        log_handoffs(self.pool)
+
+    def request(self, key: int, times: Times) -> None:
         with self.pool.connection() as conn:
-            box[0] = time.perf_counter()
+            times.got = time.perf_counter()
             conn.execute(f"select v from {TABLE} where id = %s", (key,)).fetchone()
 
     def close(self) -> None:
@@ -251,7 +369,10 @@ class Figures:
     requests: int = 0
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     samples: dict[str, str] = field(default_factory=dict)  # an error message per type
-    waits: list[float] = field(default_factory=list)  # of the requests that got a connection
+    #: In the pool's checkout, of the requests that got a connection (the module's docstring).
+    waits: list[float] = field(default_factory=list)
+    #: From the start of a request to a connection it can use, of the same requests.
+    connects: list[float] = field(default_factory=list)
     holds: list[float] = field(default_factory=list)
     error_times: list[float] = field(default_factory=list)  # perf_counter() at each error
     stuck: int = 0  # workers still in a request long after the cell ended
@@ -261,9 +382,15 @@ class Figures:
     #: the pool's size, that is the longest wait counted in hold times, whatever the
     #: speed of the machine: served in turn, the requests ahead of it in the queue.
     served_meanwhile: int = 0
+    #: Whether ``overtaken`` and ``served_meanwhile`` count the pool's own handoffs
+    #: (threaded clients), rather than wall-clock arrivals and connections (tasks).
+    by_handoffs: bool = False
 
     def wait(self, q: float) -> float:
         return quantile(self.waits, q)
+
+    def connect(self, q: float) -> float:
+        return quantile(self.connects, q)
 
     @property
     def hold_p50(self) -> float:
@@ -291,6 +418,7 @@ def most_served_meanwhile(arrivals: Sequence[tuple[float, float]], gots: list[fl
         (
             bisect.bisect_left(gots, got) - bisect.bisect_right(gots, started)
             for started, got in arrivals
+            if got > started  # served at once (an idle connection taken): nobody meanwhile
         ),
         default=0,
     )
@@ -314,8 +442,8 @@ class _Side:
         self.grace = grace
         self.ready = threading.Event()  # the pool opened, and warmed by a first burst
         self.measure_from = float("inf")
-        # (started, had its connection or 0.0, ended, error or None): appends only, no lock.
-        self.records: list[tuple[float, float, float, BaseException | None]] = []
+        # (started, its times, ended, error or None): appends only, no lock.
+        self.records: list[tuple[float, Times, float, BaseException | None]] = []
         self.threads: list[threading.Thread] = []
         self.stuck = 0
 
@@ -324,13 +452,14 @@ class _Side:
         if self.client.threaded:
             self.client.open()
             burst = [
-                threading.Thread(target=self.client.request, args=(n + 1, [0.0]), daemon=True)
+                threading.Thread(target=self.client.request, args=(n + 1, Times()), daemon=True)
                 for n in range(prewarm)
             ]
             for t in burst:
                 t.start()
             for t in burst:
                 t.join(10)
+            self.client.watch()
             self.ready.set()
             self.threads = [
                 threading.Thread(target=self._thread_worker, args=(n,), daemon=True)
@@ -355,14 +484,15 @@ class _Side:
         key = n
         while not stop.is_set():
             key = key % ROWS + 1
-            box = [0.0]
+            times = Times()
+            _current.set(times)
             started = time.perf_counter()
             error: BaseException | None = None
             try:
-                client.request(key, box)
+                client.request(key, times)
             except Exception as exc:
                 error = exc
-            records.append((started, box[0], time.perf_counter(), error))
+            records.append((started, times, time.perf_counter(), error))
             if error is not None:
                 time.sleep(ERROR_PAUSE)
 
@@ -371,20 +501,21 @@ class _Side:
         key = n
         while not stop.is_set():
             key = key % ROWS + 1
-            box = [0.0]
+            times = Times()
+            _current.set(times)
             started = time.perf_counter()
             error: BaseException | None = None
             try:
-                await client.arequest(key, box)
+                await client.arequest(key, times)
             except Exception as exc:
                 error = exc
-            records.append((started, box[0], time.perf_counter(), error))
+            records.append((started, times, time.perf_counter(), error))
             if error is not None:
                 await asyncio.sleep(ERROR_PAUSE)
 
     async def _loop(self) -> None:
         await self.client.aopen()
-        burst = (self.client.arequest(n + 1, [0.0]) for n in range(self.prewarm))
+        burst = (self.client.arequest(n + 1, Times()) for n in range(self.prewarm))
         await asyncio.gather(*burst, return_exceptions=True)
         self.ready.set()
         tasks = [asyncio.create_task(self._task_worker(n)) for n in range(self.workers)]
@@ -399,25 +530,35 @@ class _Side:
 
     def figures(self) -> Figures:
         figures = Figures(self.client.name, stuck=self.stuck)
+        # Threaded: the order of the pool's handoffs (see the module's docstring).
+        figures.by_handoffs = self.client.threaded and any(t.handed for _, t, _, _ in self.records)
         arrivals = []
-        for started, got, ended, error in self.records:
+        for started, times, ended, error in self.records:
             if ended < self.measure_from:
                 # Over during the warm-up (the pools opening their connections). A request
                 # still waiting when the measure starts is counted: it may be starving.
                 continue
             figures.requests += 1
+            got = times.got
             if got:
-                arrivals.append((started, got))
-                figures.waits.append(got - started)
+                if not figures.by_handoffs:
+                    arrivals.append((started, got))
+                figures.waits.append((times.pool_got - times.pool_asked) or (got - started))
+                figures.connects.append(got - started)
                 if error is None:
                     figures.holds.append(ended - got)
+            if figures.by_handoffs and times.handed:
+                arrivals.append((times.queued, times.handed))
             if error is not None:
                 kind = type(error).__name__
                 figures.errors[kind] += 1
                 figures.samples.setdefault(kind, (str(error).strip() or kind).splitlines()[0][:200])
                 figures.error_times.append(ended)
         figures.overtaken = most_overtaken(arrivals)
-        gots = sorted(got for _, got, _, _ in self.records if got)
+        if figures.by_handoffs:
+            gots = sorted(t.handed for _, t, _, _ in self.records if t.handed)
+        else:
+            gots = sorted(t.got for _, t, _, _ in self.records if t.got)
         figures.served_meanwhile = most_served_meanwhile(arrivals, gots)
         return figures
 
@@ -464,12 +605,14 @@ def run(
 
 
 def describe(figures: Figures) -> str:
-    """Return one line: requests, errors by type, wait p50/p99/max and hold p50 in ms."""
+    """Return one line: requests, errors by type, wait, connect and hold times in ms."""
     errors = ", ".join(f"{k} {v}" for k, v in figures.errors.most_common()) or "0"
     return (
         f"{figures.name}: {figures.requests} requests, errors {errors}; wait p50 "
         f"{figures.wait(0.5) * 1e3:.2f} ms, p99 {figures.wait(0.99) * 1e3:.2f} ms, max "
-        f"{max(figures.waits, default=0.0) * 1e3:.1f} ms; hold p50 {figures.hold_p50 * 1e3:.2f} "
-        f"ms; stuck {figures.stuck}; overtaken {figures.overtaken}; served meanwhile "
-        f"{figures.served_meanwhile}"
+        f"{max(figures.waits, default=0.0) * 1e3:.1f} ms; connect p99 "
+        f"{figures.connect(0.99) * 1e3:.2f} ms, max {max(figures.connects, default=0.0) * 1e3:.1f}"
+        f" ms; hold p50 {figures.hold_p50 * 1e3:.2f} ms; stuck {figures.stuck}; overtaken "
+        f"{figures.overtaken}; served meanwhile {figures.served_meanwhile}"
+        + (" (pool handoffs)" if figures.by_handoffs else "")
     )

@@ -50,6 +50,10 @@ def test_steady_load_serves_every_waiter_in_turn(
     # it waited, per connection. Served in turn, a waiter waits for those ahead of it
     # (9 holds at 10x the cap), however slow this shared machine is at that moment; the
     # timed ratio below (to the mean hold, by Little's law) is printed, not asserted.
+    # Async: counted in connections had, on the one event loop. Threads: counted in the
+    # pool's own handoffs, from joining its queue to being handed a connection: a thread
+    # handed one but not yet scheduled by the OS is not kept waiting by the pool.
+    assert figures.by_handoffs is (side == "sync")
     holds = figures.served_meanwhile / sizes.cap
     hold = min(workers, sizes.cap) * SECONDS / figures.requests
     print(
@@ -64,8 +68,8 @@ def test_steady_load_serves_every_waiter_in_turn(
     # Starved, a waiter waits the whole cell while every other request overtakes it.
     assert longest < 1.0
     assert holds <= 20
-    # In order: none on one event loop; in threads a few, where a thread takes its time
-    # stamp, loses the GIL, and reaches the pool after later ones.
+    # In order: none on one event loop, none in the pool's handoffs (a few if the liveness
+    # check finds a dead connection and the thread takes another).
     assert figures.overtaken <= 4 * workers
     assert transitions == [] and guard.state == "closed"
     assert (stats.timeouts, stats.failures, stats.rejected) == (0, 0, 0)
