@@ -8,7 +8,6 @@ own engines; they are disposed while the loop shuts its async generators down
 from __future__ import annotations
 
 import contextlib
-import select
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,10 +21,10 @@ from sqlalchemy.util.concurrency import await_
 
 from . import _registry
 from ._fairpool import _GuardedPool
-from ._policy import redact
+from ._liveness import due_for_ping, socket_readable
 from ._stats import Stats
 from .config import AliasConfig, refuse_unusable
-from .errors import AsyncConnectionLost
+from .errors import AsyncConnectionLost, redact
 
 _ASYNCPG_DSN_KEYS = frozenset(
     {
@@ -139,17 +138,11 @@ def lost_error(
 def _socket_readable(raw: Any) -> bool:
     """Return True when an idle asyncpg connection has bytes (or EOF) waiting.
 
-    An idle connection receives nothing; anything there is the server saying
-    goodbye, which the event loop may not have processed yet.
+    The event loop may not have processed the server's goodbye yet.
     """
     transport = getattr(raw, "_transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
-        return False
-    try:
-        return bool(select.select([sock.fileno()], [], [], 0)[0])
-    except (OSError, ValueError):
-        return True
+    return sock is not None and socket_readable(sock.fileno())
 
 
 class _LoopEngine:
@@ -239,7 +232,7 @@ class _LoopEngine:
                 raise sqlalchemy.exc.DisconnectionError("the server closed the connection")
             info = record.info
             now = time.monotonic()
-            if now - info.get("returned_at", 0.0) > bypass:
+            if due_for_ping(info.get("returned_at", 0.0), now, bypass):
                 try:
                     # Bounded: on a dead network path (packets dropped, nothing refused)
                     # an unbounded ping would hang the checkout for good.

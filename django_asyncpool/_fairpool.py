@@ -15,9 +15,9 @@ from sqlalchemy.pool import Pool, PoolProxiedConnection
 from sqlalchemy.pool.base import _AsyncConnDialect
 from sqlalchemy.util.concurrency import await_
 
-from ._policy import Guard
+from ._guard import Guard
 from ._stats import Stats
-from .errors import PoolTimeout
+from .errors import PoolTimeout, pool_timeout
 
 __all__ = ["_GuardedPool"]
 
@@ -79,7 +79,7 @@ class _GuardedPool(Pool):
         guard, stats = self.guard, self.stats
 
         def guarded(record: Any) -> Any:
-            return guard.run(create, record, sleep=_greenlet_sleep, stats=stats)
+            return guard.acquire(create, record, sleep=_greenlet_sleep, stats=stats)
 
         self._invoke_creator = guarded  # type: ignore[assignment]
 
@@ -147,13 +147,13 @@ class _GuardedPool(Pool):
             stats.waiting -= 1
         if got is _TIMED_OUT:
             guard = self.guard
-            error = PoolTimeout(
-                f"No connection to database {guard.config.describe()} became free within "
-                f"{self._timeout:.1f}s (size {self._size}, in use {self.checkedout()}, "
-                f"waiting {stats.waiting + 1}). Raise OPTIONS['async_pool']['pool_size'], "
-                "['max_overflow'] or ['timeout'], or find the code holding connections "
-                "(OPTIONS['leak_threshold'] logs where they were taken).",
-                alias=guard.alias,
+            error = pool_timeout(
+                PoolTimeout,
+                guard.config.describe(),
+                guard.alias,
+                self._timeout,
+                f"size {self._size}, in use {self.checkedout()}, waiting {stats.waiting + 1}",
+                "OPTIONS['async_pool']['pool_size'], ['max_overflow'] or ['timeout']",
             )
             guard.failed(error, trial=False)  # counted only if the breaker is told to
             raise error

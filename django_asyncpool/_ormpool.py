@@ -41,7 +41,7 @@ from psycopg.waiting import READY_R, WAIT_R
 from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 
 from . import _registry, _stats, _syncpool
-from ._policy import Guard
+from ._guard import Guard
 from ._syncpool import _RETURNED, _maybe_closed, _readable, _watch
 from .base import DatabaseWrapper
 from .config import AliasConfig

@@ -8,7 +8,7 @@ from typing import Any
 
 from . import _shared
 from . import config as _config
-from ._policy import Guard
+from ._guard import Guard
 
 logger = logging.getLogger("django_asyncpool")
 

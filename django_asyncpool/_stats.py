@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .errors import CircuitOpenError, PoolTimeout
 
 if TYPE_CHECKING:
-    from ._policy import Guard
+    from ._guard import Guard
 
 __all__ = ["HELD_BUCKETS", "LATENCY_BUCKETS", "SIDES", "Histogram", "Stats", "get", "snapshot"]
 
@@ -133,14 +133,14 @@ def acquire_sync(
     *args: Any,
     sleep: Callable[[float], object] = time.sleep,
 ) -> T:
-    """Return ``guard.run(acquire, *args)``, counting the attempt, its outcome, retries, latency.
+    """Return ``guard.acquire(acquire, *args)``, counting the attempt, outcome, retries, latency.
 
     ``sleep`` waits between tries (an awaiting one in a greenlet: the native async ORM).
     """
     stats.attempts += 1
     started = time.perf_counter()
     try:
-        conn = guard.run(acquire, *args, sleep=sleep, stats=stats)
+        conn = guard.acquire(acquire, *args, sleep=sleep, stats=stats)
     except BaseException as exc:
         stats.failed(exc)
         raise

@@ -18,6 +18,8 @@ from psycopg import pq
 from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
 
+from ._liveness import clock, due_for_ping, socket_readable
+
 __all__ = ["SyncPool"]
 
 logger = logging.getLogger("django_asyncpool")
@@ -49,7 +51,7 @@ def _where(limit: int = 40) -> list[_Frame]:
 def _readable(conn: psycopg.Connection[Any]) -> bool:
     """Return True if an idle connection's socket has something to read (or is gone)."""
     try:
-        return bool(select.select([conn.pgconn.socket], [], [], 0)[0])
+        return socket_readable(conn.pgconn.socket)
     except psycopg.Error:  # closed: no socket
         return True
 
@@ -324,7 +326,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             self._check(conn)  # the user's own check (OPTIONS["pool"]["check"])
         elif (
             self._check is not None  # CONN_HEALTH_CHECKS: every checkout is pinged
-            or time.monotonic() - getattr(conn, _RETURNED, 0.0) > self.bypass
+            or due_for_ping(getattr(conn, _RETURNED, 0.0), clock(), self.bypass)
         ):
             self._ping(conn)
 

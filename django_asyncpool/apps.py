@@ -19,8 +19,7 @@ from django.apps import AppConfig
 from django.conf import settings
 
 from . import config as _config
-from ._policy import redact
-from .errors import DatabaseUnavailable
+from .errors import DatabaseUnavailable, redact
 
 logger = logging.getLogger("django_asyncpool")
 

@@ -29,7 +29,7 @@ from django.utils.functional import cached_property
 from psycopg import IsolationLevel
 
 from . import _registry, _stats
-from ._policy import Guard
+from ._guard import Guard
 from ._syncpool import SyncPool
 from .config import (
     DJANGO_OPTIONS,
@@ -41,7 +41,7 @@ from .config import (
     refuse_unusable,
 )
 from .creation import DatabaseCreation
-from .errors import PoolClosed, PoolError, PoolTimeout
+from .errors import PoolError, SyncPoolClosed, SyncPoolTimeout, pool_timeout
 from .features import DatabaseFeatures
 
 logger = logging.getLogger("django_asyncpool")
@@ -160,13 +160,13 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return pool.getconn()
         except psycopg_pool.PoolTimeout as exc:
             pool = self.pool
-            state = pool.describe_state() if pool else "no pool"
-            raise SyncPoolTimeout(
-                f"No connection to database {guard.config.describe()} became free within "
-                f"{pool.timeout if pool else 0:.1f}s ({state}). Raise OPTIONS['pool']"
-                "['max_size'] or ['timeout'], or find the code holding connections "
-                "(OPTIONS['leak_threshold'] logs where they were taken).",
-                alias=self.alias,
+            raise pool_timeout(
+                SyncPoolTimeout,
+                guard.config.describe(),
+                self.alias,
+                pool.timeout if pool else 0.0,
+                pool.describe_state() if pool else "no pool",
+                "OPTIONS['pool']['max_size'] or ['timeout']",
             ) from exc
         except psycopg_pool.PoolClosed as exc:
             raise SyncPoolClosed(
@@ -200,14 +200,6 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             # Its own pool, as in Django: settings changes in tests replace pools.
             conn._pool.putconn(conn)
         self.connection = None
-
-
-class SyncPoolTimeout(PoolTimeout, psycopg_pool.PoolTimeout):
-    """The sync pool's PoolTimeout; also psycopg_pool's, as Django's own backend raises."""
-
-
-class SyncPoolClosed(PoolClosed, psycopg_pool.PoolClosed):
-    """The sync pool's PoolClosed; also psycopg_pool's, as Django's own backend raises."""
 
 
 class _ErrorWrapper(DatabaseErrorWrapper):

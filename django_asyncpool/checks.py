@@ -18,7 +18,7 @@ from django.core import checks
 
 from . import _failover
 from . import config as _config
-from ._policy import redact
+from .errors import redact
 
 __all__ = ["check_configuration", "problems", "to_message"]
 

@@ -10,17 +10,22 @@ own database errors keep catching them::
           │    └── AsyncConnectionLost   (async side; also SQLAlchemy's OperationalError)
           ├── DatabaseUnavailable     could not connect (after retries)
           ├── PoolTimeout             no connection free within the timeout
+          │    └── SyncPoolTimeout       (sync side; also psycopg_pool's PoolTimeout)
           ├── PoolClosed              the pool was closed
+          │    └── SyncPoolClosed        (sync side; also psycopg_pool's PoolClosed)
           └── ReadOnlyError           a read-only scope tried to write
 
 Messages never contain a password or a full DSN: they name the alias, the
-host and the database, and say what to do.
+host and the database, and say what to do: :func:`redact` takes a password out
+of any text shown, and :func:`pool_timeout` writes the one PoolTimeout message
+both pools raise.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import psycopg_pool
 import sqlalchemy.exc
 from django.db import OperationalError
 
@@ -33,6 +38,10 @@ __all__ = [
     "PoolError",
     "PoolTimeout",
     "ReadOnlyError",
+    "SyncPoolClosed",
+    "SyncPoolTimeout",
+    "pool_timeout",
+    "redact",
 ]
 
 
@@ -107,3 +116,32 @@ class PoolClosed(PoolError):
 
 class ReadOnlyError(PoolError):
     """A ``session_scope(readonly=True)`` tried to write."""
+
+
+class SyncPoolTimeout(PoolTimeout, psycopg_pool.PoolTimeout):
+    """The sync pool's PoolTimeout; also psycopg_pool's, as Django's own backend raises."""
+
+
+class SyncPoolClosed(PoolClosed, psycopg_pool.PoolClosed):
+    """The sync pool's PoolClosed; also psycopg_pool's, as Django's own backend raises."""
+
+
+def redact(text: str, password: str) -> str:
+    """Return ``text`` with ``password`` (if any) replaced by ``***``."""
+    return text.replace(password, "***") if password else text
+
+
+def pool_timeout(
+    cls: type[PoolTimeout], where: str, alias: str, timeout: float, state: str, knobs: str
+) -> PoolTimeout:
+    """Return the PoolTimeout of either pool: what was waited for, the pool's state, what to do.
+
+    ``where`` is ``AliasConfig.describe()``, ``state`` the pool's figures ("size 8, in
+    use 8, waiting 3") and ``knobs`` the settings that give it more room.
+    """
+    return cls(
+        f"No connection to database {where} became free within {timeout:.1f}s ({state}). "
+        f"Raise {knobs}, or find the code holding connections "
+        "(OPTIONS['leak_threshold'] logs where they were taken).",
+        alias=alias,
+    )

@@ -38,7 +38,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from . import _shared, _stats
-from ._policy import Guard
+from ._guard import Guard
 
 __all__ = ["METRICS", "exported_names", "flush", "install", "setup", "watch"]
 

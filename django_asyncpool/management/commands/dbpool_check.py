@@ -22,8 +22,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ... import config as _config
-from ..._policy import redact
 from ...checks import problems
+from ...errors import redact
 
 SERVER_VERSION = "select current_setting('server_version')"
 

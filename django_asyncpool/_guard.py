@@ -24,9 +24,16 @@ from django.core.exceptions import ImproperlyConfigured
 
 from . import _shared
 from .config import AliasConfig
-from .errors import CircuitOpenError, DatabaseUnavailable, PoolClosed, PoolError, PoolTimeout
+from .errors import (
+    CircuitOpenError,
+    DatabaseUnavailable,
+    PoolClosed,
+    PoolError,
+    PoolTimeout,
+    redact,
+)
 
-__all__ = ["Guard", "redact"]
+__all__ = ["Guard"]
 
 logger = logging.getLogger("django_asyncpool")
 T = TypeVar("T")
@@ -38,11 +45,6 @@ NOT_COUNTED: tuple[type[BaseException], ...] = (CircuitOpenError, PoolClosed, Im
 #: ``OPTIONS["circuit_breaker"]["count_pool_timeouts"]`` (opening it on a full pool
 #: would turn a slow-down into an outage).
 NOT_RETRIED: tuple[type[BaseException], ...] = (*NOT_COUNTED, PoolTimeout)
-
-
-def redact(text: str, password: str) -> str:
-    """Return ``text`` with ``password`` (if any) replaced by ``***``."""
-    return text.replace(password, "***") if password else text
 
 
 def _raise(exc: BaseException) -> None:
@@ -176,7 +178,7 @@ class Guard:
 
     # -- getting a connection --------------------------------------------------------------
 
-    def run(
+    def acquire(
         self,
         acquire: Callable[..., T],
         *args: Any,

@@ -1,0 +1,40 @@
+"""When a pooled connection is checked before it is handed out: the rules both pools share.
+
+No I/O here beyond a zero-timeout poll: each pool applies the rules with its own
+driver (psycopg's non-blocking ping in ``_syncpool``, asyncpg's bounded ``select 1``
+in ``_asyncpool``).
+
+* An idle connection receives nothing but notifications, so a readable socket (or
+  one that is gone) is the server saying goodbye: the connection is thrown away.
+* A connection returned less than ``liveness_bypass`` seconds ago is handed out
+  without a ping: it worked a moment ago, and a round trip per checkout would
+  double a short request. Past that window it is pinged, with a bound (the pool
+  timeout): on a dead network path an unbounded ping would hang the checkout.
+* A new connection counts as just returned: it is not pinged at its first checkout.
+
+Both pools stamp each connection with :func:`time.monotonic` when it opens and each
+time it comes back; the same clock times how long it was held.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+
+__all__ = ["clock", "due_for_ping", "socket_readable"]
+
+#: The one clock of both pools' stamps (returned, taken) and of the held time.
+clock = time.monotonic
+
+
+def due_for_ping(returned_at: float, now: float, bypass: float) -> bool:
+    """Return True when a connection returned at ``returned_at`` must be pinged at ``now``."""
+    return now - returned_at > bypass
+
+
+def socket_readable(fd: int) -> bool:
+    """Return True when an idle connection's socket has bytes or EOF waiting, or is gone."""
+    try:
+        return bool(select.select([fd], [], [], 0)[0])
+    except (OSError, ValueError):  # closed, or a negative number: gone
+        return True
