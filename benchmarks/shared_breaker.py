@@ -118,7 +118,7 @@ def checkout(redis_url: str, rounds: int, calls: int) -> None:
         )
     assert guards["shared"].state == "closed"
     for name in guards:
-        _registry.discard(f"bench_{name}")  # stop following Redis before it goes away
+        _registry.reset(f"bench_{name}")  # stop following Redis before it goes away
 
 
 # -- 2. from the first failure to every process failing fast -----------------------------------

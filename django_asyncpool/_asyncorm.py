@@ -31,7 +31,7 @@ from django.db.models import query as _query
 from django.db.transaction import TransactionManagementError
 from sqlalchemy.util.concurrency import greenlet_spawn
 
-from . import _ormpool, _stats
+from . import _ormpool, _registry
 from . import base as _base
 from .config import ENGINE
 
@@ -294,7 +294,7 @@ def _receivers(sigs: tuple[Any, ...], model: Any = None) -> bool:
 
 
 def _fallback(alias: str, method: str, reason: str) -> None:
-    stats = _stats.get(alias, _ormpool.SIDE)
+    stats = _registry.stats(alias, _ormpool.SIDE)
     stats.fallbacks[method] = stats.fallbacks.get(method, 0) + 1
     logger.debug("async ORM: %s() on %r runs in a thread: %s", method, alias, reason)
 

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from .pool import ConnectionPool
 
-__all__ = ["chain", "counts", "healthy", "problems", "route"]
+__all__ = ["chain", "counts", "forget", "healthy", "problems", "route"]
 
 logger = logging.getLogger("django_asyncpool")
 T = TypeVar("T")
@@ -428,6 +428,14 @@ def _cycle(alias: str, targets: Mapping[str, tuple[str, ...]]) -> list[str]:
     return path if walk(alias) else []
 
 
+def forget(alias: str) -> None:
+    """Forget where ``alias`` was sent and its trial (its settings changed)."""
+    with _lock:
+        _away.pop(alias, None)
+        _quiet.pop(alias, None)
+        _trials.discard(alias)
+
+
 def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()  # may have been held by another thread at fork time
@@ -435,3 +443,4 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+_registry.on_reset.append(forget)

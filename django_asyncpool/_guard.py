@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -66,8 +67,11 @@ class _Listener(pybreaker.CircuitBreakerListener):
 class Guard:
     """Circuit breaker and retries for getting connections of one alias."""
 
-    def __init__(self, config: AliasConfig) -> None:
+    def __init__(self, config: AliasConfig, entered: Counter[str] | None = None) -> None:
         self.config = config
+        #: How many times the breaker entered each state (the registry keeps it across
+        #: guards: a counter for the life of the process).
+        self.entered: Counter[str] = Counter() if entered is None else entered
         self.alias = config.alias
         self.opened_at = 0.0  # monotonic time the breaker last opened
         self.transitions: list[Callable[[str | None, str], None]] = []
@@ -94,6 +98,7 @@ class Guard:
         return str(self.breaker.current_state)
 
     def on_state_change(self, old: str | None, new: str) -> None:
+        self.entered[new] += 1
         if new == pybreaker.STATE_OPEN:
             self.opened_at = time.monotonic()
             why = (

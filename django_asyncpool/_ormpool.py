@@ -40,7 +40,7 @@ from psycopg import IsolationLevel, pq
 from psycopg.waiting import READY_R, WAIT_R
 from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 
-from . import _registry, _stats, _syncpool
+from . import _registry, _stats, _syncpool, metrics
 from ._guard import Guard
 from ._syncpool import _RETURNED, _maybe_closed, _readable, _watch
 from .base import DatabaseWrapper
@@ -464,7 +464,8 @@ class Holder:
     def __init__(self, config: AliasConfig, wrapper: Any) -> None:
         self.config = config
         self.guard: Guard = _registry.guard(config.alias)
-        self.stats = _stats.get(config.alias, SIDE)
+        self.stats = _registry.stats(config.alias, SIDE)
+        metrics.install()
         self.pool = OrmPool(
             kwargs=_pool_kwargs(wrapper), config=config, wrapper=wrapper, stats=self.stats
         )

@@ -1,48 +1,122 @@
-"""Per-process state shared by both pools: each alias's configuration and guard."""
+"""Each alias's live state in this process, in one place, and the one way to its config.
+
+Per alias: its configuration, its guard (the breaker and retries both pools share),
+its statistics (kept for the life of the process: counters only go up), its sync
+pool and its async pool::
+
+    aliases()            the aliases of settings.DATABASES whose ENGINE is ours
+    config(alias)        its AliasConfig, read again only when its settings change
+    guard(alias)         its Guard
+    stats(alias, side)   its Stats: "sync", "async" or "async_orm"
+    sync_pools           {alias: SyncPool}; DatabaseWrapper._connection_pools is this dict
+    async_pools          {alias: ConnectionPool}; ConnectionPool(alias) is found here
+    reset(alias=None)    settings changed: pools closed, guard and config dropped
+    forget()             in a forked child: drop everything, close nothing
+
+``setting_changed`` for ``DATABASES`` resets every alias, so ``override_settings``
+reaches the guard and the pools. A forked child forgets everything: the parent's
+pools are kept referenced, never closed, since closing would write on sockets the
+parent still uses.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from typing import Any
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from django.core.signals import setting_changed
 
 from . import _shared
 from . import config as _config
 from ._guard import Guard
+from ._stats import Stats
+
+if TYPE_CHECKING:
+    from ._syncpool import SyncPool
+    from .pool import ConnectionPool
+
+__all__ = [
+    "aliases",
+    "all_stats",
+    "async_pools",
+    "config",
+    "config_for_wrapper",
+    "forget",
+    "guard",
+    "guards",
+    "on_reset",
+    "reset",
+    "stats",
+    "sync_pools",
+    "transitions",
+]
 
 logger = logging.getLogger("django_asyncpool")
 
 _lock = threading.Lock()
+#: alias -> (what its config was read from, the config)
+_configs: dict[str, tuple[str, _config.AliasConfig]] = {}
 _guards: dict[str, Guard] = {}
+#: alias -> how many times its breaker entered each state, across its guards
+_entered: dict[str, Counter[str]] = {}
+_stats: dict[tuple[str, str], Stats] = {}
+sync_pools: dict[str, SyncPool] = {}
+async_pools: dict[str, ConnectionPool] = {}
 _reported: set[tuple[str, str]] = set()
+#: Called with an alias when it is reset: the modules keeping state of their own per
+#: alias (``_failover``) register here rather than be imported by this one.
+on_reset: list[Callable[[str], None]] = []
+#: Pools inherited from a parent process: kept referenced, never closed.
+_inherited: list[Any] = []
+
+#: The environment variables a configuration is read from, besides DATABASES.
+_ENV = ("DATABASE_URL", *_config.ENV_ASYNC)
 
 
-def settings_dict(alias: str) -> dict[str, Any]:
-    """Return the live settings of ``alias`` (the test runner rewrites NAME there)."""
-    from django.db import connections
+def aliases() -> list[str]:
+    """Return the aliases of ``settings.DATABASES`` whose ENGINE is django-asyncpool's."""
+    from django.conf import settings
 
-    _config.load(alias)  # raises a clear error for an alias that is not ours
-    return connections[alias].settings_dict
+    return [a for a, d in settings.DATABASES.items() if d.get("ENGINE") == _config.ENGINE]
+
+
+def _read(alias: str, settings_dict: Any) -> _config.AliasConfig:
+    # Read again only when the settings or the environment changed: the test runner
+    # renames NAME in place, tests monkeypatch the environment.
+    source = repr((settings_dict, [os.environ.get(var) for var in _ENV]))
+    cached = _configs.get(alias)
+    if cached is not None and cached[0] == source:
+        return cached[1]
+    conf = _config.from_settings(alias, settings_dict)
+    _configs[alias] = (source, conf)
+    for problem in conf.problems:
+        if (alias, problem.message) not in _reported:
+            _reported.add((alias, problem.message))
+            logger.warning(
+                "%s: database %r: %s %s", problem.id, alias, problem.message, problem.hint
+            )
+    return conf
 
 
 def config_for_wrapper(wrapper: Any) -> _config.AliasConfig:
-    """Return the configuration of a DatabaseWrapper, reporting its problems once."""
-    config = _config.from_settings(wrapper.alias, wrapper.settings_dict)
-    for problem in config.problems:
-        if (config.alias, problem.message) not in _reported:
-            _reported.add((config.alias, problem.message))
-            logger.warning(
-                "%s: database %r: %s %s", problem.id, config.alias, problem.message, problem.hint
-            )
-    return config
+    """Return the configuration of a DatabaseWrapper, as its own settings say."""
+    return _read(wrapper.alias, wrapper.settings_dict)
 
 
 def config(alias: str) -> _config.AliasConfig:
-    """Return the configuration of ``alias`` as its connection sees it now."""
+    """Return the configuration of ``alias`` as its connection sees it now.
+
+    Raises ImproperlyConfigured, saying which aliases are ours, for any other.
+    """
     from django.db import connections
 
-    settings_dict(alias)
-    return config_for_wrapper(connections[alias])
+    if alias not in _configs:
+        _config.load(alias)  # a clear error for an alias that is not ours
+    return _read(alias, connections[alias].settings_dict)
 
 
 def guard(alias: str, wrapper: Any = None) -> Guard:
@@ -51,25 +125,77 @@ def guard(alias: str, wrapper: Any = None) -> Guard:
         return _guards[alias]
     except KeyError:
         pass
+    conf = config_for_wrapper(wrapper) if wrapper is not None else config(alias)
     with _lock:
         if alias not in _guards:
-            conf = config_for_wrapper(wrapper) if wrapper is not None else config(alias)
-            _guards[alias] = Guard(conf)
-            from .metrics import watch
-
-            watch(_guards[alias])  # counts its breaker's transitions
+            _guards[alias] = Guard(conf, _entered.setdefault(alias, Counter()))
         return _guards[alias]
 
 
-def discard(alias: str) -> None:
-    """Forget the guard of ``alias`` (its settings changed, or it is gone)."""
-    _guards.pop(alias, None)
-    _shared.close(alias)
+def guards() -> dict[str, Guard]:
+    """Return ``{alias: guard}`` of the guards made in this process."""
+    return dict(_guards)
+
+
+def transitions() -> dict[str, dict[str, int]]:
+    """Return ``{alias: {state: times entered}}`` for the life of the process."""
+    return {alias: dict(counts) for alias, counts in list(_entered.items())}
+
+
+def stats(alias: str, side: str) -> Stats:
+    """Return the statistics of ``alias``'s ``side`` ("sync", "async" or "async_orm")."""
+    try:
+        return _stats[alias, side]
+    except KeyError:
+        pass
+    with _lock:
+        return _stats.setdefault((alias, side), Stats())
+
+
+def all_stats() -> list[tuple[str, str, Stats]]:
+    """Return ``(alias, side, stats)`` for every alias and side used in this process."""
+    return [(alias, side, s) for (alias, side), s in list(_stats.items())]
+
+
+def reset(alias: str | None = None) -> None:
+    """Forget ``alias`` (every alias if None): its settings changed, or it is gone.
+
+    Its sync pool is closed, its async pool dropped (each event loop's engines are
+    disposed with their loop), its guard and config read again when next used. Its
+    statistics stay: they are counters for the life of the process.
+    """
+    names = set(_configs) | set(_guards) | set(sync_pools) | set(async_pools)
+    for name in [alias] if alias is not None else sorted(names):
+        _configs.pop(name, None)
+        if _guards.pop(name, None) is not None:
+            _shared.close(name)
+        for hook in on_reset:
+            hook(name)
+        async_pools.pop(name, None)
+        pool = sync_pools.pop(name, None)
+        if pool is not None:
+            try:
+                pool.close(timeout=1.0)
+            except Exception:
+                logger.debug("closing the pool of %r failed", name, exc_info=True)
 
 
 def forget() -> None:
-    """Drop all per-process state (after a fork, or when tests change settings)."""
+    """Drop all per-process state without closing anything (in a forked child)."""
     global _lock
     _lock = threading.Lock()  # may have been held by another thread at fork time
+    _inherited.extend([*sync_pools.values(), *async_pools.values()])
+    sync_pools.clear()
+    async_pools.clear()
+    _configs.clear()
     _guards.clear()
     _shared.forget()
+
+
+def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting == "DATABASES":
+        reset()
+
+
+setting_changed.connect(_on_setting_changed, dispatch_uid="django_asyncpool.reset")
+os.register_at_fork(after_in_child=forget)

@@ -10,7 +10,6 @@ calls is not interrupted; see DESIGN.md for what each Prometheus call would cost
 
 from __future__ import annotations
 
-import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable
@@ -22,7 +21,15 @@ from .errors import CircuitOpenError, PoolTimeout
 if TYPE_CHECKING:
     from ._guard import Guard
 
-__all__ = ["HELD_BUCKETS", "LATENCY_BUCKETS", "SIDES", "Histogram", "Stats", "get", "snapshot"]
+__all__ = [
+    "HELD_BUCKETS",
+    "LATENCY_BUCKETS",
+    "SIDES",
+    "SNAPSHOT_KEYS",
+    "Histogram",
+    "Stats",
+    "snapshot",
+]
 
 T = TypeVar("T")
 
@@ -100,29 +107,6 @@ class Stats:
             self.failures += 1
 
 
-_lock = threading.Lock()
-_all: dict[tuple[str, str], Stats] = {}
-
-
-def get(alias: str, side: str) -> Stats:
-    """Return the statistics of ``alias``'s ``side`` ("sync" or "async")."""
-    try:
-        return _all[alias, side]
-    except KeyError:
-        pass
-    with _lock:
-        stats = _all.setdefault((alias, side), Stats())
-    from .metrics import install
-
-    install()  # also when the app is not in INSTALLED_APPS (the ENGINE alone)
-    return stats
-
-
-def snapshot() -> list[tuple[str, str, Stats]]:
-    """Return ``(alias, side, stats)`` for every alias and side used in this process."""
-    return [(alias, side, stats) for (alias, side), stats in list(_all.items())]
-
-
 # -- the sync side's acquisition path (the async side's is _fairpool._GuardedPool) -----------
 
 
@@ -165,3 +149,65 @@ def returned_sync(stats: Stats, conn: Any) -> None:
     if taken is not None:
         stats.held.observe(time.perf_counter() - taken)
         setattr(conn, _TAKEN, None)
+
+
+#: The keys of a pool snapshot, the same for the sync and the async pool (and the
+#: native async ORM's): what ``metrics``, ``dbpool_check``, the health check and the
+#: demo's ``/pool/`` render, and what ``ConnectionPool().metrics`` returns.
+SNAPSHOT_KEYS = (
+    "alias",
+    "pool",  # "sync", "async" or "async_orm"
+    "size",  # open connections: idle + in_use
+    "idle",
+    "in_use",
+    "waiting",  # callers waiting for a connection now
+    "min_size",
+    "max_size",  # the cap: the sync pool's max_size, async pool_size + max_overflow
+    "attempts",
+    "created",
+    "reused",
+    "invalidated",
+    "timeouts",
+    "failures",
+    "rejected",
+    "retries",
+    "leaks",
+    "breaker_state",  # "closed", "open" or "half-open"
+    "breaker_failures",  # consecutive failures counted towards opening it
+)
+
+
+def snapshot(
+    alias: str,
+    side: str,
+    stats: Stats,
+    guard: Guard | None,
+    *,
+    idle: int,
+    in_use: int,
+    waiting: int,
+    min_size: int,
+    max_size: int,
+) -> dict[str, Any]:
+    """Return one pool's snapshot: its state now, its counters, its breaker (plain data)."""
+    return {
+        "alias": alias,
+        "pool": side,
+        "size": idle + in_use,
+        "idle": idle,
+        "in_use": in_use,
+        "waiting": waiting,
+        "min_size": min_size,
+        "max_size": max_size,
+        "attempts": stats.attempts,
+        "created": stats.created,
+        "reused": stats.reused,
+        "invalidated": stats.invalidated,
+        "timeouts": stats.timeouts,
+        "failures": stats.failures,
+        "rejected": stats.rejected,
+        "retries": stats.retries,
+        "leaks": stats.leaks,
+        "breaker_state": guard.state if guard is not None else "closed",
+        "breaker_failures": guard.breaker.fail_counter if guard is not None else 0,
+    }

@@ -28,7 +28,7 @@ from django.db.utils import DatabaseErrorWrapper
 from django.utils.functional import cached_property
 from psycopg import IsolationLevel
 
-from . import _registry, _stats
+from . import _registry, _stats, metrics
 from ._guard import Guard
 from ._syncpool import SyncPool
 from .config import (
@@ -63,7 +63,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     features_class = DatabaseFeatures
 
     # Our own class-level dict: the stock backend's pools are not ours to manage.
-    _connection_pools: dict[str, SyncPool] = {}
+    _connection_pools = _registry.sync_pools
 
     def __init__(self, settings_dict: dict[str, Any], alias: str = "default") -> None:
         # DATABASE_URL fills the connection fields when the alias gives none. One that
@@ -101,6 +101,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         config = _registry.config_for_wrapper(self)
         if config.sync_pool is None:
             return None
+        metrics.install()  # also when the app is not in INSTALLED_APPS (the ENGINE alone)
         connect_kwargs = self.get_connection_params()
         # Ensure we run in autocommit, Django properly sets it later on.
         connect_kwargs["autocommit"] = True
@@ -139,7 +140,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     @cached_property
     def _sync_stats(self) -> _stats.Stats:
-        return _stats.get(self.alias, "sync")  # one per alias for the life of the process
+        return _registry.stats(self.alias, "sync")  # one per alias for the life of the process
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         guard = _registry.guard(self.alias, self)
@@ -250,23 +251,19 @@ def _passed_keys() -> frozenset[str]:
 
 def close_pools() -> None:
     """Close this process's sync pools (at exit: the server sees clean disconnects)."""
-    for alias in list(DatabaseWrapper._connection_pools):
-        pool = DatabaseWrapper._connection_pools.pop(alias)
-        try:
-            pool.close(timeout=1.0)
-        except Exception:
-            logger.debug("closing the pool of %r failed", alias, exc_info=True)
+    for alias in list(_registry.sync_pools):
+        _registry.reset(alias)
 
 
 def _forget_inherited() -> None:
-    """In a forked child: drop the parent's pools and connections without closing them."""
-    _inherited.extend(DatabaseWrapper._connection_pools.values())
-    DatabaseWrapper._connection_pools.clear()
+    """In a forked child: drop the parent's connections without closing them.
+
+    The registry forgets the parent's pools (it runs first: it was imported first).
+    """
     for wrapper in list(_wrappers):
         if wrapper.connection is not None:
             _inherited.append(wrapper.connection)
             wrapper.connection = None
-    _registry.forget()
 
 
 os.register_at_fork(after_in_child=_forget_inherited)

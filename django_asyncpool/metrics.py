@@ -37,10 +37,10 @@ from prometheus_client import values as _values
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from . import _shared, _stats
+from . import _registry, _shared, _stats
 from ._guard import Guard
 
-__all__ = ["METRICS", "exported_names", "flush", "install", "setup", "watch"]
+__all__ = ["METRICS", "exported_names", "flush", "install", "setup"]
 
 logger = logging.getLogger("django_asyncpool")
 
@@ -306,6 +306,8 @@ _flush_lock = threading.Lock()
 _sides: dict[tuple[str, str], _Side] = {}
 _gauged: set[tuple[str, str]] = set()
 _breakers: set[str] = set()
+#: (alias, state) -> breaker transitions already added to BREAKER_TRANSITIONS.
+_transitions_pushed: dict[tuple[str, str], int] = {}
 #: (alias, to) -> failovers already added to FAILOVERS.
 _failovers: dict[tuple[str, str], int] = {}
 #: Failed calls to the shared breaker storage already added to STORAGE_ERRORS, per alias.
@@ -316,17 +318,16 @@ _harvested: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionar
 
 def flush() -> None:
     """Bring every metric object up to date with the pools of this process."""
-    from . import _registry
 
     with _flush_lock:
-        guards = dict(_registry._guards)
+        guards = _registry.guards()
 
         def exported(alias: str) -> bool:
             guard = guards.get(alias)
             return guard is None or guard.config.metrics
 
         gauges = {**_sync_gauges(), **_async_gauges(guards), **_orm_gauges()}
-        for alias, side, stats in _stats.snapshot():
+        for alias, side, stats in _registry.all_stats():
             if exported(alias):
                 _side(alias, side).push(stats)
         for key in _gauged - gauges.keys():
@@ -337,6 +338,13 @@ def flush() -> None:
                 _side(*key).set_gauges(*values)
                 _gauged.add(key)
         _breakers.update(alias for alias, g in guards.items() if g.config.metrics)
+        for alias, counts in _registry.transitions().items():
+            if exported(alias):
+                for state, count in counts.items():
+                    done = _transitions_pushed.get((alias, state), 0)
+                    if count > done:
+                        BREAKER_TRANSITIONS.labels(alias, state).inc(count - done)
+                        _transitions_pushed[alias, state] = count
         for alias in _breakers:
             guard = guards.get(alias)
             # A breaker is built on first use, closed; a discarded one is rebuilt closed.
@@ -393,7 +401,7 @@ def _sync_gauges() -> _Gauges:
         # alias's Stats, which outlive this pool object.
         now = [getattr(pool, "leaks", 0), raw.get("returns_bad", 0)]
         seen = _harvested.setdefault(pool, [0, 0])
-        stats = _stats.get(alias, "sync")
+        stats = _registry.stats(alias, "sync")
         stats.leaks += max(now[0] - seen[0], 0)
         stats.invalidated += max(now[1] - seen[1], 0)
         _harvested[pool] = now
@@ -450,19 +458,6 @@ def _orm_gauges() -> _Gauges:
             was[4] + holder.pool.max_size,
         )
     return out
-
-
-def watch(guard: Guard) -> None:
-    """Count the state changes of ``guard``'s breaker (called once per new guard)."""
-    if not guard.config.metrics:
-        return
-    alias = guard.alias
-    entered = {state: BREAKER_TRANSITIONS.labels(alias, state) for state in BREAKER_STATES}
-
-    def on_transition(old: str | None, new: str) -> None:
-        entered[new].inc()
-
-    guard.transitions.append(on_transition)
 
 
 # -- registration --------------------------------------------------------------------------
@@ -596,7 +591,7 @@ def _after_fork_in_child() -> None:
     if multiprocess():
         # This process writes to files of its own, from 0: what the parent counted,
         # written or not yet, is the parent's to write.
-        for alias, side, stats in _stats.snapshot():
+        for alias, side, stats in _registry.all_stats():
             if (alias, side) in _sides:
                 _sides[alias, side].rebase(stats)
         from . import _failover

@@ -24,7 +24,7 @@ import asyncpg
 import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from . import _failover, _registry, _stats
+from . import _failover, _registry, metrics
 from ._engines import _LoopEngine
 from ._fairpool import _GuardedPool
 from ._scopes import _discard, _Lease, _retryable, _SessionScope
@@ -39,7 +39,7 @@ T = TypeVar("T")
 class ConnectionPool:
     """The async pool of one database alias; ``ConnectionPool()`` is the same object each time."""
 
-    _instances: dict[str, ConnectionPool] = {}
+    _instances = _registry.async_pools
     _lock = threading.Lock()
 
     alias: str
@@ -56,11 +56,12 @@ class ConnectionPool:
             pass
         with cls._lock:
             if alias not in cls._instances:
-                _registry.settings_dict(alias)  # a clear error for an alias that is not ours
+                _registry.config(alias)  # a clear error for an alias that is not ours
                 pool = super().__new__(cls)
                 pool.alias = alias
                 pool.failover_to = _registry.config(alias).failover_to
-                pool.stats = _stats.get(alias, "async")  # outlives this object
+                pool.stats = _registry.stats(alias, "async")  # outlives this object
+                metrics.install()  # also when the app is not in INSTALLED_APPS
                 pool._loops = weakref.WeakKeyDictionary()
                 pool._last = None
                 cls._instances[alias] = pool

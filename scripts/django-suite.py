@@ -151,9 +151,9 @@ if {async_orm!r}:
 
     def _report():
         """Write this process's native operations and fallbacks (scripts/django-suite.py)."""
-        from django_asyncpool import _asyncorm, _stats
+        from django_asyncpool import _asyncorm, _registry
 
-        sides = [stats for alias, side, stats in _stats.snapshot() if side == "async_orm"]
+        sides = [stats for alias, side, stats in _registry.all_stats() if side == "async_orm"]
         fallbacks = {{}}
         for stats in sides:
             for method, count in stats.fallbacks.items():

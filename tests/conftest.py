@@ -145,7 +145,7 @@ def make_wrapper(django_db_blocker: Any) -> Iterator[Callable[..., DatabaseWrapp
                 wrapper.close()
             with contextlib.suppress(Exception):
                 wrapper.close_pool()
-            _registry.discard(wrapper.alias)
+            _registry.reset(wrapper.alias)
 
 
 def add_alias(**overrides: Any) -> str:
@@ -168,13 +168,7 @@ def add_alias(**overrides: Any) -> str:
 
 def remove_alias(alias: str) -> None:
     """Close and forget the pools of an alias made by :func:`add_alias`, and remove it."""
-    from django_asyncpool.pool import ConnectionPool
-
-    pool = DatabaseWrapper._connection_pools.pop(alias, None)
-    if pool is not None:
-        pool.close(timeout=1)
-    ConnectionPool._instances.pop(alias, None)
-    _registry.discard(alias)
+    _registry.reset(alias)
     connections.settings.pop(alias, None)
     settings.DATABASES.pop(alias, None)
     with contextlib.suppress(Exception):

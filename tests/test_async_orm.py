@@ -35,7 +35,7 @@ from django_asyncpool import (
     PoolTimeout,
     _asyncorm,
     _ormpool,
-    _stats,
+    _registry,
 )
 from django_asyncpool import base as _base
 from django_asyncpool.config import from_settings
@@ -318,7 +318,7 @@ async def test_a_model_with_signal_receivers_falls_back_counted(
     async def receiver(sender: Any, instance: Any, **kwargs: Any) -> None:
         heard.append(instance.sku)
 
-    stats = _stats.get("default", _ormpool.SIDE)
+    stats = _registry.stats("default", _ormpool.SIDE)
     before = stats.fallbacks.get("asave", 0)
     post_save.connect(receiver, sender=Product)
     try:
@@ -343,7 +343,7 @@ async def test_a_read_reaching_another_alias_runs_again_in_a_thread(
 ) -> None:
     # The shop's router sends the prefetch of the lines' products to "replica",
     # which has no async_orm: the read starts natively, then runs in a thread.
-    stats = _stats.get("default", _ormpool.SIDE)
+    stats = _registry.stats("default", _ormpool.SIDE)
     before = stats.fallbacks.get("__aiter__", 0)
     got = await collect(
         Order.objects.using("default").prefetch_related("lines__product").order_by("pk")
@@ -557,7 +557,7 @@ async def test_server_restart_breaker_and_recovery(
             break
     else:
         pytest.fail("the async ORM did not recover after the restart")
-    stats = _stats.get(alias, _ormpool.SIDE)
+    stats = _registry.stats(alias, _ormpool.SIDE)
     assert stats.failures >= 2 and stats.rejected >= 1
 
 
@@ -624,7 +624,7 @@ async def test_a_full_pool_times_out_with_what_to_do(shop: Any, make_alias: Any)
             "async_pool": {"pool_size": 1, "max_overflow": 0, "timeout": 0.3},
         }
     )
-    stats = _stats.get(alias, _ormpool.SIDE)
+    stats = _registry.stats(alias, _ormpool.SIDE)
     before = stats.timeouts
     async with django_asyncpool.atomic(using=alias):
         await Product.objects.using(alias).acount()
@@ -647,12 +647,12 @@ async def test_terminated_backends_are_replaced_unseen(
 ) -> None:
     dbname = connections["default"].settings_dict["NAME"]
     await asyncio.gather(*(P().acount() for _ in range(4)))  # four connections, idle
-    invalidated = _stats.get("default", _ormpool.SIDE).invalidated
+    invalidated = _registry.stats("default", _ormpool.SIDE).invalidated
     assert terminate_backends(pg, dbname) >= 4
     await asyncio.sleep(0.2)  # the kernel reports the hang-ups
     counts = await asyncio.gather(*(P().acount() for _ in range(8)))
     assert counts == [5] * 8  # no caller saw a dead connection
-    assert _stats.get("default", _ormpool.SIDE).invalidated >= invalidated + 1  # replaced
+    assert _registry.stats("default", _ormpool.SIDE).invalidated >= invalidated + 1  # replaced
 
 
 async def test_aiterator_fetches_in_chunks_from_a_server_side_cursor(
@@ -676,7 +676,7 @@ async def test_aiterator_fetches_in_chunks_from_a_server_side_cursor(
 async def test_aprefetch_related_objects(shop: Any, no_thread_hop: list[str]) -> None:
     from django.db.models import aprefetch_related_objects
 
-    stats = _stats.get("default", _ormpool.SIDE)
+    stats = _registry.stats("default", _ormpool.SIDE)
     before = stats.fallbacks.get("aprefetch_related_objects", 0)
     orders = await collect(Order.objects.using("default").order_by("pk"))
     # In a transaction on "default" the shop's router reads from "default": native.
@@ -709,7 +709,7 @@ def on(alias: str) -> Any:
 def test_async_to_sync_inside_atomic_reads_in_the_callers_transaction(
     locking: str, no_thread_hop: list[str]
 ) -> None:
-    stats = _stats.get(locking, _ormpool.SIDE)
+    stats = _registry.stats(locking, _ormpool.SIDE)
     checkouts, borrowed = stats.checkouts, _asyncorm.borrowed.get(locking, 0)
     queried: list[int] = []
 
@@ -760,7 +760,7 @@ def test_a_row_the_caller_locked_is_no_wait(locking: str) -> None:
 
 async def test_with_no_async_to_sync_above_the_pool_serves(locking: str) -> None:
     """As under uvicorn: another thread's open transaction changes nothing for this task."""
-    stats = _stats.get(locking, _ormpool.SIDE)
+    stats = _registry.stats(locking, _ormpool.SIDE)
     checkouts, borrowed = stats.checkouts, _asyncorm.borrowed.get(locking, 0)
     entered, leave = threading.Event(), threading.Event()
 
@@ -786,7 +786,7 @@ async def test_async_to_sync_back_to_a_serving_loop_goes_to_the_callers_thread(
     locking: str,
 ) -> None:
     """The caller's loop serves others: no blocking I/O on it, Django's path (counted)."""
-    stats = _stats.get(locking, _ormpool.SIDE)
+    stats = _registry.stats(locking, _ormpool.SIDE)
     fallbacks = stats.fallbacks.get("aget", 0)
 
     async def read(pk: int) -> tuple[str, int]:

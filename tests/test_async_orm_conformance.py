@@ -70,7 +70,7 @@ from django.db.models.functions import (
 from django.test import override_settings
 from django.utils import timezone
 
-from django_asyncpool import _stats
+from django_asyncpool import _registry
 from django_asyncpool import config as _config
 from testproject.fieldzoo.models import Country, Maker, Specimen
 from tests.conftest import add_alias, hops, remove_alias
@@ -335,7 +335,7 @@ async def natively(alias: str, run: Callable[[], Awaitable[Any]]) -> Any:
     Native: no ``sync_to_async``, every query on this (the loop's) thread, and no
     checkout from the alias's sync pool (the thread path's only way to the database).
     """
-    sync_pool = _stats.get(alias, "sync")
+    sync_pool = _registry.stats(alias, "sync")
     attempts = sync_pool.attempts
     threads: list[int] = []
 

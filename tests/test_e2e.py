@@ -235,7 +235,7 @@ async def test_database_down_is_a_503_that_says_what_to_do(
             assert "'replica'" in response.json()["error"]
             assert pgserver.PASSWORD not in response.text
     finally:
-        _registry.discard("replica")  # a fresh breaker for the tests that follow
+        _registry.reset("replica")  # a fresh breaker for the tests that follow
 
 
 @db

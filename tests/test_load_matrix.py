@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from django_asyncpool import _registry, _stats
+from django_asyncpool import _registry
 
 from .loadmatrix import DjangoOrm, OurScope, Sizes, describe, ensure_table, our_options, run
 
@@ -44,7 +44,7 @@ def test_steady_load_serves_every_waiter_in_turn(
 
     [figures] = run([client], workers, seconds=SECONDS, prewarm=min(workers, sizes.cap))
 
-    stats = _stats.get(alias, side)
+    stats = _registry.stats(alias, side)
     longest = max(figures.waits)
     # The longest wait in hold times, counted rather than timed: the requests served while
     # it waited, per connection. Served in turn, a waiter waits for those ahead of it

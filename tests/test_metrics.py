@@ -35,6 +35,7 @@ from django_asyncpool import (
     DatabaseUnavailable,
     PoolTimeout,
     _exporter,
+    _registry,
     _stats,
     metrics,
 )
@@ -285,7 +286,7 @@ def test_metrics_off_for_an_alias_skips_it(make_alias) -> None:
     output = generate_latest(REGISTRY).decode()
     assert f'alias="{alias}"' not in output
     assert ConnectionPool(alias).metrics["attempts"] == 1  # the data is still there
-    assert _stats.get(alias, "async").latency.count == 0  # but nothing was timed
+    assert _registry.stats(alias, "async").latency.count == 0  # but nothing was timed
 
 
 def test_no_password_or_dsn_in_any_label_or_value(make_wrapper, proxy) -> None:
