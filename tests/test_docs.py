@@ -1,4 +1,4 @@
-"""Every Python sample in docs/ runs here, against the real test database.
+"""Every Python sample in docs/ and the README runs here, against the real test database.
 
 The convention, kept small on purpose:
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
+import json
 import re
 import types
 from dataclasses import dataclass
@@ -191,5 +192,27 @@ async def test_page_samples_run(page: str) -> None:
     finally:
         # A sample may leave connections of this loop's engine behind: close them here,
         # on this loop, not at the loop's shutdown.
+        for pool in list(ConnectionPool._instances.values()):
+            await pool.close()
+
+
+README = DOCS.parent / "README.md"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_readme_samples_run_and_its_view_answers() -> None:
+    from django.test import AsyncRequestFactory
+
+    from django_asyncpool import ConnectionPool
+
+    readme = samples(README.read_text(), "../README.md")
+    assert all(s.not_run != "" for s in readme), "say why a README sample is not run"
+    try:
+        namespace = await run_page(readme)
+        view = namespace["product_count"]
+        response = await view(AsyncRequestFactory().get("/products/count"))  # type: ignore[operator]
+        assert response.status_code == 200
+        assert json.loads(response.content)["products"] >= 0
+    finally:
         for pool in list(ConnectionPool._instances.values()):
             await pool.close()
