@@ -7,17 +7,16 @@ The long version of tests/test_fairness.py's overload tests. The async side:
 breaker ``fail_max`` 3 / ``reset_timeout`` 2, ``--tasks`` tasks on one event loop
 looping a primary-key lookup through ``session_scope()``. The sync side: as many
 threads looping the same lookup through the ORM's connection, ``OPTIONS["pool"]
-["max_size"]`` 8. Printed per side: requests, errors by type, p50/p99/max time to
-get a connection (after 1 s of warm-up: the pools opening their connections), how
-often the breaker opened. The bars: 0 errors, the breaker
-never opens, max wait < 1 s. Uses DATABASE_URL, or starts the embedded PostgreSQL;
-creates a table ``fairness_items`` (1,000 rows) there if it is missing.
+["max_size"]`` 8. The load is tests/loadmatrix.py's runner. Printed per side:
+requests, errors by type, wait and connect times (after 1 s of warm-up: the pools
+opening their connections), how often the breaker opened. The bars: 0 errors, the
+breaker never opens, max connect < 1 s. Uses DATABASE_URL, or starts the embedded
+PostgreSQL; creates loadmatrix's table (100 rows) there if it is missing.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import copy
 import logging
 import os
@@ -34,13 +33,9 @@ django.setup()
 from django.conf import settings  # noqa: E402
 from django.db import connections  # noqa: E402
 
-from tests.test_fairness import (  # noqa: E402
-    OVERLOAD,
-    create_items,
-    for_seconds,
-    run_async,
-    run_sync,
-)
+from django_asyncpool import _registry  # noqa: E402
+from tests.loadmatrix import DjangoOrm, OurScope, describe, ensure_table, run  # noqa: E402
+from tests.test_fairness import OVERLOAD  # noqa: E402
 
 
 def add_alias(name: str) -> str:
@@ -60,20 +55,22 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     logging.getLogger("django_asyncpool").setLevel(logging.CRITICAL)  # pool timeouts, if any
     print(f"OPTIONS {OVERLOAD}")
-    create_items()
-    if args.side in ("async", "both"):
-        alias = add_alias("overload_async")
-        out = asyncio.run(run_async(alias, args.tasks, for_seconds(args.seconds)))
-        print(out.summary(f"async session_scope(), {args.tasks} tasks, {args.seconds:g}s"))
-        for kind, sample in out.samples().items():
+    ensure_table(settings.DATABASES["default"])
+    sides = {"async": "async session_scope()", "sync": "sync ORM connection"}
+    for side, what in sides.items():
+        if args.side not in (side, "both"):
+            continue
+        alias = add_alias(f"overload_{side}")
+        client = OurScope(alias) if side == "async" else DjangoOrm(alias)
+        # As the issue's: the pool opens its connections under the load (one request first).
+        [figures] = run([client], args.tasks, warmup=1.0, seconds=args.seconds - 1.0, prewarm=1)
+        print(f"{what}, {args.tasks} workers, {args.seconds:g}s: {describe(figures)}")
+        for kind, sample in figures.samples.items():
             print(f"  {kind}: {sample}")
-    if args.side in ("sync", "both"):
-        alias = add_alias("overload_sync")
-        out = run_sync(alias, args.tasks, for_seconds(args.seconds))
-        print(out.summary(f"sync ORM connection, {args.tasks} threads, {args.seconds:g}s"))
-        for kind, sample in out.samples().items():
-            print(f"  {kind}: {sample}")
-        connections[alias].close_pool()
+        print(
+            f"  errors during the 1 s warm-up: {figures.warmup_errors}; breaker opened "
+            f"{_registry.guard(alias).entered['open']} times"
+        )
 
 
 if __name__ == "__main__":

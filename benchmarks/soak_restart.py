@@ -4,7 +4,7 @@
                                       [--rounds 10]
 
 Scenarios 1, 2 and 7 of docs/reliability.md, long versions of the tests in
-tests/test_reliability.py. Async ``session_scope()`` tasks and ORM threads query
+tests/test_faults.py. Async ``session_scope()`` tasks and ORM threads query
 one alias continuously:
 
 1. restart: after a third of ``--seconds`` the embedded server is stopped for
@@ -45,14 +45,8 @@ from django.db import connections  # noqa: E402
 
 from testproject import pgserver  # noqa: E402
 from testproject.shop.models import Product  # noqa: E402
-from tests.conftest import wait_until  # noqa: E402
-from tests.test_reliability import (  # noqa: E402
-    Load,
-    _options,
-    app_backends,
-    clean,
-    terminate_app_backends,
-)
+from tests.conftest import backends, terminate_backends, wait_until  # noqa: E402
+from tests.test_faults import APP, Load, _options, clean  # noqa: E402
 
 ALIAS = "soak"
 
@@ -130,7 +124,7 @@ def main(argv: list[str]) -> None:
     last_error = max((t for t, _, e, _ in load.outcomes if e is not None), default=marks["up"])
     recovery = max(last_error - marks["up"], 0.0)
     outside = sum(1 for t, _, e, _ in load.outcomes if e is not None and not marks["down"] <= t)
-    after = app_backends(pg)
+    after = backends(pg, app=APP)
     report(
         f"restart ({args.down:g}s down)",
         load,
@@ -146,8 +140,8 @@ def main(argv: list[str]) -> None:
         for _ in range(args.rounds):
             time.sleep(1.0)
             load.pause()
-            killed.append(terminate_app_backends(pg))
-            wait_until(lambda: app_backends(pg) == 0, timeout=5)
+            killed.append(terminate_backends(pg, app=APP))
+            wait_until(lambda: backends(pg, app=APP) == 0, timeout=5)
             load.gate.set()
         time.sleep(1.0)
 

@@ -67,13 +67,20 @@ class _Listener(pybreaker.CircuitBreakerListener):
 class Guard:
     """Circuit breaker and retries for getting connections of one alias."""
 
-    def __init__(self, config: AliasConfig, entered: Counter[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: AliasConfig,
+        entered: Counter[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
+        #: Seconds, monotonic: when the breaker opened, when a trial is due, the retry budget.
+        self.clock = clock
         #: How many times the breaker entered each state (the registry keeps it across
         #: guards: a counter for the life of the process).
         self.entered: Counter[str] = Counter() if entered is None else entered
         self.alias = config.alias
-        self.opened_at = 0.0  # monotonic time the breaker last opened
+        self.opened_at = 0.0  # self.clock() when the breaker last opened
         self.transitions: list[Callable[[str | None, str], None]] = []
         # Read on every checkout: one property away, not three. With
         # OPTIONS["circuit_breaker"]["storage"], a local view of the state in Redis.
@@ -100,7 +107,7 @@ class Guard:
     def on_state_change(self, old: str | None, new: str) -> None:
         self.entered[new] += 1
         if new == pybreaker.STATE_OPEN:
-            self.opened_at = time.monotonic()
+            self.opened_at = self.clock()
             why = (
                 "another process opened it: the state is shared through Redis"
                 if getattr(self._storage, "remote", False)
@@ -125,7 +132,7 @@ class Guard:
     def check_open(self) -> None:
         """Raise :class:`CircuitOpenError` while the breaker is open and not yet due a trial."""
         if self.breaker.current_state == pybreaker.STATE_OPEN:
-            remaining = self.opened_at + self.breaker.reset_timeout - time.monotonic()
+            remaining = self.opened_at + self.breaker.reset_timeout - self.clock()
             if remaining > 0:
                 raise self._open_error(remaining)
 
@@ -198,7 +205,7 @@ class Guard:
         the backoff schedule is made only after a failure.
         """
         retry = self.config.retry
-        started = time.monotonic()
+        started = self.clock()
         delays = None
         tries = 0
         while True:
@@ -208,7 +215,7 @@ class Guard:
                 conn = acquire(*args)
             except Exception as exc:
                 self.failed(exc, trial)
-                remaining = retry.max_time - (time.monotonic() - started)
+                remaining = retry.max_time - (self.clock() - started)
                 if isinstance(exc, NOT_RETRIED) or tries >= retry.max_tries or remaining <= 0:
                     error = self.translate(exc)
                     if error is exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,6 +22,7 @@ from django.db import connections
 from django_asyncpool import _registry
 from django_asyncpool.base import DatabaseWrapper
 from testproject import pgserver
+from testproject.pgserver import free_port
 from tests.proxy import TcpProxy
 
 _names = itertools.count(1)
@@ -52,25 +52,37 @@ def proxy(pg: pgserver.LocalPostgres) -> Iterator[TcpProxy]:
     p.close()
 
 
-def terminate_backends(pg: pgserver.LocalPostgres, dbname: str | None = None) -> int:
-    """pg_terminate_backend() every client backend but psql's own; return how many."""
-    where = f"and datname = '{dbname}'" if dbname else ""
-    out = pg.psql(
-        "select count(pg_terminate_backend(pid)) from pg_stat_activity "
-        f"where backend_type = 'client backend' and pid <> pg_backend_pid() {where}"
-    )
-    return int(out or 0)
+def _client_backends(dbname: str | None, app: str | None) -> str:
+    where = "backend_type = 'client backend' and pid <> pg_backend_pid()"
+    if dbname:
+        where += f" and datname = '{dbname}'"
+    if app:
+        where += f" and application_name = '{app}'"
+    return f"from pg_stat_activity where {where}"
 
 
-def backends(pg: pgserver.LocalPostgres, dbname: str, state: str | None = None) -> int:
-    """Count the client backends connected to ``dbname`` (optionally in ``state``)."""
-    cond = f"and state = '{state}'" if state else ""
+def terminate_backends(
+    pg: pgserver.LocalPostgres, dbname: str | None = None, *, app: str | None = None
+) -> int:
+    """pg_terminate_backend() every client backend but psql's own; return how many.
+
+    ``dbname`` and ``app`` (an ``application_name``) keep it to those backends.
+    """
     return int(
-        pg.psql(
-            "select count(*) from pg_stat_activity where backend_type = 'client backend' "
-            f"and pid <> pg_backend_pid() and datname = '{dbname}' {cond}"
-        )
+        pg.psql(f"select count(pg_terminate_backend(pid)) {_client_backends(dbname, app)}") or 0
     )
+
+
+def backends(
+    pg: pgserver.LocalPostgres,
+    dbname: str | None = None,
+    state: str | None = None,
+    *,
+    app: str | None = None,
+) -> int:
+    """Count the client backends of ``dbname`` and/or ``app`` (optionally in ``state``)."""
+    cond = f" and state = '{state}'" if state else ""
+    return int(pg.psql(f"select count(*) {_client_backends(dbname, app)}{cond}"))
 
 
 def query(wrapper: Any) -> int:
@@ -112,9 +124,19 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, step: float 
 
 def closed_port() -> int:
     """Return a local TCP port nothing listens on (connections to it are refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
+
+
+def metric_value(page: str, name: str, **labels: str) -> float:
+    """Sum the samples of ``name`` in a Prometheus text page whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+    return total
 
 
 @pytest.fixture

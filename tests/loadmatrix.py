@@ -375,6 +375,8 @@ class Figures:
     connects: list[float] = field(default_factory=list)
     holds: list[float] = field(default_factory=list)
     error_times: list[float] = field(default_factory=list)  # perf_counter() at each error
+    #: Errors of the requests over during the warm-up (not in ``errors``).
+    warmup_errors: int = 0
     stuck: int = 0  # workers still in a request long after the cell ended
     #: The most requests that arrived after one and had their connection before it.
     overtaken: int = 0
@@ -537,6 +539,7 @@ class _Side:
             if ended < self.measure_from:
                 # Over during the warm-up (the pools opening their connections). A request
                 # still waiting when the measure starts is counted: it may be starving.
+                figures.warmup_errors += error is not None
                 continue
             figures.requests += 1
             got = times.got

@@ -31,7 +31,7 @@ from django.core.management import call_command
 from testproject import pgserver
 from testproject.asgi import application
 
-from .conftest import hops, wait_until
+from .conftest import hops, metric_value, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DETAIL_STYLES = [
@@ -261,17 +261,10 @@ async def test_reads_go_to_the_replica_pool_and_writes_to_default(
 
 def _checkouts(metrics_text: str, alias: str, pool: str) -> float:
     """Sum created + reused connections of one pool in a Prometheus text page."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            if sample.name in (
-                "db_pool_connections_created_total",
-                "db_pool_connections_reused_total",
-            ) and sample.labels == {"alias": alias, "pool": pool}:
-                total += sample.value
-    return total
+    return sum(
+        metric_value(metrics_text, name, alias=alias, pool=pool)
+        for name in ("db_pool_connections_created_total", "db_pool_connections_reused_total")
+    )
 
 
 needs_metrics = pytest.mark.skipif(

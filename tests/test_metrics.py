@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from django_asyncpool import (
@@ -41,7 +40,7 @@ from django_asyncpool import (
 )
 from django_asyncpool.base import DatabaseWrapper
 
-from .conftest import wait_until
+from .conftest import free_port, metric_value, query, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,15 +74,6 @@ class Delta:
             labels.setdefault("pool", self.pool)
         key = (name, frozenset(labels.items()))
         return value(name, **labels) - self.before.get(key, 0.0)
-
-
-def sync_query(wrapper: DatabaseWrapper) -> None:
-    """One request: a query, then the connection goes back to the pool."""
-    try:
-        with wrapper.cursor() as cursor:
-            cursor.execute("select 1")
-    finally:
-        wrapper.close()
 
 
 async def async_query(alias: str) -> None:
@@ -147,7 +137,7 @@ def test_sync_traffic_moves_attempts_latency_created_reused_and_held(make_wrappe
     wrapper = make_wrapper(OPTIONS={"pool": {"min_size": 1, "max_size": 4}})
     delta = Delta(wrapper.alias, "sync")
     for _ in range(10):
-        sync_query(wrapper)
+        query(wrapper)
     assert delta("db_connection_attempts_total", outcome="success") == 10
     assert delta("db_connection_latency_seconds_count") == 10
     assert delta("db_connection_held_seconds_count") == 10
@@ -182,7 +172,7 @@ def test_sync_timeouts_and_waiting(make_wrapper) -> None:
     )
     sampler.start()
     with pytest.raises(PoolTimeout):
-        sync_query(wrapper)
+        query(wrapper)
     sampler.join()
     holder.close()
     assert waiting == [1]
@@ -236,7 +226,7 @@ def test_breaker_state_flips_when_the_server_stops_and_comes_back(
     from django.db import connections
 
     with django_db_blocker.unblock(), pytest.raises(CircuitOpenError):
-        sync_query(connections[alias])
+        query(connections[alias])
     assert both("db_connection_attempts_total", outcome="failure") == 1
     assert both("db_pool_retries_total") == 1
     assert both("db_connection_attempts_total", outcome="rejected") == 1
@@ -250,7 +240,7 @@ def test_breaker_state_flips_when_the_server_stops_and_comes_back(
     assert both("db_pool_breaker_transitions_total", state="half-open") == 1
     assert both("db_pool_breaker_transitions_total", state="closed") == 1
     with django_db_blocker.unblock():
-        sync_query(connections[alias])
+        query(connections[alias])
         connections[alias].close()
     assert sync("db_connection_attempts_total", outcome="success") == 1
 
@@ -299,7 +289,7 @@ def test_no_password_or_dsn_in_any_label_or_value(make_wrapper, proxy) -> None:
     )
     proxy.cut()
     with pytest.raises(DatabaseUnavailable):
-        sync_query(wrapper)
+        query(wrapper)
     output = generate_latest(REGISTRY).decode()
     assert f'alias="{wrapper.alias}"' in output
     assert secret not in output
@@ -381,12 +371,6 @@ def test_pushing_a_histogram_equals_observing_it() -> None:
 # -- the standalone exporter -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _taken_port() -> Iterator[int]:
     with socket.socket() as s:
@@ -418,8 +402,8 @@ def _python(*args: str, port: int) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_exporter_serves_metrics_on_a_free_port() -> None:
-    port = _exporter.start(_free_port(), addr="127.0.0.1")
+def test_exporter_serves_metrics_on_afree_port() -> None:
+    port = _exporter.start(free_port(), addr="127.0.0.1")
     try:
         assert port is not None
         assert _exporter.start(port + 1, addr="127.0.0.1") == port  # one per process
@@ -440,7 +424,7 @@ def test_a_taken_port_is_logged_once_and_never_raises(caplog) -> None:
 
 def test_runserver_serves_from_its_server_process_not_the_autoreloader(monkeypatch) -> None:
     monkeypatch.setenv("METRICS_ENABLED", "true")
-    monkeypatch.setenv("METRICS_PORT", str(_free_port()))
+    monkeypatch.setenv("METRICS_PORT", str(free_port()))
     monkeypatch.delenv("RUN_MAIN", raising=False)
     monkeypatch.setattr(sys, "argv", ["manage.py", "runserver"])
     assert _exporter.start_from_settings() is None  # the autoreloader: it serves nothing
@@ -465,7 +449,7 @@ def test_a_management_command_runs_with_the_port_taken() -> None:
 
 
 def test_a_script_with_metrics_enabled_serves_its_own_pool() -> None:
-    port = _free_port()
+    port = free_port()
     code = (
         "import asyncio, urllib.request, django; django.setup()\n"
         "from sqlalchemy import text\n"
@@ -478,21 +462,13 @@ def test_a_script_with_metrics_enabled_serves_its_own_pool() -> None:
     )
     done = _python("-c", code, port=port)
     assert done.returncode == 0, done.stderr
-    attempts = _sample(done.stdout, "db_connection_attempts_total", pool="async", outcome="success")
+    attempts = metric_value(
+        done.stdout, "db_connection_attempts_total", pool="async", outcome="success"
+    )
     assert attempts == 1
 
 
 # -- several worker processes ----------------------------------------------------------------
-
-
-def _sample(page: str, name: str, **labels: str) -> float:
-    """Sum the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for family in text_string_to_metric_families(page):
-        for s in family.samples:
-            if s.name == name and labels.items() <= s.labels.items():
-                total += s.value
-    return total
 
 
 @pytest.fixture
@@ -500,7 +476,7 @@ def workers(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """uvicorn with 2 worker processes and PROMETHEUS_MULTIPROC_DIR; yields (url, dir)."""
     multiproc = tmp_path / "prometheus"
     multiproc.mkdir()
-    port = _free_port()
+    port = free_port()
     env = _env(PROMETHEUS_MULTIPROC_DIR=str(multiproc))
     env["DJANGO_SETTINGS_MODULE"] = "tests.metrics_site.settings"
     command = [
@@ -578,9 +554,9 @@ def test_two_worker_processes_show_their_pools_at_metrics(workers) -> None:
 
     def moved(side: str) -> float:
         page = _get(url + "/metrics")
-        return _sample(
+        return metric_value(
             page, "db_connection_attempts_total", pool=side, outcome="success"
-        ) - _sample(before, "db_connection_attempts_total", pool=side, outcome="success")
+        ) - metric_value(before, "db_connection_attempts_total", pool=side, outcome="success")
 
     # Each worker writes its values every FLUSH_INTERVAL: wait for both to have done so.
     for side in ("async", "sync"):
@@ -593,12 +569,14 @@ def test_two_worker_processes_show_their_pools_at_metrics(workers) -> None:
     page = _get(url + "/metrics")
     # Gauges add up over the live workers: each holds at least one idle connection per pool.
     for side in ("async", "sync"):
-        assert _sample(page, "db_connection_state", pool=side, state="idle") >= 2
-        assert _sample(page, "db_connection_latency_seconds_count", pool=side) >= sum(
+        assert metric_value(page, "db_connection_state", pool=side, state="idle") >= 2
+        assert metric_value(page, "db_connection_latency_seconds_count", pool=side) >= sum(
             served[side].values()
         )
     for alias in ("default", "replica"):  # replica: never used, there from the start
-        assert _sample(page, "db_pool_breaker_state", alias=alias, state="closed") == 1  # livemax
+        assert (
+            metric_value(page, "db_pool_breaker_state", alias=alias, state="closed") == 1
+        )  # livemax
     # ... and every worker wrote its own files.
     for pid in pids:
         assert (multiproc / f"counter_{pid}.db").exists()
@@ -639,7 +617,9 @@ def test_a_forked_worker_writes_its_metrics(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     # One each, none counted twice (the master's unwritten one by the child too).
-    success = _sample(done.stdout, "db_connection_attempts_total", pool="async", outcome="success")
+    success = metric_value(
+        done.stdout, "db_connection_attempts_total", pool="async", outcome="success"
+    )
     assert success == 2
     assert len(list(multiproc.glob("counter_*.db"))) == 2
 

@@ -7,9 +7,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import uvicorn
@@ -35,10 +34,7 @@ def by_name(pg: LocalPostgres, application_name: str) -> int:
     )
 
 
-@pytest.fixture(autouse=True)
-def db_access(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
-    with django_db_blocker.unblock():
-        yield
+pytestmark = pytest.mark.usefixtures("db_access")
 
 
 def test_startup_opens_no_connection() -> None:

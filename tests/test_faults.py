@@ -1,7 +1,12 @@
-"""Reliability under faults and load, against real processes (short versions).
+"""Faults against a real server: how both pools, the breaker and the retries behave.
 
-Each scenario prints its figures (run with ``-s`` to see them). The long soaks
-are ``benchmarks/soak_*.py``; docs/reliability.md has what each one shows.
+The server stopped, restarted or blackholed, its backends terminated, the pool
+exhausted, a connection never given back, a storm of cancelled requests. A
+scenario both pools go through is one test parametrised by ``side``.
+
+The load scenarios print their figures (run with ``-s`` to see them). The long
+soaks are ``benchmarks/soak_*.py``; docs/reliability.md has what each one shows.
+The breaker and retries alone, without a server, are in ``test_guard.py``.
 """
 
 from __future__ import annotations
@@ -10,45 +15,39 @@ import asyncio
 import collections
 import copy
 import logging
+import os
+import pickle
 import random
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import sqlalchemy.exc
-from django.db import OperationalError, connections
+from django.db import IntegrityError, OperationalError, connection, connections
 from sqlalchemy import text
 
-from django_asyncpool import ConnectionPool, PoolError, PoolTimeout, _registry, session_scope
+from django_asyncpool import (
+    CircuitOpenError,
+    ConnectionPool,
+    DatabaseUnavailable,
+    PoolError,
+    PoolTimeout,
+    _registry,
+    _syncpool,
+    session_scope,
+)
 from django_asyncpool.base import DatabaseWrapper
-from testproject import pgserver
+from testproject.pgserver import PASSWORD
 from testproject.shop.models import Product
 
-from .conftest import query, wait_until
+from .conftest import backends, query, terminate_backends, wait_until
 
-pytestmark = pytest.mark.slow
-
-APP = "asyncpool-reliability"  # application_name of this module's pools, to count them
-
-
-def app_backends(pg: pgserver.LocalPostgres, state: str | None = None) -> int:
-    """Count the server backends of this module's pools (optionally in ``state``)."""
-    cond = f"and state = '{state}'" if state else ""
-    return int(
-        pg.psql(f"select count(*) from pg_stat_activity where application_name = '{APP}' {cond}")
-    )
-
-
-def terminate_app_backends(pg: pgserver.LocalPostgres) -> int:
-    return int(
-        pg.psql(
-            "select count(pg_terminate_backend(pid)) from pg_stat_activity "
-            f"where application_name = '{APP}'"
-        )
-        or 0
-    )
+SIDES = ["sync", "async"]
+APP = "asyncpool-reliability"  # application_name of the load scenarios' pools, to count them
+FAST = {"pool": {"min_size": 0, "max_size": 2, "timeout": 2}}
 
 
 def clean(exc: BaseException) -> bool:
@@ -213,6 +212,7 @@ def _options(**extra: Any) -> dict[str, Any]:
 # -- 1 and 7: the server restarted under load ----------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_restart_under_load(make_alias, pg, products) -> None:
     options = _options()
@@ -244,7 +244,7 @@ def test_restart_under_load(make_alias, pg, products) -> None:
     errors = load.errors()
     kinds = collections.Counter(type(e).__name__ for e in errors)
     samples = {type(e).__name__: str(e).splitlines()[0][:120] for e in errors}
-    after = app_backends(pg)
+    after = backends(pg, app=APP)
     print(
         f"\nrestart under load: {len(load.outcomes)} requests, waited > pool timeout "
         f"({pool_timeout:g}s): {len(late)}; errors {len(errors)} {dict(kinds)}; back to 100% "
@@ -265,6 +265,7 @@ def test_restart_under_load(make_alias, pg, products) -> None:
 # -- 2: every backend terminated under load -----------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_terminated_backends_under_load_cost_callers_nothing(make_alias, pg, products) -> None:
     alias = make_alias(OPTIONS=_options())
@@ -274,8 +275,8 @@ def test_terminated_backends_under_load_cost_callers_nothing(make_alias, pg, pro
         for _ in range(3):
             time.sleep(0.5)
             load.pause()  # between requests: the pools' connections are all idle
-            killed.append(terminate_app_backends(pg))
-            wait_until(lambda: app_backends(pg) == 0, timeout=5)
+            killed.append(terminate_backends(pg, app=APP))
+            wait_until(lambda: backends(pg, app=APP) == 0, timeout=5)
             load.gate.set()
         time.sleep(0.5)
 
@@ -297,6 +298,7 @@ def test_terminated_backends_under_load_cost_callers_nothing(make_alias, pg, pro
 # -- 3: the network path blackholed --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_blackhole_fails_within_the_timeout_then_fails_fast_then_recovers(
     make_alias, proxy
 ) -> None:
@@ -359,6 +361,7 @@ def test_blackhole_fails_within_the_timeout_then_fails_fast_then_recovers(
     assert figures["recovery"] < 1 + 2  # reset_timeout + 2 s
 
 
+@pytest.mark.slow
 def test_a_healthy_idle_connection_is_pinged_and_kept(make_alias) -> None:
     alias = make_alias(NAME="postgres", OPTIONS=_options(liveness_bypass=0.05))
 
@@ -378,6 +381,7 @@ def test_a_healthy_idle_connection_is_pinged_and_kept(make_alias) -> None:
     assert (second, invalidated) == (first, 0)
 
 
+@pytest.mark.slow
 def test_a_healthy_idle_sync_connection_is_pinged_and_kept(make_wrapper) -> None:
     wrapper = make_wrapper(
         OPTIONS=_options(pool={"min_size": 1, "max_size": 1}, liveness_bypass=0.05)
@@ -392,6 +396,7 @@ def test_a_healthy_idle_sync_connection_is_pinged_and_kept(make_wrapper) -> None
 # -- 4: a cancellation storm --------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_cancellation_storm_leaves_nothing_behind(make_alias, pg, products) -> None:
     options = _options(async_pool={"pool_size": 5, "max_overflow": 3, "timeout": 5})
@@ -433,8 +438,8 @@ def test_cancellation_storm_leaves_nothing_behind(make_alias, pg, products) -> N
         figures["in_use"] = pool.metrics["in_use"]
         figures["waiting"] = pool.metrics["waiting"]
         await asyncio.sleep(0.2)
-        figures["active"] = app_backends(pg, "active")
-        figures["idle_tx"] = app_backends(pg, "idle in transaction")
+        figures["active"] = backends(pg, state="active", app=APP)
+        figures["idle_tx"] = backends(pg, state="idle in transaction", app=APP)
         # full strength: pool_size + max_overflow connections at once, at once
         started = time.monotonic()
         async with asyncio.timeout(5):
@@ -459,6 +464,7 @@ def test_cancellation_storm_leaves_nothing_behind(make_alias, pg, products) -> N
 # -- 5 and 7: more demand than the pool can serve --------------------------------------------
 
 
+@pytest.mark.slow
 def test_async_exhaustion_times_out_typed_then_resumes_at_once(make_alias) -> None:
     alias = make_alias(
         NAME="postgres",
@@ -502,6 +508,7 @@ def test_async_exhaustion_times_out_typed_then_resumes_at_once(make_alias) -> No
     assert figures["resume"] < 0.2
 
 
+@pytest.mark.slow
 def test_sync_exhaustion_times_out_typed_then_resumes_at_once(make_wrapper) -> None:
     wrapper = make_wrapper(
         OPTIONS=_options(
@@ -549,6 +556,7 @@ def test_sync_exhaustion_times_out_typed_then_resumes_at_once(make_wrapper) -> N
 # -- 6: a connection taken in a thread that never gives it back ----------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("leak_threshold", [None, 0.3])
 def test_a_connection_never_given_back(make_wrapper, leak_threshold, caplog) -> None:
     """Without leak detection the pool is a connection short for good (as Django's own
@@ -609,6 +617,7 @@ def test_a_connection_never_given_back(make_wrapper, leak_threshold, caplog) -> 
         assert stats["pool_size"] <= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("health_checks", [False, True])
 def test_sync_blackhole_fails_within_the_timeout_then_fails_fast(
     make_wrapper, proxy, health_checks
@@ -654,3 +663,288 @@ def test_sync_blackhole_fails_within_the_timeout_then_fails_fast(
     assert guard.state == "open"
     assert slowest < 1 + 1 + 1
     assert fast < 0.01
+
+
+# -- the breaker and the retries around getting a connection -------------------------------
+
+
+def request(side: str, alias: str, runner: asyncio.Runner) -> int:
+    """One request on ``side`` of ``alias``; return the server backend's pid."""
+    if side == "sync":
+        return query(connections[alias])
+
+    async def one() -> int:
+        async with ConnectionPool(alias).connection() as conn:
+            return int(await conn.fetchval("select pg_backend_pid()"))
+
+    return runner.run(one())
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_breaker_opens_fails_fast_half_opens_and_closes(
+    make_alias, pg, server_down, db_access, side
+) -> None:
+    alias = make_alias(
+        NAME="postgres",
+        OPTIONS={
+            **FAST,
+            "async_pool": {"pool_size": 2, "max_overflow": 0, "timeout": 2},
+            "circuit_breaker": {"fail_max": 3, "reset_timeout": 1},
+            "retry": {"max_tries": 1},
+        },
+    )
+    guard = _registry.guard(alias)
+    # The async side may first see its pooled connection die mid-query.
+    lost = (
+        (DatabaseUnavailable,)
+        if side == "sync"
+        else (DatabaseUnavailable, sqlalchemy.exc.DBAPIError)
+    )
+    with asyncio.Runner() as runner:
+        request(side, alias, runner)
+        server_down()
+
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(lost) as info:
+                request(side, alias, runner)
+            # the waiter is failed when the connect attempt fails, not after the 2 s timeout
+            assert time.monotonic() - started < 1.5
+        assert "Check that the server is running" in str(info.value)
+        assert guard.state == "open"
+
+        started = time.monotonic()
+        with pytest.raises(CircuitOpenError) as open_error:
+            request(side, alias, runner)
+        assert time.monotonic() - started < 0.05
+        assert "circuit breaker is open" in str(open_error.value)
+
+        time.sleep(1.05)  # reset_timeout: the next call is a trial, which fails: open again
+        with pytest.raises(DatabaseUnavailable):
+            request(side, alias, runner)
+        assert guard.state == "open"
+
+        pg.start()
+        time.sleep(1.05)
+        request(side, alias, runner)  # the trial succeeds
+        assert guard.state == "closed"
+        if side == "async":
+            assert ConnectionPool(alias).metrics["breaker_state"] == "closed"
+            runner.run(ConnectionPool(alias).close())
+
+
+def test_half_open_admits_one_trial_at_a_time(make_wrapper, proxy) -> None:
+    wrapper = make_wrapper(
+        HOST=proxy.host,
+        PORT=proxy.port,
+        OPTIONS={
+            **FAST,
+            "circuit_breaker": {"fail_max": 1, "reset_timeout": 0.2},
+            "retry": {"max_tries": 1},
+        },
+    )
+    guard = _registry.guard(wrapper.alias, wrapper)
+    proxy.cut()
+    with pytest.raises(DatabaseUnavailable):
+        query(wrapper)
+    assert guard.state == "open"
+    proxy.restore()
+    proxy.delay(0.05)  # the trial connection takes a while (several round trips)
+    time.sleep(0.25)
+
+    outcomes: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def caller(settings_dict) -> None:
+        w = DatabaseWrapper(copy.deepcopy(settings_dict), alias=wrapper.alias)
+        barrier.wait()
+        try:
+            query(w)
+            outcomes.append("ok")
+        except CircuitOpenError:
+            outcomes.append("fast-fail")
+        except Exception as exc:
+            outcomes.append(repr(exc))
+
+    # each thread has its own wrapper (as Django's thread-local connections do),
+    # all sharing the alias's pool and guard
+    threads = [threading.Thread(target=caller, args=(wrapper.settings_dict,)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("ok") == 1, outcomes
+    assert outcomes.count("fast-fail") == 5
+    assert guard.state == "closed"
+
+
+def test_short_outage_within_the_retry_budget_is_invisible(make_wrapper, pg, server_down) -> None:
+    wrapper = make_wrapper(
+        OPTIONS={
+            **FAST,
+            "circuit_breaker": {"fail_max": 50},
+            "retry": {"max_tries": 30, "max_time": 10, "max_delay": 0.3},
+        }
+    )
+    first = query(wrapper)
+    server_down()
+    threading.Timer(1.0, pg.start).start()
+    started = time.monotonic()
+    second = query(wrapper)  # retried until the server is back
+    assert time.monotonic() - started >= 0.5
+    assert second != first  # a new backend: the old one died with the server
+
+
+@pytest.mark.django_db(transaction=True)
+def test_application_errors_never_move_the_breaker() -> None:
+    guard = _registry.guard("default")
+    Product.objects.create(sku="DUP", name="one", price_cents=1)
+    for _ in range(guard.breaker.fail_max + 2):
+        with pytest.raises(IntegrityError):
+            Product.objects.create(sku="DUP", name="two", price_cents=1)
+        connection.close()
+    assert guard.state == "closed"
+    assert guard.breaker.fail_counter == 0
+
+
+def test_pool_timeout_is_typed_and_says_how_full_the_pool_is(make_wrapper) -> None:
+    wrapper = make_wrapper(
+        OPTIONS={
+            "pool": {"min_size": 1, "max_size": 1, "timeout": 0.3},
+            "circuit_breaker": {"fail_max": 100},
+        }
+    )
+    holder = DatabaseWrapper(copy.deepcopy(wrapper.settings_dict), alias=wrapper.alias)
+    holder.ensure_connection()  # takes the only connection
+    started = time.monotonic()
+    with pytest.raises(PoolTimeout) as info:
+        query(wrapper)
+    assert time.monotonic() - started < 1.0  # not retried past the pool timeout
+    assert "size 1/1, in use 1" in str(info.value)
+    # Django's parallel test runner pickles errors: one that is its own cause breaks it.
+    assert info.value.__cause__ is not info.value
+    pickle.loads(pickle.dumps(info.value))
+    holder.close()
+    query(wrapper)  # service resumes at once
+
+
+def test_password_never_appears_in_errors_or_logs(make_wrapper, proxy, caplog) -> None:
+    bad = "Wr0ng-" + PASSWORD
+    wrappers = [
+        make_wrapper(PASSWORD=bad, OPTIONS={**FAST, "retry": {"max_tries": 2, "base_delay": 0.01}}),
+        make_wrapper(
+            PASSWORD=bad,
+            HOST=proxy.host,
+            PORT=proxy.port,
+            OPTIONS={**FAST, "retry": {"max_tries": 2, "base_delay": 0.01}},
+        ),
+    ]
+    proxy.cut()
+    texts = []
+    with caplog.at_level(logging.DEBUG):
+        for wrapper in wrappers:
+            with pytest.raises(DatabaseUnavailable) as info:
+                query(wrapper)
+            err = info.value
+            texts += [str(err), repr(err), str(err.__cause__), repr(_registry.guard(wrapper.alias))]
+            texts.append(repr(_registry.guard(wrapper.alias).config))
+    texts.append(caplog.text)
+    assert "password authentication failed" in texts[0]
+    for text_ in texts:
+        assert bad not in text_ and PASSWORD not in text_
+
+
+# -- terminated backends, idle connections the server closed --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("side", "watch"),
+    [("sync", "epoll"), ("sync", "poll at checkout"), ("async", None)],
+    ids=["sync-epoll", "sync-poll", "async"],
+)
+def test_terminated_backends_are_replaced_before_the_caller_sees_them(
+    make_alias, pg, monkeypatch, db_access, side, watch
+) -> None:
+    if watch == "poll at checkout":  # what platforms without epoll do
+        monkeypatch.setattr(_syncpool, "_hangups", None)
+    elif watch == "epoll" and _syncpool._hangups is None:
+        pytest.skip("no epoll on this platform")
+    alias = make_alias(
+        NAME="postgres",
+        OPTIONS={
+            "application_name": APP,
+            "pool": {"min_size": 2, "max_size": 2},
+            "async_pool": {"pool_size": 2, "max_overflow": 0},
+            "retry": {"max_tries": 1},
+        },
+    )
+    with asyncio.Runner() as runner:
+
+        async def several() -> set[int]:
+            async def one() -> int:
+                async with ConnectionPool(alias).connection() as conn:
+                    await asyncio.sleep(0.01)  # held together: several idle afterwards
+                    return int(await conn.fetchval("select pg_backend_pid()"))
+
+            return set(await asyncio.gather(*(one() for _ in range(4))))
+
+        if side == "sync":
+            pids = {request(side, alias, runner) for _ in range(4)}
+        else:
+            pids = runner.run(several())
+        assert terminate_backends(pg, app=APP) >= 1
+        assert wait_until(lambda: backends(pg, app=APP) == 0, timeout=5)
+        wait_until(lambda: False, timeout=0.2)  # within liveness_bypass: no ping
+        for _ in range(10):
+            assert request(side, alias, runner) not in pids
+        assert _registry.guard(alias).breaker.fail_counter == 0
+        if side == "async":
+            assert ConnectionPool(alias).metrics["invalidated"] >= 1
+            runner.run(ConnectionPool(alias).close())
+
+
+def test_a_stale_hangup_hint_costs_a_check_not_the_connection(make_wrapper) -> None:
+    if _syncpool._hangups is None:
+        pytest.skip("no epoll on this platform")
+    wrapper = make_wrapper(OPTIONS={"pool": {"min_size": 1, "max_size": 1}})
+    pid = query(wrapper)
+    conn = wrapper.pool.getconn()
+    fd = conn.pgconn.socket
+    wrapper.pool.putconn(conn)
+    _syncpool._hangups.fds.add(fd)  # as if an old socket with this number had hung up
+    assert query(wrapper) == pid  # checked for real, found alive, kept
+    assert fd not in _syncpool._hangups.fds
+
+
+# -- fork ------------------------------------------------------------------------------------
+
+
+def test_fork_child_builds_its_own_pool(make_wrapper) -> None:
+    """A child forked after the parent used the pool never touches the parent's sockets."""
+    wrapper = make_wrapper(OPTIONS={"pool": {"min_size": 1, "max_size": 2}})
+    with wrapper.cursor() as cursor:  # the parent holds a connection across the fork
+        cursor.execute("select pg_backend_pid()")
+        parent_pid = cursor.fetchone()[0]
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            pids = [query(wrapper) for _ in range(3)]
+            os.write(write, repr(pids).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with wrapper.cursor() as cursor:  # the parent keeps working meanwhile
+        cursor.execute("select pg_backend_pid()")
+        assert cursor.fetchone()[0] == parent_pid
+    _, status = os.waitpid(child, 0)
+    child_pids = eval(os.read(read, 1000).decode())
+    assert status == 0
+    assert len(child_pids) == 3 and parent_pid not in child_pids
+    with wrapper.cursor() as cursor:  # still the same healthy connection after the child exit
+        cursor.execute("select pg_backend_pid()")
+        assert cursor.fetchone()[0] == parent_pid
+    wrapper.close()
+    query(wrapper)
