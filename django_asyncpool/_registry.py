@@ -108,15 +108,18 @@ def config_for_wrapper(wrapper: Any) -> _config.AliasConfig:
 
 
 def config(alias: str) -> _config.AliasConfig:
-    """Return the configuration of ``alias`` as its connection sees it now.
+    """Return the configuration of ``alias`` as ``settings.DATABASES`` says now.
 
-    Raises ImproperlyConfigured, saying which aliases are ours, for any other.
+    Raises ImproperlyConfigured, saying which aliases are ours, for any other. Read
+    from the setting rather than the connection, which ``override_settings`` does not
+    change: the guard and pools made inside an override follow it.
     """
-    from django.db import connections
+    from django.conf import settings
 
-    if alias not in _configs:
-        _config.load(alias)  # a clear error for an alias that is not ours
-    return _read(alias, connections[alias].settings_dict)
+    settings_dict = settings.DATABASES.get(alias)
+    if settings_dict is None or settings_dict.get("ENGINE") != _config.ENGINE:
+        _config.load(alias)  # raises: a clear error for an alias that is not ours
+    return _read(alias, settings_dict)
 
 
 def guard(alias: str, wrapper: Any = None) -> Guard:

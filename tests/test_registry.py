@@ -104,12 +104,6 @@ def _databases(**breaker: Any) -> dict[str, Any]:
     return databases
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the registry reads connections[alias].settings_dict, which override_settings"
-    "(DATABASES=...) does not change (Django's connections do not follow it either): the "
-    "guard is made again, from the old settings",
-)
 def test_override_settings_reaches_the_guard() -> None:
     before = _registry.guard("default")
     fail_max = before.breaker.fail_max
