@@ -3,7 +3,7 @@
 The async half of the pool, as :mod:`._syncpool` is the sync half. It owns:
 
 * :class:`_LoopState`: one event loop's engines (read-write, and read-only when
-  first used), each on a :class:`~._fairpool._GuardedPool`, disposed while the
+  first used), each on a :class:`~._fairpool.GuardedPool`, disposed while the
   loop shuts down (asyncpg connections belong to the loop that opened them);
 * :class:`_Listeners`: what the pool does at connect, checkout (the liveness
   rules of :mod:`._liveness`), error and check-in;
@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util.concurrency import await_
 
 from . import _registry
-from ._fairpool import _GuardedPool
+from ._fairpool import GuardedPool
 from ._liveness import clock, due_for_ping, socket_readable
 from ._stats import Stats
 from .config import AliasConfig, refuse_unusable
@@ -242,7 +242,7 @@ class _Listeners:
 
 
 def _create_engine(config: AliasConfig, stats: Stats, *, readonly: bool) -> AsyncEngine:
-    """Return a new engine of ``config`` on a :class:`_GuardedPool`, its listeners registered."""
+    """Return a new engine of ``config`` on a :class:`GuardedPool`, its listeners registered."""
     kwargs = connect_kwargs(config)
     if readonly and not config.pgbouncer:
         # Every statement in autocommit is its own read-only transaction: writes
@@ -268,8 +268,8 @@ def _create_engine(config: AliasConfig, stats: Stats, *, readonly: bool) -> Asyn
     # SQLAlchemy makes the pool itself from poolclass (and again in recreate()), so
     # the guard and stats ride on a per-engine subclass, as class attributes.
     poolclass = type(
-        "_GuardedPool",
-        (_GuardedPool,),
+        "GuardedPool",
+        (GuardedPool,),
         {"guard": _registry.guard(config.alias), "stats": stats, "metered": config.metrics},
     )
     engine = create_async_engine(

@@ -23,10 +23,10 @@ from ._stats import Stats
 from ._waiters import TIMED_OUT, Slots
 from .errors import PoolTimeout, pool_timeout
 
-__all__ = ["_GuardedPool"]
+__all__ = ["GuardedPool"]
 
 
-class _GuardedPool(Pool):
+class GuardedPool(Pool):
     """A fair asyncio pool with the alias's breaker, retries and stats.
 
     SQLAlchemy's ``AsyncAdaptedQueuePool`` waits on an ``asyncio.Queue``, which is
@@ -197,7 +197,7 @@ class _GuardedPool(Pool):
             self._idle.popleft().close()
         self.logger.info("Pool disposed. %s", self.status())
 
-    def recreate(self) -> _GuardedPool:
+    def recreate(self) -> GuardedPool:
         self.logger.info("Pool recreating")
         return self.__class__(
             self._creator,

@@ -338,7 +338,7 @@ async def test_readonly_session_behaves_like_an_async_session(products) -> None:
 def test_overflow_connections_are_kept_under_load_and_shed_after(make_alias, monkeypatch) -> None:
     from django_asyncpool import _fairpool
 
-    monkeypatch.setattr(_fairpool._GuardedPool, "KEEP_OVERFLOW", 0.5)
+    monkeypatch.setattr(_fairpool.GuardedPool, "KEEP_OVERFLOW", 0.5)
     alias = make_alias(OPTIONS={"async_pool": {"pool_size": 2, "max_overflow": 3, "timeout": 5}})
 
     async def scenario() -> None:
