@@ -34,6 +34,8 @@ from ._stats import Stats
 from .config import AliasConfig, refuse_unusable
 from .errors import AsyncConnectionLost, redact
 
+__all__ = ["connect_kwargs", "is_lost", "lost_error", "run_at_loop_shutdown"]
+
 _ASYNCPG_DSN_KEYS = frozenset(
     {
         "sslmode",
