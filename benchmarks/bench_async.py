@@ -31,7 +31,7 @@ django.setup()
 
 
 from django_asyncpool import ConnectionPool  # noqa: E402
-from django_asyncpool._engines import connect_kwargs  # noqa: E402
+from django_asyncpool._asyncpool import connect_kwargs  # noqa: E402
 
 ROWS = 10_000
 SQL = "select id, name from bench_items where id = $1"

@@ -82,7 +82,7 @@ def closed_port() -> int:
 
 
 async def main(seconds: float, rounds: int) -> None:
-    from django_asyncpool._engines import connect_kwargs
+    from django_asyncpool._asyncpool import connect_kwargs
 
     await prepare(connect_kwargs(_registry.config("default")))
     add_alias("healthy", OPTIONS={"failover_to": ["default"]})

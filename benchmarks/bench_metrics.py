@@ -36,7 +36,7 @@ from django.db import connections
 from prometheus_client import REGISTRY, generate_latest
 
 from django_asyncpool import ConnectionPool, _registry, _stats
-from django_asyncpool._engines import connect_kwargs
+from django_asyncpool._asyncpool import connect_kwargs
 
 OFF = "metrics_off"
 Op = Callable[[int], Awaitable[object]]

@@ -39,7 +39,7 @@ from django.db import connections  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
 from django_asyncpool import ConnectionPool  # noqa: E402
-from django_asyncpool._engines import _socket_readable  # noqa: E402
+from django_asyncpool._liveness import socket_readable  # noqa: E402
 
 APP = "asyncpool-soak-storm"
 
@@ -157,9 +157,10 @@ async def liveness(rounds: int, seconds: float) -> None:
         print(f"liveness {name:22s} {median:9.0f} ops/s  {median / base:5.2f}x")
     async with variants["poll (default)"].connection() as conn:
         n = 20000
+        fd = conn._transport.get_extra_info("socket").fileno()
         started = time.perf_counter()
         for _ in range(n):
-            _socket_readable(conn)
+            socket_readable(fd)
         poll = (time.perf_counter() - started) / n
     print(
         f"liveness poll alone: {poll * 1e6:.2f} us per checkout "

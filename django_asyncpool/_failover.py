@@ -38,7 +38,8 @@ import pybreaker
 from django.db import connections
 
 from . import _registry
-from ._scopes import ReadOnlySession, _Lease, _readonly_violation, _SessionScope
+from ._readonly import ReadOnlyScope, ReadOnlySession, readonly_violation
+from ._scopes import ConnectionLease, SessionScope
 from .config import ENGINE, Problem, from_settings
 from .errors import CircuitOpenError, DatabaseUnavailable, ReadOnlyError
 
@@ -277,7 +278,8 @@ class FailoverScope:
 
     async def __aenter__(self) -> AsyncSession:
         async def enter(target: str) -> AsyncSession:
-            scope = _SessionScope(type(self._pool)(target), self._readonly)
+            pool = type(self._pool)(target)
+            scope = ReadOnlyScope(pool) if self._readonly else SessionScope(pool)
             session = await scope.__aenter__()
             try:
                 if isinstance(session, ReadOnlySession):
@@ -300,7 +302,7 @@ class FailoverScope:
             if target == alias:
                 raise
             raise _write_refused(alias, target) from err
-        if target != alias and exc is not None and _readonly_violation(exc):
+        if target != alias and exc is not None and readonly_violation(exc):
             raise _write_refused(alias, target) from exc
 
 
@@ -330,8 +332,8 @@ class FailoverLease:
         async def enter(target: str) -> asyncpg.Connection:
             pool = type(self._pool)(target)
             # Another alias's read-only engine: its server refuses writes.
-            engine = None if target == self._pool.alias else pool._for_loop().readonly
-            lease: _Lease = _Lease(pool, engine)
+            engine = None if target == self._pool.alias else pool.for_loop().readonly
+            lease = ConnectionLease(pool, engine)
             conn = await lease.__aenter__()
             self._lease = lease
             return conn
@@ -347,7 +349,7 @@ async def get_connection(pool: ConnectionPool) -> AsyncSession:
 
     async def enter(target: str) -> AsyncSession:
         other = type(pool)(target)
-        return await other._session(other._for_loop().engine, _elsewhere(target, pool))
+        return await other.open_session(other.for_loop().engine, _elsewhere(target, pool))
 
     return await _through_chain(pool.alias, enter)
 

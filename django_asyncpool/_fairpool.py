@@ -1,7 +1,10 @@
-"""The async side's pool: fair handoff to waiters, guarded by the alias's breaker.
+"""The SQLAlchemy pool under every async engine: fair handoff, overflow kept, guarded.
 
 SQLAlchemy's ``AsyncAdaptedQueuePool`` is replaced, not patched: its
-``asyncio.Queue`` cannot hand a connection to a particular waiter.
+``asyncio.Queue`` cannot hand a connection to a particular waiter. The waiting
+core (slots, the FIFO queue, handoff) is :mod:`._waiters`, shared with the
+native async ORM's pool; this module adds the idle list, the overflow kept while
+demand lasts, the breaker and the accounting.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from sqlalchemy.util.concurrency import await_
 
 from ._guard import Guard
 from ._stats import Stats
+from ._waiters import TIMED_OUT, Slots
 from .errors import PoolTimeout, pool_timeout
 
-__all__ = ["_GuardedPool"]
+__all__ = ["GuardedPool"]
 
 
-class _GuardedPool(Pool):
+class GuardedPool(Pool):
     """A fair asyncio pool with the alias's breaker, retries and stats.
 
     SQLAlchemy's ``AsyncAdaptedQueuePool`` waits on an ``asyncio.Queue``, which is
@@ -70,9 +74,7 @@ class _GuardedPool(Pool):
         self.cap = pool_size + max_overflow
         self._timeout = timeout
         self._idle: deque[Any] = deque()
-        #: Futures of the callers waiting, oldest first; done ones are skipped.
-        self._waiting: deque[asyncio.Future[Any]] = deque()
-        self._opened = 0  # records idle, checked out, or being opened
+        self._slots = Slots(self.cap)  # records idle, checked out or being opened; waiters
         self._busy_at = 0.0  # monotonic time demand last exceeded pool_size
         self._disposed = False
         create = self._invoke_creator
@@ -105,47 +107,39 @@ class _GuardedPool(Pool):
         guard = self.guard
         if guard.breaker.current_state != "closed":
             guard.check_open()
-        idle = self._idle
-        if self._opened - len(idle) >= self._size:
+        idle, slots = self._idle, self._slots
+        if slots.opened - len(idle) >= self._size:
             self._busy_at = time.monotonic()  # demand above pool_size: keep the overflow
         if idle:
             # An idle connection means nobody is waiting. The one returned last: its
             # backend is warm and it needs no ping (liveness_bypass); the others idle.
             return idle.pop()
-        if self._opened >= self.cap:
+        if not slots.take():
             record = self._wait()
             if record is not None:
                 return record
             # None: a free slot was handed over, to open a connection in
-        else:
-            self._opened += 1
         try:
             return self._create_connection()
         except BaseException:
-            self._release_slot()
+            slots.release()
             raise
 
     def _wait(self) -> Any:
         """Queue up; return the record handed over, or None for a slot to open one in."""
-        stats = self.stats
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        self._waiting.append(waiter)
-        timer = loop.call_later(self._timeout, _expire, waiter)
+        stats, slots = self.stats, self._slots
+        waiter, timer = slots.join(self._timeout)
         stats.waiting += 1
         try:
             got = await_(waiter)
         except BaseException:
             # Cancelled: what was handed over meanwhile goes on to the next in line.
-            if waiter.done() and not waiter.cancelled():
-                self._pass_on(waiter.result())
-            else:
-                waiter.cancel()
+            slots.abandon(waiter, self._pass_on)
             raise
         finally:
             timer.cancel()
             stats.waiting -= 1
-        if got is _TIMED_OUT:
+        if got is TIMED_OUT:
             guard = self.guard
             error = pool_timeout(
                 PoolTimeout,
@@ -162,45 +156,32 @@ class _GuardedPool(Pool):
     def _pass_on(self, got: Any) -> None:
         """Give what a cancelled waiter was handed (a record, or a slot) to the next one."""
         if got is None:
-            self._release_slot()
-        elif got is not _TIMED_OUT and not self._hand_over(got):
+            self._slots.release()
+        elif not self._slots.hand_over(got):
             self._idle.append(got)
-
-    def _hand_over(self, got: Any) -> bool:
-        """Give ``got`` to the oldest caller still waiting; return False if there is none."""
-        waiting = self._waiting
-        while waiting:
-            waiter = waiting.popleft()
-            if not waiter.done():  # not timed out, not cancelled
-                waiter.set_result(got)
-                return True
-        return False
-
-    def _release_slot(self) -> None:
-        """Give up a slot counted in ``_opened``: to a waiter, who opens a connection in it."""
-        if not self._hand_over(None):
-            self._opened -= 1
 
     # -- check-in ---------------------------------------------------------------------------
 
     def closes_on_return(self) -> bool:
         """Return True if a check-in now may close a connection (which awaits: a greenlet)."""
         return self._disposed or (
-            self._opened > self._size and time.monotonic() - self._busy_at >= self.KEEP_OVERFLOW
+            self._slots.opened > self._size
+            and time.monotonic() - self._busy_at >= self.KEEP_OVERFLOW
         )
 
     def _do_return_conn(self, record: Any) -> None:
-        if self._hand_over(record):
+        slots = self._slots
+        if slots.hand_over(record):
             return
         if self.closes_on_return():
             # The demand stayed within pool_size for a while (or the pool was disposed):
             # close this connection, and the idle ones above pool_size.
-            self._opened -= 1
+            slots.opened -= 1
             try:
                 record.close()
             finally:
-                while self._idle and (self._disposed or self._opened > self._size):
-                    self._opened -= 1
+                while self._idle and (self._disposed or slots.opened > self._size):
+                    slots.opened -= 1
                     self._idle.popleft().close()  # the longest idle
             return
         self._idle.append(record)
@@ -212,11 +193,11 @@ class _GuardedPool(Pool):
         # would keep them in a pool nobody uses any more).
         self._disposed = True
         while self._idle:
-            self._opened -= 1
+            self._slots.opened -= 1
             self._idle.popleft().close()
         self.logger.info("Pool disposed. %s", self.status())
 
-    def recreate(self) -> _GuardedPool:
+    def recreate(self) -> GuardedPool:
         self.logger.info("Pool recreating")
         return self.__class__(
             self._creator,
@@ -249,23 +230,14 @@ class _GuardedPool(Pool):
         return len(self._idle)
 
     def checkedout(self) -> int:
-        return self._opened - len(self._idle)
+        return self._slots.opened - len(self._idle)
 
     def overflow(self) -> int:
-        return self._opened - self._size
+        return self._slots.opened - self._size
 
     def waiting(self) -> int:
         """Return how many callers wait for a connection of this engine."""
-        return sum(not waiter.done() for waiter in self._waiting)
-
-
-#: A waiter's future resolves to a record, to None (a free slot to open one in), or this.
-_TIMED_OUT: Any = object()
-
-
-def _expire(waiter: asyncio.Future[Any]) -> None:
-    if not waiter.done():
-        waiter.set_result(_TIMED_OUT)
+        return self._slots.waiting()
 
 
 def _greenlet_sleep(seconds: float) -> None:

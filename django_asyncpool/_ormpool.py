@@ -9,8 +9,9 @@ switches back to the loop until it is done. So Django's cursors (client-side
 binding, and the named cursors of ``iterator()``), its adapters, converters and
 error wrapping run unchanged; only the waiting is async.
 
-Each event loop has its own pool per alias (:class:`OrmPool`: a fair FIFO handoff),
-closed while the loop shuts its async generators down, as the SQLAlchemy engines are. Every pooled
+Each event loop has its own pool per alias (:class:`OrmPool`: the fair FIFO handoff
+of :mod:`._waiters`, as the SQLAlchemy pool's), closed while the loop shuts its
+async generators down, as the SQLAlchemy engines are. Every pooled
 connection carries one :class:`NativeWrapper`: Django's ``DatabaseWrapper`` of the
 alias bound to that connection for its whole life, so a checkout builds nothing.
 """
@@ -18,7 +19,6 @@ alias bound to that connection for its whole life, so a checkout builds nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import select
@@ -26,7 +26,6 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -41,13 +40,24 @@ from psycopg.waiting import READY_R, WAIT_R
 from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 
 from . import _registry, _stats, _syncpool, metrics
+from ._asyncpool import run_at_loop_shutdown
 from ._guard import Guard
 from ._syncpool import _RETURNED, _maybe_closed, _readable, _watch
+from ._waiters import TIMED_OUT, Slots
 from .base import DatabaseWrapper
 from .config import AliasConfig
 from .errors import PoolClosed, PoolTimeout
 
-__all__ = ["GreenConnection", "Holder", "Lease", "NativeWrapper", "OrmPool", "holder", "holders"]
+__all__ = [
+    "GreenConnection",
+    "Holder",
+    "Lease",
+    "NativeWrapper",
+    "OrmPool",
+    "holder",
+    "holders",
+    "snapshots",
+]
 
 logger = logging.getLogger("django_asyncpool")
 
@@ -246,23 +256,27 @@ class OrmPool:
         self.timeout = options.timeout
         self.max_lifetime = options.recycle
         self.bypass = config.liveness_bypass
-        self.size = 0  # open or being opened
         self.closed = False
         self.idle: deque[psycopg.AsyncConnection[Any]] = deque()
-        #: Futures of the waiting callers, oldest first: a connection, or None for a slot.
-        self.waiters: deque[asyncio.Future[psycopg.AsyncConnection[Any] | None]] = deque()
+        #: Connections open or being opened, and the callers waiting for one.
+        self.slots = Slots(self.max_size)
         self._settings_dict = wrapper.settings_dict
         self._kwargs = dict(kwargs)
         self._twin_cursor = self._kwargs.pop("twin_cursor")
         self._kwargs.setdefault("connect_timeout", max(round(self.timeout), 1))
         self._configure_wrapper = wrapper
 
+    @property
+    def size(self) -> int:
+        """Return how many connections are open or being opened."""
+        return self.slots.opened
+
     def get_stats(self) -> dict[str, int]:
         """Return psycopg_pool's names for what the metrics show."""
         return {
             "pool_size": self.size,
             "pool_available": len(self.idle),
-            "requests_waiting": len(self.waiters),
+            "requests_waiting": self.slots.waiting(),
             "pool_max": self.max_size,
         }
 
@@ -285,8 +299,7 @@ class OrmPool:
                 conn = self.idle.pop()  # the most recently used: its socket is warm
                 if await self._alive(conn):
                     return conn
-            if self.size < self.max_size:
-                self.size += 1
+            if self.slots.take():
                 return await self._connect()
             conn_or_slot = await self._wait()
             if conn_or_slot is not None:
@@ -296,22 +309,21 @@ class OrmPool:
             return await self._connect()  # a slot was handed over: size counts it already
 
     async def _wait(self) -> psycopg.AsyncConnection[Any] | None:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[psycopg.AsyncConnection[Any] | None] = loop.create_future()
-        self.waiters.append(fut)
-        timer = loop.call_later(self.timeout, _expire, fut)
+        fut, timer = self.slots.join(self.timeout)
         try:
-            return await fut
+            got: psycopg.AsyncConnection[Any] | None = await fut
         except BaseException:
-            if not fut.cancelled() and fut.done() and fut.exception() is None:
-                self._hand_back(fut.result())  # handed over as we were cancelled
+            self.slots.abandon(fut, self._hand_back)  # handed over as we were cancelled
             raise
         finally:
             timer.cancel()
+        if got is TIMED_OUT:
+            raise psycopg_pool.PoolTimeout()
+        return got
 
     def _hand_back(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
         if conn is None:
-            self._release_slot()
+            self.slots.release()
         else:
             self.putconn(conn)
 
@@ -325,7 +337,7 @@ class OrmPool:
                 await conn.close()
                 raise
         except BaseException:
-            self._release_slot()
+            self.slots.release()
             raise
         setattr(conn, _RETURNED, time.monotonic())  # new: no ping at its first checkout
         conn._asyncpool_expires = time.monotonic() + self.max_lifetime  # type: ignore[attr-defined]
@@ -342,7 +354,7 @@ class OrmPool:
         except (psycopg.Error, TimeoutError):
             self.stats.invalidated += 1
             await conn.close()
-            self._release_slot()
+            self.slots.release()
             return False
         except BaseException:
             self.putconn(conn)
@@ -360,6 +372,7 @@ class OrmPool:
             if conn.pgconn.status != pq.ConnStatus.OK or conn.pgconn.notifies() is None:
                 raise psycopg.OperationalError("the server closed the connection")
         if time.monotonic() - getattr(conn, _RETURNED, 0.0) > self.bypass:
+            self.stats.pings += 1
             # Bounded: on a dead network path an unbounded ping would hang the checkout.
             async with asyncio.timeout(self.timeout):
                 await conn.execute("")
@@ -372,37 +385,21 @@ class OrmPool:
             or time.monotonic() >= getattr(conn, "_asyncpool_expires", 0.0)
         ):
             conn.pgconn.finish()  # no I/O to wait for: the server sees the socket close
-            self._release_slot()
+            self.slots.release()
             return
         setattr(conn, _RETURNED, time.monotonic())  # for the liveness bypass window
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(conn)
-                return
-        self.idle.append(conn)
-
-    def _release_slot(self) -> None:
-        """A connection closed (or never opened): the oldest waiter may open one."""
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)  # the slot passes to it: size stays
-                return
-        self.size -= 1
+        if not self.slots.hand_over(conn):
+            self.idle.append(conn)
 
     async def close(self) -> None:
         """Close the idle connections and fail the waiters; others close when returned."""
         self.closed = True
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_exception(
-                    PoolClosed(f"The pool {self.name!r} is closed.", alias=self.alias)
-                )
+        self.slots.fail_all(
+            lambda: PoolClosed(f"The pool {self.name!r} is closed.", alias=self.alias)
+        )
         while self.idle:
             self.idle.pop().pgconn.finish()
-            self.size -= 1
+            self.slots.opened -= 1
 
     def _native(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Give ``conn`` its twin and wrapper, configured as Django configures connections."""
@@ -425,11 +422,6 @@ class OrmPool:
         self._configure_wrapper._configure_connection(twin)
         connection_created.send(sender=NativeWrapper, connection=wrapper)
         setattr(conn, _NATIVE, wrapper)
-
-
-def _expire(fut: asyncio.Future[Any]) -> None:
-    if not fut.done():
-        fut.set_exception(psycopg_pool.PoolTimeout())
 
 
 def _pool_kwargs(wrapper: Any) -> dict[str, Any]:
@@ -469,10 +461,7 @@ class Holder:
         self.pool = OrmPool(
             kwargs=_pool_kwargs(wrapper), config=config, wrapper=wrapper, stats=self.stats
         )
-        # Closed when the loop shuts its async generators down (asyncio.run does).
-        self._guardian = self._guard_loop()
-        with contextlib.suppress(StopIteration):
-            self._guardian.asend(None).send(None)  # type: ignore[attr-defined]
+        self._guardian = run_at_loop_shutdown(self.pool.close)
 
     def checkout(self) -> Lease:
         """Return a connection through the breaker and retries (in the greenlet)."""
@@ -491,7 +480,7 @@ class Holder:
             raise PoolTimeout(
                 f"No connection to database {self.config.describe()} for the async ORM became "
                 f"free within {pool.timeout:.1f}s (size {pool.size}/{pool.max_size}, waiting "
-                f"{len(pool.waiters)}). Raise OPTIONS['async_pool']['pool_size'], "
+                f"{pool.slots.waiting()}). Raise OPTIONS['async_pool']['pool_size'], "
                 "['max_overflow'] or ['timeout'], or find the code holding connections.",
                 alias=self.config.alias,
             ) from exc
@@ -506,12 +495,6 @@ class Holder:
             self.stats.invalidated += 1
             conn.pgconn.finish()  # closed: the pool frees its slot
         self.pool.putconn(conn)
-
-    async def _guard_loop(self) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await self.pool.close()
 
 
 def _greenlet_sleep(seconds: float) -> None:
@@ -549,6 +532,32 @@ def holders() -> list[tuple[str, Holder]]:
             except RuntimeError:
                 continue
     return out
+
+
+def snapshots() -> list[dict[str, Any]]:
+    """Return one snapshot (``_stats.SNAPSHOT_KEYS``) per alias, every loop's pool summed."""
+    totals: dict[str, list[int]] = {}
+    for alias, found in holders():
+        pool = found.pool
+        idle = len(pool.idle)
+        total = totals.setdefault(alias, [0, 0, 0])
+        total[0] += idle
+        total[1] += max(pool.size - idle, 0)
+        total[2] += pool.max_size
+    return [
+        _stats.snapshot(
+            alias,
+            SIDE,
+            _registry.stats(alias, SIDE),
+            _registry.guard(alias),
+            idle=idle,
+            in_use=in_use,
+            waiting=_registry.stats(alias, SIDE).waiting,
+            min_size=0,
+            max_size=max_size,
+        )
+        for alias, (idle, in_use, max_size) in totals.items()
+    ]
 
 
 #: Pools inherited from a parent process: kept referenced, never closed (closing

@@ -1,36 +1,43 @@
-"""The scopes the async pool hands out: sessions, and raw connections on the fast path."""
+"""The scopes the async pool hands out: sessions, and raw connections on the fast path.
+
+:class:`SessionScope` is ``session_scope()``, :class:`ConnectionLease` is
+``connection()``; the read-only scope and its fast path are in :mod:`._readonly`.
+Also here: what a scope does with a connection that is lost or cancelled
+(:func:`discard`), the leak timer, and which errors a transaction is run again for.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import traceback
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import sqlalchemy.exc
-from sqlalchemy import TextClause, text
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
-from sqlalchemy.engine.result import IteratorResult, Result, SimpleResultMetaData
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from sqlalchemy.util import EMPTY_DICT
 from sqlalchemy.util.concurrency import greenlet_spawn
 
-from ._engines import is_lost, lost_error
-from .errors import ConnectionLost, ReadOnlyError
+from ._asyncpool import is_lost, lost_error
+from .errors import ConnectionLost
 
 if TYPE_CHECKING:
+    from ._asyncpool import _LoopState  # annotations only: what pool.for_loop() returns
     from .pool import ConnectionPool
 
+__all__ = ["DIALECT", "ConnectionLease", "SessionScope", "discard", "leak_timer", "retryable"]
+
 logger = logging.getLogger("django_asyncpool")
+
+#: SQLAlchemy's asyncpg dialect, to compile text and wrap errors as a session would.
+DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
 
 #: SQLSTATEs worth re-running a whole transaction for (opt-in).
 _RETRY_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 
 
-def _retryable(exc: BaseException) -> bool:
+def retryable(exc: BaseException) -> bool:
     orig = getattr(exc, "orig", exc)
     if getattr(exc, "connection_invalidated", False):
         return True
@@ -42,7 +49,7 @@ def _retryable(exc: BaseException) -> bool:
     )
 
 
-async def _discard(session: AsyncSession) -> None:
+async def discard(session: AsyncSession) -> None:
     """Throw a session's connection away: after a cancellation it may be mid-query."""
     try:
         await session.invalidate()
@@ -50,7 +57,7 @@ async def _discard(session: AsyncSession) -> None:
         await session.close()
 
 
-def _leak_timer(pool: ConnectionPool, threshold: float, what: str) -> asyncio.TimerHandle:
+def leak_timer(pool: ConnectionPool, threshold: float, what: str) -> asyncio.TimerHandle:
     stack = "".join(traceback.format_stack(limit=12)[:-2])
 
     def warn() -> None:
@@ -66,176 +73,53 @@ def _leak_timer(pool: ConnectionPool, threshold: float, what: str) -> asyncio.Ti
     return asyncio.get_running_loop().call_later(threshold, warn)
 
 
-@functools.lru_cache(maxsize=1024)
-def _compile_text(sql: str) -> tuple[str, tuple[str, ...]]:
-    """Return ``sql`` with asyncpg's ``$n`` placeholders, and the parameter names in order."""
-    compiled = text(sql).compile(dialect=_DIALECT)
-    return str(compiled), tuple(compiled.positiontup or ())
+class SessionScope:
+    """``session_scope()``: an ``AsyncSession`` in a transaction, committed or rolled back."""
 
+    __slots__ = ("_pool", "_session", "_timer")
 
-_DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
-
-
-class ReadOnlySession(AsyncSession):
-    """The ``AsyncSession`` of a ``session_scope(readonly=True)``.
-
-    Every statement runs in autocommit, as its own read-only transaction (behind
-    PgBouncer: in one ``BEGIN READ ONLY`` transaction per scope). Textual
-    SQL (``text()`` with plain parameters) goes straight to an asyncpg connection
-    of the read-only pool and comes back as SQLAlchemy's own ``Result``; the ORM
-    session machinery, which costs more than the query, is used only for other
-    statements (ORM queries, typed or expanding parameters, ``echo``).
-    """
-
-    def __init__(self, engine: AsyncEngine, pool: ConnectionPool, *, fast: bool = True) -> None:
-        super().__init__(engine, expire_on_commit=False, autoflush=False)
-        self._readonly_engine = engine
-        self._asyncpool = pool
-        # Off with echo (SQLAlchemy logs statements) and behind PgBouncer, where the
-        # read-only setting cannot ride on the connection: there every statement runs
-        # in the engine's BEGIN READ ONLY transaction.
-        self._fast = fast and not engine.echo
-        self._lease: _Lease | None = None
-
-    def _plan(self, statement: Any, params: Any) -> tuple[str, list[Any]] | None:
-        if not self._fast or type(statement) is not TextClause:
-            return None
-        if params is not None and not isinstance(params, Mapping):
-            return None  # executemany
-        for bind in statement._bindparams.values():
-            if bind.expanding or bind.value is not None or not bind.type._isnull:
-                return None
-        sql, names = _compile_text(statement.text)
-        try:
-            return sql, [params[name] for name in names] if names else []  # type: ignore[index]
-        except (KeyError, TypeError):
-            return None  # missing parameters: SQLAlchemy says which
-
-    async def execute(
-        self,
-        statement: Any,
-        params: Any = None,
-        *,
-        execution_options: Any = EMPTY_DICT,
-        bind_arguments: Any = None,
-        **kw: Any,
-    ) -> Result[Any]:
-        plan = None if execution_options or bind_arguments or kw else self._plan(statement, params)
-        if plan is None:
-            result: Result[Any] = await super().execute(
-                statement,
-                params,
-                execution_options=execution_options,
-                bind_arguments=bind_arguments,
-                **kw,
-            )
-            return result
-        sql, args = plan
-        if self._lease is None:
-            lease = _Lease(self._asyncpool, self._readonly_engine, track=False)
-            await lease.__aenter__()
-            self._lease = lease
-        raw: Any = self._lease.raw
-        try:
-            rows = await raw.fetch(sql, *args)  # asyncpg's statement cache: no extra trip
-            if rows:
-                keys = list(rows[0].keys())
-            else:  # the column names still matter (report headers)
-                keys = [attr.name for attr in (await raw.prepare(sql)).get_attributes()]
-        except Exception as exc:
-            if self._lease.lost(exc):
-                raise self._lease.lost_error(exc, sql, args) from exc
-            if isinstance(exc, asyncpg.PostgresError):
-                raise self._lease.dbapi_error(exc, sql, args) from None
-            raise
-        return IteratorResult(SimpleResultMetaData(keys), iter(rows))
-
-    async def checkout(self) -> None:
-        """Check a connection out now rather than at the first statement (failover does)."""
-        if not self._fast:
-            await self.connection()
-        elif self._lease is None:
-            lease = _Lease(self._asyncpool, self._readonly_engine, track=False)
-            await lease.__aenter__()
-            self._lease = lease
-
-    async def scalar(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        return (await self.execute(statement, params, **kw)).scalar()
-
-    async def scalars(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        return (await self.execute(statement, params, **kw)).scalars()
-
-    async def end(self, exc_type: Any, exc: Any) -> None:
-        """Give the connections back: the lease's, and the ORM session's if it used one."""
-        lease, self._lease = self._lease, None
-        try:
-            if lease is not None:
-                await lease.__aexit__(exc_type, exc, None)
-        finally:
-            if exc is not None and not isinstance(exc, Exception):
-                await _discard(self)
-            elif self.in_transaction():
-                await self.close()
-
-
-class _SessionScope:
-    __slots__ = ("_pool", "_readonly", "_session", "_timer")
-
-    def __init__(self, pool: ConnectionPool, readonly: bool) -> None:
+    def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool
-        self._readonly = readonly
         self._timer: asyncio.TimerHandle | None = None
 
+    def _new_session(self, state: _LoopState) -> AsyncSession:
+        return AsyncSession(state.engine, expire_on_commit=False)
+
     async def __aenter__(self) -> AsyncSession:
-        state = self._pool._for_loop()
-        if self._readonly:
-            self._session: AsyncSession = ReadOnlySession(
-                state.readonly, self._pool, fast=not state.config.pgbouncer
-            )
-        else:
-            self._session = AsyncSession(state.engine, expire_on_commit=False)
+        state = self._pool.for_loop()
+        self._session = self._new_session(state)
         if state.config.leak_threshold is not None:
-            self._timer = _leak_timer(self._pool, state.config.leak_threshold, "session")
+            self._timer = leak_timer(self._pool, state.config.leak_threshold, "session")
         return self._session
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         session = self._session
         if self._timer is not None:
             self._timer.cancel()
-        if isinstance(session, ReadOnlySession):
-            await session.end(exc_type, exc)
-            if exc_type is not None and _readonly_violation(exc):
-                raise ReadOnlyError(
-                    f"A read-only session_scope() on {self._pool.alias!r} tried to write. Use "
-                    "session_scope() (without readonly=True) for writes.",
-                    alias=self._pool.alias,
-                ) from exc
-            return
         if exc_type is None:
             try:
                 await session.commit()
             except BaseException:
-                await _discard(session)
+                await discard(session)
                 raise
             await session.close()
         elif isinstance(exc, Exception) and not _lost(exc):
             await session.close()  # rolls back
         else:
-            await _discard(session)  # cancelled, or the connection is gone
+            await discard(session)  # cancelled, or the connection is gone
 
 
 def _lost(exc: BaseException) -> bool:
     return bool(getattr(exc, "connection_invalidated", False))
 
 
-def _readonly_violation(exc: BaseException) -> bool:
-    return getattr(getattr(exc, "orig", None), "sqlstate", None) == "25006" or isinstance(
-        getattr(getattr(exc, "orig", None), "__cause__", None),
-        asyncpg.exceptions.ReadOnlySQLTransactionError,
-    )
+class ConnectionLease:
+    """``connection()``: a raw asyncpg connection of the pool, given back on exit.
 
+    Whatever transaction the caller left open is rolled back; a connection that was
+    lost or cancelled mid-query is thrown away, never handed to someone else.
+    """
 
-class _Lease:
     __slots__ = ("_engine", "_fairy", "_pool", "_timer", "_track")
 
     def __init__(
@@ -251,10 +135,10 @@ class _Lease:
         return self._fairy.driver_connection
 
     async def __aenter__(self) -> asyncpg.Connection:
-        state = self._pool._for_loop()
+        state = self._pool.for_loop()
         self._fairy = await (self._engine or state.engine).raw_connection()
         if self._track and state.config.leak_threshold is not None:
-            self._timer = _leak_timer(self._pool, state.config.leak_threshold, "connection")
+            self._timer = leak_timer(self._pool, state.config.leak_threshold, "connection")
         return self._fairy.driver_connection
 
     def dbapi_error(self, exc: Exception, sql: str, args: Any) -> sqlalchemy.exc.DBAPIError:
@@ -264,7 +148,7 @@ class _Lease:
             adapter._handle_exception(exc)
         except Exception as adapted:
             error = sqlalchemy.exc.DBAPIError.instance(
-                sql, args, adapted, adapter.dbapi.Error, dialect=_DIALECT
+                sql, args, adapted, adapter.dbapi.Error, dialect=DIALECT
             )
             assert isinstance(error, sqlalchemy.exc.DBAPIError)
             return error
@@ -284,7 +168,7 @@ class _Lease:
         return (
             exc
             if isinstance(exc, ConnectionLost)
-            else lost_error(self._pool._for_loop().config, exc, sql, args)
+            else lost_error(self._pool.for_loop().config, exc, sql, args)
         )
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

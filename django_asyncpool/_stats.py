@@ -89,6 +89,7 @@ class Stats:
     created: int = 0  # new connections (sync: counted when first handed out)
     reused: int = 0  # checkouts of a connection handed out before
     invalidated: int = 0  # found dead (or returned broken) and replaced
+    pings: int = 0
     leaks: int = 0  # leak warnings
     waiting: int = 0  # async: callers waiting for a connection now
     fallbacks: dict[str, int] = field(default_factory=dict)  # async_orm: thread path, by method

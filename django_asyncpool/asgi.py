@@ -10,7 +10,8 @@ the application in ``asgi.py``::
 
 or wrap your own stack with ``PoolLifespan(app)``. At startup, aliases with
 ``OPTIONS["warmup"]`` open an async connection on the server's event loop (a
-failure fails the startup, so the server exits instead of serving errors); at
+failure, :class:`~.errors.DatabaseUnavailable` as the sync warm-up's, fails the
+startup, so the server exits instead of serving errors); at
 shutdown every async pool of this process and every sync pool is closed, so the
 server sees clean disconnects instead of broken sockets.
 """
@@ -23,6 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from . import config as _config
+from .errors import PoolError, unreachable
 
 __all__ = ["PoolLifespan", "close_all", "get_asgi_application", "warm_up_async"]
 
@@ -50,11 +52,9 @@ async def warm_up_async() -> None:
             async with asyncio.timeout(conf.warmup):
                 async with ConnectionPool(alias).connection(failover=False) as conn:
                     await conn.execute("select 1")
-        except TimeoutError as exc:
-            raise TimeoutError(
-                f"Database {conf.describe()} did not answer within OPTIONS['warmup'] = "
-                f"{conf.warmup:g}s at startup. Check that the server is up and reachable."
-            ) from exc
+        except (TimeoutError, OSError, PoolError) as exc:
+            # As the sync warm-up fails (apps.py): one error type, one message.
+            raise unreachable(conf, conf.warmup, exc) from exc
 
 
 async def close_all() -> None:

@@ -17,17 +17,20 @@ own database errors keep catching them::
 
 Messages never contain a password or a full DSN: they name the alias, the
 host and the database, and say what to do: :func:`redact` takes a password out
-of any text shown, and :func:`pool_timeout` writes the one PoolTimeout message
-both pools raise.
+of any text shown, :func:`pool_timeout` writes the one PoolTimeout message both
+pools raise, and :func:`unreachable` the DatabaseUnavailable of both warm-ups.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg_pool
 import sqlalchemy.exc
 from django.db import OperationalError
+
+if TYPE_CHECKING:
+    from .config import AliasConfig
 
 __all__ = [
     "AsyncConnectionLost",
@@ -42,6 +45,7 @@ __all__ = [
     "SyncPoolTimeout",
     "pool_timeout",
     "redact",
+    "unreachable",
 ]
 
 
@@ -144,4 +148,15 @@ def pool_timeout(
         f"Raise {knobs}, or find the code holding connections "
         "(OPTIONS['leak_threshold'] logs where they were taken).",
         alias=alias,
+    )
+
+
+def unreachable(config: AliasConfig, timeout: float, exc: BaseException) -> DatabaseUnavailable:
+    """Return the DatabaseUnavailable of a warm-up (either pool's) that failed with ``exc``."""
+    reason = redact(str(exc).strip(), config.password) or type(exc).__name__
+    return DatabaseUnavailable(
+        f"Database {config.describe()} could not be reached at startup within "
+        f"OPTIONS['warmup'] = {timeout:g}s: {reason}. Check that the server is up and "
+        "reachable, or remove OPTIONS['warmup'] to open the pool on first use.",
+        alias=config.alias,
     )

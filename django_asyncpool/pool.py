@@ -7,8 +7,9 @@ loop that opened them): uvicorn's long loop keeps one; Django's dev server,
 engine of such a loop is disposed while the loop shuts down.
 
 Every checkout, whether from a session, ``connection()`` or the ORM, goes through
-:class:`~django_asyncpool._fairpool._GuardedPool`, which puts the alias's breaker and retries around
-SQLAlchemy's own pool and checks liveness without a round trip.
+:class:`~django_asyncpool._fairpool.GuardedPool`, which puts the alias's breaker and
+retries around SQLAlchemy's own pool; the engines and their liveness checks are
+:mod:`._asyncpool`'s, the scopes :mod:`._scopes`' and :mod:`._readonly`'s.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ import asyncpg
 import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from . import _failover, _registry, metrics
-from ._engines import _LoopEngine
-from ._fairpool import _GuardedPool
-from ._scopes import _discard, _Lease, _retryable, _SessionScope
+from . import _failover, _registry, _stats, metrics
+from ._asyncpool import _LoopState  # this module owns the loop states: it makes them
+from ._readonly import ReadOnlyScope
+from ._scopes import ConnectionLease, SessionScope, discard, retryable
 from ._stats import Stats
 
-__all__ = ["ConnectionPool", "session_scope"]
+__all__ = ["ConnectionLease", "ConnectionPool", "session_scope"]
 
 logger = logging.getLogger("django_asyncpool")
 T = TypeVar("T")
@@ -46,8 +47,8 @@ class ConnectionPool:
     stats: Stats
     #: ``OPTIONS["failover_to"]``: while this alias is down its reads go there.
     failover_to: tuple[str, ...]
-    _loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopEngine]
-    _last: tuple[asyncio.AbstractEventLoop, _LoopEngine] | None  # the hot path's one lookup
+    _loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState]
+    _last: tuple[asyncio.AbstractEventLoop, _LoopState] | None  # the hot path's one lookup
 
     def __new__(cls, alias: str = "default") -> ConnectionPool:
         try:
@@ -68,11 +69,17 @@ class ConnectionPool:
             return cls._instances[alias]
 
     def __repr__(self) -> str:
-        return f"<ConnectionPool {self.alias!r} loops={len(self._loops)}>"
+        return f"<ConnectionPool {self.alias!r} loops={self.loops}>"
+
+    @property
+    def loops(self) -> int:
+        """Return how many event loops have engines of this pool now."""
+        return len(self._loops)
 
     # -- engines -------------------------------------------------------------------------
 
-    def _for_loop(self) -> _LoopEngine:
+    def for_loop(self) -> _LoopState:
+        """Return the running event loop's engines (made on first use)."""
         loop = asyncio.get_running_loop()
         last = self._last
         if last is not None and last[0] is loop:
@@ -81,19 +88,19 @@ class ConnectionPool:
         self._last = (loop, state)
         return state
 
-    def _start(self, loop: asyncio.AbstractEventLoop) -> _LoopEngine:
+    def _start(self, loop: asyncio.AbstractEventLoop) -> _LoopState:
         for other in [lp for lp in self._loops if lp.is_closed()]:
             # A loop closed without shutting down its async generators: its sockets
             # go with the engine's garbage.
             del self._loops[other]
-        state = _LoopEngine(self.stats, _registry.config(self.alias))
+        state = _LoopState(self.stats, _registry.config(self.alias))
         self._loops[loop] = state
         return state
 
     @property
     def engine(self) -> AsyncEngine:
         """The read-write ``AsyncEngine`` of the running event loop."""
-        return self._for_loop().engine
+        return self.for_loop().engine
 
     # -- sessions and connections --------------------------------------------------------
 
@@ -101,20 +108,21 @@ class ConnectionPool:
         """Return a new ``AsyncSession`` with a connection checked out; the caller closes it."""
         if self.failover_to:
             return await _failover.get_connection(self)
-        return await self._session(self._for_loop().engine)
+        return await self.open_session(self.for_loop().engine)
 
-    async def _session(
+    async def open_session(
         self, engine: AsyncEngine, options: dict[str, Any] | None = None
     ) -> AsyncSession:
+        """Return a new ``AsyncSession`` on ``engine`` with a connection checked out."""
         session = AsyncSession(engine, expire_on_commit=False)
         try:
             await session.connection(execution_options=options)
         except BaseException:
-            await _discard(session)
+            await discard(session)
             raise
         return session
 
-    def session_scope(self, *, readonly: bool = False) -> _SessionScope | _failover.FailoverScope:
+    def session_scope(self, *, readonly: bool = False) -> SessionScope | _failover.FailoverScope:
         """Return an async context manager: an ``AsyncSession`` in a transaction.
 
         Commit on success, roll back on any exception (re-raised), always close.
@@ -123,9 +131,9 @@ class ConnectionPool:
         """
         if self.failover_to:
             return _failover.FailoverScope(self, readonly)
-        return _SessionScope(self, readonly)
+        return ReadOnlyScope(self) if readonly else SessionScope(self)
 
-    def connection(self, *, failover: bool = True) -> _Lease | _failover.FailoverLease:
+    def connection(self, *, failover: bool = True) -> ConnectionLease | _failover.FailoverLease:
         """Return an async context manager yielding a raw ``asyncpg.Connection``.
 
         The fast path: no session, no transaction unless you start one, under the
@@ -135,7 +143,7 @@ class ConnectionPool:
         """
         if failover and self.failover_to:
             return _failover.FailoverLease(self)
-        return _Lease(self)
+        return ConnectionLease(self)
 
     async def run_transaction(
         self, fn: Callable[[AsyncSession], Awaitable[T]], *, attempts: int = 3
@@ -150,7 +158,7 @@ class ConnectionPool:
                 async with self.session_scope() as session:
                     return await fn(session)
             except (sqlalchemy.exc.DBAPIError, asyncpg.PostgresError) as exc:
-                if attempt == attempts or not _retryable(exc):
+                if attempt == attempts or not retryable(exc):
                     raise
                 logger.warning(
                     "Transaction on %r failed (%s), running it again (%d of %d)",
@@ -178,43 +186,37 @@ class ConnectionPool:
 
     @property
     def metrics(self) -> dict[str, Any]:
-        """Return a snapshot of the async side's runtime statistics, as a plain dict."""
-        stats = self.stats
-        size = in_use = idle = overflow = 0
-        for state in list(self._loops.values()):
-            for engine in (state.engine, state._readonly):
-                if engine is None:
-                    continue
-                pool = engine.sync_engine.pool
-                assert isinstance(pool, _GuardedPool)
-                size += pool.size()
-                in_use += pool.checkedout()
-                idle += pool.checkedin()
-                overflow += max(pool.overflow(), 0)
+        """Return the pool's snapshot (``_stats.SNAPSHOT_KEYS``): every loop's engines, summed."""
+        idle = in_use = 0
+        for _ in range(3):  # another thread may add or drop a loop meanwhile
+            try:
+                states = list(self._loops.values())
+                break
+            except RuntimeError:
+                continue
+        else:
+            states = []
+        for state in states:
+            loop_idle, loop_in_use = state.counts()
+            idle += loop_idle
+            in_use += loop_in_use
         guard = _registry.guard(self.alias)
-        return {
-            "alias": self.alias,
-            "loops": len(self._loops),
-            "pool_size": size,
-            "max_overflow": guard.config.async_pool.max_overflow,
-            "overflow": overflow,
-            "in_use": in_use,
-            "idle": idle,
-            "waiting": stats.waiting,
-            "attempts": stats.attempts,
-            "failures": stats.failures,
-            "timeouts": stats.timeouts,
-            "created": stats.created,
-            "reused": max(stats.checkouts - stats.created, 0),
-            "invalidated": stats.invalidated,
-            "leaks": stats.leaks,
-            "breaker_state": guard.state,
-            "breaker_failures": guard.breaker.fail_counter,
-        }
+        options = guard.config.async_pool
+        return _stats.snapshot(
+            self.alias,
+            "async",
+            self.stats,
+            guard,
+            idle=idle,
+            in_use=in_use,
+            waiting=self.stats.waiting,
+            min_size=0,
+            max_size=options.pool_size + options.max_overflow,
+        )
 
 
 def session_scope(
     using: str = "default", *, readonly: bool = False
-) -> _SessionScope | _failover.FailoverScope:
+) -> SessionScope | _failover.FailoverScope:
     """Return ``ConnectionPool(using).session_scope(readonly=readonly)``, for views."""
     return ConnectionPool(using).session_scope(readonly=readonly)

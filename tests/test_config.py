@@ -15,7 +15,7 @@ from django.db.utils import ConnectionHandler
 from sqlalchemy import text
 
 from django_asyncpool import session_scope
-from django_asyncpool._engines import connect_kwargs
+from django_asyncpool._asyncpool import connect_kwargs
 from django_asyncpool.base import DatabaseWrapper
 from django_asyncpool.config import (
     ENGINE,

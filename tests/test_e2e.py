@@ -434,8 +434,9 @@ def test_demo_pool_metrics_move_under_uvicorn(demo: Demo) -> None:
     before = _get(f"{demo.base}/pool/").json()["replica"]["async"]
     for _ in range(20):
         assert _get(f"{demo.base}/products/3/").status_code == 200
-    after = _get(f"{demo.base}/pool/").json()["replica"]["async"]
-    assert after["loops"] == 1  # uvicorn's one long loop: one engine
+    pools = _get(f"{demo.base}/pool/").json()["replica"]
+    after = pools["async"]
+    assert pools["async_loops"] == 1  # uvicorn's one long loop: one engine
     assert after["created"] + after["reused"] == before["created"] + before["reused"] + 20
     assert after["created"] <= 15  # pool_size + max_overflow: connections are reused
     assert after["in_use"] == 0 and after["breaker_state"] == "closed"
@@ -501,7 +502,7 @@ def test_runserver_runs_every_view_each_on_a_fresh_loop(demo: Demo) -> None:
         assert httpx.post(f"{base}/orders/", json=order).status_code == 201
         assert httpx.post(f"{base}/orders/", content=b"nope").status_code == 400
         pools = _get(f"{base}/pool/").json()
-        assert pools["replica"]["async"]["loops"] <= 1  # closed loops' engines are gone
+        assert pools["replica"]["async_loops"] <= 1  # closed loops' engines are gone
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)

@@ -226,7 +226,7 @@ async def test_a_waiter_cancelled_in_the_queue_leaks_nothing(make_alias, pg, db_
             await waiter
         assert pool.stats.waiting == 0
     metrics = pool.metrics
-    assert (metrics["in_use"], metrics["idle"], metrics["pool_size"]) == (0, 1, 1), metrics
+    assert (metrics["in_use"], metrics["idle"], metrics["max_size"]) == (0, 1, 1), metrics
     started = time.monotonic()
     assert await select_one(pool) == 1  # the one connection is free at once
     assert time.monotonic() - started < 0.5

@@ -369,16 +369,19 @@ def test_a_healthy_idle_connection_is_pinged_and_kept(make_alias) -> None:
         async with ConnectionPool(alias).connection() as conn:
             return int(await conn.fetchval("select pg_backend_pid()"))
 
-    async def scenario() -> tuple[int, int, int]:
+    async def scenario() -> tuple[int, int, int, int]:
+        stats = ConnectionPool(alias).stats
         first = await pid()
+        pings = stats.pings
         await asyncio.sleep(0.1)  # idle past liveness_bypass: the checkout pings it
         second = await pid()
         invalidated = ConnectionPool(alias).metrics["invalidated"]
         await ConnectionPool(alias).close()
-        return first, second, invalidated
+        return first, second, invalidated, stats.pings - pings
 
-    first, second, invalidated = asyncio.run(scenario())
+    first, second, invalidated, pinged = asyncio.run(scenario())
     assert (second, invalidated) == (first, 0)
+    assert pinged == 1  # pinged, found alive, and kept
 
 
 @pytest.mark.slow

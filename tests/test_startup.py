@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from django.apps import apps
 from django.core.asgi import get_asgi_application
 
 from django_asyncpool import DatabaseUnavailable
-from django_asyncpool.asgi import PoolLifespan
+from django_asyncpool.asgi import PoolLifespan, warm_up_async
 from django_asyncpool.base import DatabaseWrapper
 from testproject.pgserver import PASSWORD, LocalPostgres
 
@@ -77,6 +78,17 @@ def test_warmup_fails_fast_when_unreachable(make_alias: Callable[..., str]) -> N
     assert "Connection refused" in message or "connection failed" in message
     assert PASSWORD not in message
     assert name not in DatabaseWrapper._connection_pools  # nothing half-open left behind
+
+
+def test_async_warmup_fails_as_the_sync_one(make_alias: Callable[..., str]) -> None:
+    name = make_alias(
+        HOST="127.0.0.1", PORT=closed_port(), OPTIONS={"warmup": 1, "retry": {"max_tries": 1}}
+    )
+    with pytest.raises(DatabaseUnavailable) as info:
+        asyncio.run(warm_up_async())
+    message = str(info.value)
+    assert f"'{name}'" in message and "OPTIONS['warmup'] = 1s" in message
+    assert PASSWORD not in message
 
 
 class Server:

@@ -370,8 +370,10 @@ async def pool_metrics(request: HttpRequest) -> HttpResponse:
     body: dict[str, Any] = {}
     for alias in settings.DATABASES:
         sync = DatabaseWrapper._connection_pools.get(alias)
+        pool = ConnectionPool(alias)
         body[alias] = {
-            "async": ConnectionPool(alias).metrics,
+            "async": pool.metrics,
+            "async_loops": pool.loops,
             "sync": sync.get_stats() if sync is not None else None,
         }
     return JsonResponse(body)

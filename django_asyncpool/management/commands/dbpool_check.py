@@ -217,7 +217,7 @@ def _probe_async(alias: str, deadline: float) -> dict[str, Any]:
             version = await conn.fetchval(SERVER_VERSION)
             t2 = time.monotonic()
         metrics = pool.metrics
-        keys = ("pool_size", "max_overflow", "overflow", "in_use", "idle", "waiting")
+        keys = ("size", "max_size", "idle", "in_use", "waiting")  # the snapshot's, as sync
         return {
             "server_version": version,
             "connect_ms": _ms(t1 - t0),
@@ -269,16 +269,11 @@ def _breaker(alias: str) -> dict[str, Any]:
 
 
 def _pool_text(side: str, pool: dict[str, Any]) -> str:
-    if side == "sync":
-        if not pool.get("enabled"):
-            return "no pool (OPTIONS['pool'] = False)"
-        return (
-            f"size {pool['size']}/{pool['max_size']}, idle {pool['idle']}, "
-            f"in use {pool['in_use']}, waiting {pool['waiting']}"
-        )
+    if side == "sync" and not pool.get("enabled"):
+        return "no pool (OPTIONS['pool'] = False)"
     return (
-        f"size {pool['pool_size']} + overflow {pool['overflow']}/{pool['max_overflow']}, "
-        f"idle {pool['idle']}, in use {pool['in_use']}, waiting {pool['waiting']}"
+        f"size {pool['size']}/{pool['max_size']}, idle {pool['idle']}, "
+        f"in use {pool['in_use']}, waiting {pool['waiting']}"
     )
 
 

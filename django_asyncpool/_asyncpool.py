@@ -1,0 +1,350 @@
+"""The async pool: per event loop, SQLAlchemy ``AsyncEngine``s over asyncpg, guarded.
+
+The async half of the pool, as :mod:`._syncpool` is the sync half. It owns:
+
+* :class:`_LoopState`: one event loop's engines (read-write, and read-only when
+  first used), each on a :class:`~._fairpool.GuardedPool`, disposed while the
+  loop shuts down (asyncpg connections belong to the loop that opened them);
+* :class:`_Listeners`: what the pool does at connect, checkout (the liveness
+  rules of :mod:`._liveness`), error and check-in;
+* :func:`connect_kwargs`, the asyncpg arguments of an alias, and the "connection
+  lost" test and error (:func:`is_lost`, :func:`lost_error`).
+
+:class:`~.pool.ConnectionPool` is the public face; the scopes it hands out are in
+:mod:`._scopes` and :mod:`._readonly`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+from urllib.parse import urlencode
+
+import asyncpg
+import sqlalchemy.exc
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.util.concurrency import await_
+
+from . import _registry
+from ._fairpool import GuardedPool
+from ._liveness import clock, due_for_ping, socket_readable
+from ._stats import Stats
+from .config import AliasConfig, refuse_unusable
+from .errors import AsyncConnectionLost, redact
+
+__all__ = ["connect_kwargs", "is_lost", "lost_error", "run_at_loop_shutdown"]
+
+_ASYNCPG_DSN_KEYS = frozenset(
+    {
+        "sslmode",
+        "sslcert",
+        "sslkey",
+        "sslrootcert",
+        "sslcrl",
+        "sslpassword",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "target_session_attrs",
+        "krbsrvname",
+        "gsslib",
+        "passfile",
+    }
+)
+#: The server closing the connection: admin_shutdown (pg_terminate_backend, fast
+#: shutdown), crash_shutdown, cannot_connect_now, idle_session_timeout.
+_GOODBYE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
+
+
+#: In a record's info: a new connection, not yet checked out (the next checkout is no reuse).
+_FRESH = "asyncpool_fresh"
+#: In a record's info: :func:`~._liveness.clock` when it opened or last came back.
+_RETURNED = "asyncpool_returned_at"
+#: In a record's info: :func:`~._liveness.clock` at the checkout, for the time it is held.
+_TAKEN = "asyncpool_taken_at"
+
+
+def connect_kwargs(config: AliasConfig) -> dict[str, Any]:
+    """Return ``asyncpg.connect()`` keyword arguments for ``config``."""
+    params = dict(config.params)
+    # libpq's comma-separated lists (several hosts) are lists for asyncpg; a host that
+    # is a directory is a unix socket for both.
+    host: str | list[str] | None = config.host or None
+    if "," in config.host:
+        host = config.host.split(",")
+    port: int | list[int] | None = None
+    if isinstance(config.port, str):  # one per host; an empty one is the default
+        port = [int(p) if p else 5432 for p in config.port.split(",")]
+    elif config.port:
+        port = config.port
+    kwargs: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "user": config.user or None,
+        "password": config.password or None,
+        "database": config.dbname,
+    }
+    server_settings: dict[str, str] = {}
+    if "application_name" in params:
+        server_settings["application_name"] = str(params["application_name"])
+    for part in str(params.get("options", "")).split("-c"):
+        if "=" in part:
+            key, value = part.strip().split("=", 1)
+            server_settings[key.strip()] = value.strip()
+    if "connect_timeout" in params:
+        kwargs["timeout"] = float(params["connect_timeout"])
+    if server_settings:
+        kwargs["server_settings"] = server_settings
+    dsn_query = urlencode({k: params[k] for k in sorted(_ASYNCPG_DSN_KEYS & set(params))}, safe="/")
+    if dsn_query:
+        kwargs["dsn"] = f"postgresql://?{dsn_query}"
+    if config.pgbouncer:
+        kwargs["statement_cache_size"] = 0
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def is_lost(exc: BaseException) -> bool:
+    """Return True if asyncpg's ``exc`` says the connection died (not the query failed).
+
+    The server's goodbye (shutdown, pg_terminate_backend) that arrives between two
+    messages of a statement (after its Parse, before its Bind) leaves asyncpg's
+    protocol out of step for good: the statement fails with InternalClientError.
+    """
+    return (
+        isinstance(
+            exc,
+            (
+                asyncpg.exceptions.ConnectionDoesNotExistError,
+                asyncpg.exceptions.InternalClientError,
+                ConnectionError,
+            ),
+        )
+        or getattr(exc, "sqlstate", None) in _GOODBYE_SQLSTATES
+    )
+
+
+def lost_error(
+    config: AliasConfig, exc: BaseException, statement: str | None = None, params: Any = None
+) -> AsyncConnectionLost:
+    """Return the error a caller sees for a connection that died under a query."""
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        # Say what happened rather than asyncpg's internals ("cannot switch to state").
+        exc = asyncpg.exceptions.ConnectionDoesNotExistError(
+            "the server closed the connection during the request"
+        )
+    return AsyncConnectionLost(
+        f"The connection to database {config.describe()} was lost during a query "
+        f"({redact(str(exc).strip(), config.password) or type(exc).__name__}) and discarded: "
+        "the server restarted, the backend was terminated or the network failed. Run the "
+        "transaction again once the server answers (ConnectionPool.run_transaction() does).",
+        alias=config.alias,
+        statement=statement,
+        params=params,
+        orig=exc,
+    )
+
+
+def _closed_by_server(raw: Any) -> bool:
+    """Return True when an idle asyncpg connection is closed, or has bytes (or EOF) waiting.
+
+    The event loop may not have processed the server's goodbye yet.
+    """
+    if raw.is_closed():
+        return True
+    transport = getattr(raw, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock is not None and socket_readable(sock.fileno())
+
+
+class _Listeners:
+    """The pool events of one engine, registered on it: liveness, accounting, lost connections.
+
+    A record is stamped with :func:`~._liveness.clock` when it opens and each time it
+    comes back (``_RETURNED``); at checkout the rules of :mod:`._liveness` decide
+    whether it is pinged.
+    """
+
+    __slots__ = ("bypass", "config", "metered", "ping_timeout", "stats")
+
+    def __init__(self, config: AliasConfig, stats: Stats) -> None:
+        self.config = config
+        self.stats = stats
+        self.bypass = config.liveness_bypass
+        self.ping_timeout = config.async_pool.timeout
+        self.metered = config.metrics
+
+    def register(self, engine: AsyncEngine) -> None:
+        target = engine.sync_engine
+        event.listen(target, "connect", self.connect)
+        event.listen(target, "checkout", self.checkout)
+        event.listen(target, "handle_error", self.handle_error)
+        event.listen(target, "checkin", self.checkin)
+
+    def connect(self, dbapi_connection: Any, record: Any) -> None:
+        self.stats.created += 1
+        record.info[_RETURNED] = clock()  # new: no ping at its first checkout
+        record.info[_FRESH] = True
+
+    def checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        raw = dbapi_connection.driver_connection
+        stats = self.stats
+        if _closed_by_server(raw):
+            stats.invalidated += 1
+            raise sqlalchemy.exc.DisconnectionError("the server closed the connection")
+        info = record.info
+        now = clock()
+        if due_for_ping(info.get(_RETURNED, 0.0), now, self.bypass):
+            stats.pings += 1
+            try:
+                # Bounded: on a dead network path (packets dropped, nothing refused)
+                # an unbounded ping would hang the checkout for good.
+                await_(raw.execute("select 1", timeout=self.ping_timeout))
+            except Exception as exc:
+                stats.invalidated += 1
+                # Now: SQLAlchemy's invalidation would first try a graceful close,
+                # for up to 2 s more on a dead path.
+                raw.terminate()
+                raise sqlalchemy.exc.DisconnectionError(str(exc)) from exc
+        if not info.pop(_FRESH, False):
+            stats.reused += 1
+        if self.metered:
+            info[_TAKEN] = now
+
+    def handle_error(self, context: Any) -> Exception | None:
+        # The server's goodbye (shutdown, pg_terminate_backend) arrives as an error
+        # before the socket closes, so the dialect's is_disconnect() (is_closed())
+        # says no and the session would ROLLBACK on the dying connection. When it
+        # arrives between two statements, asyncpg's protocol is left mid-error and
+        # the next one fails with InternalClientError ("another operation is in
+        # progress"): the connection is out of step for good. Only this connection
+        # is thrown away; the checkout liveness check finds the others.
+        exc = context.original_exception
+        cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+        if is_lost(exc) or is_lost(cause):
+            context.is_disconnect = True
+            context.invalidate_pool_on_disconnect = False
+        if (
+            not context.is_disconnect
+            or context.connection is None
+            or not isinstance(exc, Exception)  # cancelled: SQLAlchemy calls it a disconnect
+        ):
+            return None
+        # One error for a lost connection, whichever way asyncpg said it (the
+        # server's goodbye, "connection was closed in the middle of operation", a
+        # reset socket): ours, and SQLAlchemy's OperationalError.
+        return lost_error(self.config, cause, context.statement, context.parameters)
+
+    def checkin(self, dbapi_connection: Any, record: Any) -> None:
+        info = record.info
+        now = info[_RETURNED] = clock()
+        taken = info.pop(_TAKEN, None)
+        if taken is not None:
+            self.stats.held.observe(now - taken)
+
+
+def _create_engine(config: AliasConfig, stats: Stats, *, readonly: bool) -> AsyncEngine:
+    """Return a new engine of ``config`` on a :class:`GuardedPool`, its listeners registered."""
+    kwargs = connect_kwargs(config)
+    if readonly and not config.pgbouncer:
+        # Every statement in autocommit is its own read-only transaction: writes
+        # are refused by the server, at no round-trip cost.
+        kwargs.setdefault("server_settings", {})["default_transaction_read_only"] = "on"
+
+    async def connect() -> Any:
+        return await asyncpg.connect(**kwargs)
+
+    def creator() -> Any:
+        # create_async_engine(async_creator=) would drop the adapter's arguments:
+        # SQLAlchemy's own prepared-statement cache must be off behind PgBouncer.
+        dbapi: Any = engine.sync_engine.dialect.dbapi
+        return dbapi.connect(
+            async_creator_fn=connect,
+            prepared_statement_cache_size=0 if config.pgbouncer else 100,
+        )
+
+    options = config.async_pool
+    # Behind PgBouncer a read-only scope runs in BEGIN READ ONLY ... ROLLBACK: it
+    # accepts no startup setting, and autocommit would leave writes unchecked.
+    autocommit = readonly and not config.pgbouncer
+    # SQLAlchemy makes the pool itself from poolclass (and again in recreate()), so
+    # the guard and stats ride on a per-engine subclass, as class attributes.
+    poolclass = type(
+        "GuardedPool",
+        (GuardedPool,),
+        {"guard": _registry.guard(config.alias), "stats": stats, "metered": config.metrics},
+    )
+    engine = create_async_engine(
+        "postgresql+asyncpg://",
+        creator=creator,
+        poolclass=poolclass,
+        pool_size=options.pool_size,
+        max_overflow=options.max_overflow,
+        pool_recycle=options.recycle,
+        pool_timeout=options.timeout,
+        # Our scopes always end their transactions; a ROLLBACK per return would
+        # cost a round trip for nothing.
+        pool_reset_on_return=None,
+        echo=options.echo,
+        isolation_level="AUTOCOMMIT" if autocommit else None,
+        execution_options={"postgresql_readonly": True} if readonly and not autocommit else {},
+    )
+    _Listeners(config, stats).register(engine)
+    return engine
+
+
+def run_at_loop_shutdown(cleanup: Callable[[], Coroutine[Any, Any, None]]) -> Any:
+    """Have the running loop await ``cleanup()`` when it shuts its async generators down.
+
+    ``asyncio.run()`` and asgiref call ``loop.shutdown_asyncgens()`` before closing a
+    loop; it closes every async generator the loop saw start, running its
+    ``finally``. So an async generator started here (run to its ``yield`` by
+    hand: that registers it with the running loop, through the loop's firstiter
+    hook) is a hook on the loop's shutdown that needs no change to the loop. Keep
+    the returned generator referenced for as long as the cleanup should run: a
+    generator collected earlier is closed (and cleans up) then.
+    """
+
+    async def guardian() -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await cleanup()
+
+    gen = guardian()
+    with contextlib.suppress(StopIteration):
+        gen.asend(None).send(None)  # type: ignore[attr-defined]
+    return gen
+
+
+class _LoopState:
+    """The engines of one event loop: read-write, and read-only (made when first used)."""
+
+    def __init__(self, stats: Stats, config: AliasConfig) -> None:
+        refuse_unusable(config)
+        self.stats = stats
+        self.config = config
+        self.engine = _create_engine(config, stats, readonly=False)
+        self._readonly: AsyncEngine | None = None
+        self._guardian = run_at_loop_shutdown(self.dispose)
+
+    @property
+    def readonly(self) -> AsyncEngine:
+        if self._readonly is None:
+            self._readonly = _create_engine(self.config, self.stats, readonly=True)
+        return self._readonly
+
+    def counts(self) -> tuple[int, int]:
+        """Return ``(idle, in_use)`` connections of this loop's engines."""
+        idle = in_use = 0
+        for engine in (self.engine, self._readonly):
+            if engine is not None:
+                pool: Any = engine.sync_engine.pool
+                idle += pool.checkedin()
+                in_use += pool.checkedout()
+        return idle, in_use
+
+    async def dispose(self) -> None:
+        for engine in (self.engine, self._readonly):
+            if engine is not None:
+                await engine.dispose()
