@@ -20,6 +20,8 @@ import prometheus_client
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from . import metrics
+
 __all__ = ["start", "start_from_settings", "stop"]
 
 logger = logging.getLogger("django_asyncpool")
@@ -33,7 +35,7 @@ _warned: set[int] = set()
 
 def scrape_registry() -> CollectorRegistry:
     """Return what a scrape should read: every process's files, or this process's REGISTRY."""
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ:
+    if metrics.multiprocess():
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return registry
@@ -46,8 +48,6 @@ def start(port: int, addr: str = "0.0.0.0") -> int | None:
     Idempotent within a process: a second call returns the port already served.
     """
     global _server, _server_pid, _port
-    from . import metrics
-
     metrics.install()
     with _lock:
         if _server is not None and _server_pid == os.getpid():

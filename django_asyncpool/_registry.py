@@ -8,6 +8,7 @@ pool and its async pool::
     config(alias)        its AliasConfig, read again only when its settings change
     guard(alias)         its Guard
     stats(alias, side)   its Stats: "sync", "async" or "async_orm"
+    snapshots(alias)     every pool's snapshot, one shape (what everything renders)
     sync_pools           {alias: SyncPool}; DatabaseWrapper._connection_pools is this dict
     async_pools          {alias: ConnectionPool}; ConnectionPool(alias) is found here
     reset(alias=None)    settings changed: pools closed, guard and config dropped
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -33,7 +35,7 @@ from django.core.signals import setting_changed
 from . import _shared
 from . import config as _config
 from ._guard import Guard
-from ._stats import Stats
+from ._stats import Stats, snapshot
 
 if TYPE_CHECKING:
     from ._syncpool import SyncPool
@@ -50,6 +52,7 @@ __all__ = [
     "guards",
     "on_reset",
     "reset",
+    "snapshots",
     "stats",
     "sync_pools",
     "transitions",
@@ -63,7 +66,7 @@ _configs: dict[str, tuple[str, _config.AliasConfig]] = {}
 _guards: dict[str, Guard] = {}
 #: alias -> how many times its breaker entered each state, across its guards
 _entered: dict[str, Counter[str]] = {}
-_stats: dict[tuple[str, str], Stats] = {}
+_counters: dict[tuple[str, str], Stats] = {}
 sync_pools: dict[str, SyncPool] = {}
 async_pools: dict[str, ConnectionPool] = {}
 _reported: set[tuple[str, str]] = set()
@@ -148,16 +151,42 @@ def transitions() -> dict[str, dict[str, int]]:
 def stats(alias: str, side: str) -> Stats:
     """Return the statistics of ``alias``'s ``side`` ("sync", "async" or "async_orm")."""
     try:
-        return _stats[alias, side]
+        return _counters[alias, side]
     except KeyError:
         pass
     with _lock:
-        return _stats.setdefault((alias, side), Stats())
+        return _counters.setdefault((alias, side), Stats())
 
 
 def all_stats() -> list[tuple[str, str, Stats]]:
     """Return ``(alias, side, stats)`` for every alias and side used in this process."""
-    return [(alias, side, s) for (alias, side), s in list(_stats.items())]
+    return [(alias, side, s) for (alias, side), s in list(_counters.items())]
+
+
+def snapshots(alias: str | None = None) -> list[dict[str, Any]]:
+    """Return the snapshot (``_stats.SNAPSHOT_KEYS``) of every pool of this process.
+
+    One per alias and side that has statistics: a side whose pool is gone (closed,
+    reset) still has its counters, with nothing open. ``alias`` keeps only its own.
+    """
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for name, sync in list(sync_pools.items()):
+        found[name, "sync"] = sync.snapshot()
+    for name, pool in list(async_pools.items()):
+        found[name, "async"] = pool.metrics
+    # Looked up, not imported: this module is below the native ORM's, and with it not
+    # imported there is no such pool to report.
+    orm = sys.modules.get("django_asyncpool._ormpool")
+    if orm is not None:
+        for snap in orm.snapshots():
+            found[snap["alias"], snap["pool"]] = snap
+    for name, side, counters in all_stats():
+        if (name, side) not in found:
+            found[name, side] = snapshot(
+                name, side, counters, _guards.get(name),
+                idle=0, in_use=0, waiting=0, min_size=0, max_size=0,
+            )  # fmt: skip
+    return [snap for (name, _), snap in sorted(found.items()) if alias in (None, name)]
 
 
 def reset(alias: str | None = None) -> None:

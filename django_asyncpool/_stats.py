@@ -89,7 +89,7 @@ class Stats:
     created: int = 0  # new connections (sync: counted when first handed out)
     reused: int = 0  # checkouts of a connection handed out before
     invalidated: int = 0  # found dead (or returned broken) and replaced
-    pings: int = 0
+    pings: int = 0  # liveness pings at checkout (idle past liveness_bypass)
     leaks: int = 0  # leak warnings
     waiting: int = 0  # async: callers waiting for a connection now
     fallbacks: dict[str, int] = field(default_factory=dict)  # async_orm: thread path, by method
@@ -165,9 +165,11 @@ SNAPSHOT_KEYS = (
     "min_size",
     "max_size",  # the cap: the sync pool's max_size, async pool_size + max_overflow
     "attempts",
+    "checkouts",  # attempts that got a connection
     "created",
     "reused",
     "invalidated",
+    "pings",
     "timeouts",
     "failures",
     "rejected",
@@ -201,9 +203,11 @@ def snapshot(
         "min_size": min_size,
         "max_size": max_size,
         "attempts": stats.attempts,
+        "checkouts": stats.checkouts,
         "created": stats.created,
         "reused": stats.reused,
         "invalidated": stats.invalidated,
+        "pings": stats.pings,
         "timeouts": stats.timeouts,
         "failures": stats.failures,
         "rejected": stats.rejected,

@@ -34,10 +34,14 @@ class DjangoAsyncpoolConfig(AppConfig):
     configs: dict[str, _config.AliasConfig]
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401  (registers the system checks)
-        from .metrics import setup as setup_metrics
+        from . import (
+            _exporter,
+            checks,  # noqa: F401  (registers the system checks)
+            metrics,
+        )
 
-        setup_metrics()  # registers the pool metrics (once); METRICS_ENABLED: the exporter
+        metrics.setup()  # registers the pool metrics (once)
+        _exporter.start_from_settings()  # METRICS_ENABLED: /metrics on METRICS_PORT
         self.configs = {
             alias: _config.from_settings(alias, settings_dict)
             for alias, settings_dict in settings.DATABASES.items()

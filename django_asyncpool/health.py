@@ -27,7 +27,6 @@ from health_check.base import HealthCheck
 from health_check.exceptions import ServiceUnavailable, ServiceWarning
 
 from . import _registry
-from . import config as _config
 
 __all__ = ["PoolCheck", "pool_checks"]
 
@@ -46,13 +45,13 @@ class PoolCheck(HealthCheck):  # type: ignore[misc]  # health_check ships no typ
     async def run(self) -> None:
         from .pool import ConnectionPool
 
-        guard = _registry.guard(self.alias)
-        if guard.state == "open":
+        pool = ConnectionPool(self.alias)
+        if pool.metrics["breaker_state"] == "open":
             raise ServiceUnavailable(
                 f"database {self.alias!r}: circuit breaker open after repeated connection failures"
             )
         try:
-            async with ConnectionPool(self.alias).connection(failover=False) as conn:
+            async with pool.connection(failover=False) as conn:
                 await conn.fetchval("select 1")
             await asyncio.to_thread(_select_one, self.alias)
         except Exception as exc:
@@ -60,7 +59,7 @@ class PoolCheck(HealthCheck):  # type: ignore[misc]  # health_check ships no typ
             raise ServiceUnavailable(
                 f"database {self.alias!r}: {type(exc).__name__} (see the log)"
             ) from exc
-        if guard.state == "half-open":
+        if pool.metrics["breaker_state"] == "half-open":
             raise ServiceWarning(f"database {self.alias!r}: circuit breaker half-open")
 
 
@@ -78,7 +77,5 @@ def _select_one(alias: str) -> None:
 def pool_checks(aliases: list[str] | None = None) -> list[tuple[type[PoolCheck], dict[str, Any]]]:
     """Return ``HealthCheckView`` checks for ``aliases`` (default: every alias of the ENGINE)."""
     if aliases is None:
-        from django.conf import settings
-
-        aliases = [a for a, d in settings.DATABASES.items() if d.get("ENGINE") == _config.ENGINE]
+        aliases = _registry.aliases()
     return [(PoolCheck, {"alias": alias}) for alias in aliases]

@@ -26,9 +26,7 @@ import atexit
 import contextlib
 import logging
 import os
-import sys
 import threading
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -38,7 +36,6 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from . import _registry, _shared, _stats
-from ._guard import Guard
 
 __all__ = ["METRICS", "exported_names", "flush", "install", "setup"]
 
@@ -219,18 +216,18 @@ def exported_names() -> dict[str, str]:
 
 # -- from plain data to the metric objects -----------------------------------------------------
 
-#: (metric, Stats -> value) of the counters kept in Stats.
-_COUNTERS: tuple[tuple[Counter, str, Callable[[_stats.Stats], int]], ...] = (
-    (ATTEMPTS, "success", lambda s: s.checkouts),
-    (ATTEMPTS, "failure", lambda s: s.failures - s.timeouts),
-    (ATTEMPTS, "timeout", lambda s: s.timeouts),
-    (ATTEMPTS, "rejected", lambda s: s.rejected),
-    (CREATED, "", lambda s: s.created),
-    (REUSED, "", lambda s: s.reused),
-    (INVALIDATED, "", lambda s: s.invalidated),
-    (TIMEOUTS, "", lambda s: s.timeouts),
-    (RETRIES, "", lambda s: s.retries),
-    (LEAKS, "", lambda s: s.leaks),
+#: (metric, extra label, snapshot -> value) of the counters in a pool snapshot.
+_COUNTERS: tuple[tuple[Counter, str, Callable[[dict[str, Any]], int]], ...] = (
+    (ATTEMPTS, "success", lambda s: s["checkouts"]),
+    (ATTEMPTS, "failure", lambda s: s["failures"] - s["timeouts"]),
+    (ATTEMPTS, "timeout", lambda s: s["timeouts"]),
+    (ATTEMPTS, "rejected", lambda s: s["rejected"]),
+    (CREATED, "", lambda s: s["created"]),
+    (REUSED, "", lambda s: s["reused"]),
+    (INVALIDATED, "", lambda s: s["invalidated"]),
+    (TIMEOUTS, "", lambda s: s["timeouts"]),
+    (RETRIES, "", lambda s: s["retries"]),
+    (LEAKS, "", lambda s: s["leaks"]),
 )
 
 
@@ -252,33 +249,35 @@ class _Side:
         self.alias = alias
         self.fallbacks: dict[str, int] = {}
 
-    def push(self, stats: _stats.Stats) -> None:
+    def push(self, snapshot: dict[str, Any], stats: _stats.Stats | None) -> None:
+        """Write what is new in ``snapshot`` (and in ``stats``' histograms) since the last push."""
+        for i, (child, value) in enumerate(self.counters):
+            now = value(snapshot)
+            if now > self.pushed[i]:  # a counter only grows, whatever the race
+                child.inc(now - self.pushed[i])
+                self.pushed[i] = now
+        for gauge, key in zip(self.state, STATES, strict=True):
+            gauge.set(snapshot[key])
+        for gauge, key in zip(self.sizes, ("size", "min_size", "max_size"), strict=True):
+            gauge.set(snapshot[key])
+        if stats is None:
+            return
+        # Distributions, not figures: the histograms come from the statistics themselves.
         for method, now in list(stats.fallbacks.items()):
             if now > self.fallbacks.get(method, 0):
                 FALLBACKS.labels(self.alias, method).inc(now - self.fallbacks.get(method, 0))
                 self.fallbacks[method] = now
-        for i, (child, value) in enumerate(self.counters):
-            now = value(stats)
-            if now > self.pushed[i]:  # a counter only grows, whatever the race
-                child.inc(now - self.pushed[i])
-                self.pushed[i] = now
         for (hist_child, pushed), hist in zip(
             self.histograms, (stats.latency, stats.held), strict=True
         ):
             pushed.push(hist_child, hist)
 
-    def rebase(self, stats: _stats.Stats) -> None:
-        """Take everything in ``stats`` as written already."""
-        self.pushed = [value(stats) for _, value in self.counters]
+    def rebase(self, snapshot: dict[str, Any], stats: _stats.Stats) -> None:
+        """Take everything in ``snapshot`` and ``stats`` as written already."""
+        self.pushed = [value(snapshot) for _, value in self.counters]
         self.fallbacks = dict(stats.fallbacks)
         for (_, pushed), hist in zip(self.histograms, (stats.latency, stats.held), strict=True):
             pushed.counts, pushed.sum = list(hist.counts), hist.sum
-
-    def set_gauges(self, idle: int, in_use: int, waiting: int, low: int, high: int) -> None:
-        for child, value in zip(self.state, (idle, in_use, waiting), strict=True):
-            child.set(value)
-        for child, value in zip(self.sizes, (idle + in_use, low, high), strict=True):
-            child.set(value)
 
 
 class _Pushed:
@@ -304,7 +303,6 @@ class _Pushed:
 
 _flush_lock = threading.Lock()
 _sides: dict[tuple[str, str], _Side] = {}
-_gauged: set[tuple[str, str]] = set()
 _breakers: set[str] = set()
 #: (alias, state) -> breaker transitions already added to BREAKER_TRANSITIONS.
 _transitions_pushed: dict[tuple[str, str], int] = {}
@@ -312,13 +310,14 @@ _transitions_pushed: dict[tuple[str, str], int] = {}
 _failovers: dict[tuple[str, str], int] = {}
 #: Failed calls to the shared breaker storage already added to STORAGE_ERRORS, per alias.
 _storage_pushed: dict[str, int] = {}
-#: Counters a sync pool keeps itself (leaks, bad returns), as last added to its Stats.
-_harvested: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
 
 
 def flush() -> None:
-    """Bring every metric object up to date with the pools of this process."""
+    """Bring every metric object up to date with the pools of this process.
 
+    Everything but the histograms is rendered from the pools' snapshots
+    (``_registry.snapshots()``), the figures ``dbpool_check`` and ``/pool/`` show.
+    """
     with _flush_lock:
         guards = _registry.guards()
 
@@ -326,18 +325,20 @@ def flush() -> None:
             guard = guards.get(alias)
             return guard is None or guard.config.metrics
 
-        gauges = {**_sync_gauges(), **_async_gauges(guards), **_orm_gauges()}
-        for alias, side, stats in _registry.all_stats():
+        stats = {(alias, side): s for alias, side, s in _registry.all_stats()}
+        states: dict[str, str] = {}
+        for snap in _registry.snapshots():
+            alias, side = snap["alias"], snap["pool"]
+            states[alias] = snap["breaker_state"]
             if exported(alias):
-                _side(alias, side).push(stats)
-        for key in _gauged - gauges.keys():
-            _side(*key).set_gauges(0, 0, 0, 0, 0)  # the pool is gone: nothing open
-        _gauged.clear()
-        for key, values in gauges.items():
-            if exported(key[0]):
-                _side(*key).set_gauges(*values)
-                _gauged.add(key)
+                _side(alias, side).push(snap, stats.get((alias, side)))
         _breakers.update(alias for alias, g in guards.items() if g.config.metrics)
+        for alias in _breakers:
+            guard = guards.get(alias)
+            # A breaker is built on first use, closed; a discarded one is rebuilt closed.
+            current = states.get(alias) or (guard.state if guard is not None else "closed")
+            for state in BREAKER_STATES:
+                BREAKER_STATE.labels(alias, state).set(1 if state == current else 0)
         for alias, counts in _registry.transitions().items():
             if exported(alias):
                 for state, count in counts.items():
@@ -345,12 +346,6 @@ def flush() -> None:
                     if count > done:
                         BREAKER_TRANSITIONS.labels(alias, state).inc(count - done)
                         _transitions_pushed[alias, state] = count
-        for alias in _breakers:
-            guard = guards.get(alias)
-            # A breaker is built on first use, closed; a discarded one is rebuilt closed.
-            current = guard.state if guard is not None else "closed"
-            for state in BREAKER_STATES:
-                BREAKER_STATE.labels(alias, state).set(1 if state == current else 0)
         for alias, storage in _shared.snapshot().items():
             if exported(alias):
                 errors, pushed = storage["errors"], _storage_pushed.get(alias, 0)
@@ -377,87 +372,6 @@ def _side(alias: str, side: str) -> _Side:
     except KeyError:
         made = _sides[alias, side] = _Side(alias, side)
         return made
-
-
-_Gauges = dict[tuple[str, str], tuple[int, int, int, int, int]]
-
-
-def _sync_gauges() -> _Gauges:
-    """Return ``{(alias, "sync"): (idle, in_use, waiting, min, max)}`` of the sync pools."""
-    base = sys.modules.get("django_asyncpool.base")  # not imported: no sync pool
-    if base is None:
-        return {}
-    out: _Gauges = {}
-    for alias, pool in list(base.DatabaseWrapper._connection_pools.items()):
-        raw = pool.get_stats()
-        out[alias, "sync"] = (
-            raw.get("pool_available", 0),
-            pool.in_use,
-            raw.get("requests_waiting", 0),
-            pool.min_size,
-            pool.max_size,
-        )
-        # The pool counts these itself: add what is new since the last look to the
-        # alias's Stats, which outlive this pool object.
-        now = [getattr(pool, "leaks", 0), raw.get("returns_bad", 0)]
-        seen = _harvested.setdefault(pool, [0, 0])
-        stats = _registry.stats(alias, "sync")
-        stats.leaks += max(now[0] - seen[0], 0)
-        stats.invalidated += max(now[1] - seen[1], 0)
-        _harvested[pool] = now
-    return out
-
-
-def _async_gauges(guards: dict[str, Guard]) -> _Gauges:
-    """Return ``{(alias, "async"): (idle, in_use, waiting, min, max)}`` of the async pools."""
-    module = sys.modules.get("django_asyncpool.pool")
-    if module is None:
-        return {}
-    out: _Gauges = {}
-    for alias, pool in list(module.ConnectionPool._instances.items()):
-        idle = in_use = high = engines = 0
-        for _ in range(3):  # another thread may add or drop a loop meanwhile
-            try:
-                states = list(pool._loops.values())
-                break
-            except RuntimeError:
-                continue
-        else:
-            continue
-        for state in states:
-            for engine in (state.engine, state._readonly):
-                if engine is None:
-                    continue
-                sa_pool: Any = engine.sync_engine.pool
-                idle += sa_pool.checkedin()
-                in_use += sa_pool.checkedout()
-                high += sa_pool.cap
-                engines += 1
-        guard = guards.get(alias)
-        if not engines and guard is not None:
-            high = guard.config.async_pool.pool_size + guard.config.async_pool.max_overflow
-        out[alias, "async"] = (idle, in_use, pool.stats.waiting, 0, high)
-    return out
-
-
-def _orm_gauges() -> _Gauges:
-    """Return ``{(alias, "async_orm"): (idle, in_use, waiting, min, max)}`` of the native ORM."""
-    module = sys.modules.get("django_asyncpool._ormpool")
-    if module is None:
-        return {}
-    out: _Gauges = {}
-    for alias, holder in module.holders():
-        raw = holder.pool.get_stats()
-        idle, size = raw.get("pool_available", 0), raw.get("pool_size", 0)
-        was = out.get((alias, module.SIDE), (0, 0, 0, 0, 0))
-        out[alias, module.SIDE] = (
-            was[0] + idle,
-            was[1] + max(size - idle, 0),
-            holder.stats.waiting,
-            0,
-            was[4] + holder.pool.max_size,
-        )
-    return out
 
 
 # -- registration --------------------------------------------------------------------------
@@ -510,15 +424,13 @@ def install(registry: CollectorRegistry = REGISTRY) -> None:
 
 
 def setup() -> None:
-    """Register the pool metrics, and start the standalone exporter if METRICS_ENABLED.
+    """Register the pool metrics and create their series at 0.
 
-    Called by the app's ``ready()``; safe to call again (tests, autoreload).
+    Called by the app's ``ready()`` (which then starts the exporter if
+    METRICS_ENABLED); safe to call again (tests, autoreload).
     """
     install()
     _prime()
-    from . import _exporter
-
-    _exporter.start_from_settings()
 
 
 def _prime() -> None:
@@ -529,21 +441,15 @@ def _prime() -> None:
     prometheus_client creates a file empty, then sizes it, and a scrape reading it
     in between fails with a 500.
     """
-    from django.conf import settings
-
-    from .config import ENGINE, from_settings
-
     with _flush_lock:
-        for alias, settings_dict in settings.DATABASES.items():
-            if settings_dict.get("ENGINE") != ENGINE:
-                continue
-            config = from_settings(alias, settings_dict)
+        for alias in _registry.aliases():
+            config = _registry.config(alias)
             if not config.metrics:
                 continue
             for to in config.failover_to:
                 FAILOVERS.labels(alias, to)  # the series, at 0
             sides: tuple[str, ...] = _stats.SIDES
-            if (settings_dict.get("OPTIONS") or {}).get("async_orm") is True:
+            if config.async_orm:
                 sides = (*sides, "async_orm")
             for side in sides:
                 _side(alias, side)
@@ -591,9 +497,16 @@ def _after_fork_in_child() -> None:
     if multiprocess():
         # This process writes to files of its own, from 0: what the parent counted,
         # written or not yet, is the parent's to write.
-        for alias, side, stats in _registry.all_stats():
-            if (alias, side) in _sides:
-                _sides[alias, side].rebase(stats)
+        stats = {(alias, side): s for alias, side, s in _registry.all_stats()}
+        for snap in _registry.snapshots():
+            key = snap["alias"], snap["pool"]
+            if key in _sides and key in stats:
+                _sides[key].rebase(snap, stats[key])
+        _transitions_pushed.update(
+            ((alias, state), count)
+            for alias, counts in _registry.transitions().items()
+            for state, count in counts.items()
+        )
         from . import _failover
 
         _failovers.update(_failover.counts())

@@ -19,13 +19,12 @@ import json
 from typing import Any
 
 from django.conf import settings
-from django.db import router
+from django.db import connections, router
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET, require_http_methods
 from sqlalchemy import text
 
 from django_asyncpool import ConnectionPool, PoolError, session_scope
-from django_asyncpool.base import DatabaseWrapper
 from testproject.routers import NATIVE_ALIAS
 
 from .models import Order, Product
@@ -366,15 +365,15 @@ async def native_orm_product(request: HttpRequest, pk: int) -> HttpResponse:
 
 @require_GET
 async def pool_metrics(request: HttpRequest) -> HttpResponse:
-    """``ConnectionPool(alias).metrics`` and the sync pool's stats, for every alias."""
+    """Both pools' snapshots (``ConnectionPool(alias).metrics``, the sync pool's), per alias."""
     body: dict[str, Any] = {}
     for alias in settings.DATABASES:
-        sync = DatabaseWrapper._connection_pools.get(alias)
+        sync = connections[alias].pool  # built, not opened, if no request used it yet
         pool = ConnectionPool(alias)
         body[alias] = {
             "async": pool.metrics,
             "async_loops": pool.loops,
-            "sync": sync.get_stats() if sync is not None else None,
+            "sync": sync.snapshot() if sync is not None else None,
         }
     return JsonResponse(body)
 

@@ -21,6 +21,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from ... import _registry
 from ... import config as _config
 from ...checks import problems
 from ...errors import redact
@@ -174,8 +175,6 @@ def _ms(seconds: float) -> float:
 def _probe_sync(alias: str, deadline: float) -> dict[str, Any]:
     from django.db import connections
 
-    from ...base import DatabaseWrapper
-
     wrapper = connections[alias]  # this thread's own wrapper; the pool is the process's
     try:
         t0 = time.monotonic()
@@ -187,22 +186,12 @@ def _probe_sync(alias: str, deadline: float) -> dict[str, Any]:
             (version,) = cursor.fetchone()
     finally:
         wrapper.close()  # back to the pool
-    pool = DatabaseWrapper._connection_pools.get(alias)
-    stats: dict[str, Any] = {"enabled": pool is not None}
-    if pool is not None:
-        raw = pool.get_stats()
-        stats.update(
-            size=raw.get("pool_size", 0),
-            max_size=pool.max_size,
-            idle=raw.get("pool_available", 0),
-            in_use=pool.in_use,
-            waiting=raw.get("requests_waiting", 0),
-        )
+    pool = _registry.sync_pools.get(alias)  # None with OPTIONS["pool"] = False
     return {
         "server_version": version,
         "connect_ms": _ms(t1 - t0),
         "query_ms": _ms(t2 - t1),
-        "pool": stats,
+        "pool": pool.snapshot() if pool is not None else None,
     }
 
 
@@ -216,13 +205,11 @@ def _probe_async(alias: str, deadline: float) -> dict[str, Any]:
             t1 = time.monotonic()
             version = await conn.fetchval(SERVER_VERSION)
             t2 = time.monotonic()
-        metrics = pool.metrics
-        keys = ("size", "max_size", "idle", "in_use", "waiting")  # the snapshot's, as sync
         return {
             "server_version": version,
             "connect_ms": _ms(t1 - t0),
             "query_ms": _ms(t2 - t1),
-            "pool": {key: metrics[key] for key in keys},
+            "pool": pool.metrics,
         }
 
     async def bounded() -> dict[str, Any]:
@@ -251,7 +238,7 @@ def _reads_go_to(alias: str, probed: dict[str, bool]) -> str:
 
 
 def _breaker(alias: str) -> dict[str, Any]:
-    from ... import _registry, _shared
+    from ... import _shared
 
     try:
         guard = _registry.guard(alias)
@@ -268,8 +255,8 @@ def _breaker(alias: str) -> dict[str, Any]:
 # -- output -----------------------------------------------------------------------------
 
 
-def _pool_text(side: str, pool: dict[str, Any]) -> str:
-    if side == "sync" and not pool.get("enabled"):
+def _pool_text(pool: dict[str, Any] | None) -> str:
+    if pool is None:
         return "no pool (OPTIONS['pool'] = False)"
     return (
         f"size {pool['size']}/{pool['max_size']}, idle {pool['idle']}, "
@@ -292,7 +279,7 @@ def render_table(report: dict[str, Any]) -> str:
                     str(r["server_version"]),
                     f"{r['connect_ms']:.1f} ms",
                     f"{r['query_ms']:.1f} ms",
-                    _pool_text(side, r["pool"]),
+                    _pool_text(r["pool"]),
                 )
             else:
                 cells = ("FAILED", "-", "-", "-", "-")
