@@ -33,6 +33,7 @@ __all__ = [
     "load",
     "load_metrics",
     "parse_url",
+    "psycopg_keys",
 ]
 
 ENGINE = "django_asyncpool"
@@ -317,6 +318,34 @@ def _libpq_keys() -> frozenset[str]:
     from psycopg import pq
 
     return frozenset(d.keyword.decode() for d in pq.Conninfo.get_defaults())
+
+
+#: Keys Django's get_connection_params() adds itself (not user OPTIONS).
+_DRIVER_KEYS = frozenset(
+    {
+        "dbname",
+        "user",
+        "password",
+        "host",
+        "port",
+        "client_encoding",
+        "cursor_factory",
+        "context",
+        "prepare_threshold",
+        "service",
+        "passfile",
+    }
+)
+
+
+@functools.cache
+def psycopg_keys() -> frozenset[str]:
+    """Return the connection parameters that go to psycopg: libpq's and Django's own.
+
+    Everything else in Django's connection parameters (django-asyncpool's OPTIONS,
+    unknown keys, which are reported) is dropped before connecting.
+    """
+    return (_libpq_keys() - OUR_KEYS - DJANGO_OPTIONS) | _DRIVER_KEYS
 
 
 #: DATABASE_URL's schemes. The driver after ``+`` (asyncpg, psycopg, ...) is not used:

@@ -28,7 +28,6 @@ import logging
 import os
 import sys
 import threading
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -312,8 +311,6 @@ _transitions_pushed: dict[tuple[str, str], int] = {}
 _failovers: dict[tuple[str, str], int] = {}
 #: Failed calls to the shared breaker storage already added to STORAGE_ERRORS, per alias.
 _storage_pushed: dict[str, int] = {}
-#: Counters a sync pool keeps itself (leaks, bad returns), as last added to its Stats.
-_harvested: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
 
 
 def flush() -> None:
@@ -384,27 +381,16 @@ _Gauges = dict[tuple[str, str], tuple[int, int, int, int, int]]
 
 def _sync_gauges() -> _Gauges:
     """Return ``{(alias, "sync"): (idle, in_use, waiting, min, max)}`` of the sync pools."""
-    base = sys.modules.get("django_asyncpool.base")  # not imported: no sync pool
-    if base is None:
-        return {}
     out: _Gauges = {}
-    for alias, pool in list(base.DatabaseWrapper._connection_pools.items()):
-        raw = pool.get_stats()
+    for alias, pool in list(_registry.sync_pools.items()):
+        snap = pool.snapshot(alias)
         out[alias, "sync"] = (
-            raw.get("pool_available", 0),
-            pool.in_use,
-            raw.get("requests_waiting", 0),
-            pool.min_size,
-            pool.max_size,
+            snap["idle"],
+            snap["in_use"],
+            snap["waiting"],
+            snap["min_size"],
+            snap["max_size"],
         )
-        # The pool counts these itself: add what is new since the last look to the
-        # alias's Stats, which outlive this pool object.
-        now = [getattr(pool, "leaks", 0), raw.get("returns_bad", 0)]
-        seen = _harvested.setdefault(pool, [0, 0])
-        stats = _registry.stats(alias, "sync")
-        stats.leaks += max(now[0] - seen[0], 0)
-        stats.invalidated += max(now[1] - seen[1], 0)
-        _harvested[pool] = now
     return out
 
 
