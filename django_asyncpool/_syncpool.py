@@ -39,6 +39,7 @@ from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
 
 from . import _registry, _stats
 from ._liveness import clock, due_for_ping, socket_readable
+from .errors import PoolError, SyncPoolClosed, SyncPoolTimeout, pool_timeout
 
 if TYPE_CHECKING:
     from ._guard import Guard
@@ -50,6 +51,7 @@ __all__ = [
     "checkin",
     "checkout",
     "close_pools",
+    "error",
     "transactions",
     "wrappers",
 ]
@@ -535,6 +537,22 @@ def checkin(stats: _stats.Stats, conn: Any) -> None:
     if taken is not None:
         stats.held.observe(clock() - taken)
         setattr(conn, _TAKEN, None)
+
+
+def error(exc: BaseException, pool: SyncPool | None, config: AliasConfig) -> PoolError:
+    """Return django-asyncpool's error for psycopg_pool's PoolTimeout or PoolClosed."""
+    if isinstance(exc, psycopg_pool.PoolClosed):
+        return SyncPoolClosed(
+            f"The pool of database {config.describe()} is closed.", alias=config.alias
+        )
+    return pool_timeout(
+        SyncPoolTimeout,
+        config.describe(),
+        config.alias,
+        pool.timeout if pool else 0.0,
+        pool.describe_state() if pool else "no pool",
+        "OPTIONS['pool']['max_size'] or ['timeout']",
+    )
 
 
 # -- the sync side's process lifecycle ------------------------------------------------------

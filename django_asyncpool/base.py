@@ -2,10 +2,9 @@
 
 Only what differs from ``django.db.backends.postgresql`` is overridden:
 
-* ``__init__`` fills a copy of the settings from DATABASE_URL (the user's dict is
-  left alone) and records the wrapper for the sync side's fork handling;
-* ``pool`` is the alias's :class:`~django_asyncpool._syncpool.SyncPool` (pooling is
-  on by default), one per alias per process, built by ``SyncPool.for_wrapper``;
+* ``__init__`` fills a copy of the settings from DATABASE_URL (not the user's dict);
+* ``pool`` is the alias's :class:`~django_asyncpool._syncpool.SyncPool`, one per
+  process, built by ``SyncPool.for_wrapper`` (pooling is on by default);
 * ``get_new_connection`` goes through the alias's breaker and retry policy, counted;
 * ``get_connection_params`` drops django-asyncpool's OPTIONS keys;
 * ``wrap_database_errors`` lets django-asyncpool's own errors through.
@@ -26,9 +25,9 @@ from psycopg import IsolationLevel
 from . import _registry, _stats, _syncpool, metrics
 from ._guard import Guard
 from ._syncpool import SyncPool
-from .config import InvalidURL, pgbouncer_on, psycopg_keys, refuse_unusable
+from .config import InvalidURL, pgbouncer_on, psycopg_params, refuse_unusable
 from .creation import DatabaseCreation
-from .errors import PoolError, SyncPoolClosed, SyncPoolTimeout, pool_timeout
+from .errors import PoolError
 from .features import DatabaseFeatures
 
 
@@ -83,12 +82,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             # missing NAME, which an unusable DATABASE_URL would leave.
             refuse_unusable(config)
             self._options_reported = True
-        params: dict[str, Any] = super().get_connection_params()
-        passed = psycopg_keys()
-        if not params.keys() <= passed:
-            for key in params.keys() - passed:
-                params.pop(key)  # ours, and unknown keys (reported), never reach psycopg
-        return params
+        return psycopg_params(super().get_connection_params())
 
     @cached_property
     def _sync_stats(self) -> _stats.Stats:
@@ -101,30 +95,30 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         )
 
     def _get_new_connection(self, guard: Guard, conn_params: dict[str, Any]) -> Any:
-        """Return Django's new (pooled) connection, with the pool's errors made ours."""
+        """Return Django's new (pooled) connection, the pool's errors made ours."""
         try:
-            return super().get_new_connection(conn_params)
-        except psycopg_pool.PoolTimeout as exc:
             pool = self.pool
-            raise pool_timeout(
-                SyncPoolTimeout,
-                guard.config.describe(),
-                self.alias,
-                pool.timeout if pool else 0.0,
-                pool.describe_state() if pool else "no pool",
-                "OPTIONS['pool']['max_size'] or ['timeout']",
-            ) from exc
-        except psycopg_pool.PoolClosed as exc:
-            raise SyncPoolClosed(
-                f"The pool of database {guard.config.describe()} is closed.", alias=self.alias
-            ) from exc
+            if pool is None or "isolation_level" in self.settings_dict["OPTIONS"]:
+                return super().get_new_connection(conn_params)
+            # HOT PATH, Django 5.2's get_new_connection() for a pool and the server's
+            # isolation level, without its second event-loop check and its pool.open()
+            # (lock; SyncPool.getconn opens the pool): with the skip in _set_autocommit,
+            # -11 us/op of client CPU, 0.96x -> 0.91x Django's pooled backend without
+            # (bench_sync.py --only orm, get + close(), medians of 3 runs).
+            self.isolation_level = IsolationLevel.READ_COMMITTED
+            return pool.getconn()
+        except (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed) as exc:
+            raise _syncpool.error(exc, self.pool, guard.config) from exc
 
     @cached_property
     def wrap_database_errors(self) -> DatabaseErrorWrapper:
         return _ErrorWrapper(self)
 
     def _set_autocommit(self, autocommit: bool) -> None:
-        super()._set_autocommit(autocommit)  # type: ignore[misc]
+        # HOT PATH: connect() sets it on every checkout; psycopg takes a lock and runs a
+        # generator even when the value does not change (see _get_new_connection).
+        if self.connection.autocommit != autocommit:
+            super()._set_autocommit(autocommit)  # type: ignore[misc]
         if autocommit:
             _syncpool.transactions.discard(self)
         else:

@@ -34,6 +34,7 @@ __all__ = [
     "load_metrics",
     "parse_url",
     "psycopg_keys",
+    "psycopg_params",
 ]
 
 ENGINE = "django_asyncpool"
@@ -340,12 +341,18 @@ _DRIVER_KEYS = frozenset(
 
 @functools.cache
 def psycopg_keys() -> frozenset[str]:
-    """Return the connection parameters that go to psycopg: libpq's and Django's own.
-
-    Everything else in Django's connection parameters (django-asyncpool's OPTIONS,
-    unknown keys, which are reported) is dropped before connecting.
-    """
+    """Return the connection parameters that go to psycopg: libpq's and Django's own."""
     return (_libpq_keys() - OUR_KEYS - DJANGO_OPTIONS) | _DRIVER_KEYS
+
+
+def psycopg_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Drop from Django's connection parameters (in place) what psycopg must not get:
+    django-asyncpool's OPTIONS, and unknown keys (reported by :func:`from_settings`)."""
+    passed = psycopg_keys()
+    if not params.keys() <= passed:  # the common case: one subset test
+        for key in params.keys() - passed:
+            params.pop(key)
+    return params
 
 
 #: DATABASE_URL's schemes. The driver after ``+`` (asyncpg, psycopg, ...) is not used:
