@@ -12,6 +12,8 @@ pool and its async pool::
     async_pools          {alias: ConnectionPool}; ConnectionPool(alias) is found here
     reset(alias=None)    settings changed: pools closed, guard and config dropped
     forget()             in a forked child: drop everything, close nothing
+    with_url(alias, d)   the settings a wrapper uses: d, or a copy filled from DATABASE_URL
+    on_wrapper           hooks called with each DatabaseWrapper built (the native async ORM)
 
 ``setting_changed`` for ``DATABASES`` resets every alias, so ``override_settings``
 reaches the guard and the pools. A forked child forgets everything: the parent's

@@ -102,9 +102,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 return super().get_new_connection(conn_params)
             # HOT PATH, Django 5.2's get_new_connection() for a pool and the server's
             # isolation level, without its second event-loop check and its pool.open()
-            # (lock; SyncPool.getconn opens the pool): with the skip in _set_autocommit,
-            # -11 us/op of client CPU, 0.96x -> 0.91x Django's pooled backend without
-            # (bench_sync.py --only orm, get + close(), medians of 3 runs).
+            # (a lock; SyncPool.getconn opens the pool). With the skip in _set_autocommit:
+            # client CPU +13.5 us/op over Django's pooled backend, 0.958x its throughput;
+            # both through super(): +23.6 us/op, 0.925x (bench_sync.py --only orm, get +
+            # close(), medians of 3 runs, load average 2-4).
             self.isolation_level = IsolationLevel.READ_COMMITTED
             return pool.getconn()
         except (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed) as exc:
