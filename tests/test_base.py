@@ -240,3 +240,39 @@ def test_test_databases_are_created_from_database_url_alone(tmp_path, pg) -> Non
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok test_")
+
+
+def test_async_orm_is_installed_by_the_engine_alone(tmp_path) -> None:
+    """OPTIONS["async_orm"] works without the app in INSTALLED_APPS: building the
+    alias's wrapper installs the native async ORM (the ENGINE never imports it)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "engine_only_settings.py").write_text(
+        "from testproject.settings import *\n"
+        "INSTALLED_APPS = [a for a in INSTALLED_APPS if a != 'django_asyncpool']\n"
+        "DATABASES['default']['OPTIONS'] = {**DATABASES['default'].get('OPTIONS', {}), "
+        "'async_orm': True}\n"
+    )
+    code = (
+        "import sys, django; django.setup()\n"
+        "from django.db import connection\n"
+        "from django.db.models import query\n"
+        "from django.apps import apps\n"
+        "assert not apps.is_installed('django_asyncpool')\n"
+        "connection.settings_dict  # builds the wrapper\n"
+        "from django_asyncpool import _asyncorm\n"
+        "assert query.QuerySet.aget is not _asyncorm._ORIGINALS['aget']\n"
+        "print('ok')\n"
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "engine_only_settings",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
