@@ -209,9 +209,9 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
       restart). Only a connection idle for longer than ``liveness_bypass`` seconds
       is pinged. ``checkout_check`` replaces that ping: :data:`PING` pings at every
       checkout (CONN_HEALTH_CHECKS), a callable is the user's own check
-      (``OPTIONS["pool"]["check"]``). psycopg_pool's ``check=`` is not used: its loop
-      sleeps about a second after each failed check, stalling every request after a
-      restart.
+      (``OPTIONS["pool"]["check"]``). psycopg_pool's ``check=`` only mirrors it: its
+      loop sleeps about a second after each failed check, stalling every request
+      after a restart.
 
     With ``leak_threshold``, a connection held longer than that is reported as
     leaked (with where it was taken) and replaced, so that a thread that never
@@ -241,7 +241,10 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         self._count_lock = threading.Lock()
         # id(conn) -> (conn, when taken, where taken); only with a leak_threshold.
         self._held: dict[int, tuple[psycopg.Connection[Any], float, list[_Frame]]] = {}
-        super().__init__(*args, **kwargs)
+        # psycopg_pool's check= only mirrors it, for code that inspects ``pool._check``
+        # (Django's tests do); _check_connection() keeps psycopg_pool from running it.
+        mirror = SyncPool.check_connection if checkout_check == PING else checkout_check
+        super().__init__(*args, check=mirror, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def for_wrapper(cls, wrapper: Any, config: AliasConfig) -> SyncPool | None:
@@ -444,6 +447,9 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         )
         if not (ready[1] if write else ready[0]):
             raise psycopg.OperationalError(f"no answer to a ping within {self.timeout:g}s")
+
+    def _check_connection(self, conn: psycopg.Connection[Any]) -> None:
+        return  # getconn() runs checkout_check itself, in _check_liveness
 
     def snapshot(self, alias: str, guard: Guard | None = None) -> dict[str, Any]:
         """Return this pool's snapshot (the keys of ``_stats.SNAPSHOT_KEYS``)."""
