@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import _registry
 from .config import AliasConfig
 from .errors import (
     AsyncConnectionLost,
@@ -51,3 +52,18 @@ def __getattr__(name: str) -> Any:
 
         return atomic
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _install_async_orm(wrapper: Any) -> None:
+    """Make Django's async QuerySet methods native when an alias asks (once).
+
+    Called for each DatabaseWrapper built (``_registry.on_wrapper``): so it works with
+    the ENGINE alone, and the ENGINE never imports the async ORM, which subclasses it.
+    """
+    if (wrapper.settings_dict.get("OPTIONS") or {}).get("async_orm") is True:
+        from ._asyncorm import install
+
+        install()
+
+
+_registry.on_wrapper.append(_install_async_orm)

@@ -31,8 +31,7 @@ from django.db.models import query as _query
 from django.db.transaction import TransactionManagementError
 from sqlalchemy.util.concurrency import greenlet_spawn
 
-from . import _ormpool, _registry
-from . import base as _base
+from . import _ormpool, _registry, _syncpool
 from .config import ENGINE
 
 __all__ = ["atomic", "enabled", "install", "run"]
@@ -226,7 +225,7 @@ def _callers(alias: str) -> Any:
     ``_THREAD`` (the call must run in that thread)."""
     # The common case costs a set's truth test: no sync connection in a transaction (the
     # lookup in asgiref's Local below raises and catches an AttributeError: ~5 µs).
-    if not _base._transactions:
+    if not _syncpool.transactions:
         return None
     executor = getattr(AsyncToSync.executors, "current", None)
     if executor is None:
@@ -234,7 +233,7 @@ def _callers(alias: str) -> Any:
     thread = executor._work_thread
     ident = thread.ident
     found: dict[str, Any] = {}
-    every: list[Any] = list(_base._wrappers)  # Django's wrappers have _thread_ident
+    every: list[Any] = list(_syncpool.wrappers)  # Django's wrappers have _thread_ident
     for wrapper in every:
         if (
             wrapper._thread_ident == ident

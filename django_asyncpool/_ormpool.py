@@ -465,7 +465,7 @@ class Holder:
 
     def checkout(self) -> Lease:
         """Return a connection through the breaker and retries (in the greenlet)."""
-        conn = _stats.acquire_sync(self.stats, self.guard, self._getconn, sleep=_greenlet_sleep)
+        conn = _syncpool.checkout(self.stats, self.guard, self._getconn, sleep=_greenlet_sleep)
         return Lease(self, conn)
 
     def _getconn(self) -> psycopg.AsyncConnection[Any]:
@@ -490,7 +490,7 @@ class Holder:
     def checkin(self, lease: Lease) -> None:
         """Give ``lease``'s connection back, discarding it if it is not clean (no I/O)."""
         conn = lease.conn
-        _stats.returned_sync(self.stats, conn)
+        _syncpool.checkin(self.stats, conn)
         if not lease.wrapper.reset():
             self.stats.invalidated += 1
             conn.pgconn.finish()  # closed: the pool frees its slot

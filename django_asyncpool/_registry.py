@@ -13,6 +13,8 @@ pool and its async pool::
     async_pools          {alias: ConnectionPool}; ConnectionPool(alias) is found here
     reset(alias=None)    settings changed: pools closed, guard and config dropped
     forget()             in a forked child: drop everything, close nothing
+    with_url(alias, d)   the settings a wrapper uses: d, or a copy filled from DATABASE_URL
+    on_wrapper           hooks called with each DatabaseWrapper built (the native async ORM)
 
 ``setting_changed`` for ``DATABASES`` resets every alias, so ``override_settings``
 reaches the guard and the pools. A forked child forgets everything: the parent's
@@ -51,11 +53,13 @@ __all__ = [
     "guard",
     "guards",
     "on_reset",
+    "on_wrapper",
     "reset",
     "snapshots",
     "stats",
     "sync_pools",
     "transitions",
+    "with_url",
 ]
 
 logger = logging.getLogger("django_asyncpool")
@@ -73,6 +77,11 @@ _reported: set[tuple[str, str]] = set()
 #: Called with an alias when it is reset: the modules keeping state of their own per
 #: alias (``_failover``) register here rather than be imported by this one.
 on_reset: list[Callable[[str], None]] = []
+#: Called with each DatabaseWrapper as it is built: the native async ORM registers
+#: here (``__init__``), so that the ENGINE never imports it (it imports the ENGINE).
+on_wrapper: list[Callable[[Any], None]] = []
+#: alias -> (the settings dict, DATABASE_URL, that dict as it was, the fields the URL gave)
+_urls: dict[str, tuple[Any, str, dict[str, Any], dict[str, Any]]] = {}
 #: Pools inherited from a parent process: kept referenced, never closed.
 _inherited: list[Any] = []
 
@@ -222,6 +231,26 @@ def forget() -> None:
     _configs.clear()
     _guards.clear()
     _shared.forget()
+
+
+def with_url(alias: str, settings_dict: dict[str, Any]) -> dict[str, Any]:
+    """Return ``settings_dict``, or a copy filled from DATABASE_URL: the user's is not changed.
+
+    Whether the URL applies is decided once per settings dict (and URL): the test
+    runner later sets NAME on the user's dict, which must not turn the URL off for
+    the wrappers other threads build from it. Keys changed since then win.
+    Raise :class:`~django_asyncpool.config.InvalidURL` as ``connection_fields`` does.
+    """
+    url = os.environ.get("DATABASE_URL", "")
+    seen = _urls.get(alias)
+    if seen is None or seen[0] is not settings_dict or seen[1] != url:
+        fields = _config.connection_fields(settings_dict, os.environ)
+        seen = _urls[alias] = (settings_dict, url, dict(settings_dict), fields)
+    _, _, before, fields = seen
+    if not fields:
+        return settings_dict
+    changed = {k: v for k, v in settings_dict.items() if k not in before or before[k] != v}
+    return {**settings_dict, **fields, **changed}
 
 
 def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:

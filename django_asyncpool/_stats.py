@@ -10,11 +10,9 @@ calls is not interrupted; see DESIGN.md for what each Prometheus call would cost
 
 from __future__ import annotations
 
-import time
 from bisect import bisect_left
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from .errors import CircuitOpenError, PoolTimeout
 
@@ -31,8 +29,6 @@ __all__ = [
     "snapshot",
 ]
 
-T = TypeVar("T")
-
 SIDES = ("sync", "async")
 #: Seconds to obtain a connection: ~50 us from an idle pool, ms to open one, up to the timeout.
 LATENCY_BUCKETS = (
@@ -44,11 +40,6 @@ HELD_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 )  # fmt: skip
-
-#: perf_counter() when a sync connection was handed out, for the time it is held (None
-#: with metrics off, or once back). Missing on a connection never handed out before.
-_TAKEN = "_asyncpool_taken_at"
-_NEVER = object()
 
 
 class Histogram:
@@ -89,8 +80,8 @@ class Stats:
     created: int = 0  # new connections (sync: counted when first handed out)
     reused: int = 0  # checkouts of a connection handed out before
     invalidated: int = 0  # found dead (or returned broken) and replaced
-    pings: int = 0  # liveness pings at checkout (idle past liveness_bypass)
     leaks: int = 0  # leak warnings
+    pings: int = 0  # liveness round trips at checkout (sync: past liveness_bypass, or each)
     waiting: int = 0  # async: callers waiting for a connection now
     fallbacks: dict[str, int] = field(default_factory=dict)  # async_orm: thread path, by method
     latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
@@ -106,50 +97,6 @@ class Stats:
             self.failures += 1
         elif isinstance(exc, Exception):
             self.failures += 1
-
-
-# -- the sync side's acquisition path (the async side's is _fairpool._GuardedPool) -----------
-
-
-def acquire_sync(
-    stats: Stats,
-    guard: Guard,
-    acquire: Callable[..., T],
-    *args: Any,
-    sleep: Callable[[float], object] = time.sleep,
-) -> T:
-    """Return ``guard.acquire(acquire, *args)``, counting the attempt, outcome, retries, latency.
-
-    ``sleep`` waits between tries (an awaiting one in a greenlet: the native async ORM).
-    """
-    stats.attempts += 1
-    started = time.perf_counter()
-    try:
-        conn = guard.acquire(acquire, *args, sleep=sleep, stats=stats)
-    except BaseException as exc:
-        stats.failed(exc)
-        raise
-    stats.checkouts += 1
-    taken = getattr(conn, _TAKEN, _NEVER)
-    if taken is _NEVER:
-        stats.created += 1
-    else:
-        stats.reused += 1
-    if guard.config.metrics:
-        now = time.perf_counter()
-        stats.latency.observe(now - started)
-        setattr(conn, _TAKEN, now)
-    elif taken is _NEVER:
-        setattr(conn, _TAKEN, None)
-    return conn
-
-
-def returned_sync(stats: Stats, conn: Any) -> None:
-    """Count the time ``conn`` was held, as it goes back (or is closed)."""
-    taken = getattr(conn, _TAKEN, None)
-    if taken is not None:
-        stats.held.observe(time.perf_counter() - taken)
-        setattr(conn, _TAKEN, None)
 
 
 #: The keys of a pool snapshot, the same for the sync and the async pool (and the

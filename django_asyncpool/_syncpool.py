@@ -1,7 +1,23 @@
-"""The sync pool: Django's psycopg_pool, made to fail fast and to check liveness cheaply."""
+"""The sync pool: Django's psycopg_pool, made to fail fast and to check liveness cheaply.
+
+Owns, for the ENGINE: building an alias's pool from its wrapper and config
+(:meth:`SyncPool.for_wrapper`), the counted checkout path (:func:`checkout`,
+:func:`checkin`), the pool's snapshot, and the process lifecycle of the sync side
+(the wrappers of this process; after a fork the child forgets the parent's
+connections; at exit the pools are closed).
+
+psycopg_pool internals :class:`SyncPool` relies on (``pyproject.toml`` pins
+``psycopg-pool<3.4``; ``tests/test_syncpool.py`` fails when one disappears):
+attributes ``_opened``, ``_lock``, ``_nconns``, ``_stats``, ``_waiting``,
+``_min_size``; methods ``_maybe_grow_pool``, ``_add_connection``, ``_connect``,
+``_start_initial_tasks``, ``run_task``, ``schedule_task``; classes
+``psycopg_pool.pool.{AddConnection, MaintenanceTask, Schedule}`` and
+``psycopg_pool.base.AttemptWithBackoff``.
+"""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import select
@@ -10,21 +26,48 @@ import threading
 import time
 import traceback
 import types
-from typing import Any
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import psycopg
 import psycopg_pool
+from django.core.exceptions import ImproperlyConfigured
 from psycopg import pq
 from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
 
+from . import _registry, _stats
 from ._liveness import clock, due_for_ping, socket_readable
+from .errors import PoolError, SyncPoolClosed, SyncPoolTimeout, pool_timeout
 
-__all__ = ["SyncPool"]
+if TYPE_CHECKING:
+    from ._guard import Guard
+    from .config import AliasConfig
+
+__all__ = [
+    "PING",
+    "SyncPool",
+    "checkin",
+    "checkout",
+    "close_pools",
+    "error",
+    "transactions",
+    "wrappers",
+]
+
+T = TypeVar("T")
 
 logger = logging.getLogger("django_asyncpool")
 
+#: clock() when a connection was opened or last came back (the liveness bypass window).
 _RETURNED = "_asyncpool_returned_at"
+#: clock() when a connection was handed out, for the time it is held (None with
+#: metrics off, or once back). Missing on a connection never handed out before.
+_TAKEN = "_asyncpool_taken_at"
+_NEVER = object()
+#: ``checkout_check=PING``: ping at every checkout (Django's CONN_HEALTH_CHECKS).
+PING = "ping"
 #: Set on a connection reported as leaked: the pool has replaced it and closes it on return.
 _LEAKED = "_asyncpool_leaked"
 #: Frames of these packages say nothing about which code took a connection.
@@ -163,63 +206,111 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
       while the server is down. The breaker and the retry policy take it from there.
     * Connections are checked on checkout without a round trip: an idle connection
       whose socket is readable was closed by the server (terminated backend,
-      restart). Only a connection idle for longer than ``bypass`` seconds is pinged.
+      restart). Only a connection idle for longer than ``liveness_bypass`` seconds
+      is pinged. ``checkout_check`` replaces that ping: :data:`PING` pings at every
+      checkout (CONN_HEALTH_CHECKS), a callable is the user's own check
+      (``OPTIONS["pool"]["check"]``). psycopg_pool's ``check=`` only mirrors it: its
+      loop sleeps about a second after each failed check, stalling every request
+      after a restart.
 
     With ``leak_threshold``, a connection held longer than that is reported as
     leaked (with where it was taken) and replaced, so that a thread that never
     gives its connection back does not shrink the pool for good (psycopg_pool,
     and so Django's own pool, would lose it). The leaked connection stays usable
     by its holder and is closed when it comes back.
+
+    Leaks, connections found dead (at checkout or returned broken) and pings are
+    counted into ``stats``, the alias's :class:`~django_asyncpool._stats.Stats`.
     """
 
     def __init__(
         self,
         *args: Any,
-        bypass: float = 0.5,
+        liveness_bypass: float = 0.5,
+        checkout_check: Callable[[psycopg.Connection[Any]], object] | Literal["ping"] | None = None,
         leak_threshold: float | None = None,
+        stats: _stats.Stats | None = None,
+        alias: str = "default",
         **kwargs: Any,
     ) -> None:
-        self.bypass = bypass
+        self.alias = alias
+        self.liveness_bypass = liveness_bypass
+        self.checkout_check = checkout_check
         self.leak_threshold = leak_threshold
-        self.leaks = 0  # connections reported as leaked
+        self.stats = stats if stats is not None else _stats.Stats()
         self.last_connect_error: BaseException | None = None
         self.in_use = 0
         self._count_lock = threading.Lock()
         # id(conn) -> (conn, when taken, where taken); only with a leak_threshold.
         self._held: dict[int, tuple[psycopg.Connection[Any], float, list[_Frame]]] = {}
-        super().__init__(*args, **kwargs)
+        # psycopg_pool's check= only mirrors it, for code that inspects ``pool._check``
+        # (Django's tests do); _check_connection() keeps psycopg_pool from running it.
+        mirror = SyncPool.check_connection if checkout_check == PING else checkout_check
+        super().__init__(*args, check=mirror, **kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def for_wrapper(cls, wrapper: Any, config: AliasConfig) -> SyncPool | None:
+        """Return a new (unopened) pool for a DatabaseWrapper, or None with the pool off.
+
+        Raise ImproperlyConfigured for a pool asked for with CONN_MAX_AGE, as Django does.
+        """
+        settings_dict = wrapper.settings_dict
+        options = settings_dict.get("OPTIONS") or {}
+        if options.get("pool") and settings_dict.get("CONN_MAX_AGE"):
+            # Refused as Django's own backend refuses it; when the pool is on only by
+            # our default, the system check dbpool.E007 reports it instead.
+            raise ImproperlyConfigured("Pooling doesn't support persistent connections.")
+        if config.sync_pool is None:
+            return None
+        connect_kwargs = wrapper.get_connection_params()
+        # Ensure we run in autocommit, Django properly sets it later on.
+        connect_kwargs["autocommit"] = True
+        # Every checkout is checked with OPTIONS["pool"]["check"] (Django >= 6.1), or
+        # pinged with CONN_HEALTH_CHECKS, as with Django's own backend.
+        check: Any = PING if settings_dict.get("CONN_HEALTH_CHECKS") else None
+        if isinstance(options.get("pool"), dict) and "check" in options["pool"]:
+            check = options["pool"]["check"]
+        return cls(
+            kwargs=connect_kwargs,
+            open=False,  # opened by the first getconn, never at import or startup
+            configure=wrapper._configure_connection,
+            checkout_check=check,
+            name=f"django_asyncpool:{wrapper.alias}",
+            liveness_bypass=config.liveness_bypass,
+            leak_threshold=config.leak_threshold,
+            stats=_registry.stats(wrapper.alias, "sync"),
+            alias=wrapper.alias,
+            **config.sync_pool,
+        )
 
     def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
         if not self._opened:
             self.open()  # by the first checkout, never at import or startup (as Django)
-        started = time.monotonic()
+        started = clock()
         conn = super().getconn(timeout)
         # Every checkout's path: one test for the common case, a connection returned
-        # moments ago, not hung up on by the server, with no user check to run.
+        # moments ago, not hung up on by the server, with no check of its own to run.
         if (
-            self._check is not None
-            or started - getattr(conn, _RETURNED, 0.0) > self.bypass
+            self.checkout_check is not None
+            or due_for_ping(getattr(conn, _RETURNED, 0.0), started, self.liveness_bypass)
             or _maybe_closed(conn)
         ):
             conn = self._checked(conn, started + (self.timeout if timeout is None else timeout))
         with self._count_lock:
             self.in_use += 1
             if self.leak_threshold is not None:
-                self._held[id(conn)] = (conn, time.monotonic(), _where())
+                self._held[id(conn)] = (conn, clock(), _where())
         return conn
 
     def _checked(self, conn: psycopg.Connection[Any], deadline: float) -> psycopg.Connection[Any]:
-        """Return ``conn`` if it passes the liveness check, else another one that does.
-
-        Checked here rather than through psycopg_pool's ``check=``, which sleeps about
-        a second after each failed check: after a restart every request would stall.
-        """
+        """Return ``conn`` if it passes the liveness check, else another one that does."""
         for _ in range(self.max_size):
             try:
                 self._check_liveness(conn)
             except psycopg.Error:
                 conn.close()
-                super().putconn(conn)  # counted as a bad return; the pool replaces it
+                self.stats.invalidated += 1
+                super().putconn(conn)  # a bad return for psycopg_pool: it replaces it
             except BaseException:
                 super().putconn(conn)
                 raise
@@ -227,7 +318,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
                 if _hangups is not None:
                     _hangups.fds.discard(conn.pgconn.socket)  # a stale hint: reused number
                 return conn
-            conn = super().getconn(max(deadline - time.monotonic(), 0.0))
+            conn = super().getconn(max(deadline - clock(), 0.0))
         return conn
 
     def putconn(self, conn: psycopg.Connection[Any]) -> None:
@@ -241,7 +332,9 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             logger.info("A connection of pool %r reported as leaked came back: closed", self.name)
             conn.close()
             return
-        setattr(conn, _RETURNED, time.monotonic())  # for the liveness bypass window
+        if conn.pgconn.transaction_status == pq.TransactionStatus.UNKNOWN:
+            self.stats.invalidated += 1  # returned broken: psycopg_pool replaces it
+        setattr(conn, _RETURNED, clock())  # for the liveness bypass window
         super().putconn(conn)
 
     def _start_initial_tasks(self) -> None:
@@ -254,14 +347,31 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         """Report and replace the connections held for longer than ``leak_threshold``."""
         if self.leak_threshold is None:
             return
-        now = time.monotonic()
+        now = clock()
+        for taken, stack in self._release_leaked(now):
+            self.stats.leaks += 1
+            logger.warning(
+                "A connection of pool %r has been held for %.1fs, longer than leak_threshold "
+                "(%gs): reported as leaked and replaced; it is closed when it comes back. Make "
+                "the code that took it close it (a thread should call "
+                "django.db.connection.close() when done). It was taken at:\n%s",
+                self.name,
+                now - taken,
+                self.leak_threshold,
+                _format_stack(stack),
+            )
+
+    def _release_leaked(self, now: float) -> list[tuple[float, list[_Frame]]]:
+        """Free the slots of the connections held past ``leak_threshold``; return when and
+        where each was taken."""
+        assert self.leak_threshold is not None
         with self._count_lock:
             leaked = [h for h in self._held.values() if now - h[1] > self.leak_threshold]
             for conn, _, _ in leaked:
                 del self._held[id(conn)]
                 self.in_use -= 1
                 setattr(conn, _LEAKED, True)
-        for _, taken, stack in leaked:
+        for _ in leaked:
             with self._lock:
                 # No longer one of the pool's: let it open a replacement, now if
                 # clients are waiting or the pool is below min_size.
@@ -272,26 +382,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
                     self.run_task(AddConnection(self))
                 elif self._waiting:
                     self._maybe_grow_pool()
-            self.leaks += 1
-            where = "".join(
-                traceback.format_list(
-                    [
-                        traceback.FrameSummary(code.co_filename, line, code.co_name)
-                        for code, line in reversed(stack)
-                        if not any(part in code.co_filename for part in _INTERNAL)
-                    ]
-                )
-            )
-            logger.warning(
-                "A connection of pool %r has been held for %.1fs, longer than leak_threshold "
-                "(%gs): reported as leaked and replaced; it is closed when it comes back. Make "
-                "the code that took it close it (a thread should call "
-                "django.db.connection.close() when done). It was taken at:\n%s",
-                self.name,
-                now - taken,
-                self.leak_threshold,
-                where,
-            )
+        return [(taken, stack) for _, taken, stack in leaked]
 
     def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
         super()._add_connection(attempt or _Reconnect(timeout=self.reconnect_timeout), growing)
@@ -308,7 +399,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
                 client.fail(exc)
             raise
         self.last_connect_error = None
-        setattr(conn, _RETURNED, time.monotonic())  # new: no ping at its first checkout
+        setattr(conn, _RETURNED, clock())  # new: no ping at its first checkout
         _watch(conn)
         return conn
 
@@ -322,11 +413,11 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             pgconn.consume_input()
             if pgconn.status != pq.ConnStatus.OK or pgconn.notifies() is None:
                 raise psycopg.OperationalError("the server closed the connection")
-        if self._check is not None and self._check != SyncPool.check_connection:
-            self._check(conn)  # the user's own check (OPTIONS["pool"]["check"])
-        elif (
-            self._check is not None  # CONN_HEALTH_CHECKS: every checkout is pinged
-            or due_for_ping(getattr(conn, _RETURNED, 0.0), clock(), self.bypass)
+        check = self.checkout_check
+        if check is not None and check != PING:
+            check(conn)  # type: ignore[operator]  # the user's own (OPTIONS["pool"]["check"])
+        elif check == PING or due_for_ping(
+            getattr(conn, _RETURNED, 0.0), clock(), self.liveness_bypass
         ):
             self._ping(conn)
 
@@ -336,8 +427,9 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         psycopg_pool's check_connection() waits for the answer for good: on a dead
         network path (packets dropped, nothing refused) the checkout would hang.
         """
+        self.stats.pings += 1
         pgconn = conn.pgconn
-        deadline = time.monotonic() + self.timeout
+        deadline = clock() + self.timeout
         with conn.lock:
             pgconn.send_query(b"")
             while pgconn.flush():  # non-blocking mode: 1 while bytes remain to send
@@ -350,7 +442,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
                     raise psycopg.OperationalError("the connection failed a ping")
 
     def _wait(self, sock: int, deadline: float, write: bool = False) -> None:
-        remaining = deadline - time.monotonic()
+        remaining = deadline - clock()
         ready = (
             select.select([], [sock], [], max(remaining, 0))
             if write
@@ -360,17 +452,43 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             raise psycopg.OperationalError(f"no answer to a ping within {self.timeout:g}s")
 
     def _check_connection(self, conn: psycopg.Connection[Any]) -> None:
-        # getconn() runs ``check`` itself, in _check_liveness: psycopg_pool's own loop
-        # would sleep after each failed check, stalling every request after a restart.
-        return
+        return  # getconn() runs checkout_check itself, in _check_liveness
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return this pool's snapshot (the keys of ``_stats.SNAPSHOT_KEYS``)."""
+        raw = self.get_stats()
+        return _stats.snapshot(
+            self.alias,
+            "sync",
+            self.stats,
+            _registry.guards().get(self.alias),
+            idle=raw.get("pool_available", 0),
+            in_use=self.in_use,
+            waiting=raw.get("requests_waiting", 0),
+            min_size=self.min_size,
+            max_size=self.max_size,
+        )
 
     def describe_state(self) -> str:
-        """Return "size 3/10, in use 3, waiting 2" for error messages."""
-        stats = self.get_stats()
+        """Return "size 3/10, in use 3, idle 0, waiting 2" for error messages."""
+        snap = self.snapshot()
         return (
-            f"size {stats.get('pool_size', 0)}/{self.max_size}, in use {self.in_use}, "
-            f"idle {stats.get('pool_available', 0)}, waiting {stats.get('requests_waiting', 0)}"
+            f"size {snap['size']}/{snap['max_size']}, in use {snap['in_use']}, "
+            f"idle {snap['idle']}, waiting {snap['waiting']}"
         )
+
+
+def _format_stack(stack: list[_Frame]) -> str:
+    """Return the frames of ``stack`` outside the database layers, outermost first."""
+    return "".join(
+        traceback.format_list(
+            [
+                traceback.FrameSummary(code.co_filename, line, code.co_name)
+                for code, line in reversed(stack)
+                if not any(part in code.co_filename for part in _INTERNAL)
+            ]
+        )
+    )
 
 
 class _LeakSweep(MaintenanceTask):
@@ -384,3 +502,97 @@ class _LeakSweep(MaintenanceTask):
         pool.schedule_task(self, self.every)  # first, so that an error never stops it
         if isinstance(pool, SyncPool):
             pool.sweep_leaks()
+
+
+# -- the counted checkout path (also the native async ORM's; the async pool's is _fairpool) --
+
+
+def checkout(
+    stats: _stats.Stats,
+    guard: Guard,
+    acquire: Callable[..., T],
+    *args: Any,
+    sleep: Callable[[float], object] = time.sleep,
+) -> T:
+    """Return ``guard.acquire(acquire, *args)``, counting the attempt, outcome, retries, latency.
+
+    ``sleep`` waits between tries (an awaiting one in a greenlet: the native async ORM).
+    """
+    stats.attempts += 1
+    started = clock()
+    try:
+        conn = guard.acquire(acquire, *args, sleep=sleep, stats=stats)
+    except BaseException as exc:
+        stats.failed(exc)
+        raise
+    stats.checkouts += 1
+    taken = getattr(conn, _TAKEN, _NEVER)
+    if taken is _NEVER:
+        stats.created += 1
+    else:
+        stats.reused += 1
+    if guard.config.metrics:
+        now = clock()
+        stats.latency.observe(now - started)
+        setattr(conn, _TAKEN, now)
+    elif taken is _NEVER:
+        setattr(conn, _TAKEN, None)
+    return conn
+
+
+def checkin(stats: _stats.Stats, conn: Any) -> None:
+    """Count the time ``conn`` was held, as it goes back (or is closed)."""
+    taken = getattr(conn, _TAKEN, None)
+    if taken is not None:
+        stats.held.observe(clock() - taken)
+        setattr(conn, _TAKEN, None)
+
+
+def error(exc: BaseException, pool: SyncPool | None, config: AliasConfig) -> PoolError:
+    """Return django-asyncpool's error for psycopg_pool's PoolTimeout or PoolClosed."""
+    if isinstance(exc, psycopg_pool.PoolClosed):
+        return SyncPoolClosed(
+            f"The pool of database {config.describe()} is closed.", alias=config.alias
+        )
+    return pool_timeout(
+        SyncPoolTimeout,
+        config.describe(),
+        config.alias,
+        pool.timeout if pool else 0.0,
+        pool.describe_state() if pool else "no pool",
+        "OPTIONS['pool']['max_size'] or ['timeout']",
+    )
+
+
+# -- the sync side's process lifecycle ------------------------------------------------------
+
+#: Every DatabaseWrapper of this process (Django's are thread-local: not all reachable
+#: otherwise).
+wrappers: weakref.WeakSet[Any] = weakref.WeakSet()
+#: The wrappers with autocommit off (in a transaction): the native async ORM looks for a
+#: blocked async_to_sync caller's transaction only while this is not empty (_asyncorm).
+transactions: weakref.WeakSet[Any] = weakref.WeakSet()
+#: Connections inherited from a parent process: kept referenced, never closed, so that
+#: neither ``close()`` nor garbage collection touches their sockets.
+_inherited: list[Any] = []
+
+
+def close_pools() -> None:
+    """Close this process's sync pools (at exit: the server sees clean disconnects)."""
+    for alias in list(_registry.sync_pools):
+        _registry.reset(alias)
+
+
+def _forget_inherited() -> None:
+    """In a forked child: drop the parent's connections without closing them.
+
+    The registry forgets the parent's pools (it runs first: it was imported first).
+    """
+    for wrapper in list(wrappers):
+        if wrapper.connection is not None:
+            _inherited.append(wrapper.connection)
+            wrapper.connection = None
+
+
+os.register_at_fork(after_in_child=_forget_inherited)
+atexit.register(close_pools)

@@ -59,7 +59,7 @@ async def warm_up_async() -> None:
 
 async def close_all() -> None:
     """Close every async pool's engine on this loop, and every sync pool of the process."""
-    from .base import close_pools
+    from ._syncpool import close_pools
     from .pool import ConnectionPool
 
     for pool in list(ConnectionPool._instances.values()):

@@ -33,6 +33,8 @@ __all__ = [
     "load",
     "load_metrics",
     "parse_url",
+    "psycopg_keys",
+    "psycopg_params",
 ]
 
 ENGINE = "django_asyncpool"
@@ -317,6 +319,40 @@ def _libpq_keys() -> frozenset[str]:
     from psycopg import pq
 
     return frozenset(d.keyword.decode() for d in pq.Conninfo.get_defaults())
+
+
+#: Keys Django's get_connection_params() adds itself (not user OPTIONS).
+_DRIVER_KEYS = frozenset(
+    {
+        "dbname",
+        "user",
+        "password",
+        "host",
+        "port",
+        "client_encoding",
+        "cursor_factory",
+        "context",
+        "prepare_threshold",
+        "service",
+        "passfile",
+    }
+)
+
+
+@functools.cache
+def psycopg_keys() -> frozenset[str]:
+    """Return the connection parameters that go to psycopg: libpq's and Django's own."""
+    return (_libpq_keys() - OUR_KEYS - DJANGO_OPTIONS) | _DRIVER_KEYS
+
+
+def psycopg_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Drop from Django's connection parameters (in place) what psycopg must not get:
+    django-asyncpool's OPTIONS, and unknown keys (reported by :func:`from_settings`)."""
+    passed = psycopg_keys()
+    if not params.keys() <= passed:  # the common case: one subset test
+        for key in params.keys() - passed:
+            params.pop(key)
+    return params
 
 
 #: DATABASE_URL's schemes. The driver after ``+`` (asyncpg, psycopg, ...) is not used:

@@ -7,6 +7,8 @@ from typing import Any
 from django.db import connections
 from django.db.backends.postgresql import creation as postgresql
 
+from . import _registry
+
 
 def close_pools_on(dbname: str) -> None:
     """Close every connection and pool of this process that uses database ``dbname``.
@@ -15,23 +17,16 @@ def close_pools_on(dbname: str) -> None:
     alias (``TEST["MIRROR"]``) has a pool of its own on the same database, which
     would keep the database busy.
     """
-    from .base import DatabaseWrapper
-
+    pools = _registry.sync_pools  # the ENGINE's DatabaseWrapper._connection_pools
     for wrapper in connections.all(initialized_only=True):
         conn = wrapper.connection
-        if isinstance(wrapper, DatabaseWrapper) and conn is not None and conn.info.dbname == dbname:
+        ours = getattr(type(wrapper), "_connection_pools", None) is pools
+        if ours and conn is not None and conn.info.dbname == dbname:
             wrapper.close()
-    pools = DatabaseWrapper._connection_pools
     for alias, pool in list(pools.items()):
         if isinstance(pool.kwargs, dict) and pool.kwargs.get("dbname") == dbname:
             pool.close()
             pools.pop(alias, None)
-    for hook in _close_hooks:
-        hook(dbname)
-
-
-#: Called with a database name; the async pool registers its own closer here.
-_close_hooks: list[Any] = []
 
 
 class DatabaseCreation(postgresql.DatabaseCreation):

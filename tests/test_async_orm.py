@@ -36,8 +36,8 @@ from django_asyncpool import (
     _asyncorm,
     _ormpool,
     _registry,
+    _syncpool,
 )
-from django_asyncpool import base as _base
 from django_asyncpool.config import from_settings
 from testproject.shop.models import Order, OrderLine, Product
 
@@ -773,7 +773,7 @@ async def test_with_no_async_to_sync_above_the_pool_serves(locking: str) -> None
     holder = asyncio.get_running_loop().run_in_executor(None, hold)
     try:
         await asyncio.to_thread(entered.wait, 10)
-        assert _base._transactions  # the cheap gate is open: the full check runs
+        assert _syncpool.transactions  # the cheap gate is open: the full check runs
         assert await on(locking).filter(sku="T4").acount() == 0  # not the thread's transaction
     finally:
         leave.set()

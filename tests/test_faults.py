@@ -391,9 +391,12 @@ def test_a_healthy_idle_sync_connection_is_pinged_and_kept(make_wrapper) -> None
     )
 
     first = query(wrapper)
+    assert wrapper.pool is not None
+    pings = wrapper.pool.stats.pings
     time.sleep(0.1)  # idle past liveness_bypass: the checkout pings it
     assert query(wrapper) == first
-    assert wrapper.pool is not None and wrapper.pool.get_stats().get("returns_bad", 0) == 0
+    assert wrapper.pool.stats.pings == pings + 1
+    assert wrapper.pool.get_stats().get("returns_bad", 0) == 0
 
 
 # -- 4: a cancellation storm --------------------------------------------------------------
@@ -607,14 +610,14 @@ def test_a_connection_never_given_back(make_wrapper, leak_threshold, caplog) -> 
     stats = pool.get_stats()
     print(
         f"\nleak_threshold {leak_threshold}: {served} of max_size 2 available while one is "
-        f"kept; leaks reported {pool.leaks}; pool size afterwards {stats.get('pool_size')}"
+        f"kept; leaks reported {pool.stats.leaks}; pool size afterwards {stats.get('pool_size')}"
     )
     if leak_threshold is None:
         assert served == 1  # a connection short for as long as the thread keeps it
-        assert pool.leaks == 0
+        assert pool.stats.leaks == 0
     else:
         assert served == 2
-        assert pool.leaks == 1 and stats["connections_leaked"] == 1
+        assert pool.stats.leaks == 1 and stats["connections_leaked"] == 1
         assert "forgetful_thread" in caplog.text and "leak_threshold" in caplog.text
         assert kept[0].closed  # closed when it came back, not pooled
         assert stats["pool_size"] <= 2

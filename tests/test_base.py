@@ -159,3 +159,120 @@ def test_pools_are_closed_at_process_exit(tmp_path) -> None:
         check=True,
     ).stdout
     assert json.loads(out.strip().splitlines()[-1]) == {"default": True}
+
+
+def test_database_url_fills_a_copy_not_the_users_settings(monkeypatch, pg) -> None:
+    """The wrapper's settings come from DATABASE_URL; settings.DATABASES[alias] is unchanged."""
+    import copy
+
+    from django.db.utils import ConnectionHandler
+
+    from django_asyncpool import _registry
+    from django_asyncpool.base import DatabaseWrapper
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:pw@db.example:6543/from_url")
+    given = {"ENGINE": "django_asyncpool", "OPTIONS": {"application_name": "web"}}
+    user = ConnectionHandler().configure_settings({"default": copy.deepcopy(given)})["default"]
+    before = copy.deepcopy(user)
+    try:
+        wrapper = DatabaseWrapper(user, alias="u1")
+        assert user == before  # the user's dict (settings.DATABASES[alias]) is not touched
+        assert wrapper.settings_dict is not user
+        assert wrapper.settings_dict["HOST"] == "db.example"
+        assert wrapper.settings_dict["NAME"] == "from_url"
+        assert wrapper.settings_dict["OPTIONS"]["application_name"] == "web"
+        # The test runner then names the test database on the user's dict (and on the
+        # wrapper's): a wrapper another thread builds from it still takes the URL's host.
+        user["NAME"] = wrapper.settings_dict["NAME"] = "test_from_url"
+        other = DatabaseWrapper(user, alias="u1")
+        assert other.settings_dict["NAME"] == "test_from_url"
+        assert (other.settings_dict["HOST"], other.settings_dict["PORT"]) == ("db.example", 6543)
+        assert other.settings_dict["USER"] == "u" and other.settings_dict["PASSWORD"] == "pw"
+    finally:
+        _registry.reset("u1")
+
+
+def test_test_databases_are_created_from_database_url_alone(tmp_path, pg) -> None:
+    """Django's test runner with only DATABASE_URL: the test database is made, used by
+    another thread, and dropped."""
+    import os
+    import subprocess
+    import sys
+
+    from testproject.settings import DATABASES
+
+    d = DATABASES["default"]
+    url = f"postgresql://{d['USER']}:{d['PASSWORD']}@{d['HOST']}:{d['PORT']}/{d['NAME']}"
+    (tmp_path / "urlonly_settings.py").write_text(
+        "from testproject.settings import *\n"
+        # A name of its own: never the test database of the session running this test.
+        "DATABASES = {'default': {'ENGINE': 'django_asyncpool', "
+        f"'TEST': {{'NAME': 'test_urlonly_{os.getpid()}'}}}}}}\n"
+    )
+    code = (
+        "import threading, django; django.setup()\n"
+        "from django.conf import settings\n"
+        "from django.db import connection, connections\n"
+        "from django.test.utils import setup_databases, teardown_databases\n"
+        "user = settings.DATABASES['default']\n"
+        "assert 'HOST' not in user or not user['HOST'], user\n"
+        "old = setup_databases(verbosity=0, interactive=False)\n"
+        "seen = []\n"
+        "def other():\n"
+        "    with connections['default'].cursor() as c:\n"
+        "        c.execute('select current_database()'); seen.append(c.fetchone()[0])\n"
+        "    connections.close_all()\n"
+        "t = threading.Thread(target=other); t.start(); t.join()\n"
+        "with connection.cursor() as c:\n"
+        "    c.execute('select current_database()'); mine = c.fetchone()[0]\n"
+        "assert seen == [mine] and mine.startswith('test_'), (seen, mine)\n"
+        "teardown_databases(old, verbosity=0)\n"
+        "print('ok', mine)\n"
+    )
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "DJANGO_SETTINGS_MODULE": "urlonly_settings",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok test_")
+
+
+def test_async_orm_is_installed_by_the_engine_alone(tmp_path) -> None:
+    """OPTIONS["async_orm"] works without the app in INSTALLED_APPS: building the
+    alias's wrapper installs the native async ORM (the ENGINE never imports it)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "engine_only_settings.py").write_text(
+        "from testproject.settings import *\n"
+        "INSTALLED_APPS = [a for a in INSTALLED_APPS if a != 'django_asyncpool']\n"
+        "DATABASES['default']['OPTIONS'] = {**DATABASES['default'].get('OPTIONS', {}), "
+        "'async_orm': True}\n"
+    )
+    code = (
+        "import sys, django; django.setup()\n"
+        "from django.db import connection\n"
+        "from django.db.models import query\n"
+        "from django.apps import apps\n"
+        "assert not apps.is_installed('django_asyncpool')\n"
+        "connection.settings_dict  # builds the wrapper\n"
+        "from django_asyncpool import _asyncorm\n"
+        "assert query.QuerySet.aget is not _asyncorm._ORIGINALS['aget']\n"
+        "print('ok')\n"
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "engine_only_settings",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
