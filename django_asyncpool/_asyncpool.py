@@ -2,7 +2,7 @@
 
 The async half of the pool, as :mod:`._syncpool` is the sync half. It owns:
 
-* :class:`_LoopState`: one event loop's engines (read-write, and read-only when
+* :class:`LoopState`: one event loop's engines (read-write, and read-only when
   first used), each on a :class:`~._fairpool.GuardedPool`, disposed while the
   loop shuts down (asyncpg connections belong to the loop that opened them);
 * :class:`_Listeners`: what the pool does at connect, checkout (the liveness
@@ -317,7 +317,7 @@ def run_at_loop_shutdown(cleanup: Callable[[], Coroutine[Any, Any, None]]) -> An
     return gen
 
 
-class _LoopState:
+class LoopState:
     """The engines of one event loop: read-write, and read-only (made when first used)."""
 
     def __init__(self, stats: Stats, config: AliasConfig) -> None:

@@ -23,7 +23,6 @@ import logging
 import os
 import select
 import threading
-import time
 import weakref
 from collections import deque
 from typing import Any
@@ -42,7 +41,8 @@ from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 from . import _registry, _stats, _syncpool, metrics
 from ._asyncpool import run_at_loop_shutdown
 from ._guard import Guard
-from ._syncpool import _RETURNED, _maybe_closed, _readable, _watch
+from ._liveness import clock
+from ._syncpool import RETURNED, maybe_closed, readable, watch_hangups
 from ._waiters import TIMED_OUT, Slots
 from .base import DatabaseWrapper
 from .config import AliasConfig
@@ -284,8 +284,8 @@ class OrmPool:
         """Return an idle connection that needs no check (used a moment ago), or None."""
         if self.idle and not self.closed:
             conn = self.idle[-1]
-            if time.monotonic() - getattr(conn, _RETURNED, 0.0) <= self.bypass and not (
-                _maybe_closed(conn)  # type: ignore[arg-type]
+            if clock() - getattr(conn, RETURNED, 0.0) <= self.bypass and not (
+                maybe_closed(conn)  # type: ignore[arg-type]
             ):
                 return self.idle.pop()
         return None
@@ -339,15 +339,15 @@ class OrmPool:
         except BaseException:
             self.slots.release()
             raise
-        setattr(conn, _RETURNED, time.monotonic())  # new: no ping at its first checkout
-        conn._asyncpool_expires = time.monotonic() + self.max_lifetime  # type: ignore[attr-defined]
-        _watch(conn)  # type: ignore[arg-type]
+        setattr(conn, RETURNED, clock())  # new: no ping at its first checkout
+        conn._asyncpool_expires = clock() + self.max_lifetime  # type: ignore[attr-defined]
+        watch_hangups(conn)  # type: ignore[arg-type]
         return conn
 
     async def _alive(self, conn: psycopg.AsyncConnection[Any]) -> bool:
         """Return True if ``conn`` is usable; close it (freeing its slot) otherwise."""
-        now = time.monotonic()
-        if now - getattr(conn, _RETURNED, 0.0) <= self.bypass and not _maybe_closed(conn):  # type: ignore[arg-type]
+        now = clock()
+        if now - getattr(conn, RETURNED, 0.0) <= self.bypass and not maybe_closed(conn):  # type: ignore[arg-type]
             return True  # every checkout's path: used a moment ago, not hung up on
         try:
             await self._check_liveness(conn)
@@ -359,19 +359,17 @@ class OrmPool:
         except BaseException:
             self.putconn(conn)
             raise
-        hangups = _syncpool._hangups  # replaced after a fork: not imported by value
-        if hangups is not None:
-            hangups.fds.discard(conn.pgconn.socket)  # a stale hint: a reused number
+        _syncpool.clear_hint(conn)  # type: ignore[arg-type]  # a stale hint: a reused number
         return True
 
     async def _check_liveness(self, conn: psycopg.AsyncConnection[Any]) -> None:
         if conn.closed or conn.broken:
             raise psycopg.OperationalError("the connection is closed")
-        if _readable(conn):  # type: ignore[arg-type]
+        if readable(conn):  # type: ignore[arg-type]
             conn.pgconn.consume_input()
             if conn.pgconn.status != pq.ConnStatus.OK or conn.pgconn.notifies() is None:
                 raise psycopg.OperationalError("the server closed the connection")
-        if time.monotonic() - getattr(conn, _RETURNED, 0.0) > self.bypass:
+        if clock() - getattr(conn, RETURNED, 0.0) > self.bypass:
             self.stats.pings += 1
             # Bounded: on a dead network path an unbounded ping would hang the checkout.
             async with asyncio.timeout(self.timeout):
@@ -382,12 +380,12 @@ class OrmPool:
         if (
             self.closed
             or conn.pgconn.transaction_status != pq.TransactionStatus.IDLE
-            or time.monotonic() >= getattr(conn, "_asyncpool_expires", 0.0)
+            or clock() >= getattr(conn, "_asyncpool_expires", 0.0)
         ):
             conn.pgconn.finish()  # no I/O to wait for: the server sees the socket close
             self.slots.release()
             return
-        setattr(conn, _RETURNED, time.monotonic())  # for the liveness bypass window
+        setattr(conn, RETURNED, clock())  # for the liveness bypass window
         if not self.slots.hand_over(conn):
             self.idle.append(conn)
 

@@ -25,7 +25,7 @@ from ._scopes import DIALECT, ConnectionLease, SessionScope, discard
 from .errors import ReadOnlyError
 
 if TYPE_CHECKING:
-    from ._asyncpool import _LoopState  # annotations only: what pool.for_loop() returns
+    from ._asyncpool import LoopState  # annotations only: what pool.for_loop() returns
     from .pool import ConnectionPool
 
 __all__ = ["ReadOnlyScope", "ReadOnlySession", "readonly_violation"]
@@ -145,7 +145,7 @@ class ReadOnlyScope(SessionScope):
 
     __slots__ = ()
 
-    def _new_session(self, state: _LoopState) -> AsyncSession:
+    def _new_session(self, state: LoopState) -> AsyncSession:
         return ReadOnlySession(state.readonly, self._pool, fast=not state.config.pgbouncer)
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

@@ -23,7 +23,7 @@ from ._asyncpool import is_lost, lost_error
 from .errors import ConnectionLost
 
 if TYPE_CHECKING:
-    from ._asyncpool import _LoopState  # annotations only: what pool.for_loop() returns
+    from ._asyncpool import LoopState  # annotations only: what pool.for_loop() returns
     from .pool import ConnectionPool
 
 __all__ = ["DIALECT", "ConnectionLease", "SessionScope", "discard", "leak_timer", "retryable"]
@@ -82,7 +82,7 @@ class SessionScope:
         self._pool = pool
         self._timer: asyncio.TimerHandle | None = None
 
-    def _new_session(self, state: _LoopState) -> AsyncSession:
+    def _new_session(self, state: LoopState) -> AsyncSession:
         return AsyncSession(state.engine, expire_on_commit=False)
 
     async def __aenter__(self) -> AsyncSession:

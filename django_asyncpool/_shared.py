@@ -51,7 +51,7 @@ from .config import BreakerConfig
 if TYPE_CHECKING:
     from redis import Redis
 
-    from .config import AliasConfig, _Reader
+    from .config import AliasConfig, Reader
 
 __all__ = [
     "RECHECK",
@@ -85,7 +85,7 @@ _errors: dict[str, int] = {}  # failed Redis calls per alias, for the life of th
 # -- configuration -------------------------------------------------------------------------------
 
 
-def checked(reader: _Reader, breaker: BreakerConfig) -> BreakerConfig:
+def checked(reader: Reader, breaker: BreakerConfig) -> BreakerConfig:
     """Record the problems of the ``storage`` keys; return ``breaker`` with defaults for them."""
     storage, prefix = breaker.storage, breaker.storage_prefix
     if storage:

@@ -61,7 +61,7 @@ T = TypeVar("T")
 logger = logging.getLogger("django_asyncpool")
 
 #: clock() when a connection was opened or last came back (the liveness bypass window).
-_RETURNED = "_asyncpool_returned_at"
+RETURNED = "_asyncpool_returned_at"
 #: clock() when a connection was handed out, for the time it is held (None with
 #: metrics off, or once back). Missing on a connection never handed out before.
 _TAKEN = "_asyncpool_taken_at"
@@ -91,7 +91,7 @@ def _where(limit: int = 40) -> list[_Frame]:
     return stack
 
 
-def _readable(conn: psycopg.Connection[Any]) -> bool:
+def readable(conn: psycopg.Connection[Any]) -> bool:
     """Return True if an idle connection's socket has something to read (or is gone)."""
     try:
         return socket_readable(conn.pgconn.socket)
@@ -148,17 +148,17 @@ class _Hangups:
 _hangups: _Hangups | None = _Hangups() if hasattr(select, "epoll") else None
 
 
-def _maybe_closed(conn: psycopg.Connection[Any]) -> bool:
+def maybe_closed(conn: psycopg.Connection[Any]) -> bool:
     """Return True if the server may have closed an idle connection (check it for real)."""
     if _hangups is None:
-        return _readable(conn)
+        return readable(conn)
     try:
         return conn.pgconn.socket in _hangups.fds
     except psycopg.Error:  # closed: no socket
         return True
 
 
-def _watch(conn: psycopg.Connection[Any]) -> None:
+def watch_hangups(conn: psycopg.Connection[Any]) -> None:
     """Have the kernel report when the server closes ``conn``."""
     global _hangups
     if _hangups is None:
@@ -168,6 +168,12 @@ def _watch(conn: psycopg.Connection[Any]) -> None:
     except OSError as exc:  # out of epoll watches: every checkout polls its socket
         logger.warning("Cannot watch connections for hangups (%s): polling at checkout.", exc)
         _hangups = None
+
+
+def clear_hint(conn: psycopg.Connection[Any]) -> None:
+    """Forget a hang-up recorded for ``conn``'s socket number: it was a stale hint."""
+    if _hangups is not None:
+        _hangups.fds.discard(conn.pgconn.socket)
 
 
 def _new_hangups() -> None:
@@ -292,8 +298,8 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         # moments ago, not hung up on by the server, with no check of its own to run.
         if (
             self.checkout_check is not None
-            or due_for_ping(getattr(conn, _RETURNED, 0.0), started, self.liveness_bypass)
-            or _maybe_closed(conn)
+            or due_for_ping(getattr(conn, RETURNED, 0.0), started, self.liveness_bypass)
+            or maybe_closed(conn)
         ):
             conn = self._checked(conn, started + (self.timeout if timeout is None else timeout))
         with self._count_lock:
@@ -315,8 +321,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
                 super().putconn(conn)
                 raise
             else:
-                if _hangups is not None:
-                    _hangups.fds.discard(conn.pgconn.socket)  # a stale hint: reused number
+                clear_hint(conn)  # a stale hint: reused number
                 return conn
             conn = super().getconn(max(deadline - clock(), 0.0))
         return conn
@@ -334,7 +339,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             return
         if conn.pgconn.transaction_status == pq.TransactionStatus.UNKNOWN:
             self.stats.invalidated += 1  # returned broken: psycopg_pool replaces it
-        setattr(conn, _RETURNED, clock())  # for the liveness bypass window
+        setattr(conn, RETURNED, clock())  # for the liveness bypass window
         super().putconn(conn)
 
     def _start_initial_tasks(self) -> None:
@@ -399,15 +404,15 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
                 client.fail(exc)
             raise
         self.last_connect_error = None
-        setattr(conn, _RETURNED, clock())  # new: no ping at its first checkout
-        _watch(conn)
+        setattr(conn, RETURNED, clock())  # new: no ping at its first checkout
+        watch_hangups(conn)
         return conn
 
     def _check_liveness(self, conn: psycopg.Connection[Any]) -> None:
         if conn.closed or conn.broken:
             raise psycopg.OperationalError("the connection is closed")
         pgconn = conn.pgconn
-        if _readable(conn):
+        if readable(conn):
             # An idle connection receives nothing but notifications; anything else is
             # the server saying goodbye (or an EOF).
             pgconn.consume_input()
@@ -417,7 +422,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         if check is not None and check != PING:
             check(conn)  # type: ignore[operator]  # the user's own (OPTIONS["pool"]["check"])
         elif check == PING or due_for_ping(
-            getattr(conn, _RETURNED, 0.0), clock(), self.liveness_bypass
+            getattr(conn, RETURNED, 0.0), clock(), self.liveness_bypass
         ):
             self._ping(conn)
 
@@ -549,10 +554,20 @@ def checkin(stats: _stats.Stats, conn: Any) -> None:
 
 
 def error(exc: BaseException, pool: SyncPool | None, config: AliasConfig) -> PoolError:
-    """Return django-asyncpool's error for psycopg_pool's PoolTimeout or PoolClosed."""
+    """Return django-asyncpool's error for psycopg_pool's PoolTimeout, PoolClosed or
+    TooManyRequests (the latter two are the application's load: never counted by the
+    breaker, never retried)."""
     if isinstance(exc, psycopg_pool.PoolClosed):
         return SyncPoolClosed(
             f"The pool of database {config.describe()} is closed.", alias=config.alias
+        )
+    if isinstance(exc, psycopg_pool.TooManyRequests):
+        return SyncPoolTimeout(
+            f"Too many callers were already waiting for a connection to database "
+            f"{config.describe()} ({pool.describe_state() if pool else 'no pool'}): "
+            f"{exc}. Raise OPTIONS['pool']['max_waiting'] (0: no limit) or "
+            "['max_size'], or shed load before the database.",
+            alias=config.alias,
         )
     return pool_timeout(
         SyncPoolTimeout,

@@ -16,10 +16,10 @@ import sys
 
 import psycopg_pool
 from django.apps import AppConfig
-from django.conf import settings
 
+from . import _registry
 from . import config as _config
-from .errors import DatabaseUnavailable, redact
+from .errors import unreachable
 
 logger = logging.getLogger("django_asyncpool")
 
@@ -30,9 +30,6 @@ class DjangoAsyncpoolConfig(AppConfig):
     name = "django_asyncpool"
     verbose_name = "django-asyncpool"
 
-    #: The configuration of every alias of the ENGINE, as read at startup.
-    configs: dict[str, _config.AliasConfig]
-
     def ready(self) -> None:
         from . import (
             _exporter,
@@ -42,18 +39,14 @@ class DjangoAsyncpoolConfig(AppConfig):
 
         metrics.setup()  # registers the pool metrics (once)
         _exporter.start_from_settings()  # METRICS_ENABLED: /metrics on METRICS_PORT
-        self.configs = {
-            alias: _config.from_settings(alias, settings_dict)
-            for alias, settings_dict in settings.DATABASES.items()
-            if settings_dict.get("ENGINE") == _config.ENGINE
-        }
-        if any(conf.async_orm for conf in self.configs.values()):
+        configs = [_registry.config(alias) for alias in _registry.aliases()]
+        if any(conf.async_orm for conf in configs):
             from ._asyncorm import install
 
             install()  # Django's async QuerySet methods, native for those aliases
         if _command() in NO_WARMUP_COMMANDS:
             return  # they report an unreachable database instead of dying of it
-        for conf in self.configs.values():
+        for conf in configs:
             if conf.warmup is not None:
                 warm_up(conf)
 
@@ -85,7 +78,7 @@ def warm_up(conf: _config.AliasConfig) -> None:
         try:
             wrapper.ensure_connection()
         except Exception as exc:
-            raise _unreachable(conf, timeout, exc) from exc
+            raise unreachable(conf, timeout, exc) from exc
         wrapper.close()
         return
     try:
@@ -93,15 +86,5 @@ def warm_up(conf: _config.AliasConfig) -> None:
     except psycopg_pool.PoolTimeout as exc:
         DatabaseWrapper._connection_pools.pop(conf.alias, None)
         pool.close(timeout=0)
-        raise _unreachable(conf, timeout, pool.last_connect_error or exc) from exc
+        raise unreachable(conf, timeout, pool.last_connect_error or exc) from exc
     logger.info("Database %s: pool opened at startup (warm-up).", conf.describe())
-
-
-def _unreachable(conf: _config.AliasConfig, timeout: float, exc: BaseException) -> Exception:
-    reason = redact(str(exc).strip(), conf.password) or type(exc).__name__
-    return DatabaseUnavailable(
-        f"Database {conf.describe()} could not be reached at startup within "
-        f"OPTIONS['warmup'] = {timeout:g}s: {reason}. Check that the server is up and "
-        "reachable, or remove OPTIONS['warmup'] to open the pool on first use.",
-        alias=conf.alias,
-    )

@@ -108,7 +108,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             # close(), medians of 3 runs, load average 2-4).
             self.isolation_level = IsolationLevel.READ_COMMITTED
             return pool.getconn()
-        except (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed) as exc:
+        except (
+            psycopg_pool.PoolTimeout,
+            psycopg_pool.PoolClosed,
+            psycopg_pool.TooManyRequests,
+        ) as exc:
             raise _syncpool.error(exc, self.pool, guard.config) from exc
 
     @cached_property

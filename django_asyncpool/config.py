@@ -210,7 +210,7 @@ _BOUNDS: dict[str, tuple[type, float, bool]] = {
 WARMUP_DEFAULT = 10.0
 
 
-class _Reader:
+class Reader:
     """Coerce and validate values, collecting problems instead of raising."""
 
     def __init__(self, alias: str) -> None:
@@ -312,6 +312,14 @@ def _sync_pool_keys() -> frozenset[str]:
     params = inspect.signature(ConnectionPool.__init__).parameters
     # These are set by the ENGINE itself.
     return frozenset(params) - {"self", "conninfo", "kwargs", "open", "configure", "check"}
+
+
+@functools.cache
+def _psycopg_pool_defaults() -> dict[str, Any]:
+    from psycopg_pool import ConnectionPool
+
+    params = inspect.signature(ConnectionPool.__init__).parameters
+    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
 @functools.cache
@@ -451,7 +459,7 @@ def connection_fields(
     return fields
 
 
-def sync_pool_options(reader: _Reader, given: Any) -> dict[str, Any] | None:
+def sync_pool_options(reader: Reader, given: Any) -> dict[str, Any] | None:
     """Return psycopg_pool kwargs from Django's ``OPTIONS["pool"]`` (True/False/dict)."""
     if given is False or given is None:
         return None
@@ -480,7 +488,10 @@ def sync_pool_options(reader: _Reader, given: Any) -> dict[str, Any] | None:
                 "timeout, max_idle, max_lifetime, ...).",
             )
         elif key in _BOUNDS:
-            options[key] = reader.value(name, key, raw, SYNC_POOL_DEFAULTS.get(key, raw))
+            # An invalid value is reported and replaced by the default (ours, or
+            # psycopg_pool's own), never passed on as given.
+            default = SYNC_POOL_DEFAULTS.get(key, _psycopg_pool_defaults().get(key, raw))
+            options[key] = reader.value(name, key, raw, default)
         else:
             options[key] = raw
     if "max_size" not in given and options["min_size"] > options["max_size"]:
@@ -505,9 +516,7 @@ PGBOUNCER_CONFLICTS = {
 }
 
 
-def pgbouncer_problems(
-    reader: _Reader, conn: Mapping[str, Any], options: Mapping[str, Any]
-) -> None:
+def pgbouncer_problems(reader: Reader, conn: Mapping[str, Any], options: Mapping[str, Any]) -> None:
     """Record the settings that cannot work behind PgBouncer in transaction mode (E020)."""
     for key, what in PGBOUNCER_CONFLICTS.items():
         if options.get(key) is not None:
@@ -554,7 +563,7 @@ def refuse_unusable(config: AliasConfig) -> None:
         )
 
 
-def failover_aliases(reader: _Reader, given: Any) -> tuple[str, ...]:
+def failover_aliases(reader: Reader, given: Any) -> tuple[str, ...]:
     """Return ``OPTIONS["failover_to"]`` as a tuple of aliases, or () if it is not a list (E040)."""
     if given is None:
         return ()
@@ -575,7 +584,7 @@ def from_settings(
 ) -> AliasConfig:
     """Build the :class:`AliasConfig` of one ``DATABASES`` entry."""
     environ = os.environ if environ is None else environ
-    reader = _Reader(alias)
+    reader = Reader(alias)
     try:
         from_url = connection_fields(settings_dict, environ)
     except InvalidURL as exc:
@@ -719,7 +728,7 @@ class MetricsConfig:
 
 def metrics_from(values: Mapping[str, Any]) -> MetricsConfig:
     """Build the :class:`MetricsConfig` from ``METRICS_ENABLED`` / ``METRICS_PORT`` values."""
-    reader = _Reader("")
+    reader = Reader("")
     enabled, port = False, 9090
     if values.get("METRICS_ENABLED") is not None:
         enabled = reader.value(

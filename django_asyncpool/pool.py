@@ -26,7 +26,7 @@ import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from . import _failover, _registry, _stats, metrics
-from ._asyncpool import _LoopState  # this module owns the loop states: it makes them
+from ._asyncpool import LoopState  # this module owns the loop states: it makes them
 from ._readonly import ReadOnlyScope
 from ._scopes import ConnectionLease, SessionScope, discard, retryable
 from ._stats import Stats
@@ -47,8 +47,8 @@ class ConnectionPool:
     stats: Stats
     #: ``OPTIONS["failover_to"]``: while this alias is down its reads go there.
     failover_to: tuple[str, ...]
-    _loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState]
-    _last: tuple[asyncio.AbstractEventLoop, _LoopState] | None  # the hot path's one lookup
+    _loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState]
+    _last: tuple[asyncio.AbstractEventLoop, LoopState] | None  # the hot path's one lookup
 
     def __new__(cls, alias: str = "default") -> ConnectionPool:
         try:
@@ -78,7 +78,7 @@ class ConnectionPool:
 
     # -- engines -------------------------------------------------------------------------
 
-    def for_loop(self) -> _LoopState:
+    def for_loop(self) -> LoopState:
         """Return the running event loop's engines (made on first use)."""
         loop = asyncio.get_running_loop()
         last = self._last
@@ -88,12 +88,12 @@ class ConnectionPool:
         self._last = (loop, state)
         return state
 
-    def _start(self, loop: asyncio.AbstractEventLoop) -> _LoopState:
+    def _start(self, loop: asyncio.AbstractEventLoop) -> LoopState:
         for other in [lp for lp in self._loops if lp.is_closed()]:
             # A loop closed without shutting down its async generators: its sockets
             # go with the engine's garbage.
             del self._loops[other]
-        state = _LoopState(self.stats, _registry.config(self.alias))
+        state = LoopState(self.stats, _registry.config(self.alias))
         self._loops[loop] = state
         return state
 

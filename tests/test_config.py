@@ -339,3 +339,23 @@ def test_an_unusable_database_url_is_refused_by_both_pools(
         ):
             side()
         assert PW not in str(refused.value) and "s3cr" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("given", "problem", "passed"),
+    [
+        ({"max_idle": 0}, "dbpool.E003", 600.0),  # psycopg_pool's own default
+        ({"max_waiting": -1}, "dbpool.E003", 0),
+        ({"num_workers": "a"}, "dbpool.E002", 3),
+        ({"max_lifetime": "60"}, None, 60.0),  # coerced, as from the environment
+    ],
+)
+def test_psycopg_pool_keys_are_checked_and_never_passed_on_invalid(
+    given: dict[str, Any], problem: str | None, passed: Any
+) -> None:
+    config = from_settings(
+        "x", {"ENGINE": "django_asyncpool", "NAME": "n", "OPTIONS": {"pool": given}}
+    )
+    (key,) = given
+    assert config.sync_pool is not None and config.sync_pool[key] == passed
+    assert [p.id for p in config.problems] == ([problem] if problem else [])

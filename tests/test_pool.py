@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import time
 
 import pytest
 import sqlalchemy.exc
@@ -15,16 +13,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from django_asyncpool import (
-    CircuitOpenError,
     ConnectionPool,
-    DatabaseUnavailable,
     ReadOnlyError,
     session_scope,
 )
 from django_asyncpool._asyncpool import connect_kwargs
 from django_asyncpool.config import from_settings
 
-from .conftest import backends, terminate_backends, wait_until
+from .conftest import backends, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -144,96 +140,6 @@ async def test_many_concurrent_scopes_share_one_engine(products) -> None:
     names = await asyncio.gather(*(one(pk) for pk in products))
     assert names == [f"product {pk}" for pk in products]
     assert ConnectionPool().loops >= 1
-
-
-async def test_cancellation_storm_leaks_nothing(products, pg, dbname) -> None:
-    pool = ConnectionPool()
-    rng = random.Random(7)
-
-    async def work(i: int) -> None:
-        kind = i % 3
-        if kind == 0:
-            async with pool.session_scope() as session:
-                await session.execute(
-                    text("update shop_product set price_cents = price_cents + 1 where id = :pk"),
-                    {"pk": 1 + i % 50},
-                )
-                await session.execute(text("select pg_sleep(0.01)"))
-        elif kind == 1:
-            async with pool.connection() as conn:
-                await conn.fetchval("select pg_sleep(0.01)")
-        else:
-            async with pool.session_scope(readonly=True) as session:
-                await session.execute(text("select pg_sleep(0.005), count(*) from shop_product"))
-
-    tasks = [asyncio.create_task(work(i)) for i in range(500)]
-    loop = asyncio.get_running_loop()
-    for task in rng.sample(tasks, 170):  # while waiting for a connection, mid-query, mid-commit
-        loop.call_later(rng.random() * 0.3, task.cancel)
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    failures = [
-        r
-        for r in results
-        if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
-    ]
-    assert failures == [], failures[:3]
-    assert sum(isinstance(r, asyncio.CancelledError) for r in results) >= 100
-    assert pool.metrics["in_use"] == 0
-    assert wait_until(lambda: backends(pg, dbname, "active") == 0, timeout=5)
-    assert backends(pg, dbname, "idle in transaction") == 0
-    # the pool is at full strength: pool_size + max_overflow at once
-    async with asyncio.timeout(10):
-        await asyncio.gather(*(work(3 * i + 1) for i in range(15)))
-
-
-async def test_terminated_backends_are_replaced_before_callers_see_them(
-    products, pg, dbname
-) -> None:
-    pool = ConnectionPool()
-
-    async def one(pk: int) -> None:
-        async with pool.session_scope() as session:
-            await session.execute(PK, {"pk": pk})
-
-    await asyncio.gather(*(one(pk) for pk in range(1, 11)))  # several idle connections
-    assert terminate_backends(pg, dbname) >= 1
-    assert wait_until(lambda: backends(pg, dbname) == 0, timeout=5)
-    for i in range(100):
-        await one(1 + i % 50)
-    assert pool.metrics["invalidated"] >= 1
-
-
-def test_outage_opens_the_breaker_then_recovers(make_alias, pg, server_down) -> None:
-    alias = make_alias(
-        OPTIONS={
-            "async_pool": {"pool_size": 2, "max_overflow": 0, "timeout": 2},
-            "circuit_breaker": {"fail_max": 3, "reset_timeout": 1},
-            "retry": {"max_tries": 1},
-        }
-    )
-
-    async def scenario() -> None:
-        pool = ConnectionPool(alias)
-        async with pool.session_scope() as session:
-            await session.execute(text("select 1"))
-        server_down()
-        for _ in range(3):
-            with pytest.raises((DatabaseUnavailable, sqlalchemy.exc.DBAPIError)):
-                async with pool.session_scope() as session:
-                    await session.execute(text("select 1"))
-        assert pool.metrics["breaker_state"] == "open"
-        started = time.monotonic()
-        with pytest.raises(CircuitOpenError):
-            async with pool.session_scope() as session:
-                await session.execute(text("select 1"))
-        assert time.monotonic() - started < 0.05
-        pg.start()
-        await asyncio.sleep(1.05)
-        async with pool.session_scope() as session:
-            assert (await session.execute(text("select 1"))).scalar() == 1
-        assert pool.metrics["breaker_state"] == "closed"
-
-    asyncio.run(scenario())
 
 
 async def test_leak_warning_carries_the_stack(make_alias, caplog) -> None:

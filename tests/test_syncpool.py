@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import collections
 import re
+import threading
 from typing import Any
 
 import psycopg
 import psycopg_pool
+import pytest
 from psycopg_pool import base as pool_base
 from psycopg_pool import pool as pool_module
 
-from django_asyncpool import _stats, _syncpool
+from django_asyncpool import _registry, _stats, _syncpool
 from django_asyncpool._syncpool import PING, SyncPool
+from django_asyncpool.errors import SyncPoolTimeout
 
-
-def query(wrapper: Any) -> int:
-    with wrapper.cursor() as cursor:
-        cursor.execute("select pg_backend_pid()")
-        pid = int(cursor.fetchone()[0])
-    wrapper.close()
-    return pid
+from .conftest import query, wait_until
 
 
 def test_the_psycopg_pool_internals_it_relies_on_still_exist() -> None:
@@ -128,3 +125,31 @@ def test_liveness_bypass_is_the_window_without_a_ping(make_wrapper) -> None:
     pings = pool.stats.pings
     query(wrapper)  # returned a moment ago: no round trip
     assert pool.stats.pings == pings
+
+
+def test_too_many_waiting_is_the_applications_load_not_an_outage(make_wrapper) -> None:
+    """psycopg_pool's TooManyRequests (OPTIONS["pool"]["max_waiting"]) is a pool timeout:
+    raised at once with what to do, never retried, never counted by the breaker."""
+    wrapper = make_wrapper(
+        OPTIONS={"pool": {"min_size": 1, "max_size": 1, "max_waiting": 1, "timeout": 5}}
+    )
+    query(wrapper)
+    wrapper.ensure_connection()  # holds the pool's one connection
+
+    def another() -> Any:
+        return type(wrapper)(wrapper.settings_dict, wrapper.alias)  # the same alias's pool
+
+    waiter = threading.Thread(target=lambda: query(another()))
+    try:
+        waiter.start()
+        assert wrapper.pool is not None
+        assert wait_until(lambda: wrapper.pool.get_stats().get("requests_waiting", 0) == 1)
+        with pytest.raises(SyncPoolTimeout, match=r"size 1/1, in use 1.*max_waiting"):
+            another().ensure_connection()
+        guard = _registry.guard(wrapper.alias)
+        assert guard.breaker.fail_counter == 0 and guard.state == "closed"
+        assert wrapper._sync_stats.retries == 0 and wrapper._sync_stats.timeouts == 1
+    finally:
+        wrapper.close()
+        waiter.join(10)
+    assert not waiter.is_alive()
