@@ -16,7 +16,7 @@ import functools
 import inspect
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -150,6 +150,11 @@ class AliasConfig:
 # -- parsing ------------------------------------------------------------------------------
 
 #: Our OPTIONS sections (and flags), removed before the rest goes to psycopg.
+#: AliasConfig's defaults for the top-level OPTIONS keys (``flag()`` reads them here).
+_TOP_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in fields(AliasConfig) if not isinstance(f.default, type(MISSING))
+}
+
 SECTIONS: dict[str, type] = {
     "async_pool": AsyncPoolConfig,
     "circuit_breaker": BreakerConfig,
@@ -613,7 +618,8 @@ def from_settings(
             "Set CONN_MAX_AGE to 0 (the pool keeps connections), or OPTIONS['pool'] to False.",
         )
 
-    def flag(key: str, default: Any) -> Any:
+    def flag(key: str) -> Any:
+        default = _TOP_DEFAULTS[key]  # written once: AliasConfig's own default
         if options.get(key) is None:
             return default
         return reader.value(
@@ -623,7 +629,7 @@ def from_settings(
     def warmup(raw: Any) -> float | None:
         if raw is None or raw is False:
             return None
-        return WARMUP_DEFAULT if raw is True else flag("warmup", None)
+        return WARMUP_DEFAULT if raw is True else flag("warmup")
 
     def async_orm(raw: Any) -> bool:
         if raw is None or isinstance(raw, bool):
@@ -648,7 +654,31 @@ def from_settings(
             "hosts), or leave it out for 5432.",
         )
         port = None
-    config = AliasConfig(
+    sync_pool = sync_pool_options(reader, options.get("pool", True))
+    async_pool = reader.section(AsyncPoolConfig, "async_pool", options.get("async_pool"), env_async)
+    breaker = reader.section(BreakerConfig, "circuit_breaker", options.get("circuit_breaker"), {})
+    retry = reader.section(RetryConfig, "retry", options.get("retry"), {})
+    scalars = {
+        key: flag(key) for key in ("leak_threshold", "liveness_bypass", "pgbouncer", "metrics")
+    }
+    warmup_after = warmup(options.get("warmup"))
+    failover_to = failover_aliases(reader, options.get("failover_to"))
+    native = async_orm(options.get("async_orm"))
+    if retry.base_delay > retry.max_delay:
+        reader.problem(
+            "dbpool.E008",
+            "OPTIONS['retry']",
+            f"base_delay ({retry.base_delay:g}s) is larger than max_delay "
+            f"({retry.max_delay:g}s): the delays could never grow.",
+            "Make base_delay <= max_delay (defaults: 0.1 and 2.0 seconds).",
+        )
+        retry = RetryConfig(max_tries=retry.max_tries, max_time=retry.max_time)
+    if scalars["pgbouncer"]:
+        pgbouncer_problems(reader, conn, options)
+    from ._shared import checked  # imports this module
+
+    breaker = checked(reader, breaker)
+    return AliasConfig(
         alias=alias,
         dbname=conn.get("NAME") or "postgres",
         user=conn.get("USER") or "",
@@ -661,41 +691,16 @@ def from_settings(
             for k, v in options.items()
             if k not in OUR_KEYS and k not in DJANGO_OPTIONS and k in known_top
         },
-        sync_pool=sync_pool_options(reader, options.get("pool", True)),
-        async_pool=reader.section(
-            AsyncPoolConfig, "async_pool", options.get("async_pool"), env_async
-        ),
-        breaker=reader.section(
-            BreakerConfig, "circuit_breaker", options.get("circuit_breaker"), {}
-        ),
-        retry=reader.section(RetryConfig, "retry", options.get("retry"), {}),
-        leak_threshold=flag("leak_threshold", None),
-        liveness_bypass=flag("liveness_bypass", 0.5),
-        pgbouncer=flag("pgbouncer", False),
-        warmup=warmup(options.get("warmup")),
-        metrics=flag("metrics", True),
-        failover_to=failover_aliases(reader, options.get("failover_to")),
-        async_orm=async_orm(options.get("async_orm")),
-        problems=(),
+        sync_pool=sync_pool,
+        async_pool=async_pool,
+        breaker=breaker,
+        retry=retry,
+        warmup=warmup_after,
+        failover_to=failover_to,
+        async_orm=native,
+        problems=tuple(reader.problems),
+        **scalars,
     )
-    retry = config.retry
-    if retry.base_delay > retry.max_delay:
-        reader.problem(
-            "dbpool.E008",
-            "OPTIONS['retry']",
-            f"base_delay ({retry.base_delay:g}s) is larger than max_delay "
-            f"({retry.max_delay:g}s): the delays could never grow.",
-            "Make base_delay <= max_delay (defaults: 0.1 and 2.0 seconds).",
-        )
-        retry = RetryConfig(max_tries=retry.max_tries, max_time=retry.max_time)
-        object.__setattr__(config, "retry", retry)
-    if config.pgbouncer:
-        pgbouncer_problems(reader, conn, options)
-    from ._shared import checked  # imports this module
-
-    object.__setattr__(config, "breaker", checked(reader, config.breaker))
-    object.__setattr__(config, "problems", tuple(reader.problems))
-    return config
 
 
 def load(alias: str = "default") -> AliasConfig:
