@@ -19,7 +19,7 @@ from sqlalchemy.pool.base import _AsyncConnDialect
 from sqlalchemy.util.concurrency import await_
 
 from ._guard import Guard
-from ._stats import Stats
+from ._stats import Stats, describe, snapshot
 from ._waiters import TIMED_OUT, Slots
 from .errors import PoolTimeout, pool_timeout
 
@@ -146,7 +146,19 @@ class GuardedPool(Pool):
                 guard.config.describe(),
                 guard.alias,
                 self._timeout,
-                f"size {self._size}, in use {self.checkedout()}, waiting {stats.waiting + 1}",
+                describe(
+                    snapshot(
+                        guard.alias,
+                        "async",
+                        stats,
+                        guard,
+                        idle=self.checkedin(),
+                        in_use=self.checkedout(),
+                        waiting=stats.waiting + 1,  # this caller, no longer counted
+                        min_size=0,
+                        max_size=self.cap,
+                    )
+                ),
                 "OPTIONS['async_pool']['pool_size'], ['max_overflow'] or ['timeout']",
             )
             guard.failed(error, trial=False)  # counted only if the breaker is told to

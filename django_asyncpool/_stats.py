@@ -26,6 +26,7 @@ __all__ = [
     "SNAPSHOT_KEYS",
     "Histogram",
     "Stats",
+    "describe",
     "snapshot",
 ]
 
@@ -125,6 +126,15 @@ SNAPSHOT_KEYS = (
     "breaker_state",  # "closed", "open" or "half-open"
     "breaker_failures",  # consecutive failures counted towards opening it
 )
+
+
+def describe(snap: dict[str, Any]) -> str:
+    """Return a snapshot's state as error messages give it: "size 3/10, in use 3, idle 0,
+    waiting 2"."""
+    return (
+        f"size {snap['size']}/{snap['max_size']}, in use {snap['in_use']}, "
+        f"idle {snap['idle']}, waiting {snap['waiting']}"
+    )
 
 
 def snapshot(

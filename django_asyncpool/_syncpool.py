@@ -232,7 +232,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
     def __init__(
         self,
         *args: Any,
-        liveness_bypass: float = 0.5,
+        liveness_bypass: float,  # no default here: AliasConfig's is the one
         checkout_check: Callable[[psycopg.Connection[Any]], object] | Literal["ping"] | None = None,
         leak_threshold: float | None = None,
         stats: _stats.Stats | None = None,
@@ -476,11 +476,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
 
     def describe_state(self) -> str:
         """Return "size 3/10, in use 3, idle 0, waiting 2" for error messages."""
-        snap = self.snapshot()
-        return (
-            f"size {snap['size']}/{snap['max_size']}, in use {snap['in_use']}, "
-            f"idle {snap['idle']}, waiting {snap['waiting']}"
-        )
+        return _stats.describe(self.snapshot())
 
 
 def _format_stack(stack: list[_Frame]) -> str:

@@ -509,7 +509,7 @@ def test_async_exhaustion_times_out_typed_then_resumes_at_once(make_alias) -> No
     )
     assert len(figures["served"]) == 3 and len(figures["timeouts"]) == 7
     assert len(figures["other"]) == 7  # nothing but the timeouts failed
-    assert "size 2, in use 3, waiting" in message
+    assert "size 3/3, in use 3, idle 0, waiting" in message
     assert figures["all_done"] < 1.0 + 0.5 + 1  # no deadlock: held 1 s, waited 0.5 s
     assert figures["resume"] < 0.2
 
