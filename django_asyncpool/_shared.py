@@ -30,33 +30,27 @@ Keys (``prefix`` is ``storage_prefix``; never a host or a password)::
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import re
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
-from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import pybreaker
 
-from .config import BreakerConfig
-
 if TYPE_CHECKING:
     from redis import Redis
 
-    from .config import AliasConfig, Reader
+    from .config import AliasConfig
 
 __all__ = [
     "RECHECK",
     "SharedStorage",
-    "checked",
     "close",
     "forget",
     "snapshot",
@@ -71,65 +65,12 @@ RECHECK = 1.0
 #: Seconds between two reads while failures are counted but the breaker is closed: another
 #: process may open it before this one's retry (the retries' backoff starts at 0.1 s).
 EPISODE = 0.01
-SCHEMES = frozenset({"redis", "rediss", "unix"})
-PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-_KEY = "OPTIONS['circuit_breaker']"
 #: Compare-and-delete: end a trial only if the gate is still this trial's token.
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
 
 _lock = threading.Lock()
 _live: dict[str, SharedStorage] = {}  # this process's shared storage of each alias
 _errors: dict[str, int] = {}  # failed Redis calls per alias, for the life of the process
-
-
-# -- configuration -------------------------------------------------------------------------------
-
-
-def checked(reader: Reader, breaker: BreakerConfig) -> BreakerConfig:
-    """Record the problems of the ``storage`` keys; return ``breaker`` with defaults for them."""
-    storage, prefix = breaker.storage, breaker.storage_prefix
-    if storage:
-        scheme = urlsplit(storage).scheme  # the URL may carry a password: never echoed
-        if scheme not in SCHEMES or not _port_ok(storage):
-            reader.problem(
-                "dbpool.E030",
-                f"{_KEY}['storage']",
-                f"{_KEY}['storage'] must be a redis:// URL, got "
-                f"{f'a {scheme}:// URL' if scheme else 'no URL scheme'}"
-                f"{'' if _port_ok(storage) else ' with a port that is not a number'}.",
-                "Write it as redis://HOST:PORT/DB (rediss:// for TLS, unix:///PATH for a "
-                "socket), or leave it out to keep the breaker state in each process.",
-            )
-            storage = ""
-        elif find_spec("redis") is None:
-            reader.problem(
-                "dbpool.E031",
-                f"{_KEY}['storage']",
-                f"{_KEY}['storage'] needs the redis package, which is not installed: the "
-                "breaker state stays in each process.",
-                "pip install django-asyncpool[redis]",
-            )
-            storage = ""
-    if not PREFIX.fullmatch(prefix):
-        default = BreakerConfig().storage_prefix
-        reader.problem(
-            "dbpool.E032",
-            f"{_KEY}['storage_prefix']",
-            f"{_KEY}['storage_prefix'] must be 1 to 64 letters, digits or _ . : -, got {prefix!r}.",
-            f"Use a short name of your project (default: {default!r}).",
-        )
-        prefix = default
-    if (storage, prefix) == (breaker.storage, breaker.storage_prefix):
-        return breaker
-    return dataclasses.replace(breaker, storage=storage, storage_prefix=prefix)
-
-
-def _port_ok(url: str) -> bool:
-    try:
-        urlsplit(url).port  # noqa: B018 - parsing it is the check
-    except ValueError:
-        return False
-    return True
 
 
 def where(url: str) -> str:

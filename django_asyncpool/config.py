@@ -15,9 +15,12 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
+from importlib.util import find_spec
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -584,6 +587,60 @@ def failover_aliases(reader: Reader, given: Any) -> tuple[str, ...]:
     return ()
 
 
+#: What ``OPTIONS["circuit_breaker"]["storage"]`` may be (shared breaker state, _shared).
+STORAGE_SCHEMES = frozenset({"redis", "rediss", "unix"})
+STORAGE_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_BREAKER_KEY = "OPTIONS['circuit_breaker']"
+
+
+def storage_checked(reader: Reader, breaker: BreakerConfig) -> BreakerConfig:
+    """Record the problems of the ``storage`` keys; return ``breaker`` with defaults for them."""
+    storage, prefix = breaker.storage, breaker.storage_prefix
+    if storage:
+        scheme = urlsplit(storage).scheme  # the URL may carry a password: never echoed
+        if scheme not in STORAGE_SCHEMES or not _port_ok(storage):
+            reader.problem(
+                "dbpool.E030",
+                f"{_BREAKER_KEY}['storage']",
+                f"{_BREAKER_KEY}['storage'] must be a redis:// URL, got "
+                f"{f'a {scheme}:// URL' if scheme else 'no URL scheme'}"
+                f"{'' if _port_ok(storage) else ' with a port that is not a number'}.",
+                "Write it as redis://HOST:PORT/DB (rediss:// for TLS, unix:///PATH for a "
+                "socket), or leave it out to keep the breaker state in each process.",
+            )
+            storage = ""
+        elif find_spec("redis") is None:
+            reader.problem(
+                "dbpool.E031",
+                f"{_BREAKER_KEY}['storage']",
+                f"{_BREAKER_KEY}['storage'] needs the redis package, which is not installed: the "
+                "breaker state stays in each process.",
+                "pip install django-asyncpool[redis]",
+            )
+            storage = ""
+    if not STORAGE_PREFIX.fullmatch(prefix):
+        default = BreakerConfig().storage_prefix
+        reader.problem(
+            "dbpool.E032",
+            f"{_BREAKER_KEY}['storage_prefix']",
+            f"{_BREAKER_KEY}['storage_prefix'] must be 1 to 64 letters, digits or _ . : -, "
+            f"got {prefix!r}.",
+            f"Use a short name of your project (default: {default!r}).",
+        )
+        prefix = default
+    if (storage, prefix) == (breaker.storage, breaker.storage_prefix):
+        return breaker
+    return replace(breaker, storage=storage, storage_prefix=prefix)
+
+
+def _port_ok(url: str) -> bool:
+    try:
+        urlsplit(url).port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        return False
+    return True
+
+
 def from_settings(
     alias: str, settings_dict: Mapping[str, Any], environ: Mapping[str, str] | None = None
 ) -> AliasConfig:
@@ -675,9 +732,7 @@ def from_settings(
         retry = RetryConfig(max_tries=retry.max_tries, max_time=retry.max_time)
     if scalars["pgbouncer"]:
         pgbouncer_problems(reader, conn, options)
-    from ._shared import checked  # imports this module
-
-    breaker = checked(reader, breaker)
+    breaker = storage_checked(reader, breaker)
     return AliasConfig(
         alias=alias,
         dbname=conn.get("NAME") or "postgres",
