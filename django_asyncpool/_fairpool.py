@@ -19,11 +19,17 @@ from sqlalchemy.pool.base import _AsyncConnDialect
 from sqlalchemy.util.concurrency import await_
 
 from ._guard import Guard
+from ._liveness import clock
 from ._stats import Stats
 from ._waiters import TIMED_OUT, Slots
 from .errors import PoolTimeout, pool_timeout
 
-__all__ = ["GuardedPool"]
+__all__ = ["RETURNED", "TAKEN", "GuardedPool"]
+
+#: In a record's info: :func:`~._liveness.clock` when it opened or last came back.
+RETURNED = "asyncpool_returned_at"
+#: In a record's info: :func:`~._liveness.clock` at the checkout, for the time it is held.
+TAKEN = "asyncpool_taken_at"
 
 
 class GuardedPool(Pool):
@@ -168,6 +174,18 @@ class GuardedPool(Pool):
             self._slots.opened > self._size
             and time.monotonic() - self._busy_at >= self.KEEP_OVERFLOW
         )
+
+    def _return_conn(self, record: Any) -> None:
+        # Every check-in (SQLAlchemy calls it right after the "checkin" event; never for a
+        # detached connection): stamped for the liveness bypass, and the time it was held.
+        # Here rather than in a "checkin" listener: the event's dispatch cost ~1 us of the
+        # ~7.5 us CPU of a checkout + check-in (bench_checkout.py).
+        info = record.info
+        now = info[RETURNED] = clock()
+        taken = info.pop(TAKEN, None)
+        if taken is not None:
+            self.stats.held.observe(now - taken)
+        self._do_return_conn(record)
 
     def _do_return_conn(self, record: Any) -> None:
         slots = self._slots
