@@ -52,13 +52,17 @@ CHECKS = pytest.mark.parametrize("readable", [socket_readable, polled])
 
 
 @CHECKS
-def test_an_idle_socket_is_not_readable(pair: tuple[socket.socket, socket.socket], readable: Any) -> None:
+def test_an_idle_socket_is_not_readable(
+    pair: tuple[socket.socket, socket.socket], readable: Any
+) -> None:
     ours, _ = pair
     assert readable(ours.fileno()) is False
 
 
 @CHECKS
-def test_bytes_from_the_peer_make_it_readable(pair: tuple[socket.socket, socket.socket], readable: Any) -> None:
+def test_bytes_from_the_peer_make_it_readable(
+    pair: tuple[socket.socket, socket.socket], readable: Any
+) -> None:
     ours, peer = pair
     peer.sendall(b"N")
     assert readable(ours.fileno()) is True
@@ -67,7 +71,9 @@ def test_bytes_from_the_peer_make_it_readable(pair: tuple[socket.socket, socket.
 
 
 @CHECKS
-def test_the_peer_closing_makes_it_readable(pair: tuple[socket.socket, socket.socket], readable: Any) -> None:
+def test_the_peer_closing_makes_it_readable(
+    pair: tuple[socket.socket, socket.socket], readable: Any
+) -> None:
     ours, peer = pair
     peer.close()
     assert readable(ours.fileno()) is True
