@@ -1,6 +1,6 @@
 """The CPU of one checkout + return, with no contention: our pools beside their peers.
 
-    python benchmarks/bench_checkout.py [--rounds 7] [--ops 3000]
+    python benchmarks/bench_checkout.py [--rounds 7] [--ops 3000] [--only async|sync]
 
 What the steady load matrix's p99 *wait* comes down to when nothing queues
 (benchmarks/soak_matrix.py, 0.5x and 1x the cap): the pure CPU of a checkout.
