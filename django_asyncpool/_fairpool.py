@@ -4,7 +4,8 @@ SQLAlchemy's ``AsyncAdaptedQueuePool`` is replaced, not patched: its
 ``asyncio.Queue`` cannot hand a connection to a particular waiter. The waiting
 core (slots, the FIFO queue, handoff) is :mod:`._waiters`, shared with the
 native async ORM's pool; this module adds the idle list, the overflow kept while
-demand lasts, the breaker and the accounting.
+demand lasts, the breaker and the accounting (each check-in stamped for the liveness
+rules, :data:`RETURNED`, and the time it was held counted, from :data:`TAKEN`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,17 @@ from sqlalchemy.pool.base import _AsyncConnDialect
 from sqlalchemy.util.concurrency import await_
 
 from ._guard import Guard
+from ._liveness import clock
 from ._stats import Stats, describe, snapshot
 from ._waiters import TIMED_OUT, Slots
 from .errors import PoolTimeout, pool_timeout
 
-__all__ = ["GuardedPool"]
+__all__ = ["RETURNED", "TAKEN", "GuardedPool"]
+
+#: In a record's info: :func:`~._liveness.clock` when it opened or last came back.
+RETURNED = "asyncpool_returned_at"
+#: In a record's info: :func:`~._liveness.clock` at the checkout, for the time it is held.
+TAKEN = "asyncpool_taken_at"
 
 
 class GuardedPool(Pool):
@@ -180,6 +187,19 @@ class GuardedPool(Pool):
             self._slots.opened > self._size
             and time.monotonic() - self._busy_at >= self.KEEP_OVERFLOW
         )
+
+    def _return_conn(self, record: Any) -> None:
+        # Every check-in (SQLAlchemy calls it right after the "checkin" event; never for a
+        # detached connection): stamped for the liveness bypass, and the time it was held.
+        # Here rather than in a "checkin" listener (SQLAlchemy's dispatch): with the poll
+        # of _asyncpool's checkout, a checkout + check-in 8.3 -> 7.3 us CPU, bare
+        # SQLAlchemy's 4.7 (bench_checkout.py, medians of 9 rounds, load average 4.6).
+        info = record.info
+        now = info[RETURNED] = clock()
+        taken = info.pop(TAKEN, None)
+        if taken is not None:
+            self.stats.held.observe(now - taken)
+        self._do_return_conn(record)
 
     def _do_return_conn(self, record: Any) -> None:
         slots = self._slots

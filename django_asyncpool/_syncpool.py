@@ -66,6 +66,8 @@ RETURNED = "_asyncpool_returned_at"
 #: metrics off, or once back). Missing on a connection never handed out before.
 _TAKEN = "_asyncpool_taken_at"
 _NEVER = object()
+#: A connection returned broken (one lookup, not two, per check-in).
+_UNKNOWN = pq.TransactionStatus.UNKNOWN
 #: ``checkout_check=PING``: ping at every checkout (Django's CONN_HEALTH_CHECKS).
 PING = "ping"
 #: Set on a connection reported as leaked: the pool has replaced it and closes it on return.
@@ -302,10 +304,15 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             or maybe_closed(conn)
         ):
             conn = self._checked(conn, started + (self.timeout if timeout is None else timeout))
+        if self.leak_threshold is None:
+            # No sweep to race with: an increment, as Stats' counters (under the GIL an
+            # attribute increment is not interrupted). The lock, taken twice per checkout
+            # (here and in putconn), is where threads queued behind one another.
+            self.in_use += 1
+            return conn
         with self._count_lock:
             self.in_use += 1
-            if self.leak_threshold is not None:
-                self._held[id(conn)] = (conn, clock(), _where())
+            self._held[id(conn)] = (conn, clock(), _where())
         return conn
 
     def _checked(self, conn: psycopg.Connection[Any], deadline: float) -> psycopg.Connection[Any]:
@@ -327,17 +334,21 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         return conn
 
     def putconn(self, conn: psycopg.Connection[Any]) -> None:
-        with self._count_lock:  # the same lock as the sweep: a leak is decided once
-            leaked = getattr(conn, _LEAKED, False)
-            if not leaked:
-                self.in_use -= 1
-                self._held.pop(id(conn), None)
+        if self.leak_threshold is None:  # no sweep: never reported as leaked (see getconn)
+            leaked = False
+            self.in_use -= 1
+        else:
+            with self._count_lock:  # the same lock as the sweep: a leak is decided once
+                leaked = getattr(conn, _LEAKED, False)
+                if not leaked:
+                    self.in_use -= 1
+                    self._held.pop(id(conn), None)
         if leaked:
             # Replaced when it was reported: the pool no longer counts it.
             logger.info("A connection of pool %r reported as leaked came back: closed", self.name)
             conn.close()
             return
-        if conn.pgconn.transaction_status == pq.TransactionStatus.UNKNOWN:
+        if conn.pgconn.transaction_status == _UNKNOWN:
             self.stats.invalidated += 1  # returned broken: psycopg_pool replaces it
         setattr(conn, RETURNED, clock())  # for the liveness bypass window
         super().putconn(conn)

@@ -1,6 +1,6 @@
 """The liveness rules both pools share (``_liveness``) alone: no database.
 
-``socket_readable`` runs on a real socket pair: the peer plays the server.
+``socket_readable`` and ``poller`` run on a real socket pair: the peer plays the server.
 """
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from django_asyncpool._liveness import clock, due_for_ping, socket_readable
+from django_asyncpool._liveness import clock, due_for_ping, poller, socket_readable
 
 
 def test_the_clock_is_monotonic() -> None:
@@ -42,23 +43,40 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     peer.close()
 
 
-def test_an_idle_socket_is_not_readable(pair: tuple[socket.socket, socket.socket]) -> None:
+def polled(fd: int) -> bool:
+    return bool(poller(fd)(0))
+
+
+#: The two forms of the check: each time, and made once per connection.
+CHECKS = pytest.mark.parametrize("readable", [socket_readable, polled])
+
+
+@CHECKS
+def test_an_idle_socket_is_not_readable(
+    pair: tuple[socket.socket, socket.socket], readable: Any
+) -> None:
     ours, _ = pair
-    assert socket_readable(ours.fileno()) is False
+    assert readable(ours.fileno()) is False
 
 
-def test_bytes_from_the_peer_make_it_readable(pair: tuple[socket.socket, socket.socket]) -> None:
+@CHECKS
+def test_bytes_from_the_peer_make_it_readable(
+    pair: tuple[socket.socket, socket.socket], readable: Any
+) -> None:
     ours, peer = pair
     peer.sendall(b"N")
-    assert socket_readable(ours.fileno()) is True
+    assert readable(ours.fileno()) is True
     assert ours.recv(1) == b"N"
-    assert socket_readable(ours.fileno()) is False
+    assert readable(ours.fileno()) is False
 
 
-def test_the_peer_closing_makes_it_readable(pair: tuple[socket.socket, socket.socket]) -> None:
+@CHECKS
+def test_the_peer_closing_makes_it_readable(
+    pair: tuple[socket.socket, socket.socket], readable: Any
+) -> None:
     ours, peer = pair
     peer.close()
-    assert socket_readable(ours.fileno()) is True
+    assert readable(ours.fileno()) is True
     assert ours.recv(1) == b""  # EOF
 
 
@@ -72,5 +90,17 @@ def test_a_closed_socket_is_gone() -> None:
         peer.close()
 
 
-def test_no_socket_is_gone() -> None:
-    assert socket_readable(-1) is True
+@CHECKS
+def test_no_socket_is_gone(readable: Any) -> None:
+    assert readable(-1) is True
+
+
+def test_a_socket_closed_after_its_poller_was_made_is_gone() -> None:
+    ours, peer = socket.socketpair()
+    poll = poller(ours.fileno())  # made when the connection opens
+    assert not poll(0)
+    ours.close()
+    try:
+        assert poll(0)  # POLLNVAL
+    finally:
+        peer.close()
