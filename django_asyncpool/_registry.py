@@ -24,6 +24,7 @@ parent still uses.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -130,7 +131,11 @@ def config(alias: str) -> _config.AliasConfig:
 
     settings_dict = settings.DATABASES.get(alias)
     if settings_dict is None or settings_dict.get("ENGINE") != _config.ENGINE:
-        _config.load(alias)  # raises: a clear error for an alias that is not ours
+        return _config.load(alias)  # raises: a clear error for an alias that is not ours
+    with contextlib.suppress(_config.InvalidURL):  # reported by the config (E006)
+        # As the wrapper sees it: DATABASE_URL still applies once the test runner has
+        # set NAME on the user's dict.
+        settings_dict = with_url(alias, settings_dict)
     return _read(alias, settings_dict)
 
 

@@ -226,6 +226,12 @@ def test_test_databases_are_created_from_database_url_alone(tmp_path, pg) -> Non
         "with connection.cursor() as c:\n"
         "    c.execute('select current_database()'); mine = c.fetchone()[0]\n"
         "assert seen == [mine] and mine.startswith('test_'), (seen, mine)\n"
+        "import asyncio\n"
+        "from django_asyncpool import ConnectionPool\n"
+        "async def on_async_pool():\n"
+        "    async with ConnectionPool().connection() as conn:\n"
+        "        return await conn.fetchval('select current_database()')\n"
+        "assert asyncio.run(on_async_pool()) == mine\n"  # the URL's server, its test database
         "teardown_databases(old, verbosity=0)\n"
         "print('ok', mine)\n"
     )
