@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -241,3 +243,28 @@ def redis_server() -> Iterator[Any]:
     server = RedisServer()
     yield server
     server.close()
+
+
+def in_forked_child(body: Callable[[], object]) -> Callable[[], tuple[int, str]]:
+    """Fork; the child writes ``repr(body())`` to a pipe and exits. Return a function the
+    parent calls when it is done meanwhile: it waits for the child and returns
+    ``(exit status, what the child wrote)``."""
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.write(write, repr(body()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+
+    def result() -> tuple[int, str]:
+        _, status = os.waitpid(child, 0)
+        try:
+            return status, os.read(read, 1 << 16).decode()
+        finally:
+            os.close(read)
+
+    return result

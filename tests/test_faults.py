@@ -15,12 +15,10 @@ import asyncio
 import collections
 import copy
 import logging
-import os
 import pickle
 import random
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +41,7 @@ from django_asyncpool.base import DatabaseWrapper
 from testproject.pgserver import PASSWORD
 from testproject.shop.models import Product
 
-from .conftest import backends, query, terminate_backends, wait_until
+from .conftest import backends, in_forked_child, query, terminate_backends, wait_until
 
 SIDES = ["sync", "async"]
 APP = "asyncpool-reliability"  # application_name of the load scenarios' pools, to count them
@@ -931,22 +929,12 @@ def test_fork_child_builds_its_own_pool(make_wrapper) -> None:
     with wrapper.cursor() as cursor:  # the parent holds a connection across the fork
         cursor.execute("select pg_backend_pid()")
         parent_pid = cursor.fetchone()[0]
-    read, write = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-        child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        try:
-            pids = [query(wrapper) for _ in range(3)]
-            os.write(write, repr(pids).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
+    child = in_forked_child(lambda: [query(wrapper) for _ in range(3)])
     with wrapper.cursor() as cursor:  # the parent keeps working meanwhile
         cursor.execute("select pg_backend_pid()")
         assert cursor.fetchone()[0] == parent_pid
-    _, status = os.waitpid(child, 0)
-    child_pids = eval(os.read(read, 1000).decode())
+    status, written = child()
+    child_pids = eval(written)
     assert status == 0
     assert len(child_pids) == 3 and parent_pid not in child_pids
     with wrapper.cursor() as cursor:  # still the same healthy connection after the child exit

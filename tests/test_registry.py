@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +14,7 @@ from django.test import override_settings
 
 from django_asyncpool import ConnectionPool, _registry
 
-from .conftest import query
+from .conftest import in_forked_child, query
 
 
 def test_aliases_are_the_ones_of_this_engine(
@@ -124,25 +123,17 @@ def test_a_forked_child_has_none_of_the_parents_pools_or_guards(
     ConnectionPool(alias)
     parent_guard = _registry.guard(alias)
     assert alias in _registry.sync_pools and alias in _registry.async_pools
-    read, write = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-        child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        try:
-            seen = {
-                "sync": dict(_registry.sync_pools),
-                "async": dict(_registry.async_pools),
-                "guards": _registry.guards(),
-                "same_guard": _registry.guard(alias) is parent_guard,
-            }
-            os.write(write, repr({k: bool(v) for k, v in seen.items()}).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    _, status = os.waitpid(child, 0)
-    report = os.read(read, 1000).decode()
-    os.close(read)
+
+    def seen() -> dict[str, bool]:
+        found = {
+            "sync": dict(_registry.sync_pools),
+            "async": dict(_registry.async_pools),
+            "guards": _registry.guards(),
+            "same_guard": _registry.guard(alias) is parent_guard,
+        }
+        return {k: bool(v) for k, v in found.items()}
+
+    status, report = in_forked_child(seen)()
     assert status == 0
     assert report == repr({"sync": False, "async": False, "guards": False, "same_guard": False})
     # The parent keeps its own.
