@@ -31,7 +31,7 @@ django.setup()
 
 
 from django_asyncpool import ConnectionPool  # noqa: E402
-from django_asyncpool._asyncpool import connect_kwargs  # noqa: E402
+from django_asyncpool.sqla.engines import connect_kwargs  # noqa: E402
 
 ROWS = 10_000
 SQL = "select id, name from bench_items where id = $1"
@@ -68,7 +68,7 @@ async def measure(
 
 
 async def main(seconds: float, rounds: int) -> None:
-    from django_asyncpool import _registry
+    from django_asyncpool.core import registry as _registry
 
     config = connect_kwargs(_registry.config("default"))
     await prepare(config)

@@ -148,8 +148,8 @@ async def bench_async(conn: dict[str, Any], rounds: int, ops: int) -> None:
     from sqlalchemy.util.concurrency import greenlet_spawn
 
     from django_asyncpool import ConnectionPool
-    from django_asyncpool._asyncpool import connect_kwargs
-    from django_asyncpool._registry import config
+    from django_asyncpool.core.registry import config
+    from django_asyncpool.sqla.engines import connect_kwargs
 
     kwargs = connect_kwargs(config("default"))
 
@@ -188,7 +188,8 @@ def bench_sync(conn: dict[str, Any], rounds: int, ops: int) -> None:
     import psycopg_pool
     from django.db import connections
 
-    from django_asyncpool import _registry, _syncpool
+    from django_asyncpool.core import registry as _registry
+    from django_asyncpool.sync import pool as _syncpool
 
     def ensure(alias: str) -> tuple[Callable[[], Any], Callable[[Any], None]]:
         wrapper = connections[alias]

@@ -38,8 +38,10 @@ from bench_async import ROWS, SQL, prepare  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.db import connections  # noqa: E402
 
-from django_asyncpool import ConnectionPool, _failover, _registry  # noqa: E402
+from django_asyncpool import ConnectionPool  # noqa: E402
+from django_asyncpool.core import registry as _registry  # noqa: E402
 from django_asyncpool.errors import PoolError  # noqa: E402
+from django_asyncpool.failover import route as _failover  # noqa: E402
 
 TEXT = text("select id, name from bench_items where id = :pk")
 SIZES = {"pool_size": 10, "max_overflow": 5}
@@ -82,7 +84,7 @@ def closed_port() -> int:
 
 
 async def main(seconds: float, rounds: int) -> None:
-    from django_asyncpool._asyncpool import connect_kwargs
+    from django_asyncpool.sqla.engines import connect_kwargs
 
     await prepare(connect_kwargs(_registry.config("default")))
     add_alias("healthy", OPTIONS={"failover_to": ["default"]})

@@ -35,8 +35,10 @@ from django.conf import settings
 from django.db import connections
 from prometheus_client import REGISTRY, generate_latest
 
-from django_asyncpool import ConnectionPool, _registry, _stats
-from django_asyncpool._asyncpool import connect_kwargs
+from django_asyncpool import ConnectionPool
+from django_asyncpool.core import registry as _registry
+from django_asyncpool.core import stats as _stats
+from django_asyncpool.sqla.engines import connect_kwargs
 
 OFF = "metrics_off"
 Op = Callable[[int], Awaitable[object]]

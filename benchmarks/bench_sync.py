@@ -141,7 +141,8 @@ def bench_fail_fast(calls: int, rounds: int) -> dict[str, Any]:
     import psycopg
     from django.db import OperationalError, connections
 
-    from django_asyncpool import CircuitOpenError, _registry
+    from django_asyncpool import CircuitOpenError
+    from django_asyncpool.core import registry as _registry
 
     down, nobreaker = connections["down"], connections["down_nobreaker"]
     params = down.get_connection_params()

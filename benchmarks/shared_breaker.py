@@ -50,7 +50,8 @@ django.setup()
 from django.conf import settings  # noqa: E402
 from django.db import connections  # noqa: E402
 
-from django_asyncpool import CircuitOpenError, ConnectionPool, _registry  # noqa: E402
+from django_asyncpool import CircuitOpenError, ConnectionPool  # noqa: E402
+from django_asyncpool.core import registry as _registry  # noqa: E402
 from tests.breaker_worker import Worker  # noqa: E402
 from tests.proxy import TcpProxy  # noqa: E402
 from tests.redisserver import RedisServer  # noqa: E402

@@ -33,7 +33,7 @@ django.setup()
 from django.conf import settings  # noqa: E402
 from django.db import connections  # noqa: E402
 
-from django_asyncpool import _registry  # noqa: E402
+from django_asyncpool.core import registry as _registry  # noqa: E402
 from tests.loadmatrix import DjangoOrm, OurScope, describe, ensure_table, run  # noqa: E402
 from tests.test_fairpool import OVERLOAD  # noqa: E402
 

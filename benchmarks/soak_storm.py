@@ -39,7 +39,7 @@ from django.db import connections  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
 from django_asyncpool import ConnectionPool  # noqa: E402
-from django_asyncpool._liveness import socket_readable  # noqa: E402
+from django_asyncpool.core.liveness import socket_readable  # noqa: E402
 
 APP = "asyncpool-soak-storm"
 

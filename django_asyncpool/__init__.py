@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import _registry
 from .config import AliasConfig
+from .core import registry as _registry
 from .errors import (
     AsyncConnectionLost,
     CircuitOpenError,
@@ -42,13 +42,13 @@ __all__ = [
 __version__ = "0.1.0.dev0"
 
 if TYPE_CHECKING:
-    from ._asyncorm import atomic
+    from .orm.native import atomic
 
 
 def __getattr__(name: str) -> Any:
     # The native async ORM imports Django's models: not when settings import the package.
     if name == "atomic":
-        from ._asyncorm import atomic
+        from .orm.native import atomic
 
         return atomic
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -61,7 +61,7 @@ def _install_async_orm(wrapper: Any) -> None:
     the ENGINE alone, and the ENGINE never imports the async ORM, which subclasses it.
     """
     if (wrapper.settings_dict.get("OPTIONS") or {}).get("async_orm") is True:
-        from ._asyncorm import install
+        from .orm.native import install
 
         install()
 

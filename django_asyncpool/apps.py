@@ -17,8 +17,8 @@ import sys
 import psycopg_pool
 from django.apps import AppConfig
 
-from . import _registry
 from . import config as _config
+from .core import registry as _registry
 from .errors import unreachable
 
 logger = logging.getLogger("django_asyncpool")
@@ -41,7 +41,7 @@ class DjangoAsyncpoolConfig(AppConfig):
         _exporter.start_from_settings()  # METRICS_ENABLED: /metrics on METRICS_PORT
         configs = [_registry.config(alias) for alias in _registry.aliases()]
         if any(conf.async_orm for conf in configs):
-            from ._asyncorm import install
+            from .orm.native import install
 
             install()  # Django's async QuerySet methods, native for those aliases
         if _command() in NO_WARMUP_COMMANDS:

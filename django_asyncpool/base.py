@@ -22,13 +22,16 @@ from django.db.utils import DatabaseErrorWrapper
 from django.utils.functional import cached_property
 from psycopg import IsolationLevel
 
-from . import _registry, _stats, _syncpool, metrics
-from ._guard import Guard
-from ._syncpool import SyncPool
+from . import metrics
 from .config import InvalidURL, pgbouncer_on, psycopg_params, refuse_unusable
+from .core import registry as _registry
+from .core import stats as _stats
+from .core.guard import Guard
 from .creation import DatabaseCreation
 from .errors import PoolError
 from .features import DatabaseFeatures
+from .sync import pool as _syncpool
+from .sync.pool import SyncPool
 
 
 class DatabaseWrapper(postgresql.DatabaseWrapper):

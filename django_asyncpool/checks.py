@@ -16,9 +16,9 @@ from typing import Any
 from django.conf import settings
 from django.core import checks
 
-from . import _failover
 from . import config as _config
 from .errors import redact
+from .failover import route as _failover
 
 __all__ = ["check_configuration", "problems", "to_message"]
 

@@ -7,7 +7,7 @@ from typing import Any
 from django.db import connections
 from django.db.backends.postgresql import creation as postgresql
 
-from . import _registry
+from .core import registry as _registry
 
 
 def close_pools_on(dbname: str) -> None:

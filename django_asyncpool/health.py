@@ -26,7 +26,7 @@ from typing import Any
 from health_check.base import HealthCheck
 from health_check.exceptions import ServiceUnavailable, ServiceWarning
 
-from . import _registry
+from .core import registry as _registry
 
 __all__ = ["PoolCheck", "pool_checks"]
 

@@ -35,7 +35,9 @@ from prometheus_client import values as _values
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from . import _registry, _shared, _stats
+from .core import breaker_redis as _shared
+from .core import registry as _registry
+from .core import stats as _stats
 
 __all__ = ["METRICS", "exported_names", "flush", "install", "setup"]
 
@@ -357,7 +359,7 @@ def flush() -> None:
 
 
 def _push_failovers(exported: Callable[[str], bool]) -> None:
-    from . import _failover
+    from .failover import route as _failover
 
     for (alias, to), count in _failover.counts().items():
         done = _failovers.get((alias, to), 0)
@@ -507,7 +509,7 @@ def _after_fork_in_child() -> None:
             for alias, counts in _registry.transitions().items()
             for state, count in counts.items()
         )
-        from . import _failover
+        from .failover import route as _failover
 
         _failovers.update(_failover.counts())
         _storage_pushed.update((a, s["errors"]) for a, s in _shared.snapshot().items())

@@ -25,11 +25,14 @@ import asyncpg
 import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from . import _failover, _registry, _stats, metrics
-from ._asyncpool import LoopState  # this module owns the loop states: it makes them
-from ._readonly import ReadOnlyScope
-from ._scopes import ConnectionLease, SessionScope, discard, retryable
-from ._stats import Stats
+from . import metrics
+from .core import registry as _registry
+from .core import stats as _stats
+from .core.stats import Stats
+from .failover import route as _failover
+from .sqla.engines import LoopState  # this module owns the loop states: it makes them
+from .sqla.readonly import ReadOnlyScope
+from .sqla.scopes import ConnectionLease, SessionScope, discard, retryable
 
 __all__ = ["ConnectionLease", "ConnectionPool", "session_scope"]
 

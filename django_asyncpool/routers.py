@@ -19,7 +19,7 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS
 
-from ._failover import route
+from .failover.route import route
 
 __all__ = ["FailoverMixin", "FailoverRouter"]
 

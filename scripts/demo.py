@@ -36,7 +36,7 @@ def _port_is_free(host: str, port: int) -> bool:
 
 
 def _database_line() -> str:
-    from django_asyncpool import _registry
+    from django_asyncpool.core import registry as _registry
     from testproject import pgserver
 
     server = pgserver.current()

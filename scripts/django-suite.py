@@ -151,7 +151,8 @@ if {async_orm!r}:
 
     def _report():
         """Write this process's native operations and fallbacks (scripts/django-suite.py)."""
-        from django_asyncpool import _asyncorm, _registry
+        from django_asyncpool.orm import native as _asyncorm
+        from django_asyncpool.core import registry as _registry
 
         sides = [stats for alias, side, stats in _registry.all_stats() if side == "async_orm"]
         fallbacks = {{}}

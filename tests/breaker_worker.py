@@ -93,7 +93,9 @@ def main() -> None:
     from django.conf import settings
     from django.db import connections
 
-    from django_asyncpool import CircuitOpenError, ConnectionPool, _registry, _shared
+    from django_asyncpool import CircuitOpenError, ConnectionPool
+    from django_asyncpool.core import breaker_redis as _shared
+    from django_asyncpool.core import registry as _registry
 
     spec = json.loads(os.environ["BREAKER_WORKER"])
     alias = spec["alias"]

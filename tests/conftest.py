@@ -21,8 +21,8 @@ from asgiref.sync import SyncToAsync
 from django.conf import settings
 from django.db import connections
 
-from django_asyncpool import _registry
 from django_asyncpool.base import DatabaseWrapper
+from django_asyncpool.core import registry as _registry
 from testproject import pgserver
 from testproject.pgserver import free_port
 from tests.proxy import TcpProxy

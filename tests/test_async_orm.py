@@ -33,12 +33,12 @@ from django_asyncpool import (
     CircuitOpenError,
     DatabaseUnavailable,
     PoolTimeout,
-    _asyncorm,
-    _ormpool,
-    _registry,
-    _syncpool,
 )
 from django_asyncpool.config import from_settings
+from django_asyncpool.core import registry as _registry
+from django_asyncpool.orm import native as _asyncorm
+from django_asyncpool.orm import pool as _ormpool
+from django_asyncpool.sync import pool as _syncpool
 from testproject.shop.models import Order, OrderLine, Product
 
 from .conftest import backends, terminate_backends, wait_until

@@ -70,8 +70,8 @@ from django.db.models.functions import (
 from django.test import override_settings
 from django.utils import timezone
 
-from django_asyncpool import _registry
 from django_asyncpool import config as _config
+from django_asyncpool.core import registry as _registry
 from testproject.fieldzoo.models import Country, Maker, Specimen
 from tests.conftest import add_alias, hops, remove_alias
 

@@ -167,8 +167,8 @@ def test_database_url_fills_a_copy_not_the_users_settings(monkeypatch, pg) -> No
 
     from django.db.utils import ConnectionHandler
 
-    from django_asyncpool import _registry
     from django_asyncpool.base import DatabaseWrapper
+    from django_asyncpool.core import registry as _registry
 
     monkeypatch.setenv("DATABASE_URL", "postgresql://u:pw@db.example:6543/from_url")
     given = {"ENGINE": "django_asyncpool", "OPTIONS": {"application_name": "web"}}
@@ -268,7 +268,7 @@ def test_async_orm_is_installed_by_the_engine_alone(tmp_path) -> None:
         "from django.apps import apps\n"
         "assert not apps.is_installed('django_asyncpool')\n"
         "connection.settings_dict  # builds the wrapper\n"
-        "from django_asyncpool import _asyncorm\n"
+        "from django_asyncpool.orm import native as _asyncorm\n"
         "assert query.QuerySet.aget is not _asyncorm._ORIGINALS['aget']\n"
         "print('ok')\n"
     )

@@ -15,7 +15,6 @@ from django.db.utils import ConnectionHandler
 from sqlalchemy import text
 
 from django_asyncpool import session_scope
-from django_asyncpool._asyncpool import connect_kwargs
 from django_asyncpool.base import DatabaseWrapper
 from django_asyncpool.config import (
     ENGINE,
@@ -25,6 +24,7 @@ from django_asyncpool.config import (
     from_settings,
     parse_url,
 )
+from django_asyncpool.sqla.engines import connect_kwargs
 from testproject import pgserver
 
 from .conftest import closed_port

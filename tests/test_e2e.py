@@ -224,7 +224,7 @@ async def test_bad_input_gets_a_clear_4xx(
 async def test_database_down_is_a_503_that_says_what_to_do(
     client: httpx.AsyncClient, no_held_connections: None, server_down: Callable[[], None]
 ) -> None:
-    from django_asyncpool import _registry
+    from django_asyncpool.core import registry as _registry
 
     server_down()
     try:

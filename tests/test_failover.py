@@ -33,12 +33,12 @@ from django_asyncpool import (
     ConnectionPool,
     DatabaseUnavailable,
     ReadOnlyError,
-    _failover,
-    _registry,
     session_scope,
 )
 from django_asyncpool.asgi import warm_up_async
 from django_asyncpool.checks import problems
+from django_asyncpool.core import registry as _registry
+from django_asyncpool.failover import route as _failover
 from django_asyncpool.health import PoolCheck
 from django_asyncpool.routers import FailoverMixin
 from testproject.pgserver import LocalPostgres

@@ -26,10 +26,10 @@ from django_asyncpool import (
     ConnectionLost,
     ConnectionPool,
     PoolTimeout,
-    _registry,
     session_scope,
 )
 from django_asyncpool.base import DatabaseWrapper
+from django_asyncpool.core import registry as _registry
 from testproject import pgserver
 
 from .conftest import backends, query, wait_until

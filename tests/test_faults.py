@@ -33,11 +33,11 @@ from django_asyncpool import (
     DatabaseUnavailable,
     PoolError,
     PoolTimeout,
-    _registry,
-    _syncpool,
     session_scope,
 )
 from django_asyncpool.base import DatabaseWrapper
+from django_asyncpool.core import registry as _registry
+from django_asyncpool.sync import pool as _syncpool
 from testproject.pgserver import PASSWORD
 from testproject.shop.models import Product
 

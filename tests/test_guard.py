@@ -16,8 +16,8 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from django_asyncpool import config
-from django_asyncpool._guard import Guard
-from django_asyncpool._stats import Stats
+from django_asyncpool.core.guard import Guard
+from django_asyncpool.core.stats import Stats
 from django_asyncpool.errors import (
     CircuitOpenError,
     DatabaseUnavailable,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from django_asyncpool._liveness import clock, due_for_ping, poller, socket_readable
+from django_asyncpool.core.liveness import clock, due_for_ping, poller, socket_readable
 
 
 def test_the_clock_is_monotonic() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from django_asyncpool import _registry
+from django_asyncpool.core import registry as _registry
 
 from .loadmatrix import DjangoOrm, OurScope, Sizes, describe, ensure_table, our_options, run
 

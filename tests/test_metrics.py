@@ -34,11 +34,11 @@ from django_asyncpool import (
     DatabaseUnavailable,
     PoolTimeout,
     _exporter,
-    _registry,
-    _stats,
     metrics,
 )
 from django_asyncpool.base import DatabaseWrapper
+from django_asyncpool.core import registry as _registry
+from django_asyncpool.core import stats as _stats
 
 from .conftest import free_port, metric_value, query, wait_until
 

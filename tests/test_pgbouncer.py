@@ -19,8 +19,8 @@ from django.db import connections, transaction
 from sqlalchemy import text
 
 from django_asyncpool import ConnectionPool, ReadOnlyError, session_scope
-from django_asyncpool._asyncpool import connect_kwargs
 from django_asyncpool.config import from_settings
+from django_asyncpool.sqla.engines import connect_kwargs
 from testproject import pgserver
 from testproject.shop.models import Product
 

@@ -17,8 +17,8 @@ from django_asyncpool import (
     ReadOnlyError,
     session_scope,
 )
-from django_asyncpool._asyncpool import connect_kwargs
 from django_asyncpool.config import from_settings
+from django_asyncpool.sqla.engines import connect_kwargs
 
 from .conftest import backends, wait_until
 
@@ -242,7 +242,7 @@ async def test_readonly_session_behaves_like_an_async_session(products) -> None:
 
 
 def test_overflow_connections_are_kept_under_load_and_shed_after(make_alias, monkeypatch) -> None:
-    from django_asyncpool import _fairpool
+    from django_asyncpool.sqla import fairpool as _fairpool
 
     monkeypatch.setattr(_fairpool.GuardedPool, "KEEP_OVERFLOW", 0.5)
     alias = make_alias(OPTIONS={"async_pool": {"pool_size": 2, "max_overflow": 3, "timeout": 5}})

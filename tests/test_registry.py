@@ -12,7 +12,8 @@ from django.conf import settings
 from django.db import connections
 from django.test import override_settings
 
-from django_asyncpool import ConnectionPool, _registry
+from django_asyncpool import ConnectionPool
+from django_asyncpool.core import registry as _registry
 
 from .conftest import in_forked_child, query
 

@@ -18,8 +18,10 @@ from django.core.management import call_command
 from django.db import connections
 from prometheus_client import REGISTRY
 
-from django_asyncpool import CircuitOpenError, DatabaseUnavailable, _registry, _shared, metrics
+from django_asyncpool import CircuitOpenError, DatabaseUnavailable, metrics
 from django_asyncpool.checks import problems
+from django_asyncpool.core import breaker_redis as _shared
+from django_asyncpool.core import registry as _registry
 
 from .breaker_worker import Worker
 from .conftest import closed_port, query, wait_until

@@ -19,7 +19,9 @@ from django.core.management import call_command
 from django.db import connections
 from prometheus_client import REGISTRY
 
-from django_asyncpool import ConnectionPool, _registry, _stats
+from django_asyncpool import ConnectionPool
+from django_asyncpool.core import registry as _registry
+from django_asyncpool.core import stats as _stats
 from testproject.asgi import application
 
 pytestmark = pytest.mark.usefixtures("db_access")

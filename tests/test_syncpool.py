@@ -14,9 +14,11 @@ import pytest
 from psycopg_pool import base as pool_base
 from psycopg_pool import pool as pool_module
 
-from django_asyncpool import _registry, _stats, _syncpool
-from django_asyncpool._syncpool import PING, SyncPool
+from django_asyncpool.core import registry as _registry
+from django_asyncpool.core import stats as _stats
 from django_asyncpool.errors import SyncPoolTimeout
+from django_asyncpool.sync import pool as _syncpool
+from django_asyncpool.sync.pool import PING, SyncPool
 
 from .conftest import query, wait_until
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from django_asyncpool._waiters import TIMED_OUT, Slots
+from django_asyncpool.core.waiters import TIMED_OUT, Slots
 from django_asyncpool.errors import PoolClosed, PoolTimeout
 
 LONG = 10.0  # a timeout no test reaches, seconds

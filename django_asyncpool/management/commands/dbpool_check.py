@@ -21,9 +21,9 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from ... import _registry
 from ... import config as _config
 from ...checks import problems
+from ...core import registry as _registry
 from ...errors import redact
 
 SERVER_VERSION = "select current_setting('server_version')"
@@ -225,7 +225,7 @@ def _reads_go_to(alias: str, probed: dict[str, bool]) -> str:
     An alias probed in this run is healthy when its probes passed; another one
     when its breaker is closed in this process.
     """
-    from ... import _failover
+    from ...failover import route as _failover
 
     try:
         members = _failover.chain(alias)
@@ -238,7 +238,7 @@ def _reads_go_to(alias: str, probed: dict[str, bool]) -> str:
 
 
 def _breaker(alias: str) -> dict[str, Any]:
-    from ... import _shared
+    from ...core import breaker_redis as _shared
 
     try:
         guard = _registry.guard(alias)

@@ -31,8 +31,10 @@ from django.db.models import query as _query
 from django.db.transaction import TransactionManagementError
 from sqlalchemy.util.concurrency import greenlet_spawn
 
-from . import _ormpool, _registry, _syncpool
-from .config import ENGINE
+from ..config import ENGINE
+from ..core import registry as _registry
+from ..sync import pool as _syncpool
+from . import pool as _ormpool
 
 __all__ = ["atomic", "enabled", "install", "run"]
 

@@ -21,12 +21,12 @@ from sqlalchemy.engine.result import IteratorResult, Result, SimpleResultMetaDat
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.util import EMPTY_DICT
 
-from ._scopes import DIALECT, ConnectionLease, SessionScope, discard
-from .errors import ReadOnlyError
+from ..errors import ReadOnlyError
+from .scopes import DIALECT, ConnectionLease, SessionScope, discard
 
 if TYPE_CHECKING:
-    from ._asyncpool import LoopState  # annotations only: what pool.for_loop() returns
-    from .pool import ConnectionPool
+    from ..pool import ConnectionPool
+    from .engines import LoopState  # annotations only: what pool.for_loop() returns
 
 __all__ = ["ReadOnlyScope", "ReadOnlySession", "readonly_violation"]
 

@@ -23,9 +23,8 @@ import backoff
 import pybreaker
 from django.core.exceptions import ImproperlyConfigured
 
-from . import _shared
-from .config import AliasConfig
-from .errors import (
+from ..config import AliasConfig
+from ..errors import (
     CircuitOpenError,
     DatabaseUnavailable,
     PoolClosed,
@@ -33,6 +32,7 @@ from .errors import (
     PoolTimeout,
     redact,
 )
+from . import breaker_redis as _shared
 
 __all__ = ["Guard"]
 

@@ -27,12 +27,12 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util.concurrency import await_
 
-from . import _registry
-from ._fairpool import RETURNED, TAKEN, GuardedPool
-from ._liveness import clock, due_for_ping, poller
-from ._stats import Stats
-from .config import AliasConfig, refuse_unusable
-from .errors import AsyncConnectionLost, redact
+from ..config import AliasConfig, refuse_unusable
+from ..core import registry as _registry
+from ..core.liveness import clock, due_for_ping, poller
+from ..core.stats import Stats
+from ..errors import AsyncConnectionLost, redact
+from .fairpool import RETURNED, TAKEN, GuardedPool
 
 __all__ = ["connect_kwargs", "is_lost", "lost_error", "run_at_loop_shutdown"]
 

@@ -19,11 +19,11 @@ from sqlalchemy.pool import Pool, PoolProxiedConnection
 from sqlalchemy.pool.base import _AsyncConnDialect
 from sqlalchemy.util.concurrency import await_
 
-from ._guard import Guard
-from ._liveness import clock
-from ._stats import Stats, describe, snapshot
-from ._waiters import TIMED_OUT, Slots
-from .errors import PoolTimeout, pool_timeout
+from ..core.guard import Guard
+from ..core.liveness import clock
+from ..core.stats import Stats, describe, snapshot
+from ..core.waiters import TIMED_OUT, Slots
+from ..errors import PoolTimeout, pool_timeout
 
 __all__ = ["RETURNED", "TAKEN", "GuardedPool"]
 

@@ -19,12 +19,12 @@ from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.util.concurrency import greenlet_spawn
 
-from ._asyncpool import is_lost, lost_error
-from .errors import ConnectionLost
+from ..errors import ConnectionLost
+from .engines import is_lost, lost_error
 
 if TYPE_CHECKING:
-    from ._asyncpool import LoopState  # annotations only: what pool.for_loop() returns
-    from .pool import ConnectionPool
+    from ..pool import ConnectionPool
+    from .engines import LoopState  # annotations only: what pool.for_loop() returns
 
 __all__ = ["DIALECT", "ConnectionLease", "SessionScope", "discard", "leak_timer", "retryable"]
 

@@ -37,17 +37,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pybreaker
 from django.db import connections
 
-from . import _registry
-from ._readonly import ReadOnlyScope, ReadOnlySession, readonly_violation
-from ._scopes import ConnectionLease, SessionScope
-from .config import ENGINE, Problem, from_settings
-from .errors import CircuitOpenError, DatabaseUnavailable, ReadOnlyError
+from ..config import ENGINE, Problem, from_settings
+from ..core import registry as _registry
+from ..errors import CircuitOpenError, DatabaseUnavailable, ReadOnlyError
+from ..sqla.readonly import ReadOnlyScope, ReadOnlySession, readonly_violation
+from ..sqla.scopes import ConnectionLease, SessionScope
 
 if TYPE_CHECKING:
     import asyncpg
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    from .pool import ConnectionPool
+    from ..pool import ConnectionPool
 
 __all__ = ["chain", "counts", "forget", "healthy", "problems", "route"]
 

@@ -46,7 +46,7 @@ import pybreaker
 if TYPE_CHECKING:
     from redis import Redis
 
-    from .config import AliasConfig
+    from ..config import AliasConfig
 
 __all__ = [
     "RECHECK",

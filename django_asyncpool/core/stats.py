@@ -14,10 +14,10 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import CircuitOpenError, PoolTimeout
+from ..errors import CircuitOpenError, PoolTimeout
 
 if TYPE_CHECKING:
-    from ._guard import Guard
+    from .guard import Guard
 
 __all__ = [
     "HELD_BUCKETS",

@@ -35,14 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 from django.core.signals import setting_changed
 
-from . import _shared
-from . import config as _config
-from ._guard import Guard
-from ._stats import Stats, snapshot
+from .. import config as _config
+from . import breaker_redis as _shared
+from .guard import Guard
+from .stats import Stats, snapshot
 
 if TYPE_CHECKING:
-    from ._syncpool import SyncPool
-    from .pool import ConnectionPool
+    from ..pool import ConnectionPool
+    from ..sync.pool import SyncPool
 
 __all__ = [
     "aliases",
@@ -190,7 +190,7 @@ def snapshots(alias: str | None = None) -> list[dict[str, Any]]:
         found[name, "async"] = pool.metrics
     # Looked up, not imported: this module is below the native ORM's, and with it not
     # imported there is no such pool to report.
-    orm = sys.modules.get("django_asyncpool._ormpool")
+    orm = sys.modules.get("django_asyncpool.orm.pool")
     if orm is not None:
         for snap in orm.snapshots():
             found[snap["alias"], snap["pool"]] = snap

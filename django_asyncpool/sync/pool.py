@@ -37,13 +37,14 @@ from psycopg import pq
 from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
 
-from . import _registry, _stats
-from ._liveness import clock, due_for_ping, socket_readable
-from .errors import PoolError, SyncPoolClosed, SyncPoolTimeout, pool_timeout
+from ..core import registry as _registry
+from ..core import stats as _stats
+from ..core.liveness import clock, due_for_ping, socket_readable
+from ..errors import PoolError, SyncPoolClosed, SyncPoolTimeout, pool_timeout
 
 if TYPE_CHECKING:
-    from ._guard import Guard
-    from .config import AliasConfig
+    from ..config import AliasConfig
+    from ..core.guard import Guard
 
 __all__ = [
     "PING",

@@ -38,15 +38,18 @@ from psycopg import IsolationLevel, pq
 from psycopg.waiting import READY_R, WAIT_R
 from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 
-from . import _registry, _stats, _syncpool, metrics
-from ._asyncpool import run_at_loop_shutdown
-from ._guard import Guard
-from ._liveness import clock
-from ._syncpool import RETURNED, maybe_closed, readable, watch_hangups
-from ._waiters import TIMED_OUT, Slots
-from .base import DatabaseWrapper
-from .config import AliasConfig
-from .errors import PoolClosed, PoolTimeout
+from .. import metrics
+from ..base import DatabaseWrapper
+from ..config import AliasConfig
+from ..core import registry as _registry
+from ..core import stats as _stats
+from ..core.guard import Guard
+from ..core.liveness import clock
+from ..core.waiters import TIMED_OUT, Slots
+from ..errors import PoolClosed, PoolTimeout
+from ..sqla.engines import run_at_loop_shutdown
+from ..sync import pool as _syncpool
+from ..sync.pool import RETURNED, maybe_closed, readable, watch_hangups
 
 __all__ = [
     "GreenConnection",

@@ -1,0 +1,1 @@
+"""The core every pool stands on."""
