@@ -17,7 +17,7 @@ and the ratio of our CPU/op to the peer's.
   ``pool_reset_on_return=None`` (ours has it; a session ends its transaction);
 - sync, ORM: ``connections[alias].ensure_connection()`` + ``close()``, the ENGINE
   against ``django.db.backends.postgresql`` with its pool (same sizes);
-- sync, pool: ``_syncpool.checkout(stats, guard, pool.getconn)`` + ``checkin`` +
+- sync, pool: ``checkout.checkout(stats, guard, pool.getconn)`` + ``checkin`` +
   ``putconn`` (breaker, liveness, stats, leak tracking off as by default) against
   bare psycopg_pool ``getconn()`` + ``putconn()``.
 
@@ -188,8 +188,8 @@ def bench_sync(conn: dict[str, Any], rounds: int, ops: int) -> None:
     import psycopg_pool
     from django.db import connections
 
+    from django_asyncpool.core import checkout
     from django_asyncpool.core import registry as _registry
-    from django_asyncpool.sync import pool as _syncpool
 
     def ensure(alias: str) -> tuple[Callable[[], Any], Callable[[Any], None]]:
         wrapper = connections[alias]
@@ -212,10 +212,10 @@ def bench_sync(conn: dict[str, Any], rounds: int, ops: int) -> None:
     stats, guard = _registry.stats("default", "sync"), _registry.guard("default")
 
     def ours_get() -> Any:
-        return _syncpool.checkout(stats, guard, pool.getconn)
+        return checkout.checkout(stats, guard, pool.getconn)
 
     def ours_give(c: Any) -> None:
-        _syncpool.checkin(stats, c)
+        checkout.checkin(stats, c)
         pool.putconn(c)
 
     params = {
@@ -236,7 +236,7 @@ def bench_sync(conn: dict[str, Any], rounds: int, ops: int) -> None:
     bare.wait()
     results = run_rounds(
         {
-            "ours: _syncpool.checkout(SyncPool.getconn)+putconn": (ours_get, ours_give),
+            "ours: checkout.checkout(SyncPool.getconn)+putconn": (ours_get, ours_give),
             "bare psycopg_pool getconn()+putconn()": (bare.getconn, bare.putconn),
         },
         rounds,

@@ -59,8 +59,8 @@ async def warm_up_async() -> None:
 
 async def close_all() -> None:
     """Close every async pool's engine on this loop, and every sync pool of the process."""
+    from .core.registry import close_pools
     from .pool import ConnectionPool
-    from .sync.pool import close_pools
 
     for pool in list(ConnectionPool._instances.values()):
         try:

@@ -24,6 +24,8 @@ from psycopg import IsolationLevel
 
 from . import metrics
 from .config import InvalidURL, pgbouncer_on, psycopg_params, refuse_unusable
+from .core import checkout as _checkout
+from .core import process as _process
 from .core import registry as _registry
 from .core import stats as _stats
 from .core.guard import Guard
@@ -42,7 +44,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     isolation_level: IsolationLevel  # set by Django's get_new_connection()
     # Our own class-level dict: the stock backend's pools are not ours to manage.
-    _connection_pools = _registry.sync_pools
+    _connection_pools: dict[str, SyncPool] = _registry.sync_pools
 
     def __init__(self, settings_dict: dict[str, Any], alias: str = "default") -> None:
         # DATABASE_URL fills the connection fields when the alias gives none. One that
@@ -55,7 +57,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             settings_dict = {"DISABLE_SERVER_SIDE_CURSORS": True, **settings_dict}
         super().__init__(settings_dict, alias)
         self._options_reported = False
-        _syncpool.wrappers.add(self)
+        _process.wrappers.add(self)
         for hook in _registry.on_wrapper:
             hook(self)  # the native async ORM installs itself (OPTIONS["async_orm"])
 
@@ -93,7 +95,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         guard = _registry.guard(self.alias, self)
-        return _syncpool.checkout(
+        return _checkout.checkout(
             self._sync_stats, guard, self._get_new_connection, guard, conn_params
         )
 
@@ -128,13 +130,13 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if self.connection.autocommit != autocommit:
             super()._set_autocommit(autocommit)  # type: ignore[misc]
         if autocommit:
-            _syncpool.transactions.discard(self)
+            _process.transactions.discard(self)
         else:
-            _syncpool.transactions.add(self)
+            _process.transactions.add(self)
 
     def _close(self) -> None:
         if self.connection is not None:
-            _syncpool.checkin(self._sync_stats, self.connection)
+            _checkout.checkin(self._sync_stats, self.connection)
         super()._close()  # type: ignore[misc]
 
 

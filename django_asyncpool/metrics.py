@@ -22,7 +22,6 @@ user, a DSN or a password. docs/metrics.md has the table of what each one means.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
@@ -36,6 +35,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from .core import breaker_redis as _shared
+from .core import process as _process
 from .core import registry as _registry
 from .core import stats as _stats
 
@@ -525,5 +525,5 @@ def _flush_at_exit() -> None:
             logger.debug("Writing the pool metrics at exit failed", exc_info=True)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(_flush_at_exit)
+_process.at_fork("metrics", _after_fork_in_child)
+_process.at_exit("metrics", _flush_at_exit)

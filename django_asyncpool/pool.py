@@ -43,7 +43,7 @@ T = TypeVar("T")
 class ConnectionPool:
     """The async pool of one database alias; ``ConnectionPool()`` is the same object each time."""
 
-    _instances = _registry.async_pools
+    _instances: dict[str, ConnectionPool] = _registry.async_pools
     _lock = threading.Lock()
 
     alias: str
@@ -223,3 +223,25 @@ def session_scope(
 ) -> SessionScope | _failover.FailoverScope:
     """Return ``ConnectionPool(using).session_scope(readonly=readonly)``, for views."""
     return ConnectionPool(using).session_scope(readonly=readonly)
+
+
+# -- the async kind of pool, for the registry ---------------------------------------------
+
+
+def _snapshots() -> list[dict[str, Any]]:
+    return [pool.metrics for pool in list(_registry.async_pools.values())]
+
+
+def _drop(alias: str) -> None:
+    """Drop ``alias``'s pool (its settings changed): each loop's engines close with the loop."""
+    _registry.async_pools.pop(alias, None)
+
+
+def _forget() -> list[Any]:
+    """In a forked child: drop the parent's pools, close nothing; return them to keep."""
+    pools = list(_registry.async_pools.values())
+    _registry.async_pools.clear()
+    return pools
+
+
+_registry.register_kind("async", snapshots=_snapshots, reset=_drop, forget=_forget)

@@ -35,10 +35,10 @@ from django_asyncpool import (
     PoolTimeout,
 )
 from django_asyncpool.config import from_settings
+from django_asyncpool.core import process as _process
 from django_asyncpool.core import registry as _registry
 from django_asyncpool.orm import native as _asyncorm
 from django_asyncpool.orm import pool as _ormpool
-from django_asyncpool.sync import pool as _syncpool
 from testproject.shop.models import Order, OrderLine, Product
 
 from .conftest import backends, terminate_backends, wait_until
@@ -773,7 +773,7 @@ async def test_with_no_async_to_sync_above_the_pool_serves(locking: str) -> None
     holder = asyncio.get_running_loop().run_in_executor(None, hold)
     try:
         await asyncio.to_thread(entered.wait, 10)
-        assert _syncpool.transactions  # the cheap gate is open: the full check runs
+        assert _process.transactions  # the cheap gate is open: the full check runs
         assert await on(locking).filter(sku="T4").acount() == 0  # not the thread's transaction
     finally:
         leave.set()

@@ -14,6 +14,7 @@ from django.test import override_settings
 
 from django_asyncpool import ConnectionPool
 from django_asyncpool.core import registry as _registry
+from django_asyncpool.orm import pool as _ormpool
 
 from .conftest import in_forked_child, query
 
@@ -102,6 +103,22 @@ def _databases(**breaker: Any) -> dict[str, Any]:
     databases = copy.deepcopy(settings.DATABASES)
     databases["default"]["OPTIONS"]["circuit_breaker"] = breaker
     return databases
+
+
+async def test_reset_drops_the_native_orm_pools_of_every_loop(
+    make_alias: Callable[..., str],
+) -> None:
+    alias = make_alias(OPTIONS={"async_orm": True})
+    old = _ormpool.holder(alias)  # made on this loop, no connection opened yet
+    assert (alias, old) in _ormpool.holders()
+    _registry.reset(alias)
+    assert [a for a, _ in _ormpool.holders() if a == alias] == []
+    assert alias not in {snap["alias"] for snap in _registry.snapshots() if snap["in_use"]}
+    assert _ormpool.holder(alias) is not old  # made again, from the settings of now
+
+
+def test_every_kind_of_pool_is_registered() -> None:
+    assert {"sync", "async", "async_orm"} <= set(_registry.kinds())
 
 
 def test_override_settings_reaches_the_guard() -> None:

@@ -11,7 +11,9 @@ pool and its async pool::
     snapshots(alias)     every pool's snapshot, one shape (what everything renders)
     sync_pools           {alias: SyncPool}; DatabaseWrapper._connection_pools is this dict
     async_pools          {alias: ConnectionPool}; ConnectionPool(alias) is found here
+    register_kind(...)   a kind of pool says how to snapshot, reset and forget its pools
     reset(alias=None)    settings changed: pools closed, guard and config dropped
+    close_pools()        at exit: every alias with a sync pool reset (its pool closed)
     forget()             in a forked child: drop everything, close nothing
     with_url(alias, d)   the settings a wrapper uses: d, or a copy filled from DATABASE_URL
     on_wrapper           hooks called with each DatabaseWrapper built (the native async ORM)
@@ -20,6 +22,10 @@ pool and its async pool::
 reaches the guard and the pools. A forked child forgets everything: the parent's
 pools are kept referenced, never closed, since closing would write on sockets the
 parent still uses.
+
+This module imports no pool: each kind of pool (``sync``, ``async``, ``async_orm``)
+registers itself with :func:`register_kind` when its module is imported, so that
+:func:`snapshots`, :func:`reset` and :func:`forget` reach every pool of every kind.
 """
 
 from __future__ import annotations
@@ -27,34 +33,33 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 from django.core.signals import setting_changed
 
 from .. import config as _config
 from . import breaker_redis as _shared
+from . import process as _process
 from .guard import Guard
 from .stats import Stats, snapshot
-
-if TYPE_CHECKING:
-    from ..pool import ConnectionPool
-    from ..sync.pool import SyncPool
 
 __all__ = [
     "aliases",
     "all_stats",
     "async_pools",
+    "close_pools",
     "config",
     "config_for_wrapper",
     "forget",
     "guard",
     "guards",
+    "kinds",
     "on_reset",
     "on_wrapper",
+    "register_kind",
     "reset",
     "snapshots",
     "stats",
@@ -72,8 +77,10 @@ _guards: dict[str, Guard] = {}
 #: alias -> how many times its breaker entered each state, across its guards
 _entered: dict[str, Counter[str]] = {}
 _counters: dict[tuple[str, str], Stats] = {}
-sync_pools: dict[str, SyncPool] = {}
-async_pools: dict[str, ConnectionPool] = {}
+#: {alias: SyncPool}: DatabaseWrapper._connection_pools is this dict.
+sync_pools: dict[str, Any] = {}
+#: {alias: ConnectionPool}: ConnectionPool(alias) is found here.
+async_pools: dict[str, Any] = {}
 _reported: set[tuple[str, str]] = set()
 #: Called with an alias when it is reset: the modules keeping state of their own per
 #: alias (``_failover``) register here rather than be imported by this one.
@@ -85,6 +92,21 @@ on_wrapper: list[Callable[[Any], None]] = []
 _urls: dict[str, tuple[Any, str, dict[str, Any], dict[str, Any]]] = {}
 #: Pools inherited from a parent process: kept referenced, never closed.
 _inherited: list[Any] = []
+
+
+class Kind(NamedTuple):
+    """What the registry asks of one kind of pool (registered by its module)."""
+
+    #: Return the snapshot (``stats.SNAPSHOT_KEYS``) of each alias's pool of this kind.
+    snapshots: Callable[[], list[dict[str, Any]]]
+    #: Close or drop the pools of an alias whose settings changed.
+    reset: Callable[[str], None]
+    #: In a forked child: drop every pool, close nothing; what it returns is kept referenced.
+    forget: Callable[[], object]
+
+
+#: side ("sync", "async", "async_orm") -> its Kind, as each pool module registered it.
+_kinds: dict[str, Kind] = {}
 
 #: The environment variables a configuration is read from, besides DATABASES.
 _ENV = ("DATABASE_URL", *_config.ENV_ASYNC)
@@ -184,15 +206,8 @@ def snapshots(alias: str | None = None) -> list[dict[str, Any]]:
     reset) still has its counters, with nothing open. ``alias`` keeps only its own.
     """
     found: dict[tuple[str, str], dict[str, Any]] = {}
-    for name, sync in list(sync_pools.items()):
-        found[name, "sync"] = sync.snapshot()
-    for name, pool in list(async_pools.items()):
-        found[name, "async"] = pool.metrics
-    # Looked up, not imported: this module is below the native ORM's, and with it not
-    # imported there is no such pool to report.
-    orm = sys.modules.get("django_asyncpool.orm.pool")
-    if orm is not None:
-        for snap in orm.snapshots():
+    for kind in list(_kinds.values()):
+        for snap in kind.snapshots():
             found[snap["alias"], snap["pool"]] = snap
     for name, side, counters in all_stats():
         if (name, side) not in found:
@@ -203,12 +218,28 @@ def snapshots(alias: str | None = None) -> list[dict[str, Any]]:
     return [snap for (name, _), snap in sorted(found.items()) if alias in (None, name)]
 
 
+def register_kind(
+    side: str,
+    *,
+    snapshots: Callable[[], list[dict[str, Any]]],
+    reset: Callable[[str], None],
+    forget: Callable[[], object],
+) -> None:
+    """Have :func:`snapshots`, :func:`reset` and :func:`forget` reach the pools of ``side``."""
+    _kinds[side] = Kind(snapshots, reset, forget)
+
+
+def kinds() -> list[str]:
+    """Return the kinds of pool registered in this process ("sync", "async", "async_orm")."""
+    return list(_kinds)
+
+
 def reset(alias: str | None = None) -> None:
     """Forget ``alias`` (every alias if None): its settings changed, or it is gone.
 
-    Its sync pool is closed, its async pool dropped (each event loop's engines are
-    disposed with their loop), its guard and config read again when next used. Its
-    statistics stay: they are counters for the life of the process.
+    Its sync pool is closed, its async pools dropped (each event loop's engines and
+    native ORM pool close with their loop), its guard and config read again when next
+    used. Its statistics stay: they are counters for the life of the process.
     """
     names = set(_configs) | set(_guards) | set(sync_pools) | set(async_pools)
     for name in [alias] if alias is not None else sorted(names):
@@ -217,22 +248,21 @@ def reset(alias: str | None = None) -> None:
             _shared.close(name)
         for hook in on_reset:
             hook(name)
-        async_pools.pop(name, None)
-        pool = sync_pools.pop(name, None)
-        if pool is not None:
-            try:
-                pool.close(timeout=1.0)
-            except Exception:
-                logger.debug("closing the pool of %r failed", name, exc_info=True)
+        for kind in list(_kinds.values()):
+            kind.reset(name)
+
+
+def close_pools() -> None:
+    """Close this process's sync pools (at exit: the server sees clean disconnects)."""
+    for alias in list(sync_pools):
+        reset(alias)
 
 
 def forget() -> None:
     """Drop all per-process state without closing anything (in a forked child)."""
     global _lock
     _lock = threading.Lock()  # may have been held by another thread at fork time
-    _inherited.extend([*sync_pools.values(), *async_pools.values()])
-    sync_pools.clear()
-    async_pools.clear()
+    _inherited.extend(kind.forget() for kind in list(_kinds.values()))
     _configs.clear()
     _guards.clear()
     _shared.forget()
@@ -264,4 +294,5 @@ def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
 
 
 setting_changed.connect(_on_setting_changed, dispatch_uid="django_asyncpool.reset")
-os.register_at_fork(after_in_child=forget)
+_process.at_fork("registry", forget)
+_process.at_exit("sync pools", close_pools)

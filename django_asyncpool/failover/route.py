@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -38,6 +37,7 @@ import pybreaker
 from django.db import connections
 
 from ..config import ENGINE, Problem, from_settings
+from ..core import process as _process
 from ..core import registry as _registry
 from ..errors import CircuitOpenError, DatabaseUnavailable, ReadOnlyError
 from ..sqla.readonly import ReadOnlyScope, ReadOnlySession, readonly_violation
@@ -444,5 +444,5 @@ def _after_fork_in_child() -> None:
     _trials.clear()  # their threads stayed in the parent
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_process.at_fork("failover", _after_fork_in_child)
 _registry.on_reset.append(forget)

@@ -32,8 +32,8 @@ from django.db.transaction import TransactionManagementError
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from ..config import ENGINE
+from ..core import process as _process
 from ..core import registry as _registry
-from ..sync import pool as _syncpool
 from . import pool as _ormpool
 
 __all__ = ["atomic", "enabled", "install", "run"]
@@ -227,7 +227,7 @@ def _callers(alias: str) -> Any:
     ``_THREAD`` (the call must run in that thread)."""
     # The common case costs a set's truth test: no sync connection in a transaction (the
     # lookup in asgiref's Local below raises and catches an AttributeError: ~5 µs).
-    if not _syncpool.transactions:
+    if not _process.transactions:
         return None
     executor = getattr(AsyncToSync.executors, "current", None)
     if executor is None:
@@ -235,7 +235,7 @@ def _callers(alias: str) -> Any:
     thread = executor._work_thread
     ident = thread.ident
     found: dict[str, Any] = {}
-    every: list[Any] = list(_syncpool.wrappers)  # Django's wrappers have _thread_ident
+    every: list[Any] = list(_process.wrappers)  # Django's wrappers have _thread_ident
     for wrapper in every:
         if (
             wrapper._thread_ident == ident

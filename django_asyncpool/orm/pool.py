@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import select
 import threading
 import weakref
@@ -41,15 +40,15 @@ from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 from .. import metrics
 from ..base import DatabaseWrapper
 from ..config import AliasConfig
+from ..core import checkout as _checkout
 from ..core import registry as _registry
 from ..core import stats as _stats
+from ..core.checkout import RETURNED
 from ..core.guard import Guard
-from ..core.liveness import clock
+from ..core.liveness import clear_hint, clock, maybe_closed, readable, watch_hangups
+from ..core.loops import greenlet_sleep, run_at_loop_shutdown
 from ..core.waiters import TIMED_OUT, Slots
 from ..errors import PoolClosed, PoolTimeout
-from ..sqla.engines import run_at_loop_shutdown
-from ..sync import pool as _syncpool
-from ..sync.pool import RETURNED, maybe_closed, readable, watch_hangups
 
 __all__ = [
     "GreenConnection",
@@ -362,7 +361,7 @@ class OrmPool:
         except BaseException:
             self.putconn(conn)
             raise
-        _syncpool.clear_hint(conn)  # type: ignore[arg-type]  # a stale hint: a reused number
+        clear_hint(conn)  # type: ignore[arg-type]  # a stale hint: a reused number
         return True
 
     async def _check_liveness(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -466,7 +465,7 @@ class Holder:
 
     def checkout(self) -> Lease:
         """Return a connection through the breaker and retries (in the greenlet)."""
-        conn = _syncpool.checkout(self.stats, self.guard, self._getconn, sleep=_greenlet_sleep)
+        conn = _checkout.checkout(self.stats, self.guard, self._getconn, sleep=greenlet_sleep)
         return Lease(self, conn)
 
     def _getconn(self) -> psycopg.AsyncConnection[Any]:
@@ -491,15 +490,11 @@ class Holder:
     def checkin(self, lease: Lease) -> None:
         """Give ``lease``'s connection back, discarding it if it is not clean (no I/O)."""
         conn = lease.conn
-        _syncpool.checkin(self.stats, conn)
+        _checkout.checkin(self.stats, conn)
         if not lease.wrapper.reset():
             self.stats.invalidated += 1
             conn.pgconn.finish()  # closed: the pool frees its slot
         self.pool.putconn(conn)
-
-
-def _greenlet_sleep(seconds: float) -> None:
-    await_(asyncio.sleep(seconds))
 
 
 _lock = threading.Lock()
@@ -571,4 +566,10 @@ def _forget_in_child() -> None:
     _holders.clear()
 
 
-os.register_at_fork(after_in_child=_forget_in_child)
+def _drop(alias: str) -> None:
+    """Drop every loop's pool of ``alias`` (its settings changed): each closes with its loop."""
+    with _lock:
+        _holders.pop(alias, None)
+
+
+_registry.register_kind("async_orm", snapshots=snapshots, reset=_drop, forget=_forget_in_child)

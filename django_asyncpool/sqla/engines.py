@@ -16,8 +16,6 @@ The async half of the pool, as :mod:`._syncpool` is the sync half. It owns:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 from urllib.parse import urlencode
 
@@ -29,12 +27,14 @@ from sqlalchemy.util.concurrency import await_
 
 from ..config import AliasConfig, refuse_unusable
 from ..core import registry as _registry
+from ..core.checkout import RETURNED, TAKEN
 from ..core.liveness import clock, due_for_ping, poller
+from ..core.loops import run_at_loop_shutdown
 from ..core.stats import Stats
 from ..errors import AsyncConnectionLost, redact
-from .fairpool import RETURNED, TAKEN, GuardedPool
+from .fairpool import GuardedPool
 
-__all__ = ["connect_kwargs", "is_lost", "lost_error", "run_at_loop_shutdown"]
+__all__ = ["LoopState", "connect_kwargs", "is_lost", "lost_error"]
 
 _ASYNCPG_DSN_KEYS = frozenset(
     {
@@ -283,30 +283,6 @@ def _create_engine(config: AliasConfig, stats: Stats, *, readonly: bool) -> Asyn
     )
     _Listeners(config, stats).register(engine)
     return engine
-
-
-def run_at_loop_shutdown(cleanup: Callable[[], Coroutine[Any, Any, None]]) -> Any:
-    """Have the running loop await ``cleanup()`` when it shuts its async generators down.
-
-    ``asyncio.run()`` and asgiref call ``loop.shutdown_asyncgens()`` before closing a
-    loop; it closes every async generator the loop saw start, running its
-    ``finally``. So an async generator started here (run to its ``yield`` by
-    hand: that registers it with the running loop, through the loop's firstiter
-    hook) is a hook on the loop's shutdown that needs no change to the loop. Keep
-    the returned generator referenced for as long as the cleanup should run: a
-    generator collected earlier is closed (and cleans up) then.
-    """
-
-    async def guardian() -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await cleanup()
-
-    gen = guardian()
-    with contextlib.suppress(StopIteration):
-        gen.asend(None).send(None)  # type: ignore[attr-defined]
-    return gen
 
 
 class LoopState:

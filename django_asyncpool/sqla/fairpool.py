@@ -2,15 +2,15 @@
 
 SQLAlchemy's ``AsyncAdaptedQueuePool`` is replaced, not patched: its
 ``asyncio.Queue`` cannot hand a connection to a particular waiter. The waiting
-core (slots, the FIFO queue, handoff) is :mod:`._waiters`, shared with the
+core (slots, the FIFO queue, handoff) is :mod:`..core.waiters`, shared with the
 native async ORM's pool; this module adds the idle list, the overflow kept while
 demand lasts, the breaker and the accounting (each check-in stamped for the liveness
-rules, :data:`RETURNED`, and the time it was held counted, from :data:`TAKEN`).
+rules, ``RETURNED``, and the time it was held counted, from ``TAKEN``: both of
+:mod:`..core.checkout`, as keys of the record's ``info``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
 from typing import Any
@@ -19,18 +19,15 @@ from sqlalchemy.pool import Pool, PoolProxiedConnection
 from sqlalchemy.pool.base import _AsyncConnDialect
 from sqlalchemy.util.concurrency import await_
 
+from ..core.checkout import RETURNED, TAKEN
 from ..core.guard import Guard
 from ..core.liveness import clock
+from ..core.loops import greenlet_sleep
 from ..core.stats import Stats, describe, snapshot
 from ..core.waiters import TIMED_OUT, Slots
 from ..errors import PoolTimeout, pool_timeout
 
-__all__ = ["RETURNED", "TAKEN", "GuardedPool"]
-
-#: In a record's info: :func:`~._liveness.clock` when it opened or last came back.
-RETURNED = "asyncpool_returned_at"
-#: In a record's info: :func:`~._liveness.clock` at the checkout, for the time it is held.
-TAKEN = "asyncpool_taken_at"
+__all__ = ["GuardedPool"]
 
 
 class GuardedPool(Pool):
@@ -88,7 +85,7 @@ class GuardedPool(Pool):
         guard, stats = self.guard, self.stats
 
         def guarded(record: Any) -> Any:
-            return guard.acquire(create, record, sleep=_greenlet_sleep, stats=stats)
+            return guard.acquire(create, record, sleep=greenlet_sleep, stats=stats)
 
         self._invoke_creator = guarded  # type: ignore[assignment]
 
@@ -270,7 +267,3 @@ class GuardedPool(Pool):
     def waiting(self) -> int:
         """Return how many callers wait for a connection of this engine."""
         return self._slots.waiting()
-
-
-def _greenlet_sleep(seconds: float) -> None:
-    await_(asyncio.sleep(seconds))

@@ -17,16 +17,12 @@ attributes ``_opened``, ``_lock``, ``_nconns``, ``_stats``, ``_waiting``,
 
 from __future__ import annotations
 
-import atexit
 import logging
-import os
 import select
 import sys
 import threading
-import time
 import traceback
 import types
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -39,34 +35,19 @@ from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
 
 from ..core import registry as _registry
 from ..core import stats as _stats
-from ..core.liveness import clock, due_for_ping, socket_readable
+from ..core.checkout import RETURNED
+from ..core.liveness import clear_hint, clock, due_for_ping, maybe_closed, readable, watch_hangups
 from ..errors import PoolError, SyncPoolClosed, SyncPoolTimeout, pool_timeout
 
 if TYPE_CHECKING:
     from ..config import AliasConfig
-    from ..core.guard import Guard
 
-__all__ = [
-    "PING",
-    "SyncPool",
-    "checkin",
-    "checkout",
-    "close_pools",
-    "error",
-    "transactions",
-    "wrappers",
-]
+__all__ = ["PING", "SyncPool", "error"]
 
 T = TypeVar("T")
 
 logger = logging.getLogger("django_asyncpool")
 
-#: clock() when a connection was opened or last came back (the liveness bypass window).
-RETURNED = "_asyncpool_returned_at"
-#: clock() when a connection was handed out, for the time it is held (None with
-#: metrics off, or once back). Missing on a connection never handed out before.
-_TAKEN = "_asyncpool_taken_at"
-_NEVER = object()
 #: A connection returned broken (one lookup, not two, per check-in).
 _UNKNOWN = pq.TransactionStatus.UNKNOWN
 #: ``checkout_check=PING``: ping at every checkout (Django's CONN_HEALTH_CHECKS).
@@ -92,101 +73,6 @@ def _where(limit: int = 40) -> list[_Frame]:
         stack.append((frame.f_code, frame.f_lineno))
         frame = frame.f_back
     return stack
-
-
-def readable(conn: psycopg.Connection[Any]) -> bool:
-    """Return True if an idle connection's socket has something to read (or is gone)."""
-    try:
-        return socket_readable(conn.pgconn.socket)
-    except psycopg.Error:  # closed: no socket
-        return True
-
-
-class _Hangups:
-    """The sockets whose server end has closed, learned from the kernel, not at checkout.
-
-    Each connection's socket is registered once, when it is opened, with an epoll
-    set for EPOLLRDHUP: the kernel reports the server's FIN or RST (a terminated
-    backend, a restart, ``idle_session_timeout``) and a daemon thread, blocked in
-    ``epoll_wait`` the rest of the time, records the socket. A checkout then looks
-    its socket up in a set instead of polling it: a system call on every checkout
-    costs about 1.5% of a primary-key request's throughput. The set is a hint: a
-    socket found there is checked for real (its number may have been reused).
-    Linux only; elsewhere every checkout polls its socket.
-    """
-
-    EVENTS = getattr(select, "EPOLLRDHUP", 0) | getattr(select, "EPOLLONESHOT", 0)
-
-    def __init__(self) -> None:
-        self.fds: set[int] = set()
-        self._epoll = select.epoll()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def watch(self, conn: psycopg.Connection[Any]) -> None:
-        fd = conn.pgconn.socket
-        self.fds.discard(fd)  # a number reused from a closed connection
-        try:
-            self._epoll.register(fd, self.EVENTS)
-        except FileExistsError:
-            self._epoll.modify(fd, self.EVENTS)
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._run, name="django_asyncpool hangups", daemon=True
-                    )
-                    self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                events = self._epoll.poll()
-            except OSError:  # the epoll set was closed
-                return
-            for fd, _ in events:
-                self.fds.add(fd)  # EPOLLONESHOT: reported once, then disarmed
-
-
-_hangups: _Hangups | None = _Hangups() if hasattr(select, "epoll") else None
-
-
-def maybe_closed(conn: psycopg.Connection[Any]) -> bool:
-    """Return True if the server may have closed an idle connection (check it for real)."""
-    if _hangups is None:
-        return readable(conn)
-    try:
-        return conn.pgconn.socket in _hangups.fds
-    except psycopg.Error:  # closed: no socket
-        return True
-
-
-def watch_hangups(conn: psycopg.Connection[Any]) -> None:
-    """Have the kernel report when the server closes ``conn``."""
-    global _hangups
-    if _hangups is None:
-        return
-    try:
-        _hangups.watch(conn)
-    except OSError as exc:  # out of epoll watches: every checkout polls its socket
-        logger.warning("Cannot watch connections for hangups (%s): polling at checkout.", exc)
-        _hangups = None
-
-
-def clear_hint(conn: psycopg.Connection[Any]) -> None:
-    """Forget a hang-up recorded for ``conn``'s socket number: it was a stale hint."""
-    if _hangups is not None:
-        _hangups.fds.discard(conn.pgconn.socket)
-
-
-def _new_hangups() -> None:
-    """In a forked child: a watcher of its own (the parent's thread did not survive)."""
-    global _hangups
-    if _hangups is not None:
-        _hangups = _Hangups()
-
-
-os.register_at_fork(after_in_child=_new_hangups)
 
 
 class _Reconnect(AttemptWithBackoff):
@@ -517,50 +403,6 @@ class _LeakSweep(MaintenanceTask):
             pool.sweep_leaks()
 
 
-# -- the counted checkout path (also the native async ORM's; the async pool's is _fairpool) --
-
-
-def checkout(
-    stats: _stats.Stats,
-    guard: Guard,
-    acquire: Callable[..., T],
-    *args: Any,
-    sleep: Callable[[float], object] = time.sleep,
-) -> T:
-    """Return ``guard.acquire(acquire, *args)``, counting the attempt, outcome, retries, latency.
-
-    ``sleep`` waits between tries (an awaiting one in a greenlet: the native async ORM).
-    """
-    stats.attempts += 1
-    started = clock()
-    try:
-        conn = guard.acquire(acquire, *args, sleep=sleep, stats=stats)
-    except BaseException as exc:
-        stats.failed(exc)
-        raise
-    stats.checkouts += 1
-    taken = getattr(conn, _TAKEN, _NEVER)
-    if taken is _NEVER:
-        stats.created += 1
-    else:
-        stats.reused += 1
-    if guard.config.metrics:
-        now = clock()
-        stats.latency.observe(now - started)
-        setattr(conn, _TAKEN, now)
-    elif taken is _NEVER:
-        setattr(conn, _TAKEN, None)
-    return conn
-
-
-def checkin(stats: _stats.Stats, conn: Any) -> None:
-    """Count the time ``conn`` was held, as it goes back (or is closed)."""
-    taken = getattr(conn, _TAKEN, None)
-    if taken is not None:
-        stats.held.observe(clock() - taken)
-        setattr(conn, _TAKEN, None)
-
-
 def error(exc: BaseException, pool: SyncPool | None, config: AliasConfig) -> PoolError:
     """Return django-asyncpool's error for psycopg_pool's PoolTimeout, PoolClosed or
     TooManyRequests (the latter two are the application's load: never counted by the
@@ -587,35 +429,28 @@ def error(exc: BaseException, pool: SyncPool | None, config: AliasConfig) -> Poo
     )
 
 
-# -- the sync side's process lifecycle ------------------------------------------------------
-
-#: Every DatabaseWrapper of this process (Django's are thread-local: not all reachable
-#: otherwise).
-wrappers: weakref.WeakSet[Any] = weakref.WeakSet()
-#: The wrappers with autocommit off (in a transaction): the native async ORM looks for a
-#: blocked async_to_sync caller's transaction only while this is not empty (_asyncorm).
-transactions: weakref.WeakSet[Any] = weakref.WeakSet()
-#: Connections inherited from a parent process: kept referenced, never closed, so that
-#: neither ``close()`` nor garbage collection touches their sockets.
-_inherited: list[Any] = []
+# -- the sync kind of pool, for the registry ----------------------------------------------
 
 
-def close_pools() -> None:
-    """Close this process's sync pools (at exit: the server sees clean disconnects)."""
-    for alias in list(_registry.sync_pools):
-        _registry.reset(alias)
+def _snapshots() -> list[dict[str, Any]]:
+    return [pool.snapshot() for pool in list(_registry.sync_pools.values())]
 
 
-def _forget_inherited() -> None:
-    """In a forked child: drop the parent's connections without closing them.
+def _close(alias: str) -> None:
+    """Close ``alias``'s pool (its settings changed)."""
+    pool = _registry.sync_pools.pop(alias, None)
+    if pool is not None:
+        try:
+            pool.close(timeout=1.0)
+        except Exception:
+            logger.debug("closing the pool of %r failed", alias, exc_info=True)
 
-    The registry forgets the parent's pools (it runs first: it was imported first).
-    """
-    for wrapper in list(wrappers):
-        if wrapper.connection is not None:
-            _inherited.append(wrapper.connection)
-            wrapper.connection = None
+
+def _forget() -> list[Any]:
+    """In a forked child: drop the parent's pools, close nothing; return them to keep."""
+    pools = list(_registry.sync_pools.values())
+    _registry.sync_pools.clear()
+    return pools
 
 
-os.register_at_fork(after_in_child=_forget_inherited)
-atexit.register(close_pools)
+_registry.register_kind("sync", snapshots=_snapshots, reset=_close, forget=_forget)

@@ -1,0 +1,45 @@
+"""What a pool needs of an event loop: a hook on its shutdown, and a sleep in a greenlet.
+
+Every async pool keeps one pool per event loop (asyncpg and psycopg async connections
+belong to the loop that opened them) and closes it while that loop shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+from sqlalchemy.util.concurrency import await_
+
+__all__ = ["greenlet_sleep", "run_at_loop_shutdown"]
+
+
+def run_at_loop_shutdown(cleanup: Callable[[], Coroutine[Any, Any, None]]) -> Any:
+    """Have the running loop await ``cleanup()`` when it shuts its async generators down.
+
+    ``asyncio.run()`` and asgiref call ``loop.shutdown_asyncgens()`` before closing a
+    loop; it closes every async generator the loop saw start, running its
+    ``finally``. So an async generator started here (run to its ``yield`` by
+    hand: that registers it with the running loop, through the loop's firstiter
+    hook) is a hook on the loop's shutdown that needs no change to the loop. Keep
+    the returned generator referenced for as long as the cleanup should run: a
+    generator collected earlier is closed (and cleans up) then.
+    """
+
+    async def guardian() -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await cleanup()
+
+    gen = guardian()
+    with contextlib.suppress(StopIteration):
+        gen.asend(None).send(None)  # type: ignore[attr-defined]
+    return gen
+
+
+def greenlet_sleep(seconds: float) -> None:
+    """Sleep ``seconds`` in a greenlet on the loop (the guard's retries of an async pool)."""
+    await_(asyncio.sleep(seconds))
