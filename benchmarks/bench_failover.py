@@ -169,7 +169,7 @@ async def main(seconds: float, rounds: int) -> None:
     base = await per_call(lambda: attempt("default"))
     print(f"  {'a checkout without failover (baseline)':44} {base:6.2f}")
     for alias in ("healthy", "down"):
-        took = await per_call(lambda a=alias: _failover._through_chain(a, attempt))
+        took = await per_call(lambda a=alias: _failover.through_chain(a, attempt))
         print(f"  {f'async checkout of {alias!r}':44} {took:6.2f}  (+{took - base:.2f})")
     for alias in aliases:
         took = await per_call(lambda a=alias: _failover.route(a))

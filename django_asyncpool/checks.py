@@ -17,10 +17,10 @@ from django.conf import settings
 from django.core import checks
 
 from . import config as _config
+from .config import ENGINE
 from .errors import redact
-from .failover import route as _failover
 
-__all__ = ["check_configuration", "problems", "to_message"]
+__all__ = ["check_configuration", "failover_problems", "problems", "to_message"]
 
 TAG = "django_asyncpool"
 #: Problems where no default replaces the value: an ignored key, a URL or CONN_MAX_AGE
@@ -45,7 +45,7 @@ def problems(
             continue
         conf = _config.from_settings(alias, settings_dict, environ)
         found.extend((problem, conf.password) for problem in conf.problems)
-    found.extend((p, "") for p in _failover.problems(databases, environ, wanted))
+    found.extend((p, "") for p in failover_problems(databases, environ, wanted))
     if aliases is None:
         found.extend((p, "") for p in _config.load_metrics(environ).problems)
     return found
@@ -71,3 +71,79 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[checks.C
     """Report invalid django-asyncpool settings: errors in production, warnings with DEBUG."""
     debug = bool(settings.DEBUG)
     return [to_message(problem, password, debug=debug) for problem, password in problems()]
+
+
+# -- failover_to across aliases -------------------------------------------------------------
+
+
+def failover_problems(
+    databases: Mapping[str, Mapping[str, Any]],
+    environ: Mapping[str, str],
+    aliases: Iterable[str] | None = None,
+) -> list[_config.Problem]:
+    """Return the problems of ``failover_to`` across aliases: unknown, foreign, a cycle."""
+    ours = {a: d for a, d in databases.items() if d.get("ENGINE") == ENGINE}
+    targets = {a: _config.from_settings(a, d, environ).failover_to for a, d in ours.items()}
+    wanted = set(ours) if aliases is None else set(aliases) & set(ours)
+    found = []
+    key = "OPTIONS['failover_to']"
+    for alias in sorted(wanted):
+        for target in targets[alias]:
+            if target not in databases:
+                found.append(
+                    _config.Problem(
+                        id="dbpool.E041",
+                        alias=alias,
+                        key=key,
+                        message=f"{key} names {target!r}, which is not in settings.DATABASES: "
+                        "reads never fail over to it.",
+                        hint=f"Use aliases of settings.DATABASES: {', '.join(sorted(ours))}.",
+                    )
+                )
+            elif target not in ours:
+                found.append(
+                    _config.Problem(
+                        id="dbpool.E042",
+                        alias=alias,
+                        key=key,
+                        message=f"{key} names {target!r}, whose ENGINE is "
+                        f"{databases[target].get('ENGINE')!r}: reads fail over only to aliases "
+                        f"of ENGINE {ENGINE!r} (their breaker says when they are healthy).",
+                        hint=f"Remove {target!r} from {key}, or give it ENGINE {ENGINE!r}.",
+                    )
+                )
+        loop = _cycle(alias, targets)
+        if loop:
+            found.append(
+                _config.Problem(
+                    id="dbpool.E043",
+                    alias=alias,
+                    key=key,
+                    message=f"{key} leads back to {alias!r}: {' -> '.join(loop)}. A read "
+                    "would be sent round the loop while the aliases are down.",
+                    hint="Let the chain end at the primary, which fails over to nothing.",
+                )
+            )
+    return found
+
+
+def _cycle(alias: str, targets: Mapping[str, tuple[str, ...]]) -> list[str]:
+    """Return a path from ``alias`` back to itself through ``failover_to``, or []."""
+    path = [alias]
+    seen: set[str] = set()
+
+    def walk(node: str) -> bool:
+        for nxt in targets.get(node, ()):
+            if nxt == alias:
+                path.append(nxt)
+                return True
+            if nxt in seen or nxt not in targets:
+                continue
+            seen.add(nxt)
+            path.append(nxt)
+            if walk(nxt):
+                return True
+            path.pop()
+        return False
+
+    return path if walk(alias) else []

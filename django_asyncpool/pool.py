@@ -29,7 +29,7 @@ from . import metrics
 from .core import registry as _registry
 from .core import stats as _stats
 from .core.stats import Stats
-from .failover import route as _failover
+from .failover import scopes as _failover
 from .sqla.engines import LoopState  # this module owns the loop states: it makes them
 from .sqla.readonly import ReadOnlyScope
 from .sqla.scopes import ConnectionLease, SessionScope, discard, retryable

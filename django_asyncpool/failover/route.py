@@ -30,26 +30,18 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pybreaker
 from django.db import connections
 
-from ..config import ENGINE, Problem, from_settings
+from ..config import ENGINE
 from ..core import process as _process
 from ..core import registry as _registry
-from ..errors import CircuitOpenError, DatabaseUnavailable, ReadOnlyError
-from ..sqla.readonly import ReadOnlyScope, ReadOnlySession, readonly_violation
-from ..sqla.scopes import ConnectionLease, SessionScope
+from ..errors import CircuitOpenError, DatabaseUnavailable
 
-if TYPE_CHECKING:
-    import asyncpg
-    from sqlalchemy.ext.asyncio import AsyncSession
-
-    from ..pool import ConnectionPool
-
-__all__ = ["chain", "counts", "forget", "healthy", "problems", "route"]
+__all__ = ["chain", "counts", "forget", "healthy", "route", "through_chain"]
 
 logger = logging.getLogger("django_asyncpool")
 T = TypeVar("T")
@@ -210,7 +202,7 @@ def route(alias: str) -> str:
     return target
 
 
-async def _through_chain(alias: str, attempt: Callable[[str], Awaitable[T]]) -> T:
+async def through_chain(alias: str, attempt: Callable[[str], Awaitable[T]]) -> T:
     """Return ``await attempt(a)`` for the first alias ``a`` of the chain that gives one."""
     errors: dict[str, BaseException] = {}
     why = "its circuit breaker is open"
@@ -255,179 +247,6 @@ def _all_down(error: BaseException, others: list[str]) -> BaseException:
         "database of OPTIONS['failover_to'] is down or failing fast.",
     )
     return copied
-
-
-# -- the async pool's scopes for an alias with failover_to -----------------------------------
-
-
-class FailoverScope:
-    """``session_scope()`` of an alias with ``failover_to``: checked out at entry.
-
-    The connection is taken on entering, not at the first statement, so that an
-    alias that cannot give one is passed over before the caller's code runs. On
-    another alias the scope is read-only: a transaction scope keeps its transaction,
-    begun READ ONLY.
-    """
-
-    __slots__ = ("_pool", "_readonly", "_scope", "_target")
-
-    def __init__(self, pool: ConnectionPool, readonly: bool) -> None:
-        self._pool = pool
-        self._readonly = readonly
-        self._target = pool.alias
-
-    async def __aenter__(self) -> AsyncSession:
-        async def enter(target: str) -> AsyncSession:
-            pool = type(self._pool)(target)
-            scope = ReadOnlyScope(pool) if self._readonly else SessionScope(pool)
-            session = await scope.__aenter__()
-            try:
-                if isinstance(session, ReadOnlySession):
-                    await session.checkout()
-                else:
-                    await session.connection(execution_options=_elsewhere(target, self._pool))
-            except BaseException as exc:
-                await scope.__aexit__(type(exc), exc, exc.__traceback__)
-                raise
-            self._scope, self._target = scope, target
-            return session
-
-        return await _through_chain(self._pool.alias, enter)
-
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        alias, target = self._pool.alias, self._target
-        try:
-            await self._scope.__aexit__(exc_type, exc, tb)
-        except ReadOnlyError as err:
-            if target == alias:
-                raise
-            raise _write_refused(alias, target) from err
-        if target != alias and exc is not None and readonly_violation(exc):
-            raise _write_refused(alias, target) from exc
-
-
-def _elsewhere(target: str, pool: ConnectionPool) -> dict[str, Any] | None:
-    """Return the execution options of a session of ``pool`` that landed on ``target``."""
-    return None if target == pool.alias else {"postgresql_readonly": True}  # BEGIN READ ONLY
-
-
-def _write_refused(alias: str, target: str) -> ReadOnlyError:
-    return ReadOnlyError(
-        f"session_scope(using={alias!r}) tried to write, but it had failed over to "
-        f"{target!r}, where it is read-only: writes never fail over. Send writes to "
-        "the primary's alias.",
-        alias=alias,
-    )
-
-
-class FailoverLease:
-    """``connection()`` of an alias with ``failover_to``: read-only on another alias."""
-
-    __slots__ = ("_lease", "_pool")
-
-    def __init__(self, pool: ConnectionPool) -> None:
-        self._pool = pool
-
-    async def __aenter__(self) -> asyncpg.Connection:
-        async def enter(target: str) -> asyncpg.Connection:
-            pool = type(self._pool)(target)
-            # Another alias's read-only engine: its server refuses writes.
-            engine = None if target == self._pool.alias else pool.for_loop().readonly
-            lease = ConnectionLease(pool, engine)
-            conn = await lease.__aenter__()
-            self._lease = lease
-            return conn
-
-        return await _through_chain(self._pool.alias, enter)
-
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        await self._lease.__aexit__(exc_type, exc, tb)
-
-
-async def get_connection(pool: ConnectionPool) -> AsyncSession:
-    """Return ``pool.get_connection()``'s session, on the next alias while ``pool``'s is down."""
-
-    async def enter(target: str) -> AsyncSession:
-        other = type(pool)(target)
-        return await other.open_session(other.for_loop().engine, _elsewhere(target, pool))
-
-    return await _through_chain(pool.alias, enter)
-
-
-# -- system checks ------------------------------------------------------------------------
-
-
-def problems(
-    databases: Mapping[str, Mapping[str, Any]],
-    environ: Mapping[str, str],
-    aliases: Iterable[str] | None = None,
-) -> list[Problem]:
-    """Return the problems of ``failover_to`` across aliases: unknown, foreign, a cycle."""
-    ours = {a: d for a, d in databases.items() if d.get("ENGINE") == ENGINE}
-    targets = {a: from_settings(a, d, environ).failover_to for a, d in ours.items()}
-    wanted = set(ours) if aliases is None else set(aliases) & set(ours)
-    found = []
-    key = "OPTIONS['failover_to']"
-    for alias in sorted(wanted):
-        for target in targets[alias]:
-            if target not in databases:
-                found.append(
-                    Problem(
-                        id="dbpool.E041",
-                        alias=alias,
-                        key=key,
-                        message=f"{key} names {target!r}, which is not in settings.DATABASES: "
-                        "reads never fail over to it.",
-                        hint=f"Use aliases of settings.DATABASES: {', '.join(sorted(ours))}.",
-                    )
-                )
-            elif target not in ours:
-                found.append(
-                    Problem(
-                        id="dbpool.E042",
-                        alias=alias,
-                        key=key,
-                        message=f"{key} names {target!r}, whose ENGINE is "
-                        f"{databases[target].get('ENGINE')!r}: reads fail over only to aliases "
-                        f"of ENGINE {ENGINE!r} (their breaker says when they are healthy).",
-                        hint=f"Remove {target!r} from {key}, or give it ENGINE {ENGINE!r}.",
-                    )
-                )
-        loop = _cycle(alias, targets)
-        if loop:
-            found.append(
-                Problem(
-                    id="dbpool.E043",
-                    alias=alias,
-                    key=key,
-                    message=f"{key} leads back to {alias!r}: {' -> '.join(loop)}. A read "
-                    "would be sent round the loop while the aliases are down.",
-                    hint="Let the chain end at the primary, which fails over to nothing.",
-                )
-            )
-    return found
-
-
-def _cycle(alias: str, targets: Mapping[str, tuple[str, ...]]) -> list[str]:
-    """Return a path from ``alias`` back to itself through ``failover_to``, or []."""
-    path = [alias]
-    seen: set[str] = set()
-
-    def walk(node: str) -> bool:
-        for nxt in targets.get(node, ()):
-            if nxt == alias:
-                path.append(nxt)
-                return True
-            if nxt in seen or nxt not in targets:
-                continue
-            seen.add(nxt)
-            path.append(nxt)
-            if walk(nxt):
-                return True
-            path.pop()
-        return False
-
-    return path if walk(alias) else []
 
 
 def forget(alias: str) -> None:

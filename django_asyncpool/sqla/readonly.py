@@ -22,10 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.util import EMPTY_DICT
 
 from ..errors import ReadOnlyError
-from .scopes import DIALECT, ConnectionLease, SessionScope, discard
+from .scopes import DIALECT, ConnectionLease, Pool, SessionScope, discard
 
 if TYPE_CHECKING:
-    from ..pool import ConnectionPool
     from .engines import LoopState  # annotations only: what pool.for_loop() returns
 
 __all__ = ["ReadOnlyScope", "ReadOnlySession", "readonly_violation"]
@@ -49,7 +48,7 @@ class ReadOnlySession(AsyncSession):
     statements (ORM queries, typed or expanding parameters, ``echo``).
     """
 
-    def __init__(self, engine: AsyncEngine, pool: ConnectionPool, *, fast: bool = True) -> None:
+    def __init__(self, engine: AsyncEngine, pool: Pool, *, fast: bool = True) -> None:
         super().__init__(engine, expire_on_commit=False, autoflush=False)
         self._readonly_engine = engine
         self._asyncpool = pool

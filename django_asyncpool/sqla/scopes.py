@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncpg
 import sqlalchemy.exc
@@ -23,10 +23,18 @@ from ..errors import ConnectionLost
 from .engines import is_lost, lost_error
 
 if TYPE_CHECKING:
-    from ..pool import ConnectionPool
+    from ..core.stats import Stats
     from .engines import LoopState  # annotations only: what pool.for_loop() returns
 
-__all__ = ["DIALECT", "ConnectionLease", "SessionScope", "discard", "leak_timer", "retryable"]
+__all__ = [
+    "DIALECT",
+    "ConnectionLease",
+    "Pool",
+    "SessionScope",
+    "discard",
+    "leak_timer",
+    "retryable",
+]
 
 logger = logging.getLogger("django_asyncpool")
 
@@ -35,6 +43,24 @@ DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
 
 #: SQLSTATEs worth re-running a whole transaction for (opt-in).
 _RETRY_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
+
+
+class Pool(Protocol):
+    """What a scope needs of its pool (:class:`~django_asyncpool.pool.ConnectionPool`).
+
+    Named here, not imported: the pool is the public face above this package.
+    """
+
+    alias: str
+    stats: Stats
+
+    def __init__(self, alias: str = "default") -> None: ...
+
+    def for_loop(self) -> LoopState: ...
+
+    async def open_session(
+        self, engine: AsyncEngine, options: dict[str, Any] | None = None
+    ) -> AsyncSession: ...
 
 
 def retryable(exc: BaseException) -> bool:
@@ -57,7 +83,7 @@ async def discard(session: AsyncSession) -> None:
         await session.close()
 
 
-def leak_timer(pool: ConnectionPool, threshold: float, what: str) -> asyncio.TimerHandle:
+def leak_timer(pool: Pool, threshold: float, what: str) -> asyncio.TimerHandle:
     stack = "".join(traceback.format_stack(limit=12)[:-2])
 
     def warn() -> None:
@@ -78,7 +104,7 @@ class SessionScope:
 
     __slots__ = ("_pool", "_session", "_timer")
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: Pool) -> None:
         self._pool = pool
         self._timer: asyncio.TimerHandle | None = None
 
@@ -123,7 +149,7 @@ class ConnectionLease:
     __slots__ = ("_engine", "_fairy", "_pool", "_timer", "_track")
 
     def __init__(
-        self, pool: ConnectionPool, engine: AsyncEngine | None = None, *, track: bool = True
+        self, pool: Pool, engine: AsyncEngine | None = None, *, track: bool = True
     ) -> None:
         self._pool = pool
         self._engine = engine
