@@ -1,4 +1,5 @@
-"""The package's shape: no import cycle, no private name across modules, docstrings.
+"""The package's shape: no import cycle, pools that import only the core and the config,
+no private name across modules, one fork/exit hook, docstrings.
 
 Read from the source with ``ast``: a lazy import (inside a function) counts as an
 import, one under ``if TYPE_CHECKING:`` does not (it never runs).
@@ -38,6 +39,7 @@ class Import(NamedTuple):
     module: str  # the module imported from (or imported)
     name: str  # the name imported from it, "" for a module
     line: int
+    bound: str  # the name it is bound to in the importing module
 
 
 def _imports(module: Module) -> list[Import]:
@@ -54,10 +56,11 @@ def _imports(module: Module) -> list[Import]:
         target = ".".join(base + ([node.module] if node.module else []))
         for alias in node.names:
             full = f"{target}.{alias.name}"
+            bound = alias.asname or alias.name
             found.append(
-                Import(full, "", node.lineno)
+                Import(full, "", node.lineno, bound)
                 if full in MODULES
-                else Import(target, alias.name, node.lineno)
+                else Import(target, alias.name, node.lineno, bound)
             )
     return found
 
@@ -91,7 +94,8 @@ def test_no_private_name_is_used_across_modules() -> None:
             if i.name.startswith("_") and not i.name.startswith("__")
         ]
         # module._private, on a module of the package bound by ``from . import module``
-        siblings = {i.module.rsplit(".", 1)[-1] for i in imported if not i.name}
+        # (or ``from .core import registry as _registry``)
+        siblings = {i.bound for i in imported if not i.name}
         crossings += [
             f"{name}:{node.lineno}: {node.value.id}.{node.attr}"
             for node in ast.walk(module.tree)
@@ -107,3 +111,57 @@ def test_no_private_name_is_used_across_modules() -> None:
 def test_every_module_says_what_it_holds() -> None:
     silent = [name for name, module in MODULES.items() if not ast.get_docstring(module.tree)]
     assert set(silent) <= {"django_asyncpool.management", "django_asyncpool.management.commands"}
+
+
+#: The packages of one kind of pool each.
+POOLS = ("sync", "sqla", "orm")
+#: What a pool package may import besides itself.
+BELOW_THE_POOLS = ("core", "config", "errors")
+#: Imports across the rule, each with its reason: the native ORM's connections carry the
+#: ENGINE's own DatabaseWrapper, and its Holder installs the metrics collector.
+EXCEPTIONS = {
+    ("django_asyncpool.orm.pool", "django_asyncpool.base"),
+    ("django_asyncpool.orm.pool", "django_asyncpool.metrics"),
+}
+
+
+def _top(module: str) -> str:
+    """Return the first part of ``module`` under the package ("core", "pool", ...)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_a_pool_package_imports_only_the_core_and_the_config() -> None:
+    crossings = []
+    for name, module in MODULES.items():
+        own = _top(name)
+        if own not in POOLS:
+            continue
+        for i in _imports(module):
+            target = i.module if i.module in MODULES else i.module.rsplit(".", 1)[0]
+            if _top(target) in (own, *BELOW_THE_POOLS) or (name, target) in EXCEPTIONS:
+                continue
+            crossings.append(f"{name}:{i.line} imports {i.module} {i.name}".rstrip())
+    assert crossings == []
+
+
+def test_the_core_imports_no_pool_and_nothing_above_it() -> None:
+    above = [
+        f"{name}:{i.line} imports {i.module}"
+        for name, module in MODULES.items()
+        if _top(name) == "core"
+        for i in _imports(module)
+        if _top(i.module) not in ("core", "config", "errors")
+    ]
+    assert above == []
+
+
+def test_only_core_process_hooks_fork_and_exit() -> None:
+    hooks = sorted(
+        f"{name}:{node.lineno}"
+        for name, module in MODULES.items()
+        for node in ast.walk(module.tree)
+        if isinstance(node, ast.Call)
+        and ast.unparse(node.func) in ("os.register_at_fork", "atexit.register")
+    )
+    assert [h.split(":")[0] for h in hooks] == ["django_asyncpool.core.process"] * 2, hooks
