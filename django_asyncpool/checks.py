@@ -17,17 +17,14 @@ from django.conf import settings
 from django.core import checks
 
 from . import config as _config
-from .config import ENGINE
+from .config import ENGINE, rules
 from .errors import redact
 
 __all__ = ["check_configuration", "failover_problems", "problems", "to_message"]
 
 TAG = "django_asyncpool"
-#: Problems where no default replaces the value: an ignored key, a URL or CONN_MAX_AGE
-#: used as given, a PgBouncer conflict refused at connect time.
-NO_DEFAULT = frozenset({"dbpool.E004", "dbpool.E006", "dbpool.E007", "dbpool.E020"})
-#: failover_to problems between aliases: the alias is skipped, a loop ends at its start.
-NO_DEFAULT |= {"dbpool.E041", "dbpool.E042", "dbpool.E043"}
+#: Problems where no default replaces the value (:data:`~.config.rules.PROBLEMS` says which).
+NO_DEFAULT = rules.NO_DEFAULT
 
 
 def problems(
@@ -92,7 +89,7 @@ def failover_problems(
             if target not in databases:
                 found.append(
                     _config.Problem(
-                        id="dbpool.E041",
+                        id=rules.FAILOVER_UNKNOWN,
                         alias=alias,
                         key=key,
                         message=f"{key} names {target!r}, which is not in settings.DATABASES: "
@@ -103,7 +100,7 @@ def failover_problems(
             elif target not in ours:
                 found.append(
                     _config.Problem(
-                        id="dbpool.E042",
+                        id=rules.FAILOVER_FOREIGN,
                         alias=alias,
                         key=key,
                         message=f"{key} names {target!r}, whose ENGINE is "
@@ -116,7 +113,7 @@ def failover_problems(
         if loop:
             found.append(
                 _config.Problem(
-                    id="dbpool.E043",
+                    id=rules.FAILOVER_LOOP,
                     alias=alias,
                     key=key,
                     message=f"{key} leads back to {alias!r}: {' -> '.join(loop)}. A read "

@@ -359,3 +359,15 @@ def test_psycopg_pool_keys_are_checked_and_never_passed_on_invalid(
     (key,) = given
     assert config.sync_pool is not None and config.sync_pool[key] == passed
     assert [p.id for p in config.problems] == ([problem] if problem else [])
+
+
+def test_every_problem_id_is_in_the_one_table() -> None:
+    from django_asyncpool.config import rules
+
+    ids = [v for k, v in vars(rules).items() if k.isupper() and isinstance(v, str)]
+    ids = [i for i in ids if i.startswith("dbpool.")]
+    assert sorted(ids) == sorted(rules.PROBLEMS)
+    assert rules.NO_DEFAULT == {
+        "dbpool.E004", "dbpool.E006", "dbpool.E007", "dbpool.E020",
+        "dbpool.E041", "dbpool.E042", "dbpool.E043",
+    }  # fmt: skip

@@ -1,28 +1,46 @@
-"""Configuration: ``DATABASES[alias]`` plus the environment, read into frozen objects."""
+"""Configuration: ``DATABASES[alias]`` plus the environment, read into frozen objects.
 
-from .reader import (
+The package's parts: :mod:`.model` (the frozen objects), :mod:`.reader` (reading and
+validating a ``DATABASES`` entry, :func:`from_settings`, :func:`load`), :mod:`.url`
+(``DATABASE_URL``), :mod:`.keys` (which OPTIONS keys are whose), :mod:`.rules` (every
+problem id in one table, what is refused). Everything public is re-exported here.
+"""
+
+from .keys import (
     DJANGO_OPTIONS as DJANGO_OPTIONS,
 )
-from .reader import (
-    ENGINE as ENGINE,
-)
-from .reader import (
+from .keys import (
     ENV_ASYNC as ENV_ASYNC,
 )
-from .reader import (
+from .keys import (
     FLAGS as FLAGS,
 )
-from .reader import (
+from .keys import (
     OUR_KEYS as OUR_KEYS,
 )
-from .reader import (
-    PGBOUNCER_CONFLICTS as PGBOUNCER_CONFLICTS,
-)
-from .reader import (
+from .keys import (
     SECTIONS as SECTIONS,
 )
-from .reader import (
-    SSL_MODES as SSL_MODES,
+from .keys import (
+    psycopg_keys,
+    psycopg_params,
+)
+from .model import (
+    ENGINE as ENGINE,
+)
+from .model import (
+    SYNC_POOL_DEFAULTS as SYNC_POOL_DEFAULTS,
+)
+from .model import (
+    WARMUP_DEFAULT as WARMUP_DEFAULT,
+)
+from .model import (
+    AliasConfig,
+    AsyncPoolConfig,
+    BreakerConfig,
+    MetricsConfig,
+    Problem,
+    RetryConfig,
 )
 from .reader import (
     STORAGE_PREFIX as STORAGE_PREFIX,
@@ -31,58 +49,52 @@ from .reader import (
     STORAGE_SCHEMES as STORAGE_SCHEMES,
 )
 from .reader import (
-    SYNC_POOL_DEFAULTS as SYNC_POOL_DEFAULTS,
-)
-from .reader import (
-    URL_FORM as URL_FORM,
-)
-from .reader import (
-    URL_SCHEMES as URL_SCHEMES,
-)
-from .reader import (
-    WARMUP_DEFAULT as WARMUP_DEFAULT,
-)
-from .reader import (
-    AliasConfig,
-    AsyncPoolConfig,
-    BreakerConfig,
-    InvalidURL,
-    MetricsConfig,
-    Problem,
-    RetryConfig,
-    from_settings,
-    load,
-    load_metrics,
-    parse_url,
-    psycopg_keys,
-    psycopg_params,
-)
-from .reader import (
     Reader as Reader,
-)
-from .reader import (
-    connection_fields as connection_fields,
 )
 from .reader import (
     failover_aliases as failover_aliases,
 )
 from .reader import (
+    from_settings,
+    load,
+    load_metrics,
+)
+from .reader import (
     metrics_from as metrics_from,
 )
 from .reader import (
-    pgbouncer_on as pgbouncer_on,
-)
-from .reader import (
     pgbouncer_problems as pgbouncer_problems,
-)
-from .reader import (
-    refuse_unusable as refuse_unusable,
 )
 from .reader import (
     storage_checked as storage_checked,
 )
 from .reader import (
     sync_pool_options as sync_pool_options,
+)
+from .rules import (
+    PGBOUNCER_CONFLICTS as PGBOUNCER_CONFLICTS,
+)
+from .rules import (
+    pgbouncer_on as pgbouncer_on,
+)
+from .rules import (
+    refuse_unusable as refuse_unusable,
+)
+from .url import (
+    SSL_MODES as SSL_MODES,
+)
+from .url import (
+    URL_FORM as URL_FORM,
+)
+from .url import (
+    URL_SCHEMES as URL_SCHEMES,
+)
+from .url import (
+    InvalidURL,
+    parse_url,
+)
+from .url import (
+    connection_fields as connection_fields,
 )
 
 __all__ = [
