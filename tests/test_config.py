@@ -367,7 +367,7 @@ def test_every_problem_id_is_in_the_one_table() -> None:
     ids = [v for k, v in vars(rules).items() if k.isupper() and isinstance(v, str)]
     ids = [i for i in ids if i.startswith("dbpool.")]
     assert sorted(ids) == sorted(rules.PROBLEMS)
-    assert rules.NO_DEFAULT == {
+    assert {
         "dbpool.E004", "dbpool.E006", "dbpool.E007", "dbpool.E020",
         "dbpool.E041", "dbpool.E042", "dbpool.E043",
-    }  # fmt: skip
+    } == rules.NO_DEFAULT  # fmt: skip
