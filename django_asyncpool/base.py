@@ -81,7 +81,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     def get_connection_params(self) -> dict[str, Any]:
         if not self._options_reported:
-            # Parsing the whole configuration costs ~30 us: not on every checkout.
+            # Parsing the whole configuration is not for every checkout.
             config = _registry.config_for_wrapper(self)  # reports unknown or invalid keys
             # Before any connection is made, and before Django's complaint about a
             # missing NAME, which an unusable DATABASE_URL would leave.
@@ -107,10 +107,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 return super().get_new_connection(conn_params)
             # HOT PATH, Django 5.2's get_new_connection() for a pool and the server's
             # isolation level, without its second event-loop check and its pool.open()
-            # (a lock; SyncPool.getconn opens the pool). With the skip in _set_autocommit:
-            # client CPU +13.5 us/op over Django's pooled backend, 0.958x its throughput;
-            # both through super(): +23.6 us/op, 0.925x (bench_sync.py --only orm, get +
-            # close(), medians of 3 runs, load average 2-4).
+            # (a lock; SyncPool.getconn opens the pool). With the skip in _set_autocommit
+            # it keeps the ENGINE close to Django's pooled backend (benchmarks/bench_sync.py
+            # --only orm; docs/performance.md has the figures).
             self.isolation_level = IsolationLevel.READ_COMMITTED
             return pool.getconn()
         except (

@@ -65,8 +65,9 @@ def poller(fd: int) -> Callable[[int], object]:
 
     :func:`socket_readable` made once per connection, for a check on every checkout:
     a ``select.poll`` with the socket registered (a closed one reports POLLNVAL), so
-    a check is one system call with no lists built: 0.24 us against select()'s 0.48 us,
-    and it needs the socket's number once, not each time (asyncpg's transport: 1.5 us).
+    a check is one system call with no lists built, about half of select()'s, and it
+    needs the socket's number once, not each time from asyncpg's transport (the
+    figures: docs/performance.md, "Measured choices in the code").
     """
     if not hasattr(select, "poll"):  # Windows
         return lambda timeout: socket_readable(fd)
@@ -97,7 +98,7 @@ class _Hangups:
     backend, a restart, ``idle_session_timeout``) and a daemon thread, blocked in
     ``epoll_wait`` the rest of the time, records the socket. A checkout then looks
     its socket up in a set instead of polling it: a system call on every checkout
-    costs about 1.5% of a primary-key request's throughput. The set is a hint: a
+    shows in a primary-key request's throughput (benchmarks/bench_sync.py). The set is a hint: a
     socket found there is checked for real (its number may have been reused).
     Linux only; elsewhere every checkout polls its socket.
     """

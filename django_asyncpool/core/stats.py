@@ -5,7 +5,8 @@ the process: pools are rebuilt (settings changes, ``close()``, a fork) but their
 counters carry on, so that what :mod:`django_asyncpool.metrics` renders from them
 only ever grows. Updates on the hot path are attribute increments and one
 ``bisect``: no lock, no label lookup (under the GIL an increment between two
-calls is not interrupted; see DESIGN.md for what each Prometheus call would cost).
+calls is not interrupted). What metrics cost on the hot path is measured by
+``benchmarks/bench_metrics.py`` (docs/metrics.md, "What it costs").
 """
 
 from __future__ import annotations

@@ -186,8 +186,8 @@ class _Listeners:
         info = record.info
         # Closed, or bytes (or EOF) waiting on an idle connection: the server's goodbye,
         # which the event loop may not have processed yet. A poll made at connect, not a
-        # select() on the socket asked of asyncpg's transport each time: a checkout +
-        # check-in 8.4 -> 7.5 us CPU (bench_checkout.py, load average ~5).
+        # select() on the socket asked of asyncpg's transport each time: cheaper per
+        # checkout (benchmarks/bench_checkout.py; docs/performance.md has the figures).
         poll = info.get(_POLL)
         if raw.is_closed() or (poll is not None and poll(0)):
             stats.invalidated += 1

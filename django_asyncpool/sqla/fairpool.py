@@ -188,9 +188,8 @@ class GuardedPool(Pool):
     def _return_conn(self, record: Any) -> None:
         # Every check-in (SQLAlchemy calls it right after the "checkin" event; never for a
         # detached connection): stamped for the liveness bypass, and the time it was held.
-        # Here rather than in a "checkin" listener (SQLAlchemy's dispatch): with the poll
-        # of _asyncpool's checkout, a checkout + check-in 8.3 -> 7.3 us CPU, bare
-        # SQLAlchemy's 4.7 (bench_checkout.py, medians of 9 rounds, load average 4.6).
+        # Here rather than in a "checkin" listener: SQLAlchemy's event dispatch costs more
+        # (benchmarks/bench_checkout.py; docs/performance.md has the figures).
         info = record.info
         now = info[RETURNED] = clock()
         taken = info.pop(TAKEN, None)
