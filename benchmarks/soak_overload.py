@@ -2,7 +2,7 @@
 
     python benchmarks/soak_overload.py [--seconds 20] [--tasks 32] [--side async|sync|both]
 
-The long version of tests/test_fairpool.py's overload tests. The async side:
+The long version of tests/sqla/test_fairpool.py's overload tests. The async side:
 ``OPTIONS["async_pool"] = {"pool_size": 8, "max_overflow": 4, "timeout": 5}``,
 breaker ``fail_max`` 3 / ``reset_timeout`` 2, ``--tasks`` tasks on one event loop
 looping a primary-key lookup through ``session_scope()``. The sync side: as many
@@ -35,7 +35,7 @@ from django.db import connections  # noqa: E402
 
 from django_asyncpool.core import registry as _registry  # noqa: E402
 from tests.loadmatrix import DjangoOrm, OurScope, describe, ensure_table, run  # noqa: E402
-from tests.test_fairpool import OVERLOAD  # noqa: E402
+from tests.sqla.test_fairpool import OVERLOAD  # noqa: E402
 
 
 def add_alias(name: str) -> str:

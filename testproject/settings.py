@@ -74,7 +74,7 @@ INSTALLED_APPS = [
 ]
 # Django 6 wants django.contrib.postgres installed for ArrayField and the range fields
 # (postgres.E005). The zoo needs none of what the app adds (hstore/citext type handlers,
-# unaccent/trigram lookups; tests/test_async_orm_conformance.py runs every query on both
+# unaccent/trigram lookups; tests/orm/test_conformance.py runs every query on both
 # versions without it), and the app's connection_created handler looks every connection
 # up in `connections`, which the tests' own wrappers (conftest.make_wrapper) are not in.
 SILENCED_SYSTEM_CHECKS = ["postgres.E005"]

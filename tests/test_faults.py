@@ -6,7 +6,7 @@ scenario both pools go through is one test parametrised by ``side``.
 
 The load scenarios print their figures (run with ``-s`` to see them). The long
 soaks are ``benchmarks/soak_*.py``; docs/reliability.md has what each one shows.
-The breaker and retries alone, without a server, are in ``test_guard.py``.
+The breaker and retries alone, without a server, are in ``core/test_guard.py``.
 """
 
 from __future__ import annotations

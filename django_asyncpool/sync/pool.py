@@ -7,7 +7,7 @@ Owns, for the ENGINE: building an alias's pool from its wrapper and config
 connections; at exit the pools are closed).
 
 psycopg_pool internals :class:`SyncPool` relies on (``pyproject.toml`` pins
-``psycopg-pool<3.4``; ``tests/test_syncpool.py`` fails when one disappears):
+``psycopg-pool<3.4``; ``tests/sync/test_pool.py`` fails when one disappears):
 attributes ``_opened``, ``_lock``, ``_nconns``, ``_stats``, ``_waiting``,
 ``_min_size``; methods ``_maybe_grow_pool``, ``_add_connection``, ``_connect``,
 ``_start_initial_tasks``, ``run_task``, ``schedule_task``; classes

@@ -1,6 +1,6 @@
 """A model with every concrete field type of Django's postgresql backend, and a FK chain.
 
-Used by tests/test_async_orm_conformance.py: the same queries through the sync ORM and
+Used by tests/orm/test_conformance.py: the same queries through the sync ORM and
 through the native async path must give the same objects and values.
 """
 

@@ -23,9 +23,9 @@ from django_asyncpool.checks import problems
 from django_asyncpool.core import breaker_redis as _shared
 from django_asyncpool.core import registry as _registry
 
-from .breaker_worker import Worker
-from .conftest import closed_port, query, wait_until
-from .proxy import TcpProxy
+from ..breaker_worker import Worker
+from ..conftest import closed_port, query, wait_until
+from ..proxy import TcpProxy
 
 REFRESH = 0.05  # storage_refresh in these tests: the bound on how stale a process's view is
 

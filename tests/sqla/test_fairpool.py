@@ -32,8 +32,8 @@ from django_asyncpool.base import DatabaseWrapper
 from django_asyncpool.core import registry as _registry
 from testproject import pgserver
 
-from .conftest import backends, query, wait_until
-from .loadmatrix import DjangoOrm, Figures, OurScope, describe, ensure_table, run
+from ..conftest import backends, query, wait_until
+from ..loadmatrix import DjangoOrm, Figures, OurScope, describe, ensure_table, run
 
 ROWS = 1000
 LOOKUP = text("select v from fairness_items where id = :i")

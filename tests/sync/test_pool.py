@@ -20,7 +20,7 @@ from django_asyncpool.errors import SyncPoolTimeout
 from django_asyncpool.sync import pool as _syncpool
 from django_asyncpool.sync.pool import PING, SyncPool
 
-from .conftest import query, wait_until
+from ..conftest import query, wait_until
 
 
 def test_the_psycopg_pool_internals_it_relies_on_still_exist() -> None:

@@ -44,7 +44,7 @@ from django_asyncpool.routers import FailoverMixin
 from testproject.pgserver import LocalPostgres
 from testproject.shop.models import Product
 
-from .conftest import closed_port, wait_until
+from ..conftest import closed_port, wait_until
 
 # The ORM tests read and write through aliases made during the test, which Django's
 # test case refuses; db_access, set up after the test case, lets every alias connect.

@@ -11,7 +11,7 @@ from django_asyncpool import ConnectionPool, metrics  # noqa: F401  (registers i
 from django_asyncpool.core import process, registry
 from django_asyncpool.failover import route  # noqa: F401  (registers its part)
 
-from .conftest import in_forked_child, query
+from ..conftest import in_forked_child, query
 
 
 def test_every_part_of_the_stated_orders_is_registered() -> None:

@@ -41,7 +41,7 @@ from django_asyncpool.orm import native as _asyncorm
 from django_asyncpool.orm import pool as _ormpool
 from testproject.shop.models import Order, OrderLine, Product
 
-from .conftest import backends, terminate_backends, wait_until
+from ..conftest import backends, terminate_backends, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 

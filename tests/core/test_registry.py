@@ -16,7 +16,7 @@ from django_asyncpool import ConnectionPool
 from django_asyncpool.core import registry as _registry
 from django_asyncpool.orm import pool as _ormpool
 
-from .conftest import in_forked_child, query
+from ..conftest import in_forked_child, query
 
 
 def test_aliases_are_the_ones_of_this_engine(

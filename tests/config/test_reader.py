@@ -27,7 +27,7 @@ from django_asyncpool.config import (
 from django_asyncpool.sqla.engines import connect_kwargs
 from testproject import pgserver
 
-from .conftest import closed_port
+from ..conftest import closed_port
 
 BASE = {"NAME": "app", "USER": "app", "PASSWORD": "pw", "HOST": "db", "PORT": 5432}
 ENV = {
