@@ -4,7 +4,7 @@ Nothing here opens a connection unless an alias asks for it with
 ``OPTIONS["warmup"]``. Connections go back to their pool at the end of each
 request through Django's own ``request_finished`` handler (``close_old_connections``
 returns a pooled connection instead of closing it); async sessions go back when
-their scope ends. Sync pools are closed at process exit (``_syncpool.close_pools``),
+their scope ends. Sync pools are closed at process exit (``core.registry.close_pools``),
 each event loop's async engines when that loop shuts down, and both on ASGI
 lifespan shutdown with :func:`django_asyncpool.asgi.get_asgi_application`.
 """

@@ -3,7 +3,7 @@
 Only what differs from ``django.db.backends.postgresql`` is overridden:
 
 * ``__init__`` fills a copy of the settings from DATABASE_URL (not the user's dict);
-* ``pool`` is the alias's :class:`~django_asyncpool._syncpool.SyncPool`, one per
+* ``pool`` is the alias's :class:`~django_asyncpool.sync.pool.SyncPool`, one per
   process, built by ``SyncPool.for_wrapper`` (pooling is on by default);
 * ``get_new_connection`` goes through the alias's breaker and retry policy, counted;
 * ``get_connection_params`` drops django-asyncpool's OPTIONS keys;

@@ -1,6 +1,6 @@
 """The pools' Prometheus metrics: every metric object, created once, and how they are fed.
 
-The pools count into plain data (:mod:`django_asyncpool._stats`, one ``Stats`` per
+The pools count into plain data (:mod:`django_asyncpool.core.stats`, one ``Stats`` per
 alias and side); Prometheus only renders it, so the hot path never touches a
 metric object. What brings the metric objects up to date is :func:`flush`:
 
@@ -16,7 +16,7 @@ metric object. What brings the metric objects up to date is :func:`flush`:
   in that state).
 
 Labels are the alias and the pool (``"sync"``, ``"async"``, or ``"async_orm"`` for the
-native async ORM of :mod:`django_asyncpool._asyncorm`): never a host, a
+native async ORM of :mod:`django_asyncpool.orm.native`): never a host, a
 user, a DSN or a password. docs/metrics.md has the table of what each one means.
 """
 

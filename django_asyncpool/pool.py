@@ -7,9 +7,9 @@ loop that opened them): uvicorn's long loop keeps one; Django's dev server,
 engine of such a loop is disposed while the loop shuts down.
 
 Every checkout, whether from a session, ``connection()`` or the ORM, goes through
-:class:`~django_asyncpool._fairpool.GuardedPool`, which puts the alias's breaker and
+:class:`~django_asyncpool.sqla.fairpool.GuardedPool`, which puts the alias's breaker and
 retries around SQLAlchemy's own pool; the engines and their liveness checks are
-:mod:`._asyncpool`'s, the scopes :mod:`._scopes`' and :mod:`._readonly`'s.
+:mod:`.sqla.engines`', the scopes :mod:`.sqla.scopes`' and :mod:`.sqla.readonly`'s.
 """
 
 from __future__ import annotations

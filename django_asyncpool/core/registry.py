@@ -83,7 +83,7 @@ sync_pools: dict[str, Any] = {}
 async_pools: dict[str, Any] = {}
 _reported: set[tuple[str, str]] = set()
 #: Called with an alias when it is reset: the modules keeping state of their own per
-#: alias (``_failover``) register here rather than be imported by this one.
+#: alias (``failover.route``) register here rather than be imported by this one.
 on_reset: list[Callable[[str], None]] = []
 #: Called with each DatabaseWrapper as it is built: the native async ORM registers
 #: here (``__init__``), so that the ENGINE never imports it (it imports the ENGINE).

@@ -1,7 +1,7 @@
 """The fair FIFO core both async pools share: slots under a cap, and who waits for one.
 
-No I/O: each pool (:class:`~._fairpool.GuardedPool` for SQLAlchemy,
-:class:`~._ormpool.OrmPool` for the native async ORM) opens, checks and closes
+No I/O: each pool (:class:`~..sqla.fairpool.GuardedPool` for SQLAlchemy,
+:class:`~..orm.pool.OrmPool` for the native async ORM) opens, checks and closes
 its own connections and keeps its own idle list; :class:`Slots` counts the
 connections against the cap and queues the callers, as psycopg_pool's waiting
 deque does: a connection that comes back goes straight to the oldest caller

@@ -3,7 +3,7 @@
 Django's ``aget()`` & co. run the sync method in a thread (``sync_to_async``).
 For an alias with ``async_orm`` on, the same sync method runs instead in a
 greenlet on the loop (:func:`run`): ``connections[alias]`` resolves there to a
-:class:`~django_asyncpool._ormpool.NativeWrapper` whose connection awaits its
+:class:`~django_asyncpool.orm.pool.NativeWrapper` whose connection awaits its
 I/O, so Django's compiler, converters, ``from_db()``, signals and transactions
 run unchanged and only the waiting is async.
 

@@ -10,7 +10,7 @@ binding, and the named cursors of ``iterator()``), its adapters, converters and
 error wrapping run unchanged; only the waiting is async.
 
 Each event loop has its own pool per alias (:class:`OrmPool`: the fair FIFO handoff
-of :mod:`._waiters`, as the SQLAlchemy pool's), closed while the loop shuts its
+of :mod:`..core.waiters`, as the SQLAlchemy pool's), closed while the loop shuts its
 async generators down, as the SQLAlchemy engines are. Every pooled
 connection carries one :class:`NativeWrapper`: Django's ``DatabaseWrapper`` of the
 alias bound to that connection for its whole life, so a checkout builds nothing.
@@ -242,7 +242,7 @@ class OrmPool:
     itself), so a wait is bounded by the queue ahead of it. Connections open on
     demand, inside the caller's checkout (the guard's breaker and retries around
     it, as the SQLAlchemy pool does), and close after ``max_lifetime``.
-    Liveness as :class:`~django_asyncpool._syncpool.SyncPool`: a socket the server
+    Liveness as :class:`~django_asyncpool.sync.pool.SyncPool`: a socket the server
     hung up on is found without a round trip; only a connection idle for longer
     than ``bypass`` seconds is pinged.
     """

@@ -1,17 +1,17 @@
 """The async pool: per event loop, SQLAlchemy ``AsyncEngine``s over asyncpg, guarded.
 
-The async half of the pool, as :mod:`._syncpool` is the sync half. It owns:
+The async half of the pool, as :mod:`..sync.pool` is the sync half. It owns:
 
 * :class:`LoopState`: one event loop's engines (read-write, and read-only when
-  first used), each on a :class:`~._fairpool.GuardedPool`, disposed while the
+  first used), each on a :class:`~.fairpool.GuardedPool`, disposed while the
   loop shuts down (asyncpg connections belong to the loop that opened them);
 * :class:`_Listeners`: what the pool does at connect, checkout (the liveness
-  rules of :mod:`._liveness`), error and check-in;
+  rules of :mod:`..core.liveness`), error and check-in;
 * :func:`connect_kwargs`, the asyncpg arguments of an alias, and the "connection
   lost" test and error (:func:`is_lost`, :func:`lost_error`).
 
 :class:`~.pool.ConnectionPool` is the public face; the scopes it hands out are in
-:mod:`._scopes` and :mod:`._readonly`.
+:mod:`.scopes` and :mod:`.readonly`.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ _GOODBYE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
 
 #: In a record's info: a new connection, not yet checked out (the next checkout is no reuse).
 _FRESH = "asyncpool_fresh"
-#: In a record's info: the :func:`~._liveness.poller` of its socket (None: no socket).
+#: In a record's info: the :func:`~..core.liveness.poller` of its socket (None: no socket).
 _POLL = "asyncpool_poll"
 
 
@@ -144,7 +144,7 @@ def lost_error(
 
 
 def _socket_poller(raw: Any) -> Any:
-    """Return the :func:`~._liveness.poller` of a new asyncpg connection's socket, or None."""
+    """Return the :func:`~..core.liveness.poller` of a new asyncpg connection's socket, or None."""
     transport = getattr(raw, "_transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
     return poller(sock.fileno()) if sock is not None else None
@@ -153,9 +153,9 @@ def _socket_poller(raw: Any) -> Any:
 class _Listeners:
     """The pool events of one engine, registered on it: liveness, accounting, lost connections.
 
-    A record is stamped with :func:`~._liveness.clock` when it opens (here) and each
+    A record is stamped with :func:`~..core.liveness.clock` when it opens (here) and each
     time it comes back (``RETURNED``, by the pool's own check-in); at checkout the
-    rules of :mod:`._liveness` decide whether it is pinged.
+    rules of :mod:`..core.liveness` decide whether it is pinged.
     """
 
     __slots__ = ("bypass", "config", "metered", "ping_timeout", "stats")

@@ -1,7 +1,7 @@
 """The scopes the async pool hands out: sessions, and raw connections on the fast path.
 
 :class:`SessionScope` is ``session_scope()``, :class:`ConnectionLease` is
-``connection()``; the read-only scope and its fast path are in :mod:`._readonly`.
+``connection()``; the read-only scope and its fast path are in :mod:`.readonly`.
 Also here: what a scope does with a connection that is lost or cancelled
 (:func:`discard`), the leak timer, and which errors a transaction is run again for.
 """

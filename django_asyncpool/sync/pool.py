@@ -115,7 +115,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
     by its holder and is closed when it comes back.
 
     Leaks, connections found dead (at checkout or returned broken) and pings are
-    counted into ``stats``, the alias's :class:`~django_asyncpool._stats.Stats`.
+    counted into ``stats``, the alias's :class:`~django_asyncpool.core.stats.Stats`.
     """
 
     def __init__(
