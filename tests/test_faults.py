@@ -36,7 +36,7 @@ from django_asyncpool import (
     session_scope,
 )
 from django_asyncpool.base import DatabaseWrapper
-from django_asyncpool.core import liveness as _liveness
+from django_asyncpool.core import hangups
 from django_asyncpool.core import registry as _registry
 from testproject.pgserver import PASSWORD
 from testproject.shop.models import Product
@@ -870,8 +870,8 @@ def test_terminated_backends_are_replaced_before_the_caller_sees_them(
     make_alias, pg, monkeypatch, db_access, side, watch
 ) -> None:
     if watch == "poll at checkout":  # what platforms without epoll do
-        monkeypatch.setattr(_liveness, "_hangups", None)
-    elif watch == "epoll" and _liveness._hangups is None:
+        monkeypatch.setattr(hangups, "_hangups", None)
+    elif watch == "epoll" and hangups._hangups is None:
         pytest.skip("no epoll on this platform")
     alias = make_alias(
         NAME="postgres",
@@ -908,16 +908,16 @@ def test_terminated_backends_are_replaced_before_the_caller_sees_them(
 
 
 def test_a_stale_hangup_hint_costs_a_check_not_the_connection(make_wrapper) -> None:
-    if _liveness._hangups is None:
+    if hangups._hangups is None:
         pytest.skip("no epoll on this platform")
     wrapper = make_wrapper(OPTIONS={"pool": {"min_size": 1, "max_size": 1}})
     pid = query(wrapper)
     conn = wrapper.pool.getconn()
     fd = conn.pgconn.socket
     wrapper.pool.putconn(conn)
-    _liveness._hangups.fds.add(fd)  # as if an old socket with this number had hung up
+    hangups._hangups.fds.add(fd)  # as if an old socket with this number had hung up
     assert query(wrapper) == pid  # checked for real, found alive, kept
-    assert fd not in _liveness._hangups.fds
+    assert fd not in hangups._hangups.fds
 
 
 # -- fork ------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ nothing: closing would write on sockets the parent still uses.
 
 1. ``registry``: every pool of every kind, the configs, the guards and the breaker
    storage (:func:`.registry.forget`). First: the parts after it may build anew.
-2. ``liveness``: a hang-up watcher of its own (the parent's thread did not come along).
+2. ``hangups``: a hang-up watcher of its own (the parent's thread did not come along).
 3. ``wrappers``: the connections of the ENGINE's wrappers (here).
 4. ``failover``: its lock and the trials whose threads stayed in the parent.
 5. ``metrics``: its locks, its counters rebased on what the parent counted, its flusher.
@@ -41,7 +41,7 @@ __all__ = [
 
 logger = logging.getLogger("django_asyncpool")
 
-FORK_ORDER = ("registry", "liveness", "wrappers", "failover", "metrics")
+FORK_ORDER = ("registry", "hangups", "wrappers", "failover", "metrics")
 EXIT_ORDER = ("sync pools", "metrics")
 
 _at_fork: dict[str, Callable[[], object]] = {}

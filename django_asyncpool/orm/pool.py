@@ -45,7 +45,8 @@ from ..core import registry as _registry
 from ..core import stats as _stats
 from ..core.checkout import RETURNED
 from ..core.guard import Guard
-from ..core.liveness import clear_hint, clock, maybe_closed, readable, watch_hangups
+from ..core.hangups import clear_hint, maybe_closed, readable, watch_hangups
+from ..core.liveness import clock
 from ..core.loops import greenlet_sleep, run_at_loop_shutdown
 from ..core.waiters import TIMED_OUT, Slots
 from ..errors import PoolClosed, PoolTimeout

@@ -36,7 +36,8 @@ from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
 from ..core import registry as _registry
 from ..core import stats as _stats
 from ..core.checkout import RETURNED
-from ..core.liveness import clear_hint, clock, due_for_ping, maybe_closed, readable, watch_hangups
+from ..core.hangups import clear_hint, maybe_closed, readable, watch_hangups
+from ..core.liveness import clock, due_for_ping
 from ..errors import PoolError, SyncPoolClosed, SyncPoolTimeout, pool_timeout
 
 if TYPE_CHECKING:
