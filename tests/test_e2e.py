@@ -22,7 +22,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pytest
@@ -349,10 +348,6 @@ class Demo:
     def pg_port(self) -> int:
         return int((self.pgdata / "demo.port").read_text())
 
-    def database_url(self) -> str:
-        password = quote(pgserver.PASSWORD, safe="")
-        return f"postgresql+asyncpg://postgres:{password}@127.0.0.1:{self.pg_port}/asyncpool"
-
     def stop(self, sig: int = signal.SIGINT) -> int:
         """Press Ctrl-C (or send ``sig``); return the exit status."""
         if self.proc.poll() is None:
@@ -454,32 +449,85 @@ def test_demo_metrics_page_moves_under_uvicorn(demo: Demo) -> None:
     assert after == before + 10
 
 
+def _manage(
+    *args: str, cwd: Path = ROOT, **env: str
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run ``manage.py ARGS`` from ``cwd`` as a user would, without DATABASE_URL.
+
+    Return the process and what it left in a temporary directory of its own.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="manage-"))
+    environ = {
+        k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "DJANGO_SETTINGS_MODULE"}
+    }
+    try:
+        done = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env={**environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp), **env},
+            timeout=120,
+        )
+        return done, sorted(p.name for p in tmp.iterdir())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @pytest.mark.slow
 def test_dbpool_check_against_the_demo(demo: Demo) -> None:
-    if not (ROOT / "django_asyncpool" / "management" / "commands" / "dbpool_check.py").exists():
-        pytest.skip("issue 5 (dbpool_check) has not landed")
-    env = dict(os.environ, DATABASE_URL=demo.database_url())
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    done = subprocess.run(
-        [sys.executable, "manage.py", "dbpool_check"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-    )
+    """As docs/demo.md says: ASYNCPOOL_PGDATA points manage.py at the running demo."""
+    done, left = _manage("dbpool_check", ASYNCPOOL_PGDATA=str(demo.pgdata))
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     assert "default" in out and "replica" in out
+    assert f"'default' (postgres@127.0.0.1:{demo.pg_port}/asyncpool)" in out
+    assert f"Database: the embedded PostgreSQL with its data in {demo.pgdata}" in done.stderr
     assert pgserver.PASSWORD not in out
+    assert left == [], "manage.py left these in the temporary directory"
+
+
+@pytest.mark.slow
+def test_manage_py_finds_the_running_demo_without_being_told(demo: Demo) -> None:
+    """From a clone with the demo running, manage.py checks the demo's server."""
+    clone = Path(tempfile.mkdtemp(prefix="clone-"))
+    try:
+        shutil.copy(ROOT / "manage.py", clone)
+        (clone / ".demo").mkdir()
+        (clone / ".demo" / "pgdata").symlink_to(demo.pgdata)
+        done, left = _manage("dbpool_check", cwd=clone)
+    finally:
+        shutil.rmtree(clone)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert f"'default' (postgres@127.0.0.1:{demo.pg_port}/asyncpool)" in out
+    assert "Database: the embedded PostgreSQL with its data in" in done.stderr
+    assert left == [], "manage.py left these in the temporary directory"
+
+
+@pytest.mark.slow
+def test_manage_py_says_when_its_database_is_a_throwaway_one() -> None:
+    clone = Path(tempfile.mkdtemp(prefix="clone-"))
+    try:
+        shutil.copy(ROOT / "manage.py", clone)
+        done, left = _manage("check", cwd=clone)
+    finally:
+        shutil.rmtree(clone)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Database: a throwaway embedded PostgreSQL, deleted when this command ends" in (
+        done.stderr
+    )
+    assert left == [], "manage.py left these in the temporary directory"
 
 
 @pytest.mark.slow
 def test_runserver_runs_every_view_each_on_a_fresh_loop(demo: Demo) -> None:
     """Django's dev server (WSGI) runs each async view in its own event loop."""
     port = pgserver.free_port()
-    env = dict(os.environ, DATABASE_URL=demo.database_url(), PYTHONUNBUFFERED="1")
+    # As docs/demo.md says: ASYNCPOOL_PGDATA points the settings at the running demo.
+    env = dict(os.environ, ASYNCPOOL_PGDATA=str(demo.pgdata), PYTHONUNBUFFERED="1")
     env.pop("DJANGO_SETTINGS_MODULE", None)
+    env.pop("DATABASE_URL", None)
     proc = subprocess.Popen(
         [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"],
         stdout=subprocess.PIPE,
