@@ -449,6 +449,13 @@ def test_demo_metrics_page_moves_under_uvicorn(demo: Demo) -> None:
     assert after == before + 10
 
 
+@pytest.mark.slow
+def test_the_idle_demo_holds_no_connection(demo: Demo) -> None:
+    """migrate and load_sample give their connection back: /pool/ shows nothing in use."""
+    pools = _get(f"{demo.base}/pool/").json()
+    assert {alias: p["sync"]["in_use"] for alias, p in pools.items()} == dict.fromkeys(pools, 0)
+
+
 def _manage(
     *args: str, cwd: Path = ROOT, **env: str
 ) -> tuple[subprocess.CompletedProcess[str], list[str]]:
