@@ -16,16 +16,16 @@ from typing import Any
 from django.conf import settings
 from django.core import checks
 
-from . import _failover
+from . import _failover, _registry
 from . import config as _config
 from .errors import redact
 
 __all__ = ["check_configuration", "problems", "to_message"]
 
 TAG = "django_asyncpool"
-#: Problems where no default replaces the value: an ignored key, a URL or CONN_MAX_AGE
-#: used as given, a PgBouncer conflict refused at connect time.
-NO_DEFAULT = frozenset({"dbpool.E004", "dbpool.E006", "dbpool.E007", "dbpool.E020"})
+#: Problems where no default replaces the value: an ignored key, a URL used as given,
+#: a PgBouncer conflict refused at connect time. (CONN_MAX_AGE: 0 is used in DEBUG.)
+NO_DEFAULT = frozenset({"dbpool.E004", "dbpool.E006", "dbpool.E020"})
 #: failover_to problems between aliases: the alias is skipped, a loop ends at its start.
 NO_DEFAULT |= {"dbpool.E041", "dbpool.E042", "dbpool.E043"}
 
@@ -35,7 +35,10 @@ def problems(
     environ: Mapping[str, str] | None = None,
     aliases: Iterable[str] | None = None,
 ) -> list[tuple[_config.Problem, str]]:
-    """Return every configuration problem with the password of its alias (for redaction)."""
+    """Return every configuration problem with the password of its alias (for redaction).
+
+    The caller shows them: no log line repeats them.
+    """
     databases = settings.DATABASES if databases is None else databases
     environ = os.environ if environ is None else environ
     found: list[tuple[_config.Problem, str]] = []
@@ -48,6 +51,7 @@ def problems(
     found.extend((p, "") for p in _failover.problems(databases, environ, wanted))
     if aliases is None:
         found.extend((p, "") for p in _config.load_metrics(environ).problems)
+    _registry.mark_reported(p for p, _ in found)
     return found
 
 
