@@ -39,8 +39,11 @@ class Sample:
     not_run: str | None  # the reason, when marked <!-- not-run: ... -->
 
 
-def samples(text: str, page: str = "<text>") -> list[Sample]:
-    """Return the ```python blocks of a Markdown text, with their not-run marks."""
+def samples(
+    text: str, page: str = "<text>", langs: frozenset[str] = frozenset({"python", "py"})
+) -> list[Sample]:
+    """Return the ```python blocks (or those of ``langs``) of a Markdown text, with their
+    not-run marks."""
     lines = text.splitlines()
     found: list[Sample] = []
     i = 0
@@ -55,7 +58,7 @@ def samples(text: str, page: str = "<text>") -> list[Sample]:
             end += 1
         if end == len(lines):
             raise AssertionError(f"{page}:{i + 1}: the code fence is never closed")
-        if opening["lang"] in {"python", "py"}:
+        if opening["lang"] in langs:
             mark = NOT_RUN.match(lines[i - 1]) if i else None
             body = [line.removeprefix(indent) for line in lines[i + 1 : end]]
             found.append(
@@ -216,3 +219,19 @@ async def test_readme_samples_run_and_its_view_answers() -> None:
     finally:
         for pool in list(ConnectionPool._instances.values()):
             await pool.close()
+
+
+def test_the_install_commands_install_from_a_clone_or_a_wheel() -> None:
+    """Not published yet: a newcomer's ``pip install NAME`` would fail (or get another)."""
+    for page in [README, DOCS / "quickstart.md"]:
+        consoles = samples(page.read_text(), page.name, frozenset({"console"}))
+        installs = [
+            line.split("#")[0].split()[3:]
+            for block in consoles
+            for line in block.code.splitlines()
+            if line.startswith("$ pip install ")
+        ]
+        assert installs, f"{page.name} says how to install"
+        for args in installs:
+            target = args[-1].strip("\"'")
+            assert target.startswith((".", "/")) or target.endswith(".whl"), (page.name, args)
