@@ -40,6 +40,7 @@ from . import _shared
 from . import config as _config
 from ._guard import Guard
 from ._stats import Stats, snapshot
+from .errors import redact
 
 if TYPE_CHECKING:
     from ._syncpool import SyncPool
@@ -118,13 +119,18 @@ def _log_problems(conf: _config.AliasConfig) -> None:
     """Log the problems of ``conf`` that neither a log line nor a system check reported."""
     from django.conf import settings
 
-    from .checks import to_message
-
+    debug = bool(settings.DEBUG)
     for problem in conf.problems:
         if (problem.alias, problem.message) not in _reported:
             _reported.add((problem.alias, problem.message))
-            message = to_message(problem, conf.password, debug=bool(settings.DEBUG))
-            logger.warning("%s: %s %s", message.id, message.msg, message.hint)
+            logger.warning(
+                "%s: database %r: %s %s%s",
+                problem.id.replace(".E", ".W") if debug else problem.id,  # as the check
+                problem.alias,
+                redact(problem.message, conf.password),
+                redact(problem.hint, conf.password),
+                " (DEBUG is on; this is an error in production)" if debug else "",
+            )
 
 
 def mark_reported(problems: Iterable[_config.Problem]) -> None:

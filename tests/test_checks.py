@@ -219,8 +219,8 @@ def test_each_problem_is_shown_once_with_the_id_debug_gives_it(
         call_command("check", stdout=io.StringIO(), stderr=err)
         _registry.config(checked)
     (line,) = [r.getMessage() for r in caplog.records if "pool_size" in r.getMessage()]
-    assert line.startswith(f"dbpool.W003: Database {unchecked!r}, ") and "dbpool.E003" not in line
-    assert "The default is used (DEBUG is on" in line
+    assert line.startswith(f"dbpool.W003: database {unchecked!r}: ") and "dbpool.E003" not in line
+    assert line.endswith("(DEBUG is on; this is an error in production)")
     assert f"Database {checked!r}" in err.getvalue()
 
 
