@@ -39,7 +39,8 @@ class DjangoAsyncpoolConfig(AppConfig):
 
         metrics.setup()  # registers the pool metrics (once)
         _exporter.start_from_settings()  # METRICS_ENABLED: /metrics on METRICS_PORT
-        configs = [_registry.config(alias) for alias in _registry.aliases()]
+        # Not logged here: the system checks, when they run, show the problems next.
+        configs = [_registry.config(alias, report=False) for alias in _registry.aliases()]
         if any(conf.async_orm for conf in configs):
             from .orm.native import install
 

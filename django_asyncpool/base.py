@@ -2,7 +2,8 @@
 
 Only what differs from ``django.db.backends.postgresql`` is overridden:
 
-* ``__init__`` fills a copy of the settings from DATABASE_URL (not the user's dict);
+* ``__init__`` fills a copy of the settings from DATABASE_URL (not the user's dict),
+  and with DEBUG on makes CONN_MAX_AGE 0 while pooling (the check warns, dbpool.W007);
 * ``pool`` is the alias's :class:`~django_asyncpool.sync.pool.SyncPool`, one per
   process, built by ``SyncPool.for_wrapper`` (pooling is on by default);
 * ``get_new_connection`` goes through the alias's breaker and retry policy, counted;
@@ -55,6 +56,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             # QuerySet.iterator()'s WITH HOLD cursors outlive the transaction, and so
             # PgBouncer's transaction pooling; an explicit False is refused (E020).
             settings_dict = {"DISABLE_SERVER_SIDE_CURSORS": True, **settings_dict}
+        settings_dict = _syncpool.without_conn_max_age(settings_dict)
         super().__init__(settings_dict, alias)
         self._options_reported = False
         _process.wrappers.add(self)

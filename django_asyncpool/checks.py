@@ -18,6 +18,7 @@ from django.core import checks
 
 from . import config as _config
 from .config import ENGINE, rules
+from .core import registry as _registry
 from .errors import redact
 
 __all__ = ["check_configuration", "failover_problems", "problems", "to_message"]
@@ -32,7 +33,10 @@ def problems(
     environ: Mapping[str, str] | None = None,
     aliases: Iterable[str] | None = None,
 ) -> list[tuple[_config.Problem, str]]:
-    """Return every configuration problem with the password of its alias (for redaction)."""
+    """Return every configuration problem with the password of its alias (for redaction).
+
+    The caller shows them: no log line repeats them.
+    """
     databases = settings.DATABASES if databases is None else databases
     environ = os.environ if environ is None else environ
     found: list[tuple[_config.Problem, str]] = []
@@ -45,6 +49,7 @@ def problems(
     found.extend((p, "") for p in failover_problems(databases, environ, wanted))
     if aliases is None:
         found.extend((p, "") for p in _config.load_metrics(environ).problems)
+    _registry.mark_reported(p for p, _ in found)
     return found
 
 

@@ -114,6 +114,9 @@ def main(argv: list[str]) -> int:
         print(_database_line(), flush=True)
         call_command("migrate", verbosity=1)
         call_command("load_sample")
+        # As at the end of a request: this thread serves none, and /pool/ would count
+        # its connections as in use for as long as the demo runs.
+        connections.close_all()
         from testproject.asgi import application
 
         config = uvicorn.Config(

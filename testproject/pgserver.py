@@ -42,8 +42,11 @@ class LocalPostgres:
         self.bin = POSTGRES_BIN_PATH
         self.datadir = Path(datadir).resolve()
         self.port = port or free_port()
-        # Unix socket paths are limited to ~100 bytes: keep the directory short.
-        self.socket_dir = Path(tempfile.mkdtemp(prefix="pgsock-"))
+        # Made by start(): a server already running has its own (another process's demo).
+        self._socket_dir: Path | None = None
+        running = self._postmaster()
+        if running is not None:
+            self.port, self._socket_dir = running
         self.host = "127.0.0.1"
         self.user = SUPERUSER
         self.password = PASSWORD
@@ -61,6 +64,21 @@ class LocalPostgres:
             ensure_prefix_permissions(self.bin)
             ensure_folder_permissions(self.bin, 0o555)
             ensure_folder_permissions(self.bin.parent / "lib", 0o444)
+
+    @property
+    def socket_dir(self) -> Path:
+        """Return the directory of the server's unix socket."""
+        if self._socket_dir is None:
+            raise RuntimeError(f"the PostgreSQL server in {self.datadir} has not been started")
+        return self._socket_dir
+
+    def _postmaster(self) -> tuple[int, Path] | None:
+        """Return (port, socket directory) from the running server's postmaster.pid."""
+        try:
+            lines = (self.datadir / "postmaster.pid").read_text().splitlines()
+            return int(lines[3]), Path(lines[4])
+        except (OSError, IndexError, ValueError):
+            return None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -112,6 +130,9 @@ class LocalPostgres:
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
+        if self._socket_dir is None or not self._socket_dir.is_dir():
+            # Unix socket paths are limited to ~100 bytes: keep the directory short.
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="pgsock-"))
         self._chown(self.socket_dir)
         options = (
             f"-h {self.host} -p {self.port} -k {self.socket_dir} "
@@ -147,7 +168,8 @@ class LocalPostgres:
         """Stop the server and delete its data."""
         self.stop("immediate")
         shutil.rmtree(self.datadir, ignore_errors=True)
-        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     # -- addresses -------------------------------------------------------------------
 

@@ -11,9 +11,12 @@ import contextlib
 import copy
 import itertools
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +31,26 @@ from testproject.pgserver import free_port
 from tests.proxy import TcpProxy
 
 _names = itertools.count(1)
+
+# What this run and the processes it starts put in the temporary directory goes into a
+# directory of its own: what they leave behind is told apart from concurrent runs' files.
+# (The embedded server of the settings, started before this file is read, is not in it.)
+RUN_TMP = Path(tempfile.mkdtemp(prefix="asyncpool-tests-"))
+os.environ["TMPDIR"] = str(RUN_TMP)
+tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leaves_no_temporary_files() -> Iterator[None]:
+    """Fail the run when its tests leave a file or folder in the temporary directory."""
+    yield
+    # pytest's own tmp_path directories are removed with RUN_TMP at the end.
+    left = sorted(p.name for p in RUN_TMP.iterdir() if not p.name.startswith("pytest-of-"))
+    assert not left, f"the tests left these in the temporary directory: {left}"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(RUN_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,15 @@ from typing import Any
 
 import pytest
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
+from django.db import connections
 from django.test import override_settings
 
 from django_asyncpool import config as _config
 from django_asyncpool.checks import NO_DEFAULT, TAG, problems, to_message
+from django_asyncpool.core import registry as _registry
 
 PASSWORD = "s3cret-pw-never-shown"
 BASE = {"ENGINE": "django_asyncpool", "NAME": "app", "USER": "app", "PASSWORD": PASSWORD}
@@ -201,3 +204,43 @@ def test_registered_under_its_tag(bad_alias: str) -> None:
 
 def test_the_project_settings_are_clean() -> None:
     assert problems(environ={}) == []
+
+
+def test_each_problem_is_shown_once_with_the_id_debug_gives_it(
+    make_alias: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where no system check runs (uvicorn), a log line; where one does, only the check."""
+    unchecked = make_alias(OPTIONS={"async_pool": {"pool_size": 0}})
+    checked = make_alias(OPTIONS={"async_pool": {"pool_size": -1}})
+    with override_settings(DEBUG=True), caplog.at_level("WARNING", logger="django_asyncpool"):
+        _registry.config(unchecked)
+        _registry.config(unchecked)
+        err = io.StringIO()
+        call_command("check", stdout=io.StringIO(), stderr=err)
+        _registry.config(checked)
+    (line,) = [r.getMessage() for r in caplog.records if "pool_size" in r.getMessage()]
+    assert line.startswith(f"dbpool.W003: database {unchecked!r}: ") and "dbpool.E003" not in line
+    assert line.endswith("(DEBUG is on; this is an error in production)")
+    assert f"Database {checked!r}" in err.getvalue()
+
+
+@pytest.mark.usefixtures("db_access")
+def test_conn_max_age_in_debug_is_0_and_the_check_says_so(make_alias: Any) -> None:
+    alias = make_alias(CONN_MAX_AGE=60, OPTIONS={"pool": {"min_size": 0, "max_size": 2}})
+    err = io.StringIO()
+    with override_settings(DEBUG=True):
+        call_command("check", stdout=io.StringIO(), stderr=err)
+        wrapper = connections[alias]
+        with wrapper.cursor() as cursor:  # not "Pooling doesn't support persistent ..."
+            cursor.execute("select 1")
+        wrapper.close_if_unusable_or_obsolete()  # at the end of a request
+    assert wrapper.connection is None, "kept for CONN_MAX_AGE instead of given back"
+    assert "dbpool.W007" in err.getvalue() and "The default is used" in err.getvalue()
+
+
+def test_conn_max_age_in_production_is_refused_saying_what_to_do(make_alias: Any) -> None:
+    alias = make_alias(CONN_MAX_AGE=60, OPTIONS={"pool": {"min_size": 0, "max_size": 2}})
+    with override_settings(DEBUG=False), pytest.raises(ImproperlyConfigured) as info:
+        connections[alias].pool  # noqa: B018
+    assert f"database {alias!r} has CONN_MAX_AGE = 60" in str(info.value)
+    assert "Set CONN_MAX_AGE to 0" in str(info.value) and "dbpool.E007" in str(info.value)

@@ -19,6 +19,7 @@ from testproject.pgserver import PASSWORD
 from tests.proxy import TcpProxy
 
 from .conftest import closed_port
+from .test_docs import samples
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "hunter2-never-printed"
@@ -161,3 +162,63 @@ def test_the_real_command_line() -> None:
     assert "CommandError: configuration errors" in done.stderr
     (problem,) = json.loads(done.stdout)["problems"]
     assert problem["id"] == "dbpool.E002" and problem["key"] == "DB_POOL_SIZE"
+
+
+# -- what the docs show of it ----------------------------------------------------------------
+
+DOCS = ROOT / "docs"
+#: A table row of the command's output: ALIAS POOL STATUS ... STATS.
+ROW = re.compile(r"^\S+ +(sync|async) +(ok|FAILED) .*  (?P<stats>\S.*)$")
+STATS = re.compile(r"size \d+/\d+, idle \d+, in use \d+, waiting \d+|-")
+
+
+def _console_samples() -> list[tuple[str, str]]:
+    """Return (page, output) of every console sample of ``manage.py dbpool_check``."""
+    found = []
+    for page in [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]:
+        for block in samples(page.read_text(), page.name, frozenset({"console", ""})):
+            if block.code.startswith("$ python manage.py dbpool_check\n"):
+                found.append((page.name, block.code.split("\n", 1)[1]))
+    return found
+
+
+def test_the_docs_show_the_table_as_the_command_prints_it() -> None:
+    _, real, _ = dbpool_check("--database", "default")
+    header = real.splitlines()[0].split()
+    shown = _console_samples()
+    assert {page for page, _ in shown} >= {"command.md", "quickstart.md"}
+    for page, output in shown:
+        lines = output.splitlines()
+        assert lines[0].split() == header, page
+        rows = [ROW.match(line) for line in lines[1:] if ROW.match(line)]
+        assert rows, f"{page}: no row of the table"
+        for row in rows:
+            assert STATS.fullmatch(row["stats"]), f"{page}: {row.group(0)}"
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    keys = [key for key, _ in pairs]
+    assert len(keys) == len(set(keys)), f"a key given twice: {keys}"
+    return dict(pairs)
+
+
+def test_the_json_schema_has_the_reports_keys_each_once() -> None:
+    (sample,) = samples((DOCS / "command.md").read_text(), "command.md", frozenset({"json"}))
+    # The sample's comments and elisions out: "redis://" has no blank before its slashes.
+    text = re.sub(r"\s+//.*$", "", sample.code, flags=re.M).replace(", ...}", "}")
+    shown = json.loads(text, object_pairs_hook=_unique)
+    out = io.StringIO()
+    call_command("dbpool_check", "--format", "json", "--database", "default", stdout=out)
+    real = json.loads(out.getvalue())
+    assert shown.keys() == real.keys()
+    (entry,) = real["aliases"]
+    assert shown["aliases"][0].keys() == entry.keys()
+    for side in ("sync", "async"):
+        assert shown["aliases"][0][side].keys() == entry[side].keys()
+    assert shown["aliases"][0]["breaker"].keys() == entry["breaker"].keys()
+
+
+def test_each_thing_reported_is_listed_once() -> None:
+    text = (DOCS / "command.md").read_text().split("```")[0]
+    bullets = [line for line in text.splitlines() if line.startswith("- ")]
+    assert len(bullets) == len({b.split(",")[0].split(":")[0] for b in bullets}), bullets

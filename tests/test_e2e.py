@@ -22,7 +22,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pytest
@@ -172,9 +171,18 @@ async def test_order_is_created_in_one_transaction(client: httpx.AsyncClient) ->
         ("GET", "/orm/native/products/9999/", None, 404, "Product matching query does not exist"),
         ("GET", "/sync/products/999999/", None, 404, "Product matching query does not exist"),
         ("GET", "/sync/orders/999999/", None, 404, "Order matching query does not exist"),
-        ("GET", "/products/99999999999999999999/", None, 404, None),  # past bigint: no match
+        ("GET", "/products/9223372036854775807/", None, 404, "No product with id 92233"),
+        ("GET", "/fast/products/9223372036854775807/", None, 404, "No product with id 92233"),
+        ("GET", "/products/99999999999999999999/", None, 404, "is not an id: ids are whole"),
+        ("GET", "/sync/products/99999999999999999999/", None, 404, "is not an id"),
+        ("GET", "/fast/products/9223372036854775808/", None, 404, "is not an id"),
+        ("GET", "/products/abc/", None, 404, "'abc' is not an id"),
+        ("GET", "/orm/products/-1/", None, 404, "'-1' is not an id"),
+        ("GET", "/sync/orders/0/", None, 404, "'0' is not an id"),
         ("GET", "/products/?limit=x", None, 400, "limit and offset must be integers"),
         ("GET", "/sync/products/?limit=1000", None, 400, "limit must be within 1..100"),
+        ("GET", "/products/?offset=99999999999999999999999", None, 400, "offset must be within"),
+        ("GET", "/products/?offset=-1", None, 400, "offset must be within 0..2147483647"),
         ("POST", "/products/", b"{not json", 400, "not valid JSON"),
         ("POST", "/products/", b"\xff\xfe", 400, "not valid JSON"),
         ("POST", "/products/", b"[1, 2]", 400, "must be a JSON object"),
@@ -203,20 +211,20 @@ async def test_order_is_created_in_one_transaction(client: httpx.AsyncClient) ->
             400,
             "lines[0]: 'quantity'",
         ),
-        ("DELETE", "/products/1/", None, 405, None),
-        ("GET", "/orders/", None, 405, None),
+        ("DELETE", "/products/1/", None, 405, "DELETE is not allowed here; use GET"),
+        ("GET", "/orders/", None, 405, "GET is not allowed here; use POST"),
     ],
 )
 async def test_bad_input_gets_a_clear_4xx(
-    client: httpx.AsyncClient, method: str, path: str, body: Any, status: int, message: str | None
+    client: httpx.AsyncClient, method: str, path: str, body: Any, status: int, message: str
 ) -> None:
+    """As docs/demo.md says: a JSON {"error": ...} that says what is wrong, never a 500."""
     if isinstance(body, dict):
         response = await client.request(method, path, json=body)
     else:
         response = await client.request(method, path, content=body)
     assert response.status_code == status, response.text
-    if message is not None:
-        assert message in response.json()["error"]
+    assert message in response.json()["error"]
 
 
 @db
@@ -349,10 +357,6 @@ class Demo:
     def pg_port(self) -> int:
         return int((self.pgdata / "demo.port").read_text())
 
-    def database_url(self) -> str:
-        password = quote(pgserver.PASSWORD, safe="")
-        return f"postgresql+asyncpg://postgres:{password}@127.0.0.1:{self.pg_port}/asyncpool"
-
     def stop(self, sig: int = signal.SIGINT) -> int:
         """Press Ctrl-C (or send ``sig``); return the exit status."""
         if self.proc.poll() is None:
@@ -455,31 +459,91 @@ def test_demo_metrics_page_moves_under_uvicorn(demo: Demo) -> None:
 
 
 @pytest.mark.slow
+def test_the_idle_demo_holds_no_connection(demo: Demo) -> None:
+    """migrate and load_sample give their connection back: /pool/ shows nothing in use."""
+    pools = _get(f"{demo.base}/pool/").json()
+    assert {alias: p["sync"]["in_use"] for alias, p in pools.items()} == dict.fromkeys(pools, 0)
+
+
+def _manage(
+    *args: str, cwd: Path = ROOT, **env: str
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run ``manage.py ARGS`` from ``cwd`` as a user would, without DATABASE_URL.
+
+    Return the process and what it left in a temporary directory of its own.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="manage-"))
+    environ = {
+        k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "DJANGO_SETTINGS_MODULE"}
+    }
+    try:
+        done = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env={**environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp), **env},
+            timeout=120,
+        )
+        return done, sorted(p.name for p in tmp.iterdir())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
 def test_dbpool_check_against_the_demo(demo: Demo) -> None:
-    if not (ROOT / "django_asyncpool" / "management" / "commands" / "dbpool_check.py").exists():
-        pytest.skip("issue 5 (dbpool_check) has not landed")
-    env = dict(os.environ, DATABASE_URL=demo.database_url())
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    done = subprocess.run(
-        [sys.executable, "manage.py", "dbpool_check"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-    )
+    """As docs/demo.md says: ASYNCPOOL_PGDATA points manage.py at the running demo."""
+    done, left = _manage("dbpool_check", ASYNCPOOL_PGDATA=str(demo.pgdata))
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     assert "default" in out and "replica" in out
+    assert f"'default' (postgres@127.0.0.1:{demo.pg_port}/asyncpool)" in out
+    assert f"Database: the embedded PostgreSQL with its data in {demo.pgdata}" in done.stderr
     assert pgserver.PASSWORD not in out
+    assert left == [], "manage.py left these in the temporary directory"
+
+
+@pytest.mark.slow
+def test_manage_py_finds_the_running_demo_without_being_told(demo: Demo) -> None:
+    """From a clone with the demo running, manage.py checks the demo's server."""
+    clone = Path(tempfile.mkdtemp(prefix="clone-"))
+    try:
+        shutil.copy(ROOT / "manage.py", clone)
+        (clone / ".demo").mkdir()
+        (clone / ".demo" / "pgdata").symlink_to(demo.pgdata)
+        done, left = _manage("dbpool_check", cwd=clone)
+    finally:
+        shutil.rmtree(clone)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert f"'default' (postgres@127.0.0.1:{demo.pg_port}/asyncpool)" in out
+    assert "Database: the embedded PostgreSQL with its data in" in done.stderr
+    assert left == [], "manage.py left these in the temporary directory"
+
+
+@pytest.mark.slow
+def test_manage_py_says_when_its_database_is_a_throwaway_one() -> None:
+    clone = Path(tempfile.mkdtemp(prefix="clone-"))
+    try:
+        shutil.copy(ROOT / "manage.py", clone)
+        done, left = _manage("check", cwd=clone)
+    finally:
+        shutil.rmtree(clone)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Database: a throwaway embedded PostgreSQL, deleted when this command ends" in (
+        done.stderr
+    )
+    assert left == [], "manage.py left these in the temporary directory"
 
 
 @pytest.mark.slow
 def test_runserver_runs_every_view_each_on_a_fresh_loop(demo: Demo) -> None:
     """Django's dev server (WSGI) runs each async view in its own event loop."""
     port = pgserver.free_port()
-    env = dict(os.environ, DATABASE_URL=demo.database_url(), PYTHONUNBUFFERED="1")
+    # As docs/demo.md says: ASYNCPOOL_PGDATA points the settings at the running demo.
+    env = dict(os.environ, ASYNCPOOL_PGDATA=str(demo.pgdata), PYTHONUNBUFFERED="1")
     env.pop("DJANGO_SETTINGS_MODULE", None)
+    env.pop("DATABASE_URL", None)
     proc = subprocess.Popen(
         [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"],
         stdout=subprocess.PIPE,

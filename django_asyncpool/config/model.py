@@ -111,6 +111,9 @@ class AliasConfig:
 
     def describe(self) -> str:
         """Return ``alias (user@host:port/dbname)``, never the password."""
+        if any(problem.id == "dbpool.E006" for problem in self.problems):
+            # Nothing of the URL is used: the fields below would name no real server.
+            return f"{self.alias!r} (DATABASE_URL cannot be used, dbpool.E006)"
         where = self.host or "local socket"
         port = f":{self.port}" if self.port else ""
         who = f"{self.user}@" if self.user else ""

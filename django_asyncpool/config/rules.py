@@ -60,7 +60,7 @@ PROBLEMS: dict[str, Rule] = {
     UNKNOWN_KEY: Rule("an unknown key: ignored", default_used=False),
     MIN_OVER_MAX: Rule("OPTIONS['pool'] min_size larger than max_size"),
     BAD_URL: Rule("DATABASE_URL cannot be used: connecting is refused", default_used=False),
-    PERSISTENT: Rule("CONN_MAX_AGE is not 0 with the pool on", default_used=False),
+    PERSISTENT: Rule("CONN_MAX_AGE is not 0 with the pool on (0 is used in DEBUG)"),
     DELAYS: Rule("retry base_delay larger than max_delay"),
     PGBOUNCER: Rule("a setting PgBouncer's transaction pooling loses: refused", False),
     BAD_STORAGE: Rule("circuit_breaker storage is not a redis:// URL"),

@@ -5,7 +5,8 @@ its statistics (kept for the life of the process: counters only go up), its sync
 pool and its async pool::
 
     aliases()            the aliases of settings.DATABASES whose ENGINE is ours
-    config(alias)        its AliasConfig, read again only when its settings change
+    config(alias)        its AliasConfig, read again only when its settings change; its
+                         problems logged once unless the system checks showed them
     guard(alias)         its Guard
     stats(alias, side)   its Stats: "sync", "async" or "async_orm"
     snapshots(alias)     every pool's snapshot, one shape (what everything renders)
@@ -35,12 +36,13 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from django.core.signals import setting_changed
 
 from .. import config as _config
+from ..errors import redact
 from . import breaker_redis as _shared
 from . import process as _process
 from .guard import Guard
@@ -57,6 +59,7 @@ __all__ = [
     "guard",
     "guards",
     "kinds",
+    "mark_reported",
     "on_reset",
     "on_wrapper",
     "register_kind",
@@ -119,22 +122,42 @@ def aliases() -> list[str]:
     return [a for a, d in settings.DATABASES.items() if d.get("ENGINE") == _config.ENGINE]
 
 
-def _read(alias: str, settings_dict: Any) -> _config.AliasConfig:
+def _read(alias: str, settings_dict: Any, *, report: bool = True) -> _config.AliasConfig:
     # Read again only when the settings or the environment changed: the test runner
     # renames NAME in place, tests monkeypatch the environment.
     source = repr((settings_dict, [os.environ.get(var) for var in _ENV]))
     cached = _configs.get(alias)
     if cached is not None and cached[0] == source:
-        return cached[1]
-    conf = _config.from_settings(alias, settings_dict)
-    _configs[alias] = (source, conf)
-    for problem in conf.problems:
-        if (alias, problem.message) not in _reported:
-            _reported.add((alias, problem.message))
-            logger.warning(
-                "%s: database %r: %s %s", problem.id, alias, problem.message, problem.hint
-            )
+        conf = cached[1]
+    else:
+        conf = _config.from_settings(alias, settings_dict)
+        _configs[alias] = (source, conf)
+    if report and conf.problems:
+        _log_problems(conf)
     return conf
+
+
+def _log_problems(conf: _config.AliasConfig) -> None:
+    """Log the problems of ``conf`` that neither a log line nor a system check reported."""
+    from django.conf import settings
+
+    debug = bool(settings.DEBUG)
+    for problem in conf.problems:
+        if (problem.alias, problem.message) not in _reported:
+            _reported.add((problem.alias, problem.message))
+            logger.warning(
+                "%s: database %r: %s %s%s",
+                problem.id.replace(".E", ".W") if debug else problem.id,  # as the check
+                problem.alias,
+                redact(problem.message, conf.password),
+                redact(problem.hint, conf.password),
+                " (DEBUG is on; this is an error in production)" if debug else "",
+            )
+
+
+def mark_reported(problems: Iterable[_config.Problem]) -> None:
+    """Record ``problems`` as reported (by the system checks): no log line repeats them."""
+    _reported.update((problem.alias, problem.message) for problem in problems)
 
 
 def config_for_wrapper(wrapper: Any) -> _config.AliasConfig:
@@ -142,12 +165,13 @@ def config_for_wrapper(wrapper: Any) -> _config.AliasConfig:
     return _read(wrapper.alias, wrapper.settings_dict)
 
 
-def config(alias: str) -> _config.AliasConfig:
+def config(alias: str, *, report: bool = True) -> _config.AliasConfig:
     """Return the configuration of ``alias`` as ``settings.DATABASES`` says now.
 
     Raises ImproperlyConfigured, saying which aliases are ours, for any other. Read
     from the setting rather than the connection, which ``override_settings`` does not
-    change: the guard and pools made inside an override follow it.
+    change: the guard and pools made inside an override follow it. ``report``: log
+    the problems found, once (at startup the system checks come next and show them).
     """
     from django.conf import settings
 
@@ -158,7 +182,7 @@ def config(alias: str) -> _config.AliasConfig:
         # As the wrapper sees it: DATABASE_URL still applies once the test runner has
         # set NAME on the user's dict.
         settings_dict = with_url(alias, settings_dict)
-    return _read(alias, settings_dict)
+    return _read(alias, settings_dict, report=report)
 
 
 def guard(alias: str, wrapper: Any = None) -> Guard:

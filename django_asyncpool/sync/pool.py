@@ -43,7 +43,7 @@ from ..errors import PoolError, SyncPoolClosed, SyncPoolTimeout, pool_timeout
 if TYPE_CHECKING:
     from ..config import AliasConfig
 
-__all__ = ["PING", "SyncPool", "error"]
+__all__ = ["PING", "SyncPool", "error", "without_conn_max_age"]
 
 T = TypeVar("T")
 
@@ -60,6 +60,20 @@ _INTERNAL = ("/django_asyncpool/", "/psycopg_pool/", "/psycopg/", "/django/db/",
 
 
 _Frame = tuple[types.CodeType, int]
+
+
+def without_conn_max_age(settings_dict: dict[str, Any]) -> dict[str, Any]:
+    """Return ``settings_dict``, with CONN_MAX_AGE 0 when it is not while pooling in DEBUG.
+
+    Then the system check warns (dbpool.W007: the default is used); with DEBUG off it
+    is an error (E007) and :meth:`SyncPool.for_wrapper` refuses it.
+    """
+    from django.conf import settings
+
+    pooled = (settings_dict.get("OPTIONS") or {}).get("pool", True) not in (False, None)
+    if pooled and settings_dict.get("CONN_MAX_AGE", 0) != 0 and settings.DEBUG:
+        return {**settings_dict, "CONN_MAX_AGE": 0}
+    return settings_dict
 
 
 def _where(limit: int = 40) -> list[_Frame]:
@@ -152,10 +166,15 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         """
         settings_dict = wrapper.settings_dict
         options = settings_dict.get("OPTIONS") or {}
-        if options.get("pool") and settings_dict.get("CONN_MAX_AGE"):
-            # Refused as Django's own backend refuses it; when the pool is on only by
-            # our default, the system check dbpool.E007 reports it instead.
-            raise ImproperlyConfigured("Pooling doesn't support persistent connections.")
+        age = settings_dict.get("CONN_MAX_AGE", 0)
+        if options.get("pool") and age != 0:
+            # Refused as Django's own backend refuses it (its words first); when the pool
+            # is on only by our default, the system check dbpool.E007 reports it instead.
+            raise ImproperlyConfigured(
+                f"Pooling doesn't support persistent connections: database {wrapper.alias!r} "
+                f"has CONN_MAX_AGE = {age!r}. Set CONN_MAX_AGE to 0 (the pool keeps the "
+                "connections), or OPTIONS['pool'] to False (dbpool.E007)."
+            )
         if config.sync_pool is None:
             return None
         connect_kwargs = wrapper.get_connection_params()

@@ -1,4 +1,5 @@
-"""The shop's URLs; ``<id:pk>`` takes a database id (1 to 18 digits) or answers 404."""
+"""The shop's URLs; ``<id:pk>`` takes any text: the views' ``api`` decorator turns it
+into an id, or answers a JSON 404 that says why it is not one."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from . import views
 
 
 class IdConverter:
-    regex = "[0-9]{1,18}"  # fits a bigint: a longer number is a 404, not a database error
+    # Not [0-9]+: "abc", "-1" or a number above a bigint would match no URL, and get
+    # Django's 404 page rather than the API's JSON error.
+    regex = "[^/]+"
 
-    def to_python(self, value: str) -> int:
-        return int(value)
+    def to_python(self, value: str) -> str:
+        return value
 
-    def to_url(self, value: int) -> str:
+    def to_url(self, value: int | str) -> str:
         return str(value)
 
 

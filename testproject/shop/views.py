@@ -31,6 +31,7 @@ from .models import Order, Product
 
 PRODUCT_COLUMNS = "id, sku, name, price_cents"
 INT4_MAX = 2**31 - 1
+BIGINT_MAX = 2**63 - 1  # the largest id a bigserial column holds
 
 
 class ApiError(Exception):
@@ -84,33 +85,57 @@ def _error_response(exc: Exception) -> JsonResponse | None:
     return None
 
 
+def _id(value: str) -> int:
+    """Return the database id a URL gives (``<id:pk>``), or raise a 404 that says why not."""
+    if value.isascii() and value.isdigit() and 1 <= int(value) <= BIGINT_MAX:
+        return int(value)
+    raise ApiError(404, f"{value!r} is not an id: ids are whole numbers from 1 to {BIGINT_MAX}.")
+
+
+def _answered(response: HttpResponse, request: HttpRequest) -> HttpResponse:
+    """Return ``response``, or, for require_http_methods' empty 405, one that says why."""
+    if response.status_code == 405 and not response.content:
+        allowed = response["Allow"]
+        message = f"{request.method} is not allowed here; use {allowed}."
+        response = JsonResponse({"error": message}, status=405)
+        response["Allow"] = allowed
+    return response
+
+
 def api(view: Any) -> Any:
-    """Turn the client's mistakes raised by ``view`` (sync or async) into 4xx responses."""
+    """Turn the client's mistakes raised by ``view`` (sync or async) into 4xx responses.
+
+    A ``pk`` from the URL (``<id:pk>``, any text) reaches ``view`` as an int.
+    """
     if inspect.iscoroutinefunction(view):
 
         @functools.wraps(view)
         async def async_wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
             try:
+                if "pk" in kwargs:
+                    kwargs["pk"] = _id(kwargs["pk"])
                 response: HttpResponse = await view(request, *args, **kwargs)
             except Exception as exc:
                 error = _error_response(exc)
                 if error is None:
                     raise
                 return error
-            return response
+            return _answered(response, request)
 
         return async_wrapper
 
     @functools.wraps(view)
     def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         try:
+            if "pk" in kwargs:
+                kwargs["pk"] = _id(kwargs["pk"])
             response: HttpResponse = view(request, *args, **kwargs)
         except Exception as exc:
             error = _error_response(exc)
             if error is None:
                 raise
             return error
-        return response
+        return _answered(response, request)
 
     return wrapper
 
@@ -145,8 +170,10 @@ def _page(request: HttpRequest) -> tuple[int, int]:
         offset = int(request.GET.get("offset", 0))
     except ValueError as exc:
         raise ApiError(400, "limit and offset must be integers.") from exc
-    if not (1 <= limit <= 100 and 0 <= offset <= INT4_MAX):
-        raise ApiError(400, "limit must be within 1..100 and offset at least 0.")
+    if not 1 <= limit <= 100:
+        raise ApiError(400, f"limit must be within 1..100, got {limit}.")
+    if not 0 <= offset <= INT4_MAX:
+        raise ApiError(400, f"offset must be within 0..{INT4_MAX}, got {offset}.")
     return limit, offset
 
 

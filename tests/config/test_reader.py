@@ -250,6 +250,8 @@ def test_an_unusable_database_url_says_what_to_do(
     assert [p.id for p in config.problems] == ["dbpool.E006"]
     assert (config.host, config.user, config.password) == ("", "", "")
     assert PW not in repr(config.problems)
+    # dbpool_check's target names the URL, not a server it would make up.
+    assert config.describe() == "'u' (DATABASE_URL cannot be used, dbpool.E006)"
     # ...and the ENGINE refuses to connect with it, with the same words.
     monkeypatch.setenv("DATABASE_URL", url)
     settings_dict = ConnectionHandler().configure_settings({"default": {"ENGINE": ENGINE}})
