@@ -38,7 +38,7 @@ from psycopg import IsolationLevel, pq
 from psycopg.waiting import READY_R, WAIT_R
 from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 
-from . import _registry, _stats, _syncpool, metrics
+from . import _registry, _stats, _syncpool, _waiters, metrics
 from ._asyncpool import run_at_loop_shutdown
 from ._guard import Guard
 from ._liveness import clock
@@ -258,8 +258,9 @@ class OrmPool:
         self.bypass = config.liveness_bypass
         self.closed = False
         self.idle: deque[psycopg.AsyncConnection[Any]] = deque()
-        #: Connections open or being opened, and the callers waiting for one.
-        self.slots = Slots(self.max_size)
+        #: Connections open or being opened, and the callers waiting for one: a share
+        #: of the alias's one budget on this loop, with the SQLAlchemy engines'.
+        self.slots = Slots(_waiters.budget(config.alias, self.max_size), self._evict)
         self._settings_dict = wrapper.settings_dict
         self._kwargs = dict(kwargs)
         self._twin_cursor = self._kwargs.pop("twin_cursor")
@@ -386,8 +387,21 @@ class OrmPool:
             self.slots.release()
             return
         setattr(conn, RETURNED, clock())  # for the liveness bypass window
-        if not self.slots.hand_over(conn):
-            self.idle.append(conn)
+        if self.slots.hand_over(conn):
+            return
+        if self.slots.wanted_elsewhere():  # the oldest caller wants another kind: its slot
+            conn.pgconn.finish()
+            self.slots.release()
+            return
+        self.idle.append(conn)
+
+    def _evict(self) -> bool:
+        """Close the longest idle connection for another kind's caller; False if none is idle."""
+        if not self.idle:
+            return False
+        self.idle.popleft().pgconn.finish()
+        self.slots.release()
+        return True
 
     async def close(self) -> None:
         """Close the idle connections and fail the waiters; others close when returned."""
@@ -397,7 +411,7 @@ class OrmPool:
         )
         while self.idle:
             self.idle.pop().pgconn.finish()
-            self.slots.opened -= 1
+            self.slots.release()
 
     def _native(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Give ``conn`` its twin and wrapper, configured as Django configures connections."""

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.core.signals import setting_changed
 
-from . import _shared
+from . import _shared, _waiters
 from . import config as _config
 from ._guard import Guard
 from ._stats import Stats, snapshot
@@ -236,6 +236,7 @@ def forget() -> None:
     _configs.clear()
     _guards.clear()
     _shared.forget()
+    _waiters.forget()
 
 
 def with_url(alias: str, settings_dict: dict[str, Any]) -> dict[str, Any]:
