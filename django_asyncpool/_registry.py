@@ -9,6 +9,7 @@ pool and its async pool::
     guard(alias)         its Guard
     stats(alias, side)   its Stats: "sync", "async" or "async_orm"
     snapshots(alias)     every pool's snapshot, one shape (what everything renders)
+    budget(alias)        the connections it may open in this process: sync + loops x async
     sync_pools           {alias: SyncPool}; DatabaseWrapper._connection_pools is this dict
     async_pools          {alias: ConnectionPool}; ConnectionPool(alias) is found here
     reset(alias=None)    settings changed: pools closed, guard and config dropped
@@ -48,6 +49,7 @@ __all__ = [
     "aliases",
     "all_stats",
     "async_pools",
+    "budget",
     "config",
     "config_for_wrapper",
     "forget",
@@ -201,6 +203,29 @@ def snapshots(alias: str | None = None) -> list[dict[str, Any]]:
                 idle=0, in_use=0, waiting=0, min_size=0, max_size=0,
             )  # fmt: skip
     return [snap for (name, _), snap in sorted(found.items()) if alias in (None, name)]
+
+
+def budget(alias: str, conf: _config.AliasConfig | None = None) -> dict[str, Any]:
+    """Return how many connections ``alias`` may open in this process, and how many are open.
+
+    ``per_process`` is the sync pool's ``max_size`` plus, for each event loop, the
+    async cap (``pool_size + max_overflow``: every async kind together). A process
+    with no event loop yet is counted as one: what a server worker runs.
+    """
+    conf = conf or config(alias)
+    # No sync pool: Django's own connection per thread, which no budget bounds.
+    sync = None if conf.sync_pool is None else int(conf.sync_pool["max_size"])
+    options = conf.async_pool
+    cap = options.pool_size + options.max_overflow
+    loops = _waiters.budgets(alias)
+    return {
+        "alias": alias,
+        "sync_max_size": sync,
+        "async_cap": cap,
+        "loops": len(loops),
+        "per_process": (sync or 0) + max(len(loops), 1) * cap,
+        "async_open": sum(b.opened for b in loops),
+    }
 
 
 def reset(alias: str | None = None) -> None:

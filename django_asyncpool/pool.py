@@ -25,7 +25,7 @@ import asyncpg
 import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from . import _failover, _registry, _stats, metrics
+from . import _failover, _registry, _stats, _waiters, metrics
 from ._asyncpool import LoopState  # this module owns the loop states: it makes them
 from ._readonly import ReadOnlyScope
 from ._scopes import ConnectionLease, SessionScope, discard, retryable
@@ -202,6 +202,8 @@ class ConnectionPool:
             in_use += loop_in_use
         guard = _registry.guard(self.alias)
         options = guard.config.async_pool
+        # One budget per loop, shared with the native ORM's pool of the alias.
+        loops = max(len(_waiters.budgets(self.alias)), 1)
         return _stats.snapshot(
             self.alias,
             "async",
@@ -211,7 +213,7 @@ class ConnectionPool:
             in_use=in_use,
             waiting=self.stats.waiting,
             min_size=0,
-            max_size=options.pool_size + options.max_overflow,
+            max_size=loops * (options.pool_size + options.max_overflow),
         )
 
 
