@@ -97,9 +97,17 @@ MIN_SIZE = Gauge(
 )
 MAX_SIZE = Gauge(
     "db_pool_max_size",
-    "Connections the pool may open at most (sync: max_size; async: pool_size + "
-    "max_overflow for each engine: one per event loop, and its read-only one).",
+    "Connections the pool may open at most (sync: max_size; async and async_orm: "
+    "pool_size + max_overflow per event loop, one budget the two sides share).",
     _L,
+    registry=None,
+    multiprocess_mode="livesum",
+)
+BUDGET = Gauge(
+    "db_pool_budget_connections",
+    "Connections the alias may open in this process: the sync max_size plus, per event "
+    "loop, the async pool_size + max_overflow (summed over processes in multiprocess mode).",
+    ["alias"],
     registry=None,
     multiprocess_mode="livesum",
 )
@@ -191,6 +199,7 @@ METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     SIZE,
     MIN_SIZE,
     MAX_SIZE,
+    BUDGET,
     CREATED,
     REUSED,
     INVALIDATED,
@@ -334,6 +343,7 @@ def flush() -> None:
             states[alias] = snap["breaker_state"]
             if exported(alias):
                 _side(alias, side).push(snap, stats.get((alias, side)))
+        _push_budgets(guards)
         _breakers.update(alias for alias, g in guards.items() if g.config.metrics)
         for alias in _breakers:
             guard = guards.get(alias)
@@ -356,6 +366,17 @@ def flush() -> None:
                     _storage_pushed[alias] = errors
                 STORAGE_SHARED.labels(alias).set(1 if storage["shared"] else 0)
         _push_failovers(exported)
+
+
+def _push_budgets(guards: dict[str, Any]) -> None:
+    # Every alias of ours, used yet or not: the budget is what its settings allow.
+    for alias in _registry.aliases():
+        try:
+            conf = guards[alias].config if alias in guards else _registry.config(alias)
+        except Exception:  # broken settings: the system checks say why
+            continue
+        if conf.metrics:
+            BUDGET.labels(alias).set(_registry.budget(alias, conf)["per_process"])
 
 
 def _push_failovers(exported: Callable[[str], bool]) -> None:

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from . import metrics
 from .core import registry as _registry
 from .core import stats as _stats
+from .core import waiters as _waiters
 from .core.stats import Stats
 from .failover import scopes as _failover
 from .sqla.engines import LoopState  # this module owns the loop states: it makes them
@@ -205,6 +206,8 @@ class ConnectionPool:
             in_use += loop_in_use
         guard = _registry.guard(self.alias)
         options = guard.config.async_pool
+        # One budget per loop, shared with the native ORM's pool of the alias.
+        loops = max(len(_waiters.budgets(self.alias)), 1)
         return _stats.snapshot(
             self.alias,
             "async",
@@ -214,7 +217,7 @@ class ConnectionPool:
             in_use=in_use,
             waiting=self.stats.waiting,
             min_size=0,
-            max_size=options.pool_size + options.max_overflow,
+            max_size=loops * (options.pool_size + options.max_overflow),
         )
 
 

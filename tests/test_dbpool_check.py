@@ -164,6 +164,43 @@ def test_the_real_command_line() -> None:
     assert problem["id"] == "dbpool.E002" and problem["key"] == "DB_POOL_SIZE"
 
 
+def test_budget_and_the_servers_room(alias: Callable[..., str]) -> None:
+    first, second = alias(), alias()  # QUICK: 2 sync + 2 async each, one server
+    code, out, _ = dbpool_check("--database", first, "--database", second, "--format", "json")
+    assert code == 0, out
+    report = json.loads(out)
+    for entry in report["aliases"]:
+        assert entry["budget"]["per_process"] == 2 + 2
+    (server,) = report["servers"]
+    assert server["aliases"] == [first, second] and server["per_process"] == 8
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("select current_setting('max_connections')::int")
+        (max_connections,) = cursor.fetchone()
+    assert server["max_connections"] == max_connections
+    assert 3 <= server["reserved_connections"] < max_connections
+    assert server["processes_fit"] == server["available"] // 8
+    code, out, _ = dbpool_check("--database", first)
+    assert f"{first}: 4 = sync max_size 2 + async 2" in out
+    assert re.search(r"server \S+ \(" + first + r"\): max_connections \d+ - \d+ reserved", out)
+    assert "WARNING" not in out
+
+
+def test_warns_when_one_process_alone_does_not_fit(alias: Callable[..., str]) -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("select current_setting('max_connections')::int")
+        (max_connections,) = cursor.fetchone()
+    big = alias(OPTIONS={**QUICK, "async_pool": {"pool_size": max_connections, "max_overflow": 0}})
+    code, out, _ = dbpool_check("--database", big)
+    assert code == 0, out  # a warning: the probes themselves passed
+    assert "0 processes fit" in out
+    assert f"WARNING: one process may open {max_connections + 2} connections" in out
+    assert "OPTIONS['async_pool']" in out
+
+
 # -- what the docs show of it ----------------------------------------------------------------
 
 DOCS = ROOT / "docs"

@@ -133,6 +133,35 @@ def test_async_gauges_while_the_loop_lives(make_alias) -> None:
     assert seen == {"idle": 2, "in_use": 0, "waiting": 0, "size": 2, "min": 0, "max": 3}
 
 
+def test_the_budget_counts_the_sync_pool_and_each_loops_async_cap(make_alias) -> None:
+    alias = make_alias(
+        OPTIONS={"pool": {"max_size": 4}, "async_pool": {"pool_size": 2, "max_overflow": 1}}
+    )
+
+    async def on_a_loop(started: threading.Event, stop: threading.Event) -> None:
+        await async_query(alias)
+        started.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+
+    # Before any use, from the settings alone: no event loop yet, counted as one.
+    assert value("db_pool_budget_connections", alias=alias) == 4 + 3
+    started, stop = threading.Event(), threading.Event()
+    other = threading.Thread(target=lambda: asyncio.run(on_a_loop(started, stop)))
+    other.start()
+    try:
+        assert started.wait(10)
+
+        async def here() -> float:
+            await async_query(alias)  # a second loop, alive beside the other thread's
+            return value("db_pool_budget_connections", alias=alias)
+
+        assert asyncio.run(here()) == 4 + 2 * 3
+    finally:
+        stop.set()
+        other.join(10)
+
+
 def test_sync_traffic_moves_attempts_latency_created_reused_and_held(make_wrapper) -> None:
     wrapper = make_wrapper(OPTIONS={"pool": {"min_size": 1, "max_size": 4}})
     delta = Delta(wrapper.alias, "sync")

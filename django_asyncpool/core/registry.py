@@ -10,6 +10,7 @@ pool and its async pool::
     guard(alias)         its Guard
     stats(alias, side)   its Stats: "sync", "async" or "async_orm"
     snapshots(alias)     every pool's snapshot, one shape (what everything renders)
+    budget(alias)        the connections it may open in this process: sync + loops x async
     sync_pools           {alias: SyncPool}; DatabaseWrapper._connection_pools is this dict
     async_pools          {alias: ConnectionPool}; ConnectionPool(alias) is found here
     register_kind(...)   a kind of pool says how to snapshot, reset and forget its pools
@@ -45,6 +46,7 @@ from .. import config as _config
 from ..errors import redact
 from . import breaker_redis as _shared
 from . import process as _process
+from . import waiters as _waiters
 from .guard import Guard
 from .stats import Stats, snapshot
 
@@ -52,6 +54,7 @@ __all__ = [
     "aliases",
     "all_stats",
     "async_pools",
+    "budget",
     "close_pools",
     "config",
     "config_for_wrapper",
@@ -258,6 +261,29 @@ def kinds() -> list[str]:
     return list(_kinds)
 
 
+def budget(alias: str, conf: _config.AliasConfig | None = None) -> dict[str, Any]:
+    """Return how many connections ``alias`` may open in this process, and how many are open.
+
+    ``per_process`` is the sync pool's ``max_size`` plus, for each event loop, the
+    async cap (``pool_size + max_overflow``: every async kind together). A process
+    with no event loop yet is counted as one: what a server worker runs.
+    """
+    conf = conf or config(alias)
+    # No sync pool: Django's own connection per thread, which no budget bounds.
+    sync = None if conf.sync_pool is None else int(conf.sync_pool["max_size"])
+    options = conf.async_pool
+    cap = options.pool_size + options.max_overflow
+    loops = _waiters.budgets(alias)
+    return {
+        "alias": alias,
+        "sync_max_size": sync,
+        "async_cap": cap,
+        "loops": len(loops),
+        "per_process": (sync or 0) + max(len(loops), 1) * cap,
+        "async_open": sum(b.opened for b in loops),
+    }
+
+
 def reset(alias: str | None = None) -> None:
     """Forget ``alias`` (every alias if None): its settings changed, or it is gone.
 
@@ -290,6 +316,7 @@ def forget() -> None:
     _configs.clear()
     _guards.clear()
     _shared.forget()
+    _waiters.forget()
 
 
 def with_url(alias: str, settings_dict: dict[str, Any]) -> dict[str, Any]:

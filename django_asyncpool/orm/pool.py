@@ -43,6 +43,7 @@ from ..config import AliasConfig
 from ..core import checkout as _checkout
 from ..core import registry as _registry
 from ..core import stats as _stats
+from ..core import waiters as _waiters
 from ..core.checkout import RETURNED
 from ..core.guard import Guard
 from ..core.hangups import clear_hint, maybe_closed, readable, watch_hangups
@@ -261,8 +262,9 @@ class OrmPool:
         self.bypass = config.liveness_bypass
         self.closed = False
         self.idle: deque[psycopg.AsyncConnection[Any]] = deque()
-        #: Connections open or being opened, and the callers waiting for one.
-        self.slots = Slots(self.max_size)
+        #: Connections open or being opened, and the callers waiting for one: a share
+        #: of the alias's one budget on this loop, with the SQLAlchemy engines'.
+        self.slots = Slots(_waiters.budget(config.alias, self.max_size), self._evict)
         self._settings_dict = wrapper.settings_dict
         self._kwargs = dict(kwargs)
         self._twin_cursor = self._kwargs.pop("twin_cursor")
@@ -389,8 +391,21 @@ class OrmPool:
             self.slots.release()
             return
         setattr(conn, RETURNED, clock())  # for the liveness bypass window
-        if not self.slots.hand_over(conn):
-            self.idle.append(conn)
+        if self.slots.hand_over(conn):
+            return
+        if self.slots.wanted_elsewhere():  # the oldest caller wants another kind: its slot
+            conn.pgconn.finish()
+            self.slots.release()
+            return
+        self.idle.append(conn)
+
+    def _evict(self) -> bool:
+        """Close the longest idle connection for another kind's caller; False if none is idle."""
+        if not self.idle:
+            return False
+        self.idle.popleft().pgconn.finish()
+        self.slots.release()
+        return True
 
     async def close(self) -> None:
         """Close the idle connections and fail the waiters; others close when returned."""
@@ -400,7 +415,7 @@ class OrmPool:
         )
         while self.idle:
             self.idle.pop().pgconn.finish()
-            self.slots.opened -= 1
+            self.slots.release()
 
     def _native(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Give ``conn`` its twin and wrapper, configured as Django configures connections."""

@@ -27,6 +27,7 @@ from sqlalchemy.util.concurrency import await_
 
 from ..config import AliasConfig, refuse_unusable
 from ..core import registry as _registry
+from ..core import waiters as _waiters
 from ..core.checkout import RETURNED, TAKEN
 from ..core.liveness import clock, due_for_ping, poller
 from ..core.loops import run_at_loop_shutdown
@@ -235,7 +236,9 @@ class _Listeners:
         return lost_error(self.config, cause, context.statement, context.parameters)
 
 
-def _create_engine(config: AliasConfig, stats: Stats, *, readonly: bool) -> AsyncEngine:
+def _create_engine(
+    config: AliasConfig, stats: Stats, budget: _waiters.Budget, *, readonly: bool
+) -> AsyncEngine:
     """Return a new engine of ``config`` on a :class:`GuardedPool`, its listeners registered."""
     kwargs = connect_kwargs(config)
     if readonly and not config.pgbouncer:
@@ -264,7 +267,12 @@ def _create_engine(config: AliasConfig, stats: Stats, *, readonly: bool) -> Asyn
     poolclass = type(
         "GuardedPool",
         (GuardedPool,),
-        {"guard": _registry.guard(config.alias), "stats": stats, "metered": config.metrics},
+        {
+            "guard": _registry.guard(config.alias),
+            "stats": stats,
+            "metered": config.metrics,
+            "budget": budget,
+        },
     )
     engine = create_async_engine(
         "postgresql+asyncpg://",
@@ -286,20 +294,26 @@ def _create_engine(config: AliasConfig, stats: Stats, *, readonly: bool) -> Asyn
 
 
 class LoopState:
-    """The engines of one event loop: read-write, and read-only (made when first used)."""
+    """The engines of one event loop: read-write, and read-only (made when first used).
+
+    Both count their connections in the alias's one budget on this loop
+    (:func:`._waiters.budget`), with the native async ORM's.
+    """
 
     def __init__(self, stats: Stats, config: AliasConfig) -> None:
         refuse_unusable(config)
         self.stats = stats
         self.config = config
-        self.engine = _create_engine(config, stats, readonly=False)
+        options = config.async_pool
+        self.budget = _waiters.budget(config.alias, options.pool_size + options.max_overflow)
+        self.engine = _create_engine(config, stats, self.budget, readonly=False)
         self._readonly: AsyncEngine | None = None
         self._guardian = run_at_loop_shutdown(self.dispose)
 
     @property
     def readonly(self) -> AsyncEngine:
         if self._readonly is None:
-            self._readonly = _create_engine(self.config, self.stats, readonly=True)
+            self._readonly = _create_engine(self.config, self.stats, self.budget, readonly=True)
         return self._readonly
 
     def counts(self) -> tuple[int, int]:

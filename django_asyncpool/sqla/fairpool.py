@@ -24,7 +24,7 @@ from ..core.guard import Guard
 from ..core.liveness import clock
 from ..core.loops import greenlet_sleep
 from ..core.stats import Stats, describe, snapshot
-from ..core.waiters import TIMED_OUT, Slots
+from ..core.waiters import TIMED_OUT, Budget, Slots
 from ..errors import PoolTimeout, pool_timeout
 
 __all__ = ["GuardedPool"]
@@ -58,6 +58,8 @@ class GuardedPool(Pool):
 
     guard: Guard
     stats: Stats
+    #: The alias's budget on this loop, shared with its other engine and the ORM's pool.
+    budget: Budget
     #: Time checkouts for the latency histogram (``OPTIONS["metrics"]``).
     metered: bool = True
     #: Seconds overflow connections are kept after demand last exceeded pool_size.
@@ -74,12 +76,10 @@ class GuardedPool(Pool):
         super().__init__(creator, **kwargs)
         self._size = pool_size
         self._max_overflow = max_overflow
-        #: The most connections this engine opens: pool_size + max_overflow.
-        self.cap = pool_size + max_overflow
         self._timeout = timeout
         self._idle: deque[Any] = deque()
-        self._slots = Slots(self.cap)  # records idle, checked out or being opened; waiters
-        self._busy_at = 0.0  # monotonic time demand last exceeded pool_size
+        # Records idle, checked out or being opened, under the alias's one budget.
+        self._slots = Slots(self.budget, self._evict)
         self._disposed = False
         create = self._invoke_creator
         guard, stats = self.guard, self.stats
@@ -112,8 +112,9 @@ class GuardedPool(Pool):
         if guard.breaker.current_state != "closed":
             guard.check_open()
         idle, slots = self._idle, self._slots
-        if slots.opened - len(idle) >= self._size:
-            self._busy_at = time.monotonic()  # demand above pool_size: keep the overflow
+        budget = slots.budget
+        if budget.opened - len(idle) >= self._size:
+            budget.busy_at = time.monotonic()  # demand above pool_size: keep the overflow
         if idle:
             # An idle connection means nobody is waiting. The one returned last: its
             # backend is warm and it needs no ping (liveness_bypass); the others idle.
@@ -160,7 +161,7 @@ class GuardedPool(Pool):
                         in_use=self.checkedout(),
                         waiting=stats.waiting + 1,  # this caller, no longer counted
                         min_size=0,
-                        max_size=self.cap,
+                        max_size=self.budget.cap,
                     )
                 ),
                 "OPTIONS['async_pool']['pool_size'], ['max_overflow'] or ['timeout']",
@@ -173,16 +174,24 @@ class GuardedPool(Pool):
         """Give what a cancelled waiter was handed (a record, or a slot) to the next one."""
         if got is None:
             self._slots.release()
-        elif not self._slots.hand_over(got):
-            self._idle.append(got)
+        else:
+            self._do_return_conn(got)
+
+    def _evict(self) -> bool:
+        """Close the longest idle connection for another kind's caller; False if none is idle."""
+        if not self._idle:
+            return False
+        _drop(self._idle.popleft())
+        self._slots.release()
+        return True
 
     # -- check-in ---------------------------------------------------------------------------
 
     def closes_on_return(self) -> bool:
         """Return True if a check-in now may close a connection (which awaits: a greenlet)."""
+        budget = self._slots.budget
         return self._disposed or (
-            self._slots.opened > self._size
-            and time.monotonic() - self._busy_at >= self.KEEP_OVERFLOW
+            budget.opened > self._size and time.monotonic() - budget.busy_at >= self.KEEP_OVERFLOW
         )
 
     def _return_conn(self, record: Any) -> None:
@@ -201,16 +210,23 @@ class GuardedPool(Pool):
         slots = self._slots
         if slots.hand_over(record):
             return
+        if slots.wanted_elsewhere():
+            # The oldest caller wants another kind: this one's slot is theirs.
+            _drop(record)
+            slots.release()
+            return
         if self.closes_on_return():
             # The demand stayed within pool_size for a while (or the pool was disposed):
-            # close this connection, and the idle ones above pool_size.
-            slots.opened -= 1
+            # close this connection, and the idle ones above pool_size. Each slot is
+            # released once its connection is closed: the server never sees more.
             try:
                 record.close()
             finally:
-                while self._idle and (self._disposed or slots.opened > self._size):
-                    slots.opened -= 1
+                slots.release()
+                budget = slots.budget
+                while self._idle and (self._disposed or budget.opened > self._size):
                     self._idle.popleft().close()  # the longest idle
+                    slots.release()
             return
         self._idle.append(record)
 
@@ -221,8 +237,8 @@ class GuardedPool(Pool):
         # would keep them in a pool nobody uses any more).
         self._disposed = True
         while self._idle:
-            self._slots.opened -= 1
             self._idle.popleft().close()
+            self._slots.release()
         self.logger.info("Pool disposed. %s", self.status())
 
     def recreate(self) -> GuardedPool:
@@ -266,3 +282,15 @@ class GuardedPool(Pool):
     def waiting(self) -> int:
         """Return how many callers wait for a connection of this engine."""
         return self._slots.waiting()
+
+
+def _drop(record: Any) -> None:
+    """Close ``record``'s connection now, awaiting nothing (the server sees the socket close).
+
+    No await: the slot it frees is counted again at once, and no other task may
+    take it while a graceful close waits for the server.
+    """
+    raw = record.driver_connection
+    if raw is not None:
+        raw.terminate()
+    record.dbapi_connection = None

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from django_asyncpool.core.waiters import TIMED_OUT, Slots
+from django_asyncpool.core.waiters import TIMED_OUT, Budget, Slots
 from django_asyncpool.errors import PoolClosed, PoolTimeout
 
 LONG = 10.0  # a timeout no test reaches, seconds
@@ -31,11 +31,23 @@ async def settle() -> None:
 
 
 class Pool:
-    """Connections are strings; ``acquire`` returns one (``"new"`` for a slot it opened)."""
+    """Connections are strings; ``acquire`` returns one (``"new"`` for a slot it opened).
 
-    def __init__(self, cap: int) -> None:
-        self.slots = Slots(cap)
+    Over a shared :class:`Budget`, each Pool is one kind: it closes (``closed``) what
+    it cannot hand to the oldest caller, and evicts its longest idle one on demand.
+    """
+
+    def __init__(self, cap: int | Budget) -> None:
+        self.slots = Slots(cap, self.evict)
         self.idle: list[Any] = []
+        self.closed: list[Any] = []
+
+    def evict(self) -> bool:
+        if not self.idle:
+            return False
+        self.closed.append(self.idle.pop(0))
+        self.slots.release()
+        return True
 
     async def acquire(self, timeout: float = LONG) -> Any:
         if self.idle:
@@ -55,8 +67,13 @@ class Pool:
         return "new" if got is None else got
 
     def give_back(self, conn: Any) -> None:
-        if not self.slots.hand_over(conn):
-            self.idle.append(conn)
+        if self.slots.hand_over(conn):
+            return
+        if self.slots.wanted_elsewhere():
+            self.closed.append(conn)
+            self.slots.release()
+            return
+        self.idle.append(conn)
 
     def pass_on(self, got: Any) -> None:
         if got is None:
@@ -254,8 +271,101 @@ def test_fail_all_raises_a_new_error_in_every_waiter() -> None:
         errors = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(e, PoolClosed) and e.alias == "replica" for e in errors)
         assert len({id(e) for e in errors}) == 3  # one each: a shared one mixes tracebacks
-        assert not pool.slots.queue
+        assert not pool.slots.budget.queue
         assert pool.slots.waiting() == 0
         assert not pool.slots.hand_over("conn")
+
+    run(main)
+
+
+# -- one budget, several kinds ----------------------------------------------------------------
+
+
+def test_kinds_share_one_cap() -> None:
+    budget = Budget(3)
+    rw, ro, orm = Slots(budget), Slots(budget), Slots(budget)
+    assert [rw.take(), ro.take(), orm.take()] == [True, True, True]
+    assert not any(kind.take() for kind in (rw, ro, orm))
+    assert (budget.opened, rw.opened, ro.opened, orm.opened) == (3, 1, 1, 1)
+    ro.release()
+    assert orm.take() and not rw.take()
+    assert (budget.opened, ro.opened, orm.opened) == (3, 0, 2)
+
+
+def test_every_kind_waits_in_one_queue_oldest_first() -> None:
+    async def main() -> list[str]:
+        budget = Budget(2)
+        rw, ro, orm = Pool(budget), Pool(budget), Pool(budget)
+        held = [await rw.acquire(), await rw.acquire()]
+        order: list[str] = []
+
+        async def use(pool: Pool, name: str) -> None:
+            conn = await pool.acquire()
+            order.append(name)
+            await asyncio.sleep(0)
+            pool.give_back(conn)
+
+        tasks = []
+        for pool, name in [(ro, "ro1"), (orm, "orm1"), (rw, "rw1"), (ro, "ro2"), (orm, "orm2")]:
+            tasks.append(asyncio.create_task(use(pool, name)))
+            await settle()
+        assert budget.waiting() == 5 and ro.slots.waiting() == 2
+        for conn in held:
+            rw.give_back(conn)  # the oldest wants a read-only one: closed, its slot handed
+        await asyncio.gather(*tasks)
+        assert budget.opened <= 2
+        assert rw.closed  # a read-write connection made room for the others
+        return order
+
+    assert run(main) == ["ro1", "orm1", "rw1", "ro2", "orm2"]
+
+
+def test_at_the_cap_an_idle_connection_of_another_kind_makes_room() -> None:
+    async def main() -> None:
+        budget = Budget(2)
+        rw, orm = Pool(budget), Pool(budget)
+        a, b = await rw.acquire(), await rw.acquire()
+        rw.give_back(a)
+        rw.give_back(b)
+        assert rw.idle == ["new", "new"] and budget.opened == 2
+        assert await asyncio.wait_for(orm.acquire(), 1.0) == "new"  # no wait: one evicted
+        assert (len(rw.closed), len(rw.idle), budget.opened) == (1, 1, 2)
+        assert await asyncio.wait_for(orm.acquire(), 1.0) == "new"
+        assert (rw.idle, budget.opened, orm.slots.opened, rw.slots.opened) == ([], 2, 2, 0)
+
+    run(main)
+
+
+def test_no_eviction_while_callers_wait() -> None:
+    async def main() -> None:
+        budget = Budget(1)
+        rw, orm = Pool(budget), Pool(budget)
+        held = await rw.acquire()
+        first = asyncio.create_task(orm.acquire())
+        await settle()
+        rw.idle.append("stray")  # an idle one appearing while a caller waits
+        assert not rw.slots.take()  # a newcomer queues behind `first`, evicts nothing
+        assert rw.idle == ["stray"]
+        rw.give_back(held)  # `first` wants the ORM kind: closed, slot handed
+        assert await asyncio.wait_for(first, 1.0) == "new"
+        assert rw.closed == [held]
+
+    run(main)
+
+
+def test_fail_all_fails_only_its_own_kind() -> None:
+    async def main() -> None:
+        budget = Budget(1)
+        rw, orm = Pool(budget), Pool(budget)
+        held = await rw.acquire()
+        mine = asyncio.create_task(orm.acquire())
+        theirs = asyncio.create_task(rw.acquire())
+        await settle()
+        orm.slots.fail_all(lambda: PoolClosed("closed"))
+        with pytest.raises(PoolClosed):
+            await mine
+        assert rw.slots.waiting() == 1
+        rw.give_back(held)
+        assert await asyncio.wait_for(theirs, 1.0) == held
 
     run(main)

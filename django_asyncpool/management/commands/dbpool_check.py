@@ -27,6 +27,13 @@ from ...core import registry as _registry
 from ...errors import redact
 
 SERVER_VERSION = "select current_setting('server_version')"
+#: The server's connection slots: max_connections, and those kept for superusers (and,
+#: from PostgreSQL 16, for pg_use_reserved_connections: NULL before).
+HEADROOM = (
+    "select current_setting('max_connections')::int,"
+    " current_setting('superuser_reserved_connections')::int,"
+    " coalesce(current_setting('reserved_connections', true)::int, 0)"
+)
 
 
 class Command(BaseCommand):
@@ -108,6 +115,7 @@ def run(aliases: list[str], timeout: float) -> dict[str, Any]:
                 "healthy": all(side["ok"] for side in sides.values()),
                 "breaker": _breaker(alias),
                 "failover_to": list(conf.failover_to),
+                "budget": _registry.budget(alias, conf),
                 **sides,
             }
         )
@@ -116,6 +124,7 @@ def run(aliases: list[str], timeout: float) -> dict[str, Any]:
         entry["reads_go_to"] = _reads_go_to(entry["alias"], probed)
     healthy = all(entry["healthy"] for entry in entries)
     exit_code = 2 if found else 0 if healthy else 1
+    servers = _servers(entries, configs)
     return {
         "healthy": healthy and not found,
         "exit_code": exit_code,
@@ -132,7 +141,45 @@ def run(aliases: list[str], timeout: float) -> dict[str, Any]:
             for p, password in found
         ],
         "aliases": entries,
+        "servers": servers,
     }
+
+
+def _servers(entries: list[dict[str, Any]], configs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return, per server, the connections one process of this configuration may open there,
+    the server's room for clients, and how many such processes fit.
+
+    A server is its host and port (``max_connections`` is the whole server's); the
+    aliases on it add up. Its room is read by the sync probe of one of them.
+    """
+    servers: dict[tuple[str, str], dict[str, Any]] = {}
+    for entry in entries:
+        conf = configs[entry["alias"]]
+        key = (conf.host or "local socket", str(conf.port or 5432))
+        server = servers.setdefault(
+            key,
+            {
+                "server": f"{key[0]}:{key[1]}",
+                "aliases": [],
+                "per_process": 0,
+                "max_connections": None,
+                "reserved_connections": None,
+            },
+        )
+        server["aliases"].append(entry["alias"])
+        server["per_process"] += entry["budget"]["per_process"]
+        probe = entry["sync"]
+        if probe["ok"] and server["max_connections"] is None:
+            server["max_connections"] = probe["max_connections"]
+            server["reserved_connections"] = probe["reserved_connections"]
+    for server in servers.values():
+        if server["max_connections"] is None:
+            server["available"] = server["processes_fit"] = None
+            continue
+        available = server["max_connections"] - server["reserved_connections"]
+        server["available"] = available
+        server["processes_fit"] = available // max(server["per_process"], 1)
+    return list(servers.values())
 
 
 class _Probe:
@@ -184,6 +231,8 @@ def _probe_sync(alias: str, deadline: float) -> dict[str, Any]:
             cursor.execute(SERVER_VERSION)
             t2 = time.monotonic()
             (version,) = cursor.fetchone()
+            cursor.execute(HEADROOM)
+            max_connections, superuser_reserved, reserved = cursor.fetchone()
     finally:
         wrapper.close()  # back to the pool
     pool = _registry.sync_pools.get(alias)  # None with OPTIONS["pool"] = False
@@ -192,6 +241,8 @@ def _probe_sync(alias: str, deadline: float) -> dict[str, Any]:
         "connect_ms": _ms(t1 - t0),
         "query_ms": _ms(t2 - t1),
         "pool": pool.snapshot() if pool is not None else None,
+        "max_connections": max_connections,
+        "reserved_connections": superuser_reserved + reserved,
     }
 
 
@@ -264,6 +315,41 @@ def _pool_text(pool: dict[str, Any] | None) -> str:
     )
 
 
+def _budget_lines(report: dict[str, Any]) -> list[str]:
+    """Return what each alias may open per process, and what each server has room for."""
+    lines = ["", "Connections one process may open (sync max_size + async cap per event loop):"]
+    for entry in report["aliases"]:
+        b = entry["budget"]
+        sync = (
+            f"sync max_size {b['sync_max_size']}"
+            if b["sync_max_size"] is not None
+            else "sync unpooled (one per thread, not counted)"
+        )
+        lines.append(
+            f"  {entry['alias']}: {b['per_process']} = {sync} + async {b['async_cap']} "
+            "(pool_size + max_overflow, all async kinds)"
+        )
+    for server in report["servers"]:
+        names = ", ".join(server["aliases"])
+        if server["available"] is None:
+            lines.append(f"  server {server['server']} ({names}): room unknown (not reachable)")
+            continue
+        lines.append(
+            f"  server {server['server']} ({names}): max_connections {server['max_connections']}"
+            f" - {server['reserved_connections']} reserved = {server['available']} for clients;"
+            f" {server['per_process']} per process: {server['processes_fit']} processes fit"
+        )
+        if server["processes_fit"] < 1:
+            lines.append(
+                f"  WARNING: one process may open {server['per_process']} connections to "
+                f"{server['server']}, more than its {server['available']}: lower "
+                "OPTIONS['pool']['max_size'] or OPTIONS['async_pool'] (pool_size, "
+                "max_overflow), or raise the server's max_connections (or put PgBouncer in "
+                "front)."
+            )
+    return lines
+
+
 def render_table(report: dict[str, Any]) -> str:
     """Return the report as an aligned table, with problems and errors below it."""
     header = ("ALIAS", "POOL", "STATUS", "VERSION", "CONNECT", "QUERY", "BREAKER", "STATS")
@@ -305,6 +391,7 @@ def render_table(report: dict[str, Any]) -> str:
                 else f"{entry['alias']}: Redis at {storage['where']} NOT REACHABLE: falling "
                 f"back to this process's own breaker state ({storage['errors']} errors)"
             )
+    lines += _budget_lines(report)
     if errors:
         lines += ["", "Errors:", *(f"  {e}" for e in errors)]
     if report["problems"]:
