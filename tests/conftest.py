@@ -36,6 +36,9 @@ _names = itertools.count(1)
 # directory of its own: what they leave behind is told apart from concurrent runs' files.
 # (The embedded server of the settings, started before this file is read, is not in it.)
 RUN_TMP = Path(tempfile.mkdtemp(prefix="asyncpool-tests-"))
+# Servers that refuse root (pgbouncer, PostgreSQL) run as another user: it must reach
+# the folders made for it in here, without listing the rest.
+RUN_TMP.chmod(0o711)
 os.environ["TMPDIR"] = str(RUN_TMP)
 tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 

@@ -79,7 +79,9 @@ class PgBouncer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 _, err = self.process.communicate()
-                raise RuntimeError(f"pgbouncer exited: {err.strip()}\n{self.log()}")
+                log = self.log()
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise RuntimeError(f"pgbouncer exited: {err.strip()}\n{log}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
                     return
