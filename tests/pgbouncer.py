@@ -69,18 +69,20 @@ class PgBouncer:
                 os.chown(path, entry.pw_uid, entry.pw_gid)
             command[1:1] = ["-u", user]
         os.chmod(self.dir / "userlist.txt", 0o600)
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
+        # Its log goes to stderr as well as the log file: into a file, never a pipe
+        # nobody reads (a full pipe blocks pgbouncer, and every client with it).
+        self._stderr = tempfile.TemporaryFile("w+", errors="replace")
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._stderr)
         self._wait_listening()
 
     def _wait_listening(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                _, err = self.process.communicate()
+                self._stderr.seek(0)
+                err = self._stderr.read()[-4000:]
                 log = self.log()
-                shutil.rmtree(self.dir, ignore_errors=True)
+                self.stop()
                 raise RuntimeError(f"pgbouncer exited: {err.strip()}\n{log}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
@@ -104,6 +106,5 @@ class PgBouncer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
+        self._stderr.close()
         shutil.rmtree(self.dir, ignore_errors=True)
