@@ -29,9 +29,9 @@ from django.db import DEFAULT_DB_ALIAS, connections, models, router, transaction
 from django.db.models import Model, signals
 from django.db.models import query as _query
 from django.db.transaction import TransactionManagementError
-from sqlalchemy.util.concurrency import greenlet_spawn
 
 from . import _ormpool, _registry, _syncpool
+from ._watchdog import spawn as greenlet_spawn  # timed: the loop-blocking watchdog
 from .config import ENGINE
 
 __all__ = ["atomic", "enabled", "install", "run"]

@@ -1,0 +1,172 @@
+"""Run sync code in a greenlet on the event loop, and notice when it holds the loop.
+
+:func:`spawn` is SQLAlchemy's ``greenlet_spawn`` (its ``await_`` works inside) that
+also times each slice of sync code between two awaits. A slice longer than
+``settings.ASYNCPOOL_LOOP_BLOCKED_MS`` (default 20 ms; 0 turns the watchdog off)
+held every other request of the loop: it is counted by code location
+(``db_loop_blocked_total{where}``) and logged once per location with the stack of
+the code that held the loop. While a slice runs, one daemon thread per process
+(started at the first slice) looks at it every half threshold and, once it is
+over, takes the loop thread's stack: the blocking call itself, not where the code
+later awaited.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from greenlet import getcurrent, greenlet
+
+__all__ = ["blocked", "spawn", "threshold"]
+
+logger = logging.getLogger("django_asyncpool")
+T = TypeVar("T")
+DEFAULT_MS = 20.0
+
+#: where -> slices that held the loop longer than the threshold (for the metric).
+blocked: dict[str, int] = {}
+_logged: set[tuple[str, int | None]] = set()
+#: loop thread id -> [slice start, stack taken by the monitor or None]
+_running: dict[int, list[Any]] = {}
+_monitor: threading.Thread | None = None
+_monitor_lock = threading.Lock()
+#: Frames of these files are the machinery, not where the loop was held.
+_OURS = (
+    os.path.dirname(__file__),
+    os.path.dirname(threading.__file__) + os.sep + "asyncio",
+    "greenlet",
+    os.sep + "sqlalchemy" + os.sep,
+)
+
+
+class _Green(greenlet):  # type: ignore[misc]
+    """A greenlet that SQLAlchemy's ``await_`` accepts, sharing its driver's context."""
+
+    __sqlalchemy_greenlet_provider__ = True
+
+    def __init__(self, fn: Callable[..., Any], driver: greenlet) -> None:
+        super().__init__(fn, driver)
+        self.gr_context = driver.gr_context
+
+
+def threshold() -> float:
+    """Return the watchdog's threshold in seconds (0: off)."""
+    from django.conf import settings
+
+    return float(getattr(settings, "ASYNCPOOL_LOOP_BLOCKED_MS", DEFAULT_MS)) / 1e3
+
+
+async def spawn(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Return ``fn(*args, **kwargs)`` run in a greenlet; what it awaits runs on this loop."""
+    limit = threshold()
+    if limit and _monitor is None:
+        _start_monitor(limit)
+    child = _Green(fn, getcurrent())
+    result = _slice(fn, child, limit, child.switch, *args, **kwargs)
+    while not child.dead:
+        try:
+            value = await result
+        except BaseException:
+            result = _slice(fn, child, limit, child.throw, *sys.exc_info())
+        else:
+            result = _slice(fn, child, limit, child.switch, value)
+    return result  # type: ignore[no-any-return]
+
+
+def _slice(
+    fn: Callable[..., Any], child: greenlet, limit: float, step: Any, *args: Any, **kw: Any
+) -> Any:
+    """Run the greenlet until it awaits or ends (``step``: its switch or throw), timed."""
+    tid = threading.get_ident()
+    slot: list[Any] = [time.perf_counter(), None]
+    _running[tid] = slot
+    try:
+        return step(*args, **kw)
+    finally:
+        del _running[tid]
+        held = time.perf_counter() - slot[0]
+        if limit and held > limit:
+            _held(fn, child, slot, held)
+
+
+def _held(fn: Callable[..., Any], child: greenlet, slot: list[Any], held: float) -> None:
+    """Count and (once per location) log a slice that held the loop ``held`` seconds."""
+    stack: traceback.StackSummary | None = slot[1]
+    if stack is None and child.gr_frame is not None:  # the monitor had not looked yet
+        stack = traceback.extract_stack(child.gr_frame)
+    frame = _culprit(stack) if stack else None
+    if frame is not None:
+        where, key = f"{_module(frame.filename)}.{frame.name}", (frame.filename, frame.lineno)
+    else:
+        where = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+        key = (where, 0)
+    blocked[where] = blocked.get(where, 0) + 1
+    if key in _logged:
+        return
+    _logged.add(key)
+    shown = "".join(traceback.format_list(stack)) if stack else f"  in {where}\n"
+    logger.warning(
+        "Sync code held the event loop for %.0f ms (ASYNCPOOL_LOOP_BLOCKED_MS is %.0f): "
+        "every other request of this process waited. Logged once per code location; "
+        "db_loop_blocked_total{where=%r} counts them. Code that blocks on anything but "
+        "the database (files, HTTP, caches, sleep) must not run in the greenlet: take it "
+        "out of settings.ASYNCPOOL_DATABASE_ONLY, or make it async. Stack:\n%s",
+        held * 1e3,
+        threshold() * 1e3,
+        where,
+        shown,
+    )
+
+
+def _culprit(stack: traceback.StackSummary) -> traceback.FrameSummary | None:
+    """Return the innermost frame that is not the greenlet machinery."""
+    for frame in reversed(stack):
+        if not any(part in frame.filename for part in _OURS):
+            return frame
+    return None
+
+
+def _module(filename: str) -> str:
+    for path in sorted(sys.path, key=len, reverse=True):
+        if path and filename.startswith(path + os.sep):
+            return filename[len(path) + 1 :].removesuffix(".py").replace(os.sep, ".")
+    return os.path.basename(filename).removesuffix(".py")
+
+
+def _start_monitor(limit: float) -> None:
+    global _monitor
+    with _monitor_lock:
+        if _monitor is None:
+            _monitor = threading.Thread(
+                target=_watch, args=(limit,), name="django_asyncpool watchdog", daemon=True
+            )
+            _monitor.start()
+
+
+def _watch(limit: float) -> None:
+    """Take the stack of every loop thread whose current slice is over the threshold."""
+    while True:
+        time.sleep(limit / 2)
+        limit = threshold() or limit
+        now = time.perf_counter()
+        for tid, slot in list(_running.items()):
+            if slot[1] is None and now - slot[0] > limit:
+                frame = sys._current_frames().get(tid)
+                if frame is not None and _running.get(tid) is slot:
+                    slot[1] = traceback.extract_stack(frame)
+
+
+def _after_fork_in_child() -> None:
+    global _monitor
+    _monitor = None  # the thread is not in the child: start another at its first slice
+    _running.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
