@@ -1,0 +1,381 @@
+"""Django's ASGI request path without a thread: its own sync parts in a greenlet on the loop.
+
+Django's ``ASGIHandler`` runs every sync part of a request in a thread of its own
+(asgiref's ``ThreadSensitiveContext``): the request signals' receivers, each hook of
+a ``MiddlewareMixin`` middleware, ``response.close()``. :class:`GreenASGIHandler` runs
+those parts instead in a greenlet on the event loop (:func:`._watchdog.spawn`) when
+their only blocking I/O is the database: Django's own receivers and built-in
+middleware (:data:`MIDDLEWARE`, :data:`RECEIVERS`), and what
+``settings.ASYNCPOOL_DATABASE_ONLY`` lists. Their ORM queries run natively: each
+alias is a :class:`_Lazy` wrapper there, which takes a connection of the alias's
+native pool at its first query and gives it back when the hook returns. Everything
+else (your sync middleware, receivers and views, template rendering, exception
+middleware) keeps Django's thread path, so the thread is only started when such
+code runs. That needs every database alias to have ``OPTIONS["async_orm"]``: else
+the handler is Django's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, sync_to_async
+from django.conf import settings
+from django.core import signals
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.db import connections
+from django.dispatch.dispatcher import NO_RECEIVERS
+from django.http.response import HttpResponseBase
+from django.urls import set_script_prefix
+from django.utils.deprecation import MiddlewareMixin
+from psycopg import pq
+
+from . import _asyncorm, _ormpool
+from ._watchdog import spawn
+
+__all__ = ["MIDDLEWARE", "RECEIVERS", "GreenASGIHandler"]
+
+logger = logging.getLogger("django_asyncpool")
+
+_SESSIONS = "django.contrib.sessions.middleware.SessionMiddleware"
+_AUTH = "django.contrib.auth.middleware."
+#: Django's middleware whose hooks only block on the database, with what they also need:
+#: "session" (a session engine that only blocks on the database), "auth" (Django's own
+#: authentication backends, and sessions).
+MIDDLEWARE: dict[str, str] = {
+    "django.middleware.security.SecurityMiddleware": "",
+    "django.middleware.common.CommonMiddleware": "",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware": "",
+    "django.middleware.gzip.GZipMiddleware": "",
+    "django.middleware.http.ConditionalGetMiddleware": "",
+    "django.middleware.locale.LocaleMiddleware": "",
+    "django.middleware.csp.ContentSecurityPolicyMiddleware": "",
+    "django.middleware.csrf.CsrfViewMiddleware": "session",
+    _SESSIONS: "session",
+    "django.contrib.messages.middleware.MessageMiddleware": "session",
+    _AUTH + "AuthenticationMiddleware": "auth",
+    _AUTH + "LoginRequiredMiddleware": "auth",
+    "django.contrib.sites.middleware.CurrentSiteMiddleware": "",
+    "django.contrib.redirects.middleware.RedirectFallbackMiddleware": "",
+    "django.contrib.admindocs.middleware.XViewMiddleware": "",
+}
+#: Django's receivers of request_started / request_finished, with what they need:
+#: "caches" (every cache in this process: locmem or dummy).
+RECEIVERS: dict[str, str] = {
+    "django.db.reset_queries": "",
+    "django.db.close_old_connections": "",
+    "django.core.handlers.base.reset_urlconf": "",
+    "django.core.cache.close_caches": "caches",
+}
+_LOCAL_CACHES = (
+    "django.core.cache.backends.locmem.LocMemCache",
+    "django.core.cache.backends.dummy.DummyCache",
+)
+_DB_SESSIONS = (
+    "django.contrib.sessions.backends.db",
+    "django.contrib.sessions.backends.signed_cookies",
+)
+
+
+def _name(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _caches_local() -> bool:
+    return all(c.get("BACKEND") in _LOCAL_CACHES for c in settings.CACHES.values())
+
+
+def _needs_met(need: str) -> bool:
+    if need in ("session", "auth"):
+        engine = settings.SESSION_ENGINE
+        cached = engine.startswith("django.contrib.sessions.backends.cache")
+        if not (engine in _DB_SESSIONS or (cached and _caches_local())):
+            return False
+    if need == "auth":
+        backends = settings.AUTHENTICATION_BACKENDS
+        return all(b.startswith("django.contrib.auth.backends.") for b in backends)
+    return need != "caches" or _caches_local()
+
+
+def _listed() -> set[str]:
+    return set(getattr(settings, "ASYNCPOOL_DATABASE_ONLY", ()))
+
+
+def database_only(obj: Any, known: dict[str, str]) -> bool:
+    """Return True if ``obj`` (a class or function) only blocks on the database."""
+    name = _name(obj)
+    if name in _listed():
+        return True
+    need = known.get(name)
+    return need is not None and _needs_met(need)
+
+
+# -- the database in a greenlet ---------------------------------------------------------
+
+
+class _Lazy(_ormpool.NativeWrapper):
+    """An alias's wrapper in a green call: takes a native connection at its first query."""
+
+    _lease: _ormpool.Lease | None = None
+    _holder: _ormpool.Holder
+
+    def ensure_connection(self) -> None:
+        if self.connection is None:
+            lease = self._holder.checkout()
+            self._lease = lease
+            _ormpool._bind(self, lease.wrapper._twin)
+
+    def release(self) -> list[Any]:
+        """Give the connection back (discarded unless clean); return on_commit callbacks."""
+        lease, self._lease = self._lease, None
+        hooks, self._pending_hooks = self._pending_hooks, []
+        if lease is not None:
+            twin = lease.wrapper._twin
+            clean = (
+                not self._discard
+                and not self.in_atomic_block
+                and twin._autocommit
+                and twin.pgconn.transaction_status == pq.TransactionStatus.IDLE
+            )
+            if not clean:
+                lease.wrapper._discard = True
+            self.connection = None
+            self._discard = False
+            lease.holder.checkin(lease)
+        return hooks
+
+
+#: Holder (one alias on one loop) -> its idle _Lazy wrappers.
+_idle: dict[int, list[_Lazy]] = {}
+
+
+def _take(alias: str) -> _Lazy:
+    holder = _ormpool.holder(alias)
+    idle = _idle.setdefault(id(holder), [])
+    if idle:
+        lazy = idle.pop()
+        if lazy._holder is holder:
+            return lazy
+    made = _Lazy(connections.settings[alias], alias)
+    made._holder = holder
+    made._pending_hooks = []
+    made.own_queries_log = made.queries_log
+    return made
+
+
+def _bound(lazies: list[_Lazy], hooks: list[Any], fn: Any, args: tuple[Any, ...]) -> Any:
+    """Return ``fn(*args)`` with each of ``lazies`` as ``connections[its alias]``."""
+    previous = []
+    for lazy in lazies:
+        before = _asyncorm._bind(lazy.alias, lazy)
+        _asyncorm._share_debugging(lazy, before)
+        previous.append(before)
+    try:
+        return fn(*args)
+    finally:
+        for lazy, before in zip(lazies, previous, strict=True):
+            _asyncorm._unbind(lazy.alias, before)
+            hooks.extend(lazy.release())
+
+
+async def green_call(aliases: list[str], fn: Any, *args: Any) -> Any:
+    """Return ``fn(*args)`` run in a greenlet on this loop, its ORM native on ``aliases``."""
+    lazies = [_take(alias) for alias in aliases]
+    hooks: list[Any] = []
+    try:
+        return await spawn(_bound, lazies, hooks, fn, args)
+    finally:
+        for lazy in lazies:
+            _idle[id(lazy._holder)].append(lazy)
+        if hooks:  # on_commit callbacks: the application's code, in a thread as Django does
+            await sync_to_async(_asyncorm._run_hooks)(hooks)
+
+
+def _thread_connections() -> bool:
+    """Return True if this request's context holds a connection a thread opened."""
+    return any(
+        getattr(w, "connection", None) is not None
+        for w in connections.all(initialized_only=True)
+        if not isinstance(w, _ormpool.NativeWrapper)
+    )
+
+
+# -- the handler ------------------------------------------------------------------------
+
+
+class _GreenMethod:
+    """A middleware's sync ``process_view``/``process_template_response``, run green."""
+
+    def __init__(self, handler: GreenASGIHandler, method: Any) -> None:
+        self.handler = handler
+        self.method = method
+        self.__self__ = method.__self__  # Django names it in its errors
+
+    async def __call__(self, *args: Any) -> Any:
+        return await green_call(self.handler.aliases, self.method, *args)
+
+
+class GreenASGIHandler(ASGIHandler):
+    """Django's ``ASGIHandler``, its own sync parts run in a greenlet (module docstring)."""
+
+    aliases: list[str]
+    green = False
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        aliases = list(connections.settings)
+        self.aliases = aliases
+        self.green = is_async and all(_asyncorm.enabled(alias) for alias in aliases)
+        if is_async and not self.green:
+            logger.info(
+                "django_asyncpool: Django's sync middleware and request signals run in a "
+                "thread: the greenlet path needs OPTIONS['async_orm'] on every database."
+            )
+        super().load_middleware(is_async)
+        if not self.green:
+            return
+        # Django keeps no list of the instances: walk the chain each one wraps.
+        node: Any = getattr(self, "_middleware_chain", None)
+        while isinstance(mw := getattr(node, "__wrapped__", None), MiddlewareMixin):
+            cls = type(mw)
+            own = cls.__acall__ is MiddlewareMixin.__acall__
+            if mw.async_mode and own and database_only(cls, MIDDLEWARE):
+                mw.__acall__ = functools.partial(self._acall, mw)  # type: ignore[method-assign]
+            node = mw.get_response
+
+    def adapt_method_mode(
+        self,
+        is_async: bool,
+        method: Any,
+        method_is_async: bool | None = None,
+        debug: bool = False,
+        name: str | None = None,
+    ) -> Any:
+        # process_view / process_template_response of the middleware (name is None).
+        owner = getattr(method, "__self__", None)
+        if (
+            self.green
+            and is_async
+            and name is None
+            and method_is_async is None
+            and owner is not None
+            and not iscoroutinefunction(method)
+            and database_only(type(owner), MIDDLEWARE)
+        ):
+            return _GreenMethod(self, method)
+        return super().adapt_method_mode(is_async, method, method_is_async, debug, name)
+
+    async def _acall(self, mw: Any, request: Any) -> Any:
+        """``MiddlewareMixin.__acall__`` with the hooks in a greenlet."""
+        response = None
+        if hasattr(mw, "process_request"):
+            response = await green_call(self.aliases, mw.process_request, request)
+        response = response or await mw.get_response(request)
+        if hasattr(mw, "process_response"):
+            response = await green_call(self.aliases, mw.process_response, request, response)
+        return response
+
+    async def asend(self, signal: Any, **named: Any) -> None:
+        """``signal.asend(sender=ASGIHandler, ...)``, Django's sync receivers in a greenlet."""
+        if not (self.green and signal.receivers):
+            await signal.asend(sender=ASGIHandler, **named)
+            return
+        if signal.sender_receivers_cache.get(ASGIHandler) is NO_RECEIVERS:
+            return
+        sync_receivers, async_receivers = signal._live_receivers(ASGIHandler)
+        if _thread_connections() or not all(database_only(r, RECEIVERS) for r in sync_receivers):
+            await signal.asend(sender=ASGIHandler, **named)
+            return
+
+        def sync_send() -> None:
+            for receiver in sync_receivers:
+                receiver(signal=signal, sender=ASGIHandler, **named)
+
+        if not async_receivers:
+            await green_call(self.aliases, sync_send)
+            return
+        await asyncio.gather(
+            green_call(self.aliases, sync_send),
+            asyncio.gather(
+                *(r(signal=signal, sender=ASGIHandler, **named) for r in async_receivers)
+            ),
+        )
+
+    async def close_response(self, response: Any) -> None:
+        """``response.close()`` (sends request_finished), in a greenlet when that is safe."""
+        if self._close_green(response):
+            await green_call(self.aliases, response.close)
+        else:
+            await sync_to_async(response.close)()
+
+    def _close_green(self, response: Any) -> bool:
+        if not (
+            self.green
+            and type(response).close is HttpResponseBase.close
+            and not response.streaming  # its closers: the content's, the application's code
+            and not _thread_connections()
+        ):
+            return False
+        sync_receivers, async_receivers = signals.request_finished._live_receivers(
+            response._handler_class
+        )
+        # An async receiver of a sync send() needs async_to_sync: not on the loop's thread.
+        return not async_receivers and all(database_only(r, RECEIVERS) for r in sync_receivers)
+
+    async def run_get_response(self, request: Any) -> Any:
+        response: Any = await super().run_get_response(request)
+        response._handler_class = ASGIHandler  # request_finished's sender, as with Django's
+        return response
+
+    async def handle(self, scope: Any, receive: Any, send: Any) -> None:
+        """Django's ``ASGIHandler.handle()``: its signals and ``close()`` through ours."""
+        # Kept line for line as Django's (5.2, 6.x), so that a diff shows what differs.
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        set_script_prefix(get_script_prefix(scope))
+        await self.asend(signals.request_started, scope=scope)
+        request, error_response = self.create_request(scope, body_file)
+        if request is None:
+            assert error_response is not None
+            body_file.close()
+            await self.send_response(error_response, send)
+            await self.close_response(error_response)
+            return
+
+        async def process_request(request: Any, send: Any) -> Any:
+            response = await self.run_get_response(request)
+            with contextlib.suppress(asyncio.CancelledError):  # the client went away
+                await self.send_response(response, send)
+            return response
+
+        tasks = [
+            asyncio.create_task(self.listen_for_disconnect(receive)),
+            asyncio.create_task(process_request(request, send)),
+        ]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            if task.done():
+                try:
+                    task.result()
+                except RequestAborted:
+                    pass
+                except AssertionError:
+                    body_file.close()
+                    raise
+            else:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        try:
+            response = tasks[1].result()
+        except asyncio.CancelledError:
+            await self.asend(signals.request_finished)
+        else:
+            await self.close_response(response)
+        body_file.close()

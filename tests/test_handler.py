@@ -1,0 +1,247 @@
+"""The greenlet request path (django_asyncpool._handler) against Django's ASGIHandler.
+
+The same requests, through Django's middleware stack, go to both handlers: the
+responses, headers, cookies, signals and connections left must be the same, and the
+greenlet path must hand nothing to a thread but the application's own sync code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from django.core import signals
+from django.core.handlers.asgi import ASGIHandler
+from django.db import connections
+from django.test import override_settings
+from django.utils.deprecation import MiddlewareMixin
+
+from django_asyncpool import _ormpool, _watchdog, metrics
+from django_asyncpool._handler import GreenASGIHandler
+
+from .conftest import hops
+
+STACK = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+RECORDER = f"{__name__}.record"
+SITE = {"MIDDLEWARE": STACK, "ROOT_URLCONF": "tests.green_site", "DEBUG": False}
+db = pytest.mark.django_db(transaction=True, databases=list(connections.settings))
+
+seen: list[tuple[str, Any]] = []
+
+
+def record(signal: Any, sender: Any, **kwargs: Any) -> None:
+    seen.append(("started" if signal is signals.request_started else "finished", sender))
+
+
+@pytest.fixture
+def native() -> Iterator[None]:
+    """Turn OPTIONS["async_orm"] on for every alias, and record the request signals."""
+    before = {a: s["OPTIONS"].get("async_orm") for a, s in connections.settings.items()}
+    for settings_dict in connections.settings.values():
+        settings_dict["OPTIONS"]["async_orm"] = True
+    signals.request_started.connect(record)
+    signals.request_finished.connect(record)
+    try:
+        with override_settings(**SITE, ASYNCPOOL_DATABASE_ONLY=[RECORDER]):
+            yield
+    finally:
+        signals.request_started.disconnect(record)
+        signals.request_finished.disconnect(record)
+        for alias, value in before.items():
+            options = connections.settings[alias]["OPTIONS"]
+            if value is None:
+                options.pop("async_orm", None)
+            else:
+                options["async_orm"] = value
+
+
+def _cookie(header: str) -> str:
+    name, _, rest = header.partition("=")
+    _value, _, attributes = rest.partition(";")
+    attributes = re.sub(r"expires=[^;]*", "expires=<date>", attributes)  # the second ticks
+    return f"{name}=<value>;{attributes}"
+
+
+def _normal(response: httpx.Response) -> dict[str, Any]:
+    headers = sorted(
+        (k, _cookie(v) if k == "set-cookie" else v)
+        for k, v in response.headers.multi_items()
+        if k != "content-length" or "set-cookie" not in response.headers
+    )
+    return {"status": response.status_code, "headers": headers, "body": response.text}
+
+
+async def _session(app: Any) -> list[Any]:
+    """Run the requests of one visitor; return what each got and the signals it sent."""
+    out: list[Any] = []
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        for method, url in [
+            ("GET", "/page/"),
+            ("GET", "/page/"),
+            ("GET", "/page"),  # CommonMiddleware's APPEND_SLASH redirect
+            ("POST", "/form/"),  # no CSRF token: 403
+            ("POST", "/form/+token"),
+            ("GET", "/sync/"),  # a sync view: Django's thread path in both
+            ("GET", "/stream/"),
+            ("GET", "/plain/"),
+            ("GET", "/missing/"),
+            ("GET", "/fails/"),
+        ]:
+            seen.clear()
+            headers = {}
+            if url.endswith("+token"):
+                url = url.removesuffix("+token")
+                headers["X-CSRFToken"] = client.cookies["csrftoken"]
+            data = {"a": "1"} if method == "POST" else None
+            response = await client.request(method, url, data=data, headers=headers)
+            body = _normal(response)
+            if url == "/page/":
+                body["body"] = json.loads(body["body"])
+            out.append((method, url, body, list(seen)))
+    return out
+
+
+def _held() -> list[tuple[str, int]]:
+    """Return (alias, connections in use) of this loop's native pools that hold any."""
+    loop = asyncio.get_running_loop()
+    return [
+        (alias, h.pool.size - len(h.pool.idle))
+        for alias, h in _ormpool.holders()
+        if h is _ormpool._holders[alias].get(loop) and h.pool.size != len(h.pool.idle)
+    ]
+
+
+def _thread_connections() -> list[str]:
+    return [w.alias for w in connections.all(initialized_only=True) if w.connection is not None]
+
+
+@db
+async def test_same_responses_cookies_and_signals_as_djangos_handler(native: None) -> None:
+    with hops() as django_hops:
+        expected = await _session(ASGIHandler())
+    assert _thread_connections() == []
+    with hops() as green_hops:
+        got = await _session(GreenASGIHandler())
+    assert _thread_connections() == []
+    assert _held() == []
+    assert got == expected
+    assert got[1][2]["body"]["visits"] == 2  # the session was saved (in the greenlet)
+    assert got[3][2]["status"] == 403 and got[4][2]["status"] == 200
+    assert "SessionMiddleware.process_response" in django_hops
+    # What is left for a thread: the sync view, its close() (request_finished closes the
+    # connection the view opened in its thread), and Django's paths for 404 and 500.
+    assert set(green_hops) == {
+        "sync_view",
+        "HttpResponseBase.close",
+        "log_response",
+        "response_for_exception",
+        "BaseHandler.process_exception_by_middleware",
+    }
+    assert green_hops.count("sync_view") == green_hops.count("HttpResponseBase.close") == 1
+
+
+@db
+async def test_a_page_through_the_whole_stack_takes_no_thread(native: None) -> None:
+    app = GreenASGIHandler()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        await client.get("/page/")  # the session row exists: the next one reads and updates it
+        with hops() as seen_hops:
+            response = await client.get("/page/")
+    assert response.status_code == 200 and response.json()["visits"] == 2
+    assert seen_hops == []
+    assert _held() == []
+
+
+@db
+async def test_unknown_sync_middleware_keeps_the_thread_path(native: None) -> None:
+    with override_settings(MIDDLEWARE=[*STACK, "tests.test_handler.Blocking"]):
+        app = GreenASGIHandler()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            with hops() as seen_hops:
+                assert (await c.get("/plain/")).status_code == 200
+    assert seen_hops == ["Blocking.process_request"]  # in a thread; Django's own are not
+
+
+@db
+async def test_without_async_orm_everywhere_it_is_djangos_path(native: None) -> None:
+    connections.settings["replica"]["OPTIONS"]["async_orm"] = False
+    app = GreenASGIHandler()
+    assert not app.green
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        with hops() as seen_hops:
+            assert (await client.get("/plain/")).status_code == 200
+    assert "SessionMiddleware.process_request" in seen_hops
+
+
+class Blocking(MiddlewareMixin):
+    """Sync middleware that sleeps in process_request: it blocks on something else."""
+
+    def process_request(self, request: Any) -> None:
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def caplog_pool(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.WARNING, logger="django_asyncpool")
+    return caplog
+
+
+@db
+async def test_watchdog_names_the_code_that_held_the_loop(
+    native: None, caplog_pool: pytest.LogCaptureFixture
+) -> None:
+    mw = "tests.test_handler.Blocking"
+    with override_settings(MIDDLEWARE=[*STACK, mw], ASYNCPOOL_DATABASE_ONLY=[RECORDER, mw]):
+        app = GreenASGIHandler()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            metrics.flush()
+            before = dict(_watchdog.blocked)
+            with hops() as seen_hops:
+                for _ in range(3):
+                    assert (await c.get("/plain/")).status_code == 200
+    assert seen_hops == []  # listed as database-only: run in the greenlet
+    where = "tests.test_handler.process_request"
+    assert _watchdog.blocked[where] - before.get(where, 0) == 3
+    logged = [r for r in caplog_pool.records if "held the event loop" in r.getMessage()]
+    assert len(logged) == 1  # once per code location
+    assert "time.sleep(0.05)" in logged[0].getMessage()
+    metrics.flush()
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    registry = CollectorRegistry()
+    metrics.install(registry)
+    assert f'db_loop_blocked_total{{where="{where}"}}' in generate_latest(registry).decode()
+
+
+@db
+async def test_watchdog_off_with_zero(native: None) -> None:
+    mw = "tests.test_handler.Blocking"
+    with override_settings(
+        MIDDLEWARE=[*STACK, mw], ASYNCPOOL_DATABASE_ONLY=[mw], ASYNCPOOL_LOOP_BLOCKED_MS=0
+    ):
+        before = dict(_watchdog.blocked)
+        transport = httpx.ASGITransport(app=GreenASGIHandler())
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            assert (await c.get("/plain/")).status_code == 200
+    assert _watchdog.blocked == before
