@@ -38,7 +38,7 @@ from psycopg import pq
 from . import _asyncorm, _ormpool
 from ._watchdog import spawn
 
-__all__ = ["MIDDLEWARE", "RECEIVERS", "GreenASGIHandler"]
+__all__ = ["MIDDLEWARE", "RECEIVERS", "GreenASGIHandler", "request_path"]
 
 logger = logging.getLogger("django_asyncpool")
 
@@ -115,6 +115,19 @@ def database_only(obj: Any, known: dict[str, str]) -> bool:
     return need is not None and _needs_met(need)
 
 
+def request_path() -> dict[str, Any]:
+    """Return how get_asgi_application() runs Django's sync request parts (dbpool_check)."""
+    from . import _watchdog
+
+    without = [a for a in connections.settings if not _asyncorm.enabled(a)]
+    return {
+        "greenlet": not without,
+        "aliases_without_async_orm": without,
+        "database_only": sorted(_listed()),
+        "loop_blocked_ms": _watchdog.threshold() * 1e3,
+    }
+
+
 # -- the database in a greenlet ---------------------------------------------------------
 
 
@@ -188,7 +201,7 @@ async def green_call(aliases: list[str], fn: Any, *args: Any) -> Any:
     lazies = [_take(alias) for alias in aliases]
     hooks: list[Any] = []
     try:
-        return await spawn(_bound, lazies, hooks, fn, args)
+        return await spawn(_bound, lazies, hooks, fn, args, _where=fn)
     finally:
         for lazy in lazies:
             _idle[id(lazy._holder)].append(lazy)

@@ -8,7 +8,8 @@ held every other request of the loop: it is counted by code location
 the code that held the loop. While a slice runs, one daemon thread per process
 (started at the first slice) looks at it every half threshold and, once it is
 over, takes the loop thread's stack: the blocking call itself, not where the code
-later awaited.
+later awaited. A slice counts when it used that much CPU or was seen asleep in a
+blocking call; one the OS merely kept waiting (a busy machine) does not.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ DEFAULT_MS = 20.0
 #: where -> slices that held the loop longer than the threshold (for the metric).
 blocked: dict[str, int] = {}
 _logged: set[tuple[str, int | None]] = set()
-#: loop thread id -> [slice start, stack taken by the monitor or None]
+#: loop thread id -> its running slice (see _slice)
 _running: dict[int, list[Any]] = {}
 _monitor: threading.Thread | None = None
 _monitor_lock = threading.Lock()
@@ -44,6 +45,9 @@ _OURS = (
     "greenlet",
     os.sep + "sqlalchemy" + os.sep,
 )
+
+
+_STDLIB = os.path.dirname(os.__file__) + os.sep
 
 
 class _Green(greenlet):  # type: ignore[misc]
@@ -63,12 +67,17 @@ def threshold() -> float:
     return float(getattr(settings, "ASYNCPOOL_LOOP_BLOCKED_MS", DEFAULT_MS)) / 1e3
 
 
-async def spawn(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Return ``fn(*args, **kwargs)`` run in a greenlet; what it awaits runs on this loop."""
+async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: Any) -> T:
+    """Return ``fn(*args, **kwargs)`` run in a greenlet; what it awaits runs on this loop.
+
+    ``_where``: the function to name when no stack shows the code (default ``fn``).
+    """
     limit = threshold()
     if limit and _monitor is None:
         _start_monitor(limit)
     child = _Green(fn, getcurrent())
+    if _where is not None:
+        child.where = _where
     result = _slice(fn, child, limit, child.switch, *args, **kwargs)
     while not child.dead:
         try:
@@ -85,14 +94,18 @@ def _slice(
 ) -> Any:
     """Run the greenlet until it awaits or ends (``step``: its switch or throw), timed."""
     tid = threading.get_ident()
-    slot: list[Any] = [time.perf_counter(), None]
+    # [start, stack, CPU time at start, seen blocked, the thread's id in /proc]
+    slot: list[Any] = [time.perf_counter(), None, time.thread_time(), False, _native_id()]
     _running[tid] = slot
     try:
         return step(*args, **kw)
     finally:
         del _running[tid]
         held = time.perf_counter() - slot[0]
-        if limit and held > limit:
+        # Over the threshold on the clock: the code either ran (CPU time) or waited in a
+        # blocking call (the monitor saw the thread asleep). Otherwise the OS ran other
+        # processes meanwhile (a busy machine): not the code's doing.
+        if limit and held > limit and (slot[3] or time.thread_time() - slot[2] > limit):
             _held(fn, child, slot, held)
 
 
@@ -105,6 +118,7 @@ def _held(fn: Callable[..., Any], child: greenlet, slot: list[Any], held: float)
     if frame is not None:
         where, key = f"{_module(frame.filename)}.{frame.name}", (frame.filename, frame.lineno)
     else:
+        fn = getattr(child, "where", fn)
         where = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
         key = (where, 0)
     blocked[where] = blocked.get(where, 0) + 1
@@ -126,11 +140,13 @@ def _held(fn: Callable[..., Any], child: greenlet, slot: list[Any], held: float)
 
 
 def _culprit(stack: traceback.StackSummary) -> traceback.FrameSummary | None:
-    """Return the innermost frame that is not the greenlet machinery."""
-    for frame in reversed(stack):
-        if not any(part in frame.filename for part in _OURS):
+    """Return the innermost frame of the application or a library (else of the standard
+    library: the socket call is less telling than its caller), not of the machinery."""
+    frames = [f for f in stack if not any(part in f.filename for part in _OURS)]
+    for frame in reversed(frames):
+        if not frame.filename.startswith(_STDLIB) or "site-packages" in frame.filename:
             return frame
-    return None
+    return frames[-1] if frames else None
 
 
 def _module(filename: str) -> str:
@@ -151,16 +167,35 @@ def _start_monitor(limit: float) -> None:
 
 
 def _watch(limit: float) -> None:
-    """Take the stack of every loop thread whose current slice is over the threshold."""
+    """Look at every loop thread whose current slice is over the threshold: take its
+    stack (once), and note whether it is asleep in a blocking call."""
     while True:
         time.sleep(limit / 2)
         limit = threshold() or limit
         now = time.perf_counter()
         for tid, slot in list(_running.items()):
-            if slot[1] is None and now - slot[0] > limit:
+            if now - slot[0] <= limit:
+                continue
+            if not slot[3] and _asleep(slot[4]):
+                slot[3] = True
+            if slot[1] is None:
                 frame = sys._current_frames().get(tid)
                 if frame is not None and _running.get(tid) is slot:
                     slot[1] = traceback.extract_stack(frame)
+
+
+def _native_id() -> int:
+    return threading.get_native_id()
+
+
+def _asleep(native_id: int) -> bool:
+    """Return True if the thread is in a blocking call (state S or D in /proc)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2][1:2]
+    except OSError:  # not Linux: count what is over the threshold on the clock alone
+        return True
+    return state in (b"S", b"D")
 
 
 def _after_fork_in_child() -> None:

@@ -199,6 +199,16 @@ class Blocking(MiddlewareMixin):
         time.sleep(0.05)
 
 
+class Busy(MiddlewareMixin):
+    """Sync middleware that computes for 50 ms in process_response: CPU holds the loop too."""
+
+    def process_response(self, request: Any, response: Any) -> Any:
+        deadline = time.thread_time() + 0.05
+        while time.thread_time() < deadline:
+            pass
+        return response
+
+
 @pytest.fixture
 def caplog_pool(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     caplog.set_level(logging.WARNING, logger="django_asyncpool")
@@ -245,3 +255,30 @@ async def test_watchdog_off_with_zero(native: None) -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
             assert (await c.get("/plain/")).status_code == 200
     assert _watchdog.blocked == before
+
+
+@db
+async def test_watchdog_counts_cpu_work_too(native: None) -> None:
+    mw = "tests.test_handler.Busy"
+    with override_settings(MIDDLEWARE=[*STACK, mw], ASYNCPOOL_DATABASE_ONLY=[mw]):
+        before = dict(_watchdog.blocked)
+        transport = httpx.ASGITransport(app=GreenASGIHandler())
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            assert (await c.get("/plain/")).status_code == 200
+    grown = {w: n - before.get(w, 0) for w, n in _watchdog.blocked.items()}
+    assert grown.get("tests.test_handler.process_response") == 1
+
+
+@db
+def test_dbpool_check_says_where_the_request_path_runs(native: None) -> None:
+    from .test_dbpool_check import dbpool_check
+
+    code, out, _ = dbpool_check("--database", "default")
+    assert "ASGI request path: Django's sync middleware and signals run in a greenlet" in out
+    assert "Loop watchdog: sync code holding the loop over 20 ms is logged" in out
+    connections.settings["replica"]["OPTIONS"]["async_orm"] = False
+    code2, out, _ = dbpool_check("--database", "default", "--format", "json")
+    path = json.loads(out.rsplit("\n", 1)[0])["request_path"]
+    assert code2 == code == 0, out
+    assert path["greenlet"] is False and path["aliases_without_async_orm"] == ["replica"]
+    assert path["database_only"] == [RECORDER] and path["loop_blocked_ms"] == 20

@@ -21,7 +21,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from ... import _registry
+from ... import _handler, _registry
 from ... import config as _config
 from ...checks import problems
 from ...errors import redact
@@ -132,6 +132,7 @@ def run(aliases: list[str], timeout: float) -> dict[str, Any]:
             for p, password in found
         ],
         "aliases": entries,
+        "request_path": _handler.request_path(),
     }
 
 
@@ -264,6 +265,25 @@ def _pool_text(pool: dict[str, Any] | None) -> str:
     )
 
 
+def _request_path_lines(path: dict[str, Any]) -> list[str]:
+    """Say where get_asgi_application() runs Django's sync request parts, and the watchdog."""
+    if path["greenlet"]:
+        where = "in a greenlet on the event loop (every alias has async_orm)"
+    else:
+        without = ", ".join(path["aliases_without_async_orm"])
+        where = f"in a thread, as Django does (no OPTIONS['async_orm'] on: {without})"
+    ms = path["loop_blocked_ms"]
+    watchdog = (
+        f"sync code holding the loop over {ms:g} ms is logged and counted in "
+        "db_loop_blocked_total{where}: move what blocks on more than the database to a "
+        "thread (docs/async-orm.md, 'The watchdog')"
+        if ms
+        else "off (ASYNCPOOL_LOOP_BLOCKED_MS = 0)"
+    )
+    return [f"ASGI request path: Django's sync middleware and signals run {where}",
+            f"Loop watchdog: {watchdog}"]  # fmt: skip
+
+
 def render_table(report: dict[str, Any]) -> str:
     """Return the report as an aligned table, with problems and errors below it."""
     header = ("ALIAS", "POOL", "STATUS", "VERSION", "CONNECT", "QUERY", "BREAKER", "STATS")
@@ -290,6 +310,7 @@ def render_table(report: dict[str, Any]) -> str:
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
+    lines.extend(_request_path_lines(report["request_path"]))
     for entry in report["aliases"]:
         alias, reads = entry["alias"], entry["reads_go_to"]
         if reads != alias:
