@@ -3,10 +3,11 @@
 Django's ``ASGIHandler`` runs every sync part of a request in a thread of its own
 (asgiref's ``ThreadSensitiveContext``): the request signals' receivers, each hook of
 a ``MiddlewareMixin`` middleware, ``response.close()``. :class:`GreenASGIHandler` runs
-those parts instead in a greenlet on the event loop (:func:`._watchdog.spawn`) when
-their only blocking I/O is the database: Django's own receivers and built-in
-middleware (:data:`MIDDLEWARE`, :data:`RECEIVERS`), and what
-``settings.ASYNCPOOL_DATABASE_ONLY`` lists. Their ORM queries run natively: each
+those parts instead on the event loop when their only blocking I/O is the database:
+Django's own receivers and built-in middleware (:data:`MIDDLEWARE`, :data:`RECEIVERS`),
+and what ``settings.ASYNCPOOL_DATABASE_ONLY`` lists. Code that does no I/O at all is
+called right there (:func:`._watchdog.call`); code that may query runs in a greenlet
+(:func:`._watchdog.spawn`), its queries native: each
 alias is a :class:`_Lazy` wrapper there, which takes a connection of the alias's
 native pool at its first query and gives it back when the hook returns. Everything
 else (your sync middleware, receivers and views, template rendering, exception
@@ -35,7 +36,7 @@ from django.urls import set_script_prefix
 from django.utils.deprecation import MiddlewareMixin
 from psycopg import pq
 
-from . import _asyncorm, _ormpool
+from . import _asyncorm, _ormpool, _watchdog
 from ._watchdog import spawn
 
 __all__ = ["MIDDLEWARE", "RECEIVERS", "GreenASGIHandler", "request_path"]
@@ -44,9 +45,10 @@ logger = logging.getLogger("django_asyncpool")
 
 _SESSIONS = "django.contrib.sessions.middleware.SessionMiddleware"
 _AUTH = "django.contrib.auth.middleware."
-#: Django's middleware whose hooks only block on the database, with what they also need:
-#: "session" (a session engine that only blocks on the database), "auth" (Django's own
-#: authentication backends, and sessions).
+#: Django's middleware whose hooks block on nothing but the database, with what they
+#: need: "" (no I/O at all: called right on the loop), "db" (the ORM: in a greenlet),
+#: "session" (and a session engine that only blocks on the database), "auth" (and
+#: Django's own authentication backends).
 MIDDLEWARE: dict[str, str] = {
     "django.middleware.security.SecurityMiddleware": "",
     "django.middleware.common.CommonMiddleware": "",
@@ -55,17 +57,19 @@ MIDDLEWARE: dict[str, str] = {
     "django.middleware.http.ConditionalGetMiddleware": "",
     "django.middleware.locale.LocaleMiddleware": "",
     "django.middleware.csp.ContentSecurityPolicyMiddleware": "",
+    "django.contrib.admindocs.middleware.XViewMiddleware": "",
     "django.middleware.csrf.CsrfViewMiddleware": "session",
     _SESSIONS: "session",
     "django.contrib.messages.middleware.MessageMiddleware": "session",
     _AUTH + "AuthenticationMiddleware": "auth",
     _AUTH + "LoginRequiredMiddleware": "auth",
-    "django.contrib.sites.middleware.CurrentSiteMiddleware": "",
-    "django.contrib.redirects.middleware.RedirectFallbackMiddleware": "",
-    "django.contrib.admindocs.middleware.XViewMiddleware": "",
+    "django.contrib.sites.middleware.CurrentSiteMiddleware": "db",
+    "django.contrib.redirects.middleware.RedirectFallbackMiddleware": "db",
 }
-#: Django's receivers of request_started / request_finished, with what they need:
-#: "caches" (every cache in this process: locmem or dummy).
+#: Django's receivers of request_started / request_finished. They do I/O only on a
+#: connection a thread opened for the request, and then the whole send goes to a thread
+#: (_thread_connections): else they are called right on the loop. "caches": every cache
+#: of this process is locmem or dummy.
 RECEIVERS: dict[str, str] = {
     "django.db.reset_queries": "",
     "django.db.close_old_connections": "",
@@ -106,13 +110,23 @@ def _listed() -> set[str]:
     return set(getattr(settings, "ASYNCPOOL_DATABASE_ONLY", ()))
 
 
-def database_only(obj: Any, known: dict[str, str]) -> bool:
-    """Return True if ``obj`` (a class or function) only blocks on the database."""
+#: How to run a sync hook or receiver: Django's thread, a greenlet, or right on the loop.
+THREAD, GREEN, DIRECT = "thread", "green", "direct"
+
+
+def how(obj: Any, known: dict[str, str]) -> str:
+    """Return how to run ``obj`` (a class or function): THREAD, GREEN or DIRECT."""
     name = _name(obj)
-    if name in _listed():
-        return True
     need = known.get(name)
-    return need is not None and _needs_met(need)
+    if need is not None and _needs_met(need):
+        return DIRECT if need in ("", "caches") else GREEN
+    return GREEN if name in _listed() else THREAD
+
+
+def _how_all(receivers: list[Any]) -> str:
+    """Return how to run these receivers together: the most careful of their ways."""
+    ways = {how(r, RECEIVERS) for r in receivers}
+    return THREAD if THREAD in ways else GREEN if GREEN in ways else DIRECT
 
 
 def request_path() -> dict[str, Any]:
@@ -221,16 +235,17 @@ def _thread_connections() -> bool:
 # -- the handler ------------------------------------------------------------------------
 
 
-class _GreenMethod:
-    """A middleware's sync ``process_view``/``process_template_response``, run green."""
+class _Hook:
+    """A middleware's sync ``process_view``/``process_template_response``, not in a thread."""
 
-    def __init__(self, handler: GreenASGIHandler, method: Any) -> None:
+    def __init__(self, handler: GreenASGIHandler, method: Any, way: str) -> None:
         self.handler = handler
         self.method = method
+        self.way = way
         self.__self__ = method.__self__  # Django names it in its errors
 
     async def __call__(self, *args: Any) -> Any:
-        return await green_call(self.handler.aliases, self.method, *args)
+        return await self.handler.run(self.way, self.method, *args)
 
 
 class GreenASGIHandler(ASGIHandler):
@@ -256,8 +271,9 @@ class GreenASGIHandler(ASGIHandler):
         while isinstance(mw := getattr(node, "__wrapped__", None), MiddlewareMixin):
             cls = type(mw)
             own = cls.__acall__ is MiddlewareMixin.__acall__
-            if mw.async_mode and own and database_only(cls, MIDDLEWARE):
-                mw.__acall__ = functools.partial(self._acall, mw)  # type: ignore[method-assign]
+            way = how(cls, MIDDLEWARE)
+            if mw.async_mode and own and way != THREAD:
+                mw.__acall__ = functools.partial(self._acall, mw, way)  # type: ignore[method-assign]
             node = mw.get_response
 
     def adapt_method_mode(
@@ -277,30 +293,39 @@ class GreenASGIHandler(ASGIHandler):
             and method_is_async is None
             and owner is not None
             and not iscoroutinefunction(method)
-            and database_only(type(owner), MIDDLEWARE)
+            and (way := how(type(owner), MIDDLEWARE)) != THREAD
         ):
-            return _GreenMethod(self, method)
+            return _Hook(self, method, way)
         return super().adapt_method_mode(is_async, method, method_is_async, debug, name)
 
-    async def _acall(self, mw: Any, request: Any) -> Any:
-        """``MiddlewareMixin.__acall__`` with the hooks in a greenlet."""
+    async def run(self, way: str, fn: Any, *args: Any) -> Any:
+        """Return ``fn(*args)`` run ``way``: right here, in a greenlet, or in Django's thread."""
+        if way == DIRECT:
+            return _watchdog.call(fn, *args)
+        if way == GREEN:
+            return await green_call(self.aliases, fn, *args)
+        return await sync_to_async(fn)(*args)
+
+    async def _acall(self, mw: Any, way: str, request: Any) -> Any:
+        """``MiddlewareMixin.__acall__``, its hooks run ``way`` instead of in a thread."""
         response = None
         if hasattr(mw, "process_request"):
-            response = await green_call(self.aliases, mw.process_request, request)
+            response = await self.run(way, mw.process_request, request)
         response = response or await mw.get_response(request)
         if hasattr(mw, "process_response"):
-            response = await green_call(self.aliases, mw.process_response, request, response)
+            response = await self.run(way, mw.process_response, request, response)
         return response
 
     async def asend(self, signal: Any, **named: Any) -> None:
-        """``signal.asend(sender=ASGIHandler, ...)``, Django's sync receivers in a greenlet."""
+        """``signal.asend(sender=ASGIHandler, ...)``, its sync receivers not in a thread."""
         if not (self.green and signal.receivers):
             await signal.asend(sender=ASGIHandler, **named)
             return
         if signal.sender_receivers_cache.get(ASGIHandler) is NO_RECEIVERS:
             return
         sync_receivers, async_receivers = signal._live_receivers(ASGIHandler)
-        if _thread_connections() or not all(database_only(r, RECEIVERS) for r in sync_receivers):
+        way = THREAD if _thread_connections() else _how_all(sync_receivers)
+        if way == THREAD:
             await signal.asend(sender=ASGIHandler, **named)
             return
 
@@ -309,35 +334,32 @@ class GreenASGIHandler(ASGIHandler):
                 receiver(signal=signal, sender=ASGIHandler, **named)
 
         if not async_receivers:
-            await green_call(self.aliases, sync_send)
+            await self.run(way, sync_send)
             return
         await asyncio.gather(
-            green_call(self.aliases, sync_send),
+            self.run(way, sync_send),
             asyncio.gather(
                 *(r(signal=signal, sender=ASGIHandler, **named) for r in async_receivers)
             ),
         )
 
     async def close_response(self, response: Any) -> None:
-        """``response.close()`` (sends request_finished), in a greenlet when that is safe."""
-        if self._close_green(response):
-            await green_call(self.aliases, response.close)
-        else:
-            await sync_to_async(response.close)()
+        """``response.close()`` (sends request_finished), not in a thread when that is safe."""
+        await self.run(self._close_way(response), response.close)
 
-    def _close_green(self, response: Any) -> bool:
+    def _close_way(self, response: Any) -> str:
         if not (
             self.green
             and type(response).close is HttpResponseBase.close
             and not response.streaming  # its closers: the content's, the application's code
             and not _thread_connections()
         ):
-            return False
+            return THREAD
         sync_receivers, async_receivers = signals.request_finished._live_receivers(
             response._handler_class
         )
         # An async receiver of a sync send() needs async_to_sync: not on the loop's thread.
-        return not async_receivers and all(database_only(r, RECEIVERS) for r in sync_receivers)
+        return THREAD if async_receivers else _how_all(sync_receivers)
 
     async def run_get_response(self, request: Any) -> Any:
         response: Any = await super().run_get_response(request)

@@ -1,7 +1,8 @@
 """Run sync code in a greenlet on the event loop, and notice when it holds the loop.
 
 :func:`spawn` is SQLAlchemy's ``greenlet_spawn`` (its ``await_`` works inside) that
-also times each slice of sync code between two awaits. A slice longer than
+also times each slice of sync code between two awaits; :func:`call` times sync code
+without I/O run directly on the loop. A slice longer than
 ``settings.ASYNCPOOL_LOOP_BLOCKED_MS`` (default 20 ms; 0 turns the watchdog off)
 held every other request of the loop: it is counted by code location
 (``db_loop_blocked_total{where}``) and logged once per location with the stack of
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 
 from greenlet import getcurrent, greenlet
 
-__all__ = ["blocked", "spawn", "threshold"]
+__all__ = ["blocked", "call", "spawn", "threshold"]
 
 logger = logging.getLogger("django_asyncpool")
 T = TypeVar("T")
@@ -60,11 +61,25 @@ class _Green(greenlet):  # type: ignore[misc]
         self.gr_context = driver.gr_context
 
 
+_threshold: float | None = None
+
+
 def threshold() -> float:
     """Return the watchdog's threshold in seconds (0: off)."""
-    from django.conf import settings
+    global _threshold
+    if _threshold is None:  # read once, again after a change (override_settings)
+        from django.conf import settings
+        from django.core.signals import setting_changed
 
-    return float(getattr(settings, "ASYNCPOOL_LOOP_BLOCKED_MS", DEFAULT_MS)) / 1e3
+        setting_changed.connect(_forget, dispatch_uid="django_asyncpool._watchdog")
+        _threshold = float(getattr(settings, "ASYNCPOOL_LOOP_BLOCKED_MS", DEFAULT_MS)) / 1e3
+    return _threshold
+
+
+def _forget(*, setting: str, **kwargs: Any) -> None:
+    global _threshold
+    if setting == "ASYNCPOOL_LOOP_BLOCKED_MS":
+        _threshold = None
 
 
 async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: Any) -> T:
@@ -89,8 +104,21 @@ async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: 
     return result  # type: ignore[no-any-return]
 
 
+def call(fn: Callable[..., T], *args: Any) -> T:
+    """Return ``fn(*args)`` run right here on the loop, timed as a slice of :func:`spawn`.
+
+    For sync code that does no I/O at all: no greenlet is needed, only the watchdog.
+    """
+    limit = threshold()
+    if not limit:
+        return fn(*args)
+    if _monitor is None:
+        _start_monitor(limit)
+    return _slice(fn, None, limit, fn, *args)  # type: ignore[no-any-return]
+
+
 def _slice(
-    fn: Callable[..., Any], child: greenlet, limit: float, step: Any, *args: Any, **kw: Any
+    fn: Callable[..., Any], child: greenlet | None, limit: float, step: Any, *args: Any, **kw: Any
 ) -> Any:
     """Run the greenlet until it awaits or ends (``step``: its switch or throw), timed."""
     tid = threading.get_ident()
@@ -109,10 +137,12 @@ def _slice(
             _held(fn, child, slot, held)
 
 
-def _held(fn: Callable[..., Any], child: greenlet, slot: list[Any], held: float) -> None:
+def _held(fn: Callable[..., Any], child: greenlet | None, slot: list[Any], held: float) -> None:
     """Count and (once per location) log a slice that held the loop ``held`` seconds."""
     stack: traceback.StackSummary | None = slot[1]
-    if stack is None and child.gr_frame is not None:  # the monitor had not looked yet
+    if (
+        stack is None and child is not None and child.gr_frame is not None
+    ):  # the monitor had not looked yet
         stack = traceback.extract_stack(child.gr_frame)
     frame = _culprit(stack) if stack else None
     if frame is not None:
