@@ -29,6 +29,7 @@ from django.conf import settings
 from django.core import signals
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.core.handlers.base import BaseHandler
 from django.db import connections
 from django.dispatch.dispatcher import NO_RECEIVERS
 from django.http.response import HttpResponseBase
@@ -39,7 +40,7 @@ from psycopg import pq
 from . import _asyncorm, _ormpool, _watchdog
 from ._watchdog import spawn
 
-__all__ = ["MIDDLEWARE", "RECEIVERS", "GreenASGIHandler", "request_path"]
+__all__ = ["MIDDLEWARE", "RECEIVERS", "GreenASGIHandler", "GreenMiddleware", "request_path"]
 
 logger = logging.getLogger("django_asyncpool")
 
@@ -212,6 +213,14 @@ def _bound(lazies: list[_Lazy], hooks: list[Any], fn: Any, args: tuple[Any, ...]
 
 async def green_call(aliases: list[str], fn: Any, *args: Any) -> Any:
     """Return ``fn(*args)`` run in a greenlet on this loop, its ORM native on ``aliases``."""
+    for alias in aliases:
+        # Under async_to_sync inside atomic() (Django's test client in a TestCase): the
+        # caller's connections, in its transaction, as the native ORM does (_asyncorm).
+        callers = _asyncorm._callers(alias)
+        if callers is _asyncorm._THREAD:
+            return await sync_to_async(fn)(*args)
+        if callers is not None:
+            return _asyncorm._borrowed_call(alias, callers, fn, args, {})
     lazies = [_take(alias) for alias in aliases]
     hooks: list[Any] = []
     try:
@@ -238,7 +247,7 @@ def _thread_connections() -> bool:
 class _Hook:
     """A middleware's sync ``process_view``/``process_template_response``, not in a thread."""
 
-    def __init__(self, handler: GreenASGIHandler, method: Any, way: str) -> None:
+    def __init__(self, handler: GreenMiddleware, method: Any, way: str) -> None:
         self.handler = handler
         self.method = method
         self.way = way
@@ -248,8 +257,9 @@ class _Hook:
         return await self.handler.run(self.way, self.method, *args)
 
 
-class GreenASGIHandler(ASGIHandler):
-    """Django's ``ASGIHandler``, its own sync parts run in a greenlet (module docstring)."""
+class GreenMiddleware(BaseHandler):
+    """A handler's middleware hooks not in a thread (for ``ASGIHandler``, Django's test
+    ``AsyncClientHandler``): how each runs is decided once, when the chain is built."""
 
     aliases: list[str]
     green = False
@@ -315,6 +325,10 @@ class GreenASGIHandler(ASGIHandler):
         if hasattr(mw, "process_response"):
             response = await self.run(way, mw.process_response, request, response)
         return response
+
+
+class GreenASGIHandler(GreenMiddleware, ASGIHandler):
+    """Django's ``ASGIHandler``, its own sync parts not in a thread (module docstring)."""
 
     async def asend(self, signal: Any, **named: Any) -> None:
         """``signal.asend(sender=ASGIHandler, ...)``, its sync receivers not in a thread."""

@@ -218,14 +218,23 @@ def _native_id() -> int:
     return threading.get_native_id()
 
 
+#: futex(2) by machine: a thread waiting for the GIL (another thread holds it, or the OS
+#: runs another process meanwhile) waits in it; that is not the code blocking.
+_FUTEX = {"x86_64": b"202", "aarch64": b"98"}.get(os.uname().machine, b"")
+
+
 def _asleep(native_id: int) -> bool:
-    """Return True if the thread is in a blocking call (state S or D in /proc)."""
+    """Return True if the thread is in a blocking call (state S or D, not for the GIL)."""
+    task = f"/proc/self/task/{native_id}/"
     try:
-        with open(f"/proc/self/task/{native_id}/stat", "rb") as f:
+        with open(task + "stat", "rb") as f:
             state = f.read().rpartition(b")")[2][1:2]
+        if state not in (b"S", b"D"):
+            return False
+        with open(task + "syscall", "rb") as f:
+            return f.read().split(b" ", 1)[0] != _FUTEX
     except OSError:  # not Linux: count what is over the threshold on the clock alone
         return True
-    return state in (b"S", b"D")
 
 
 def _after_fork_in_child() -> None:

@@ -282,3 +282,56 @@ def test_dbpool_check_says_where_the_request_path_runs(native: None) -> None:
     assert code2 == code == 0, out
     assert path["greenlet"] is False and path["aliases_without_async_orm"] == ["replica"]
     assert path["database_only"] == [RECORDER] and path["loop_blocked_ms"] == 20
+
+
+@db
+def test_under_uvicorn_no_thread_is_started(native: None) -> None:
+    """A real server: Django's handler starts a thread per request, ours none."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    started: list[str] = []
+    original = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        started.append(self.name)
+        original(self)
+
+    def serve(app: Any) -> list[str]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        config = uvicorn.Config(app, port=port, lifespan="off", log_level="warning")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            assert _wait(lambda: server.started)
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+                assert client.get("/page/").status_code == 200  # warm: pools, sessions
+                started.clear()
+                threading.Thread.start = start  # type: ignore[method-assign]
+                try:
+                    for _ in range(5):
+                        response = client.get("/page/")
+                        assert response.status_code == 200
+                finally:
+                    threading.Thread.start = original  # type: ignore[method-assign]
+                return list(started)
+        finally:
+            server.should_exit = True
+            thread.join(10)
+
+    assert len(serve(ASGIHandler())) >= 5  # one per request at least (its sync hooks)
+    assert serve(GreenASGIHandler()) == []
+
+
+def _wait(predicate: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
