@@ -124,10 +124,27 @@ def how(obj: Any, known: dict[str, str]) -> str:
     return GREEN if name in _listed() else THREAD
 
 
+#: Receivers (as a signal lists them) -> how they run together; forgotten when a setting
+#: changes (the settings decide it).
+_ways: dict[tuple[Any, ...], str] = {}
+
+
 def _how_all(receivers: list[Any]) -> str:
     """Return how to run these receivers together: the most careful of their ways."""
-    ways = {how(r, RECEIVERS) for r in receivers}
-    return THREAD if THREAD in ways else GREEN if GREEN in ways else DIRECT
+    key = tuple(receivers)
+    way = _ways.get(key)
+    if way is None:
+        if not _ways:
+            from django.core.signals import setting_changed
+
+            setting_changed.connect(_forget, dispatch_uid="django_asyncpool._handler")
+        ways = {how(r, RECEIVERS) for r in receivers}
+        way = _ways[key] = THREAD if THREAD in ways else GREEN if GREEN in ways else DIRECT
+    return way
+
+
+def _forget(**kwargs: Any) -> None:
+    _ways.clear()
 
 
 def request_path() -> dict[str, Any]:
@@ -234,11 +251,16 @@ async def green_call(aliases: list[str], fn: Any, *args: Any) -> Any:
 
 def _thread_connections() -> bool:
     """Return True if this request's context holds a connection a thread opened."""
-    return any(
-        getattr(w, "connection", None) is not None
-        for w in connections.all(initialized_only=True)
-        if not isinstance(w, _ormpool.NativeWrapper)
-    )
+    local = _asyncorm._local()
+    for alias in connections.settings:
+        wrapper = getattr(local, alias, None)
+        if (
+            wrapper is not None
+            and wrapper.connection is not None
+            and not isinstance(wrapper, _ormpool.NativeWrapper)
+        ):
+            return True
+    return False
 
 
 # -- the handler ------------------------------------------------------------------------
