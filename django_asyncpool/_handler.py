@@ -24,7 +24,7 @@ import functools
 import logging
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, sync_to_async
+from asgiref.sync import SyncToAsync, iscoroutinefunction, sync_to_async
 from django.conf import settings
 from django.core import signals
 from django.core.exceptions import RequestAborted
@@ -69,7 +69,7 @@ MIDDLEWARE: dict[str, str] = {
 }
 #: Django's receivers of request_started / request_finished. They do I/O only on a
 #: connection a thread opened for the request, and then the whole send goes to a thread
-#: (_thread_connections): else they are called right on the loop. "caches": every cache
+#: (_thread_touched): else they are called right on the loop. "caches": every cache
 #: of this process is locmem or dummy.
 RECEIVERS: dict[str, str] = {
     "django.db.reset_queries": "",
@@ -249,6 +249,18 @@ async def green_call(aliases: list[str], fn: Any, *args: Any) -> Any:
             await sync_to_async(_asyncorm._run_hooks)(hooks)
 
 
+def _thread_used() -> bool:
+    """Return True if this request ran code in Django's thread (its ThreadSensitiveContext's):
+    what that code opened (connections) is closed there, by Django's path."""
+    context = SyncToAsync.thread_sensitive_context.get(None)
+    return context is not None and context in SyncToAsync.context_to_thread_executor
+
+
+def _thread_touched() -> bool:
+    """Return True if the request signal's receivers must run in Django's thread."""
+    return _thread_used() or _thread_connections()
+
+
 def _thread_connections() -> bool:
     """Return True if this request's context holds a connection a thread opened."""
     local = _asyncorm._local()
@@ -360,7 +372,7 @@ class GreenASGIHandler(GreenMiddleware, ASGIHandler):
         if signal.sender_receivers_cache.get(ASGIHandler) is NO_RECEIVERS:
             return
         sync_receivers, async_receivers = signal._live_receivers(ASGIHandler)
-        way = THREAD if _thread_connections() else _how_all(sync_receivers)
+        way = THREAD if _thread_touched() else _how_all(sync_receivers)
         if way == THREAD:
             await signal.asend(sender=ASGIHandler, **named)
             return
@@ -388,7 +400,7 @@ class GreenASGIHandler(GreenMiddleware, ASGIHandler):
             self.green
             and type(response).close is HttpResponseBase.close
             and not response.streaming  # its closers: the content's, the application's code
-            and not _thread_connections()
+            and not _thread_touched()
         ):
             return THREAD
         sync_receivers, async_receivers = signals.request_finished._live_receivers(

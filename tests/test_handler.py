@@ -144,8 +144,9 @@ async def test_same_responses_cookies_and_signals_as_djangos_handler(native: Non
     assert got[1][2]["body"]["visits"] == 2  # the session was saved (in the greenlet)
     assert got[3][2]["status"] == 403 and got[4][2]["status"] == 200
     assert "SessionMiddleware.process_response" in django_hops
-    # What is left for a thread: the sync view, its close() (request_finished closes the
-    # connection the view opened in its thread), and Django's paths for 404 and 500.
+    # What is left for a thread: the sync view, Django's paths for 404 and 500, and
+    # close() after the requests that used the thread (request_finished closes there
+    # what the thread opened, as Django does) or stream.
     assert set(green_hops) == {
         "sync_view",
         "HttpResponseBase.close",
@@ -153,7 +154,27 @@ async def test_same_responses_cookies_and_signals_as_djangos_handler(native: Non
         "response_for_exception",
         "BaseHandler.process_exception_by_middleware",
     }
-    assert green_hops.count("sync_view") == green_hops.count("HttpResponseBase.close") == 1
+    assert green_hops.count("sync_view") == 1
+    assert green_hops.count("HttpResponseBase.close") == 3  # /sync/, /stream/, /fails/
+
+
+@db
+async def test_a_sync_views_connection_goes_back_to_its_pool(native: None) -> None:
+    """Its thread opened it: request_finished closes it in that thread, as Django does."""
+    from django_asyncpool import _registry
+
+    def in_use() -> dict[tuple[str, str], int]:
+        return {(s["alias"], s["pool"]): s["in_use"] for s in _registry.snapshots()}
+
+    transport = httpx.ASGITransport(app=GreenASGIHandler())
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        await c.get("/sync/")
+        before = in_use()
+        with hops() as seen_hops:
+            for _ in range(3):
+                assert (await c.get("/sync/")).status_code == 200
+    assert in_use() == before
+    assert seen_hops.count("HttpResponseBase.close") == 3
 
 
 @db
@@ -177,7 +198,8 @@ async def test_unknown_sync_middleware_keeps_the_thread_path(native: None) -> No
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
             with hops() as seen_hops:
                 assert (await c.get("/plain/")).status_code == 200
-    assert seen_hops == ["Blocking.process_request"]  # in a thread; Django's own are not
+    # In a thread, and so the close() that follows; Django's own hooks are not.
+    assert seen_hops == ["Blocking.process_request", "HttpResponseBase.close"]
 
 
 @db
