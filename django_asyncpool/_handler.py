@@ -88,6 +88,9 @@ _DB_SESSIONS = (
 
 
 def _name(obj: Any) -> str:
+    """Return ``obj``'s dotted path (a receiver may be any callable object)."""
+    if not hasattr(obj, "__qualname__"):
+        obj = type(obj)
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
@@ -364,22 +367,29 @@ class GreenMiddleware(BaseHandler):
 class GreenASGIHandler(GreenMiddleware, ASGIHandler):
     """Django's ``ASGIHandler``, its own sync parts not in a thread (module docstring)."""
 
+    @property
+    def sender(self) -> type[ASGIHandler]:
+        """The request signals' sender: Django's handler sends its class, so ours sends
+        ``ASGIHandler`` (a receiver connected for it fires), a subclass its own."""
+        cls = type(self)
+        return ASGIHandler if cls is GreenASGIHandler else cls
+
     async def asend(self, signal: Any, **named: Any) -> None:
         """``signal.asend(sender=ASGIHandler, ...)``, its sync receivers not in a thread."""
         if not (self.green and signal.receivers):
-            await signal.asend(sender=ASGIHandler, **named)
+            await signal.asend(sender=self.sender, **named)
             return
-        if signal.sender_receivers_cache.get(ASGIHandler) is NO_RECEIVERS:
+        if signal.sender_receivers_cache.get(self.sender) is NO_RECEIVERS:
             return
-        sync_receivers, async_receivers = signal._live_receivers(ASGIHandler)
+        sync_receivers, async_receivers = signal._live_receivers(self.sender)
         way = THREAD if _thread_touched() else _how_all(sync_receivers)
         if way == THREAD:
-            await signal.asend(sender=ASGIHandler, **named)
+            await signal.asend(sender=self.sender, **named)
             return
 
         def sync_send() -> None:
             for receiver in sync_receivers:
-                receiver(signal=signal, sender=ASGIHandler, **named)
+                receiver(signal=signal, sender=self.sender, **named)
 
         if not async_receivers:
             await self.run(way, sync_send)
@@ -387,7 +397,7 @@ class GreenASGIHandler(GreenMiddleware, ASGIHandler):
         await asyncio.gather(
             self.run(way, sync_send),
             asyncio.gather(
-                *(r(signal=signal, sender=ASGIHandler, **named) for r in async_receivers)
+                *(r(signal=signal, sender=self.sender, **named) for r in async_receivers)
             ),
         )
 
@@ -411,7 +421,7 @@ class GreenASGIHandler(GreenMiddleware, ASGIHandler):
 
     async def run_get_response(self, request: Any) -> Any:
         response: Any = await super().run_get_response(request)
-        response._handler_class = ASGIHandler  # request_finished's sender, as with Django's
+        response._handler_class = self.sender  # request_finished's sender
         return response
 
     async def handle(self, scope: Any, receive: Any, send: Any) -> None:
