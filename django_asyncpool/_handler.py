@@ -19,21 +19,20 @@ the handler is Django's own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
+from contextvars import ContextVar
 from typing import Any
 
 from asgiref.sync import SyncToAsync, iscoroutinefunction, sync_to_async
 from django.conf import settings
 from django.core import signals
-from django.core.exceptions import RequestAborted
-from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.core.handlers import asgi as _django_asgi
+from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.base import BaseHandler
 from django.db import connections
 from django.dispatch.dispatcher import NO_RECEIVERS
 from django.http.response import HttpResponseBase
-from django.urls import set_script_prefix
 from django.utils.deprecation import MiddlewareMixin
 from psycopg import pq
 
@@ -424,51 +423,72 @@ class GreenASGIHandler(GreenMiddleware, ASGIHandler):
         response._handler_class = self.sender  # request_finished's sender
         return response
 
-    async def handle(self, scope: Any, receive: Any, send: Any) -> None:
-        """Django's ``ASGIHandler.handle()``: its signals and ``close()`` through ours."""
-        # Kept line for line as Django's (5.2, 6.x), so that a diff shows what differs.
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        # Django's own handle() (each Django version's), its three sync calls through us.
+        token = _serving.set(self)
         try:
-            body_file = await self.read_body(receive)
-        except RequestAborted:
-            return
-        set_script_prefix(get_script_prefix(scope))
-        await self.asend(signals.request_started, scope=scope)
-        request, error_response = self.create_request(scope, body_file)
-        if request is None:
-            assert error_response is not None
-            body_file.close()
-            await self.send_response(error_response, send)
-            await self.close_response(error_response)
-            return
+            await super().__call__(scope, receive, send)
+        finally:
+            _serving.reset(token)
 
-        async def process_request(request: Any, send: Any) -> Any:
-            response = await self.run_get_response(request)
-            with contextlib.suppress(asyncio.CancelledError):  # the client went away
-                await self.send_response(response, send)
-            return response
 
-        tasks = [
-            asyncio.create_task(self.listen_for_disconnect(receive)),
-            asyncio.create_task(process_request(request, send)),
-        ]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            if task.done():
-                try:
-                    task.result()
-                except RequestAborted:
-                    pass
-                except AssertionError:
-                    body_file.close()
-                    raise
-            else:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        try:
-            response = tasks[1].result()
-        except asyncio.CancelledError:
-            await self.asend(signals.request_finished)
-        else:
-            await self.close_response(response)
-        body_file.close()
+# -- Django's handle() with its signals and close() through the handler ------------------
+#
+# ASGIHandler.handle() calls ``signals.request_started/request_finished.asend(...)`` and
+# ``sync_to_async(response.close)()`` by their module's names. Rather than keep a copy of
+# handle() per Django version, those names in django.core.handlers.asgi are stand-ins
+# that, inside a GreenASGIHandler's request (the context variable), go to its methods,
+# and otherwise are Django's own.
+
+_serving: ContextVar[GreenASGIHandler | None] = ContextVar("asyncpool_serving", default=None)
+
+
+class _Signal:
+    """Stands in for a request signal in django.core.handlers.asgi."""
+
+    def __init__(self, signal: Any) -> None:
+        self.signal = signal
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.signal, name)
+
+    async def asend(self, sender: Any, **named: Any) -> Any:
+        handler = _serving.get()
+        if handler is None:
+            return await self.signal.asend(sender, **named)
+        await handler.asend(self.signal, **named)
+        return None  # Django's handle() ignores what asend() returns
+
+
+class _Signals:
+    """Stands in for django.core.signals in django.core.handlers.asgi."""
+
+    request_started = _Signal(signals.request_started)
+    request_finished = _Signal(signals.request_finished)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(signals, name)
+
+
+def _sync_to_async(func: Any, *args: Any, **kwargs: Any) -> Any:
+    """Stands in for asgiref's sync_to_async in django.core.handlers.asgi."""
+    handler = _serving.get()
+    owner = getattr(func, "__self__", None)
+    if (
+        handler is not None
+        and not (args or kwargs)
+        and isinstance(owner, HttpResponseBase)
+        and getattr(func, "__name__", None) == "close"
+    ):
+        return functools.partial(handler.close_response, owner)
+    return sync_to_async(func, *args, **kwargs)
+
+
+def _install() -> None:
+    module: Any = _django_asgi
+    if not isinstance(module.signals, _Signals):
+        module.signals = _Signals()
+        module.sync_to_async = _sync_to_async
+
+
+_install()
