@@ -13,7 +13,10 @@ view runs ``get(pk=...)``, a ``filter().count()`` and ten rows as ``values()`` o
 - ours:    async view, ``OPTIONS["async_orm"]`` on, uvicorn + the package's
            ``get_asgi_application()``
 - sqla:    async view, ``session_scope(readonly=True)`` with the same SQL, uvicorn + ours
-- native_django (not by default): ``async_orm`` on under Django's ASGIHandler
+           (``async_orm`` on, which the package's request path needs)
+Not by default (``--variants``): ``native_django`` (``async_orm`` on under Django's
+ASGIHandler), ``ours_asyncio`` (ours on asyncio's loop instead of uvloop) and
+``ours_h11`` (ours with h11 instead of httptools).
 
 Cells: wrk with 8 and 64 connections (``c8``, ``c64``), to PostgreSQL directly and
 through a TCP proxy that delays each chunk 0.5 ms each way (``rtt1ms``: about 1 ms
@@ -51,8 +54,11 @@ VARIANTS = {
     "gthread": ("gunicorn-gthread", "http_site:wsgi", "sync", False),
     "hop": ("uvicorn", "http_site:django_asgi", "async", False),
     "ours": ("uvicorn", "http_site:ours", "async", True),
-    "sqla": ("uvicorn", "http_site:ours", "sqla", False),
+    # async_orm on too: the request path needs it on every alias to be ours.
+    "sqla": ("uvicorn", "http_site:ours", "sqla", True),
     "native_django": ("uvicorn", "http_site:django_asgi", "async", True),
+    "ours_asyncio": ("uvicorn-asyncio", "http_site:ours", "async", True),
+    "ours_h11": ("uvicorn-h11", "http_site:ours", "async", True),
 }
 DEFAULT_VARIANTS = "sync,gthread,hop,ours,sqla"
 CELLS = {"c8-direct": (8, "direct"), "c64-direct": (64, "direct"),
@@ -126,6 +132,10 @@ def start_server(variant: str, db_url: str, loop: str) -> tuple[subprocess.Popen
     else:
         cmd = [str(bindir / "uvicorn"), app, "--host", "127.0.0.1", "--port", str(port)]
         cmd += ["--no-access-log", "--log-level", "warning", "--loop", loop]
+        if server == "uvicorn-asyncio":
+            cmd[-1] = "asyncio"
+        elif server == "uvicorn-h11":
+            cmd += ["--http", "h11"]
     proc = subprocess.Popen(cmd, env=env, cwd=str(HERE))
     base = f"http://{bind}"
     deadline = time.monotonic() + 60
