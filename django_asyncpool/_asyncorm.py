@@ -34,7 +34,20 @@ from . import _ormpool, _registry, _syncpool
 from ._watchdog import spawn as greenlet_spawn  # timed: the loop-blocking watchdog
 from .config import ENGINE
 
-__all__ = ["atomic", "enabled", "install", "run"]
+__all__ = [
+    "THREAD",
+    "atomic",
+    "bind",
+    "borrowed_call",
+    "callers",
+    "enabled",
+    "install",
+    "local",
+    "run",
+    "run_hooks",
+    "share_debugging",
+    "unbind",
+]
 
 logger = logging.getLogger("django_asyncpool")
 T = TypeVar("T")
@@ -626,3 +639,15 @@ def atomic(using: Any = None, savepoint: bool = True, durable: bool = False) -> 
     if callable(using):
         return _AsyncAtomic(DEFAULT_DB_ALIAS, savepoint, durable)(using)
     return _AsyncAtomic(using, savepoint, durable)
+
+
+# -- for the request path (_handler): a greenlet of a request binds and borrows the same way
+
+bind = _bind
+unbind = _unbind
+share_debugging = _share_debugging
+local = _local
+callers = _callers
+borrowed_call = _borrowed_call
+run_hooks = _run_hooks
+THREAD = _THREAD

@@ -175,7 +175,7 @@ class _Lazy(_ormpool.NativeWrapper):
         if self.connection is None:
             lease = self._holder.checkout()
             self._lease = lease
-            _ormpool._bind(self, lease.wrapper._twin)
+            _ormpool.bind_twin(self, lease.wrapper._twin)
 
     def release(self) -> list[Any]:
         """Give the connection back (discarded unless clean); return on_commit callbacks."""
@@ -219,14 +219,14 @@ def _bound(lazies: list[_Lazy], hooks: list[Any], fn: Any, args: tuple[Any, ...]
     """Return ``fn(*args)`` with each of ``lazies`` as ``connections[its alias]``."""
     previous = []
     for lazy in lazies:
-        before = _asyncorm._bind(lazy.alias, lazy)
-        _asyncorm._share_debugging(lazy, before)
+        before = _asyncorm.bind(lazy.alias, lazy)
+        _asyncorm.share_debugging(lazy, before)
         previous.append(before)
     try:
         return fn(*args)
     finally:
         for lazy, before in zip(lazies, previous, strict=True):
-            _asyncorm._unbind(lazy.alias, before)
+            _asyncorm.unbind(lazy.alias, before)
             hooks.extend(lazy.release())
 
 
@@ -235,11 +235,11 @@ async def green_call(aliases: list[str], fn: Any, *args: Any) -> Any:
     for alias in aliases:
         # Under async_to_sync inside atomic() (Django's test client in a TestCase): the
         # caller's connections, in its transaction, as the native ORM does (_asyncorm).
-        callers = _asyncorm._callers(alias)
-        if callers is _asyncorm._THREAD:
+        callers = _asyncorm.callers(alias)
+        if callers is _asyncorm.THREAD:
             return await sync_to_async(fn)(*args)
         if callers is not None:
-            return _asyncorm._borrowed_call(alias, callers, fn, args, {})
+            return _asyncorm.borrowed_call(alias, callers, fn, args, {})
     lazies = [_take(alias) for alias in aliases]
     hooks: list[Any] = []
     try:
@@ -248,7 +248,7 @@ async def green_call(aliases: list[str], fn: Any, *args: Any) -> Any:
         for lazy in lazies:
             _idle[id(lazy._holder)].append(lazy)
         if hooks:  # on_commit callbacks: the application's code, in a thread as Django does
-            await sync_to_async(_asyncorm._run_hooks)(hooks)
+            await sync_to_async(_asyncorm.run_hooks)(hooks)
 
 
 def _thread_used() -> bool:
@@ -265,7 +265,7 @@ def _thread_touched() -> bool:
 
 def _thread_connections() -> bool:
     """Return True if this request's context holds a connection a thread opened."""
-    local = _asyncorm._local()
+    local = _asyncorm.local()
     for alias in connections.settings:
         wrapper = getattr(local, alias, None)
         if (
