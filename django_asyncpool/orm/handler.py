@@ -59,12 +59,12 @@ MIDDLEWARE: dict[str, str] = {
     "django.middleware.http.ConditionalGetMiddleware": "",
     "django.middleware.locale.LocaleMiddleware": "",
     "django.middleware.csp.ContentSecurityPolicyMiddleware": "",
-    "django.contrib.admindocs.middleware.XViewMiddleware": "",
     "django.middleware.csrf.CsrfViewMiddleware": "session",
     _SESSIONS: "session",
     "django.contrib.messages.middleware.MessageMiddleware": "session",
     _AUTH + "AuthenticationMiddleware": "auth",
     _AUTH + "LoginRequiredMiddleware": "auth",
+    "django.contrib.admindocs.middleware.XViewMiddleware": "auth",  # request.user
     "django.contrib.sites.middleware.CurrentSiteMiddleware": "db",
     "django.contrib.redirects.middleware.RedirectFallbackMiddleware": "db",
 }
@@ -289,8 +289,22 @@ class _Hook:
         self.way = way
         self.__self__ = method.__self__  # Django names it in its errors
 
-    async def __call__(self, *args: Any) -> Any:
-        return await self.handler.run(self.way, self.method, *args)
+    async def __call__(self, request: Any, *args: Any) -> Any:
+        way = _for_body(request, self.way)
+        return await self.handler.run(way, self.method, request, *args)
+
+
+def _for_body(request: Any, way: str) -> str:
+    """Return THREAD for a request whose body Django keeps on disk, else ``way``.
+
+    A hook that reads ``request.POST`` (CSRF's) parses the body: past
+    FILE_UPLOAD_MAX_MEMORY_SIZE Django spools it, and writes uploads, to files.
+    """
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return THREAD
+    return THREAD if length > settings.FILE_UPLOAD_MAX_MEMORY_SIZE else way
 
 
 class GreenMiddleware(BaseHandler):
@@ -354,6 +368,7 @@ class GreenMiddleware(BaseHandler):
 
     async def _acall(self, mw: Any, way: str, request: Any) -> Any:
         """``MiddlewareMixin.__acall__``, its hooks run ``way`` instead of in a thread."""
+        way = _for_body(request, way)
         response = None
         if hasattr(mw, "process_request"):
             response = await self.run(way, mw.process_request, request)

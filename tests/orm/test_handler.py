@@ -205,6 +205,19 @@ async def test_unknown_sync_middleware_keeps_the_thread_path(native: None) -> No
 
 
 @db
+async def test_a_body_kept_on_disk_is_parsed_in_a_thread(native: None) -> None:
+    transport = httpx.ASGITransport(app=GreenASGIHandler())
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        await client.get("/page/")
+        headers = {"X-CSRFToken": client.cookies["csrftoken"]}
+        with override_settings(FILE_UPLOAD_MAX_MEMORY_SIZE=100), hops() as seen_hops:
+            response = await client.post("/form/", data={"a": "x" * 200}, headers=headers)
+    assert response.status_code == 200 and response.text == "posted ['a']"
+    assert "CsrfViewMiddleware.process_view" in seen_hops
+    assert "CsrfViewMiddleware.process_request" in seen_hops
+
+
+@db
 async def test_without_async_orm_everywhere_it_is_djangos_path(native: None) -> None:
     connections.settings["replica"]["OPTIONS"]["async_orm"] = False
     app = GreenASGIHandler()
