@@ -98,13 +98,13 @@ async def sqla_view(request: Any, pk: int) -> Any:
     return JsonResponse(_payload(product, count, rows))
 
 
-def plain_view(request: Any) -> Any:
+def plain_view(request: Any, pk: int) -> Any:
     from django.http import HttpResponse
 
     return HttpResponse("plain")
 
 
-async def async_plain_view(request: Any) -> Any:
+async def async_plain_view(request: Any, pk: int) -> Any:
     from django.http import HttpResponse
 
     return HttpResponse("plain")
