@@ -276,7 +276,8 @@ def report(variants: list[str], cells: list[str], results: Results) -> None:
         if "hop" in variants:
             r = ratio("ours", "hop", cell, "rps")
             parts.append(f"req/s ours/hop {r:.2f}x ({'met' if r >= 2.0 else 'MISSED'} >= 2)")
-        print(f"  {cell:<11} " + "; ".join(parts))
+        if parts:
+            print(f"  {cell:<11} " + "; ".join(parts))
 
 
 if __name__ == "__main__":
