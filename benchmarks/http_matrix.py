@@ -16,7 +16,9 @@ view runs ``get(pk=...)``, a ``filter().count()`` and ten rows as ``values()`` o
            (``async_orm`` on, which the package's request path needs)
 Not by default (``--variants``): ``native_django`` (``async_orm`` on under Django's
 ASGIHandler), ``ours_asyncio`` (ours on asyncio's loop instead of uvloop) and
-``ours_h11`` (ours with h11 instead of httptools).
+``ours_h11`` (ours with h11 instead of httptools); ``plain_sync``, ``plain_hop`` and
+``plain_ours``: a view with no query under gunicorn's sync worker, Django's
+ASGIHandler and ours.
 
 Cells: wrk with 8 and 64 connections (``c8``, ``c64``), to PostgreSQL directly and
 through a TCP proxy that delays each chunk 0.5 ms each way (``rtt1ms``: about 1 ms
@@ -47,7 +49,13 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 
 from load_demo import Round, cpu_seconds, run_wrk  # noqa: E402
 
-PATHS = {"sync": "/sync/{}/", "async": "/async/{}/", "sqla": "/sqla/{}/"}
+PATHS = {
+    "sync": "/sync/{}/",
+    "async": "/async/{}/",
+    "sqla": "/sqla/{}/",
+    "plain": "/plain/{}/",
+    "aplain": "/aplain/{}/",
+}
 #: variant -> (server, application, path kind, async_orm)
 VARIANTS = {
     "sync": ("gunicorn-sync", "http_site:wsgi", "sync", False),
@@ -59,6 +67,10 @@ VARIANTS = {
     "native_django": ("uvicorn", "http_site:django_asgi", "async", True),
     "ours_asyncio": ("uvicorn-asyncio", "http_site:ours", "async", True),
     "ours_h11": ("uvicorn-h11", "http_site:ours", "async", True),
+    # No query at all: what the server and Django's request path cost by themselves.
+    "plain_sync": ("gunicorn-sync", "http_site:wsgi", "plain", False),
+    "plain_hop": ("uvicorn", "http_site:django_asgi", "aplain", False),
+    "plain_ours": ("uvicorn", "http_site:ours", "aplain", True),
 }
 DEFAULT_VARIANTS = "sync,gthread,hop,ours,sqla"
 CELLS = {"c8-direct": (8, "direct"), "c64-direct": (64, "direct"),
@@ -264,7 +276,8 @@ def report(variants: list[str], cells: list[str], results: Results) -> None:
         if "hop" in variants:
             r = ratio("ours", "hop", cell, "rps")
             parts.append(f"req/s ours/hop {r:.2f}x ({'met' if r >= 2.0 else 'MISSED'} >= 2)")
-        print(f"  {cell:<11} " + "; ".join(parts))
+        if parts:
+            print(f"  {cell:<11} " + "; ".join(parts))
 
 
 if __name__ == "__main__":

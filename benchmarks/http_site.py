@@ -10,7 +10,8 @@ that a server imports them after Django is set up:
 
 Environment: ``HTTP_MATRIX_DB`` (a database URL), ``HTTP_MATRIX_ASYNC_ORM=1`` to turn
 ``OPTIONS["async_orm"]`` on. Each view runs the same three queries on ``shop.Product``:
-``get(pk=...)``, a ``filter().count()`` and ten rows as ``values()``.
+``get(pk=...)``, a ``filter().count()`` and ten rows as ``values()``; ``plain/`` and
+``aplain/`` (sync and async) run none.
 """
 
 from __future__ import annotations
@@ -97,6 +98,18 @@ async def sqla_view(request: Any, pk: int) -> Any:
     return JsonResponse(_payload(product, count, rows))
 
 
+def plain_view(request: Any, pk: int) -> Any:
+    from django.http import HttpResponse
+
+    return HttpResponse("plain")
+
+
+async def async_plain_view(request: Any, pk: int) -> Any:
+    from django.http import HttpResponse
+
+    return HttpResponse("plain")
+
+
 def __getattr__(name: str) -> Any:
     if name == "urlpatterns":
         from django.urls import path
@@ -105,6 +118,8 @@ def __getattr__(name: str) -> Any:
             path("sync/<int:pk>/", sync_view),
             path("async/<int:pk>/", async_view),
             path("sqla/<int:pk>/", sqla_view),
+            path("plain/<int:pk>/", plain_view),
+            path("aplain/<int:pk>/", async_plain_view),
         ]
     if name == "wsgi":
         from django.core.wsgi import get_wsgi_application
