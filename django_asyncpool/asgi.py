@@ -13,7 +13,8 @@ or wrap your own stack with ``PoolLifespan(app)``. At startup, aliases with
 failure, :class:`~.errors.DatabaseUnavailable` as the sync warm-up's, fails the
 startup, so the server exits instead of serving errors); at
 shutdown every async pool of this process and every sync pool is closed, so the
-server sees clean disconnects instead of broken sockets.
+server sees clean disconnects instead of broken sockets. Requests go to Django's
+handler with its own sync parts in a greenlet on the loop (:mod:`.orm.handler`).
 """
 
 from __future__ import annotations
@@ -98,7 +99,14 @@ class PoolLifespan:
 
 
 def get_asgi_application() -> PoolLifespan:
-    """Return Django's ASGI application wrapped in :class:`PoolLifespan`."""
-    from django.core.asgi import get_asgi_application as django_asgi
+    """Return Django's ASGI application, its sync parts in a greenlet, in :class:`PoolLifespan`.
 
-    return PoolLifespan(django_asgi())
+    The handler is :class:`~django_asyncpool.orm.handler.GreenASGIHandler`: Django's own,
+    with no thread for Django's sync request parts (docs/async-orm.md, "The request path").
+    """
+    import django
+
+    from .orm.handler import GreenASGIHandler
+
+    django.setup(set_prefix=False)  # as django.core.asgi.get_asgi_application()
+    return PoolLifespan(GreenASGIHandler())

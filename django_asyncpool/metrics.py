@@ -190,6 +190,14 @@ FALLBACKS = Counter(
     ("alias", "method"),
     registry=None,
 )
+LOOP_BLOCKED = Counter(
+    "db_loop_blocked_total",
+    "Times sync code run in a greenlet on the event loop (native ORM, Django's middleware "
+    "and request signals) held the loop longer than ASYNCPOOL_LOOP_BLOCKED_MS, by the code "
+    "location that held it (django_asyncpool.orm.watchdog).",
+    ("where",),
+    registry=None,
+)
 
 METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     ATTEMPTS,
@@ -212,6 +220,7 @@ METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     STORAGE_ERRORS,
     STORAGE_SHARED,
     FALLBACKS,
+    LOOP_BLOCKED,
 )
 
 
@@ -366,6 +375,7 @@ def flush() -> None:
                     _storage_pushed[alias] = errors
                 STORAGE_SHARED.labels(alias).set(1 if storage["shared"] else 0)
         _push_failovers(exported)
+        _push_loop_blocked()
 
 
 def _push_budgets(guards: dict[str, Any]) -> None:
@@ -387,6 +397,20 @@ def _push_failovers(exported: Callable[[str], bool]) -> None:
         if count > done and exported(alias):
             FAILOVERS.labels(alias, to).inc(count - done)
             _failovers[alias, to] = count
+
+
+#: where -> loop-blocking slices already added to LOOP_BLOCKED.
+_blocked_pushed: dict[str, int] = {}
+
+
+def _push_loop_blocked() -> None:
+    from .orm import watchdog as _watchdog
+
+    for where, count in list(_watchdog.blocked.items()):
+        done = _blocked_pushed.get(where, 0)
+        if count > done:
+            LOOP_BLOCKED.labels(where).inc(count - done)
+            _blocked_pushed[where] = count
 
 
 def _side(alias: str, side: str) -> _Side:

@@ -15,6 +15,11 @@ embedded PostgreSQL started for the run and deleted after it.
 The ENGINE declares the failures that the test environment causes (not the ENGINE)
 only while this runs: see django_asyncpool/features.py.
 
+``--green-asgi`` serves Django's ASGI tests with django_asyncpool's handler (Django's
+own sync request parts not in a thread, docs/async-orm.md "The request path"), gives the
+test ``AsyncClient`` its middleware hooks, turns ``async_orm`` on, and runs the modules
+of GREEN_MODULES.
+
 ``--async-orm`` turns ``OPTIONS["async_orm"]`` on for both aliases (Django's async
 QuerySet API runs natively, docs/async-orm.md) and runs the modules whose tests use
 that API (``tests/async/`` first). Every test process writes how many operations ran
@@ -94,6 +99,18 @@ MODULES = [
 #: of generic relations, sessions and pagination.
 ASYNC_ORM_MODULES = ["async", "generic_relations", "sessions_tests", "pagination"]
 
+#: The modules that serve requests through ASGIHandler or the AsyncClient's middleware
+#: (``--green-asgi``): django_asyncpool's request path against Django's own tests.
+GREEN_MODULES = [
+    "handlers",
+    "asgi",
+    "middleware",
+    "csrf_tests",
+    "sessions_tests",
+    "auth_tests",
+    "messages_tests",
+]
+
 #: What these modules need beyond Django's own dependencies (names as in
 #: tests/requirements/py3.txt): tblib carries tracebacks out of the parallel
 #: workers, PyYAML runs the YAML serializer and fixture tests.
@@ -129,6 +146,27 @@ def _alias(name):
 
 DATABASES = {{"default": _alias("django_default"), "other": _alias("django_other")}}
 
+if {green!r}:
+    # --green-asgi: Django's ASGI handler is django_asyncpool's (its own sync parts not in
+    # a thread), and so are the middleware hooks of the test AsyncClient's handler.
+    import django.core.asgi
+    import django.core.handlers.asgi
+    import django.test.client
+
+    from django_asyncpool.orm.handler import GreenASGIHandler, GreenMiddleware
+
+    def _get_asgi_application():
+        import django
+
+        django.setup(set_prefix=False)
+        return GreenASGIHandler()
+
+    django.core.asgi.get_asgi_application = _get_asgi_application
+    django.core.handlers.asgi.ASGIHandler = GreenASGIHandler
+    django.test.client.AsyncClientHandler = type(
+        "AsyncClientHandler", (GreenMiddleware, django.test.client.AsyncClientHandler), {{}}
+    )
+
 if {async_orm!r}:
     import atexit
     import collections
@@ -143,7 +181,7 @@ if {async_orm!r}:
 
     async def _counted(self, *args, **kwargs):
         module = getattr(self.func, "__module__", "") or ""
-        if module.startswith(("django.db", "django.contrib.contenttypes")):
+        if module.startswith({hop_modules!r}):
             _hops[getattr(self.func, "__qualname__", "?")] += 1
         return await _call(self, *args, **kwargs)
 
@@ -292,6 +330,13 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="OPTIONS['async_orm'] on; default labels: the modules of ASYNC_ORM_MODULES",
     )
+    parser.add_argument(
+        "--green-asgi",
+        action="store_true",
+        help="Django's ASGIHandler and the AsyncClient's middleware hooks are "
+        "django_asyncpool's (no thread for Django's own sync parts); async_orm on; "
+        "default labels: GREEN_MODULES",
+    )
     parser.add_argument("-v", "--verbosity", default="1", help="runtests.py --verbosity")
     parser.add_argument(
         "--engine",
@@ -301,6 +346,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-pool", action="store_true", help="run with OPTIONS['pool'] False")
     parser.add_argument("--failfast", action="store_true")
     args = parser.parse_args(argv)
+    green_labels = args.green_asgi and not args.async_orm
+    args.async_orm = args.async_orm or args.green_asgi  # the greenlet path needs it
 
     import django
 
@@ -315,6 +362,11 @@ def main(argv: list[str]) -> int:
             engine=args.engine,
             options={"pool": pool, **({"async_orm": True} if args.async_orm else {})},
             async_orm=args.async_orm,
+            green=args.green_asgi,
+            # With --green-asgi: every function of Django's that still went to a thread.
+            hop_modules=("django.",)
+            if args.green_asgi
+            else ("django.db", "django.contrib.contenttypes"),
         )
     )
 
@@ -322,7 +374,8 @@ def main(argv: list[str]) -> int:
     env["DJANGO_ASYNCPOOL_DJANGO_SUITE"] = "1"  # django_asyncpool.features.SUITE_ENV
     env.pop("DJANGO_SETTINGS_MODULE", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    labels = args.labels or (ASYNC_ORM_MODULES if args.async_orm else MODULES)
+    default = GREEN_MODULES if green_labels else ASYNC_ORM_MODULES if args.async_orm else MODULES
+    labels = args.labels or default
     reports = Path(tempfile.mkdtemp(prefix="django-suite-reports-"))
     env["ASYNCPOOL_SUITE_REPORTS"] = str(reports)
     if args.async_orm:
@@ -351,6 +404,7 @@ def main(argv: list[str]) -> int:
         log(
             f"Django {version} on Python {py}, ENGINE {args.engine}, pool "
             f"{'off' if args.no_pool else 'on'}, async_orm {'on' if args.async_orm else 'off'}, "
+            f"ASGI handler {'django_asyncpool' if args.green_asgi else 'Django'}, "
             f"--parallel {args.parallel}, {where}, "
             f"{len(labels)} label(s)"
         )

@@ -65,6 +65,9 @@ DATABASES = {
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.auth",
+    # Django's middleware stack runs over them in tests/test_handler.py.
+    "django.contrib.sessions",
+    "django.contrib.messages",
     "django_prometheus",
     "django_asyncpool",
     "health_check",

@@ -41,7 +41,7 @@ __all__ = [
 
 logger = logging.getLogger("django_asyncpool")
 
-FORK_ORDER = ("registry", "hangups", "wrappers", "failover", "metrics")
+FORK_ORDER = ("registry", "hangups", "wrappers", "failover", "watchdog", "metrics")
 EXIT_ORDER = ("sync pools", "metrics")
 
 _at_fork: dict[str, Callable[[], object]] = {}

@@ -29,14 +29,27 @@ from django.db import DEFAULT_DB_ALIAS, connections, models, router, transaction
 from django.db.models import Model, signals
 from django.db.models import query as _query
 from django.db.transaction import TransactionManagementError
-from sqlalchemy.util.concurrency import greenlet_spawn
 
 from ..config import ENGINE
 from ..core import process as _process
 from ..core import registry as _registry
 from . import pool as _ormpool
+from .watchdog import spawn as greenlet_spawn  # timed: the loop-blocking watchdog
 
-__all__ = ["atomic", "enabled", "install", "run"]
+__all__ = [
+    "THREAD",
+    "atomic",
+    "bind",
+    "borrowed_call",
+    "callers",
+    "enabled",
+    "install",
+    "local",
+    "run",
+    "run_hooks",
+    "share_debugging",
+    "unbind",
+]
 
 logger = logging.getLogger("django_asyncpool")
 T = TypeVar("T")
@@ -628,3 +641,15 @@ def atomic(using: Any = None, savepoint: bool = True, durable: bool = False) -> 
     if callable(using):
         return _AsyncAtomic(DEFAULT_DB_ALIAS, savepoint, durable)(using)
     return _AsyncAtomic(using, savepoint, durable)
+
+
+# -- for the request path (_handler): a greenlet of a request binds and borrows the same way
+
+bind = _bind
+unbind = _unbind
+share_debugging = _share_debugging
+local = _local
+callers = _callers
+borrowed_call = _borrowed_call
+run_hooks = _run_hooks
+THREAD = _THREAD

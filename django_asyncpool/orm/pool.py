@@ -58,6 +58,7 @@ __all__ = [
     "Lease",
     "NativeWrapper",
     "OrmPool",
+    "bind_twin",
     "holder",
     "holders",
     "snapshots",
@@ -231,6 +232,10 @@ def _bind(native: NativeWrapper, twin: GreenConnection) -> None:
     wrapper.run_on_commit = []
     wrapper.own_queries_log = wrapper.queries_log
     wrapper.__dict__["pg_version"] = twin.info.server_version  # no query for it
+
+
+#: For the request path (_handler): a wrapper that takes a pooled connection on first use.
+bind_twin = _bind
 
 
 class OrmPool:

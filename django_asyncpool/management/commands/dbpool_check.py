@@ -25,6 +25,7 @@ from ... import config as _config
 from ...checks import problems
 from ...core import registry as _registry
 from ...errors import redact
+from ...orm import handler as _handler
 
 SERVER_VERSION = "select current_setting('server_version')"
 #: The server's connection slots: max_connections, and those kept for superusers (and,
@@ -142,6 +143,7 @@ def run(aliases: list[str], timeout: float) -> dict[str, Any]:
         ],
         "aliases": entries,
         "servers": servers,
+        "request_path": _handler.request_path(),
     }
 
 
@@ -350,6 +352,25 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _request_path_lines(path: dict[str, Any]) -> list[str]:
+    """Say where get_asgi_application() runs Django's sync request parts, and the watchdog."""
+    if path["greenlet"]:
+        where = "in a greenlet on the event loop (every alias has async_orm)"
+    else:
+        without = ", ".join(path["aliases_without_async_orm"])
+        where = f"in a thread, as Django does (no OPTIONS['async_orm'] on: {without})"
+    ms = path["loop_blocked_ms"]
+    watchdog = (
+        f"sync code holding the loop over {ms:g} ms is logged and counted in "
+        "db_loop_blocked_total{where}: move what blocks on more than the database to a "
+        "thread (docs/async-orm.md, 'The watchdog')"
+        if ms
+        else "off (ASYNCPOOL_LOOP_BLOCKED_MS = 0)"
+    )
+    return [f"ASGI request path: Django's sync middleware and signals run {where}",
+            f"Loop watchdog: {watchdog}"]  # fmt: skip
+
+
 def render_table(report: dict[str, Any]) -> str:
     """Return the report as an aligned table, with problems and errors below it."""
     header = ("ALIAS", "POOL", "STATUS", "VERSION", "CONNECT", "QUERY", "BREAKER", "STATS")
@@ -376,6 +397,7 @@ def render_table(report: dict[str, Any]) -> str:
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
+    lines.extend(_request_path_lines(report["request_path"]))
     for entry in report["aliases"]:
         alias, reads = entry["alias"], entry["reads_go_to"]
         if reads != alias:

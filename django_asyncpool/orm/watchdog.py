@@ -1,0 +1,248 @@
+"""Run sync code in a greenlet on the event loop, and notice when it holds the loop.
+
+:func:`spawn` is SQLAlchemy's ``greenlet_spawn`` (its ``await_`` works inside) that
+also times each slice of sync code between two awaits; :func:`call` times sync code
+without I/O run directly on the loop. A slice longer than
+``settings.ASYNCPOOL_LOOP_BLOCKED_MS`` (default 20 ms; 0 turns the watchdog off)
+held every other request of the loop: it is counted by code location
+(``db_loop_blocked_total{where}``) and logged once per location with the stack of
+the code that held the loop. While a slice runs, one daemon thread per process
+(started at the first slice) looks at it every half threshold and, once it is
+over, takes the loop thread's stack: the blocking call itself, not where the code
+later awaited. A slice counts when it used that much CPU or was seen asleep in a
+blocking call; one the OS merely kept waiting (a busy machine) does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from greenlet import getcurrent, greenlet
+
+from ..core import process as _process
+
+__all__ = ["blocked", "call", "spawn", "threshold"]
+
+logger = logging.getLogger("django_asyncpool")
+T = TypeVar("T")
+DEFAULT_MS = 20.0
+
+#: where -> slices that held the loop longer than the threshold (for the metric).
+blocked: dict[str, int] = {}
+_logged: set[tuple[str, int | None]] = set()
+#: loop thread id -> its running slice (see _slice)
+_running: dict[int, list[Any]] = {}
+_monitor: threading.Thread | None = None
+_monitor_lock = threading.Lock()
+#: Frames of these files are the machinery, not where the loop was held.
+_OURS = (
+    os.path.dirname(__file__),
+    os.path.dirname(threading.__file__) + os.sep + "asyncio",
+    "greenlet",
+    os.sep + "sqlalchemy" + os.sep,
+)
+
+
+_STDLIB = os.path.dirname(os.__file__) + os.sep
+
+
+class _Green(greenlet):  # type: ignore[misc]
+    """A greenlet that SQLAlchemy's ``await_`` accepts, sharing its driver's context."""
+
+    __sqlalchemy_greenlet_provider__ = True
+
+    def __init__(self, fn: Callable[..., Any], driver: greenlet) -> None:
+        super().__init__(fn, driver)
+        self.gr_context = driver.gr_context
+
+
+_threshold: float | None = None
+
+
+def threshold() -> float:
+    """Return the watchdog's threshold in seconds (0: off)."""
+    global _threshold
+    if _threshold is None:  # read once, again after a change (override_settings)
+        from django.conf import settings
+        from django.core.signals import setting_changed
+
+        setting_changed.connect(_forget, dispatch_uid="django_asyncpool._watchdog")
+        _threshold = float(getattr(settings, "ASYNCPOOL_LOOP_BLOCKED_MS", DEFAULT_MS)) / 1e3
+    return _threshold
+
+
+def _forget(*, setting: str, **kwargs: Any) -> None:
+    global _threshold
+    if setting == "ASYNCPOOL_LOOP_BLOCKED_MS":
+        _threshold = None
+
+
+async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: Any) -> T:
+    """Return ``fn(*args, **kwargs)`` run in a greenlet; what it awaits runs on this loop.
+
+    ``_where``: the function to name when no stack shows the code (default ``fn``).
+    """
+    limit = threshold()
+    if limit and _monitor is None:
+        _start_monitor(limit)
+    child = _Green(fn, getcurrent())
+    if _where is not None:
+        child.where = _where
+    result = _slice(fn, child, limit, child.switch, *args, **kwargs)
+    while not child.dead:
+        try:
+            value = await result
+        except BaseException:
+            result = _slice(fn, child, limit, child.throw, *sys.exc_info())
+        else:
+            result = _slice(fn, child, limit, child.switch, value)
+    return result  # type: ignore[no-any-return]
+
+
+def call(fn: Callable[..., T], *args: Any) -> T:
+    """Return ``fn(*args)`` run right here on the loop, timed as a slice of :func:`spawn`.
+
+    For sync code that does no I/O at all: no greenlet is needed, only the watchdog.
+    """
+    limit = threshold()
+    if not limit:
+        return fn(*args)
+    if _monitor is None:
+        _start_monitor(limit)
+    return _slice(fn, None, limit, fn, *args)  # type: ignore[no-any-return]
+
+
+def _slice(
+    fn: Callable[..., Any], child: greenlet | None, limit: float, step: Any, *args: Any, **kw: Any
+) -> Any:
+    """Run the greenlet until it awaits or ends (``step``: its switch or throw), timed."""
+    tid = threading.get_ident()
+    # [start, stack, CPU time at start, seen blocked, the thread's id in /proc]
+    slot: list[Any] = [time.perf_counter(), None, time.thread_time(), False, _native_id()]
+    _running[tid] = slot
+    try:
+        return step(*args, **kw)
+    finally:
+        del _running[tid]
+        held = time.perf_counter() - slot[0]
+        # Over the threshold on the clock: the code either ran (CPU time) or waited in a
+        # blocking call (the monitor saw the thread asleep). Otherwise the OS ran other
+        # processes meanwhile (a busy machine): not the code's doing.
+        if limit and held > limit and (slot[3] or time.thread_time() - slot[2] > limit):
+            _held(fn, child, slot, held)
+
+
+def _held(fn: Callable[..., Any], child: greenlet | None, slot: list[Any], held: float) -> None:
+    """Count and (once per location) log a slice that held the loop ``held`` seconds."""
+    stack: traceback.StackSummary | None = slot[1]
+    if (
+        stack is None and child is not None and child.gr_frame is not None
+    ):  # the monitor had not looked yet
+        stack = traceback.extract_stack(child.gr_frame)
+    frame = _culprit(stack) if stack else None
+    if frame is not None:
+        where, key = f"{_module(frame.filename)}.{frame.name}", (frame.filename, frame.lineno)
+    else:
+        fn = getattr(child, "where", fn)
+        where = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+        key = (where, 0)
+    blocked[where] = blocked.get(where, 0) + 1
+    if key in _logged:
+        return
+    _logged.add(key)
+    shown = "".join(traceback.format_list(stack)) if stack else f"  in {where}\n"
+    logger.warning(
+        "Sync code held the event loop for %.0f ms (ASYNCPOOL_LOOP_BLOCKED_MS is %.0f): "
+        "every other request of this process waited. Logged once per code location; "
+        "db_loop_blocked_total{where=%r} counts them. Code that blocks on anything but "
+        "the database (files, HTTP, caches, sleep) must not run in the greenlet: take it "
+        "out of settings.ASYNCPOOL_DATABASE_ONLY, or make it async. Stack:\n%s",
+        held * 1e3,
+        threshold() * 1e3,
+        where,
+        shown,
+    )
+
+
+def _culprit(stack: traceback.StackSummary) -> traceback.FrameSummary | None:
+    """Return the innermost frame of the application or a library (else of the standard
+    library: the socket call is less telling than its caller), not of the machinery."""
+    frames = [f for f in stack if not any(part in f.filename for part in _OURS)]
+    for frame in reversed(frames):
+        if not frame.filename.startswith(_STDLIB) or "site-packages" in frame.filename:
+            return frame
+    return frames[-1] if frames else None
+
+
+def _module(filename: str) -> str:
+    for path in sorted(sys.path, key=len, reverse=True):
+        if path and filename.startswith(path + os.sep):
+            return filename[len(path) + 1 :].removesuffix(".py").replace(os.sep, ".")
+    return os.path.basename(filename).removesuffix(".py")
+
+
+def _start_monitor(limit: float) -> None:
+    global _monitor
+    with _monitor_lock:
+        if _monitor is None:
+            _monitor = threading.Thread(
+                target=_watch, args=(limit,), name="django_asyncpool watchdog", daemon=True
+            )
+            _monitor.start()
+
+
+def _watch(limit: float) -> None:
+    """Look at every loop thread whose current slice is over the threshold: take its
+    stack (once), and note whether it is asleep in a blocking call."""
+    while True:
+        time.sleep(limit / 2)
+        limit = threshold() or limit
+        now = time.perf_counter()
+        for tid, slot in list(_running.items()):
+            if now - slot[0] <= limit:
+                continue
+            if not slot[3] and _asleep(slot[4]):
+                slot[3] = True
+            if slot[1] is None:
+                frame = sys._current_frames().get(tid)
+                if frame is not None and _running.get(tid) is slot:
+                    slot[1] = traceback.extract_stack(frame)
+
+
+def _native_id() -> int:
+    return threading.get_native_id()
+
+
+#: futex(2) by machine: a thread waiting for the GIL (another thread holds it, or the OS
+#: runs another process meanwhile) waits in it; that is not the code blocking.
+_FUTEX = {"x86_64": b"202", "aarch64": b"98"}.get(os.uname().machine, b"")
+
+
+def _asleep(native_id: int) -> bool:
+    """Return True if the thread is in a blocking call (state S or D, not for the GIL)."""
+    task = f"/proc/self/task/{native_id}/"
+    try:
+        with open(task + "stat", "rb") as f:
+            state = f.read().rpartition(b")")[2][1:2]
+        if state not in (b"S", b"D"):
+            return False
+        with open(task + "syscall", "rb") as f:
+            return f.read().split(b" ", 1)[0] != _FUTEX
+    except OSError:  # not Linux: count what is over the threshold on the clock alone
+        return True
+
+
+def _after_fork_in_child() -> None:
+    global _monitor
+    _monitor = None  # the thread is not in the child: start another at its first slice
+    _running.clear()
+
+
+_process.at_fork("watchdog", _after_fork_in_child)
