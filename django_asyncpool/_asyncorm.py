@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from itertools import islice
 from typing import Any, TypeVar
@@ -510,6 +511,103 @@ async def _aprefetch_related_objects(model_instances: Any, *related_lookups: Any
     )
 
 
+# -- related managers: reverse foreign keys, many-to-many, generic relations ------------------
+
+#: A related manager's async method -> its sync method (Django's runs that in a thread).
+_RELATED = {
+    "aadd": "add",
+    "aremove": "remove",
+    "aclear": "clear",
+    "aset": "set",
+    "acreate": "create",
+    "aget_or_create": "get_or_create",
+    "aupdate_or_create": "update_or_create",
+}
+#: Those that may delete rows (a many-to-many's through rows, a generic relation's objects):
+#: a cascade reaches other models, so any delete receiver means the thread path.
+_RELATED_DELETES = frozenset({"aremove", "aclear", "aset"})
+_MODEL_SIGNALS = (*_SAVE, signals.pre_delete, signals.post_delete, signals.m2m_changed)
+
+
+def _manager_alias(manager: Any) -> tuple[str, bool]:
+    """Return the alias of ``manager``'s call, and whether its parts may go to others.
+
+    Django picks the write alias per part (the model's, the through model's, the
+    instance's class's) and reads there: all must be one alias with a native connection.
+    """
+    instance = manager.instance
+    through = getattr(manager, "through", None)
+    alias = str(router.db_for_write(manager.model, instance=instance))
+    found = {router.db_for_write(m, instance=instance) for m in (type(instance), through) if m}
+    if manager._db:
+        found.add(manager._db)
+    return alias, bool(found - {alias})
+
+
+def _related_reason(manager: Any, name: str) -> str | None:
+    for model in (manager.model, getattr(manager, "through", None)):
+        if model is not None and _receivers(_MODEL_SIGNALS, model):
+            return f"{model.__name__} has signal receivers"
+    if name in _RELATED_DELETES and _receivers(_DELETE):
+        return "delete signal receivers"
+    return None
+
+
+def _related_method(name: str, sync: str, original: Callable[..., Any]) -> Any:
+    @functools.wraps(original)
+    async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        alias, spread = _manager_alias(self)
+
+        def why_not() -> str | None:
+            if spread:
+                return "the router sends its parts to other databases"
+            return _related_reason(self, name)
+
+        if _native(alias, name, why_not):
+            return await run(alias, getattr(self, sync), *args, **kwargs)
+        return await original(self, *args, **kwargs)
+
+    return method
+
+
+def _natively(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """Return ``factory`` (Django's, making a related manager class) whose classes have
+    native async methods."""
+
+    @functools.wraps(factory)
+    def make(*args: Any, **kwargs: Any) -> Any:
+        cls = factory(*args, **kwargs)
+        for name, sync in _RELATED.items():
+            original = cls.__dict__.get(name)
+            if original is not None:
+                setattr(cls, name, _related_method(name, sync, original))
+        return cls
+
+    return make
+
+
+def _install_related() -> None:
+    """Patch the factories of related manager classes (the classes are made on first use)."""
+    from django.db.models.fields import related_descriptors
+
+    for name in ("create_reverse_many_to_one_manager", "create_forward_many_to_many_manager"):
+        _ORIGINALS[name] = getattr(related_descriptors, name)
+        setattr(related_descriptors, name, _natively(_ORIGINALS[name]))
+
+
+def _install_generic() -> None:
+    """Patch generic relations' manager factory, once its module is imported.
+
+    Not imported here: that needs the app registry ready and contenttypes installed.
+    Models with a GenericRelation import it before apps.ready(), which installs again.
+    """
+    name = "create_generic_related_manager"
+    fields = sys.modules.get("django.contrib.contenttypes.fields")
+    if fields is not None and name not in _ORIGINALS:
+        _ORIGINALS[name] = getattr(fields, name)
+        setattr(fields, name, _natively(_ORIGINALS[name]))
+
+
 # -- installing ---------------------------------------------------------------------------
 
 _ORIGINALS: dict[str, Callable[..., Any]] = {}
@@ -520,8 +618,10 @@ def install() -> None:
 
     For every other alias each patched method is Django's own, after one settings lookup.
     """
-    if _ORIGINALS:
+    _install_generic()
+    if "asave" in _ORIGINALS:
         return
+    _install_related()
     qs_cls = _query.QuerySet
     for name, (sync, writes, sigs) in _QUERYSET.items():
         _ORIGINALS[name] = getattr(qs_cls, name)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
+from django.contrib.contenttypes.models import ContentType
 from django.db import (
     DataError,
     IntegrityError,
@@ -39,9 +40,9 @@ from django_asyncpool import (
     _syncpool,
 )
 from django_asyncpool.config import from_settings
-from testproject.shop.models import Order, OrderLine, Product
+from testproject.shop.models import Note, Order, OrderLine, Product, Tag
 
-from .conftest import backends, terminate_backends, wait_until
+from .conftest import backends, hops, terminate_backends, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 
@@ -803,3 +804,56 @@ async def test_async_to_sync_back_to_a_serving_loop_goes_to_the_callers_thread(
     assert name == "uncommitted"
     assert loop_thread == threading.get_ident() != caller
     assert stats.fallbacks["aget"] == fallbacks + 1
+
+
+# -- related managers, database-only receivers, asave()'s positional arguments ---------------
+
+
+def stored_lines(order: Order) -> list[tuple[int, int]]:
+    return sorted(L().filter(order=order).values_list("product_id", "quantity"))
+
+
+async def test_related_managers_run_natively(shop: Any, threads: list[int]) -> None:
+    products, (ann, bob) = shop["products"], shop["orders"]
+    stats = _registry.stats("default", _ormpool.SIDE)
+    falls = dict(stats.fallbacks)
+    # A generic relation's manager looks its content type up when made (sync, cached), as
+    # Django's own async tests: before the first async use.
+    await sync_to_async(ContentType.objects.get_for_model)(Order)
+    with hops() as seen:
+        # A reverse foreign key.
+        line = await ann.lines.acreate(product=products[4], quantity=5, price_cents=1)
+        got, made = await ann.lines.aget_or_create(product=products[4], defaults={"quantity": 9})
+        assert (got.pk, made) == (line.pk, False)
+        got, made = await ann.lines.aupdate_or_create(product=products[4], defaults={"quantity": 6})
+        assert (got.pk, made, got.quantity) == (line.pk, False, 6)
+        await bob.lines.aadd(got, bulk=False)  # moved to bob (a save)
+        # Many-to-many, both sides.
+        red = await Tag.objects.acreate(name="red")
+        await red.products.aadd(products[0], products[1])
+        await products[2].tags.aadd(red)
+        blue, made = await products[0].tags.aget_or_create(name="blue")
+        assert made
+        await red.products.aremove(products[1])
+        await blue.products.aset([products[3]], clear=False)  # products[0] removed, [3] added
+        green = await products[4].tags.acreate(name="green")
+        await green.products.aclear()
+        # A generic relation.
+        note = await ann.notes.acreate(text="call back")
+        await ann.notes.aupdate_or_create(text="call back", defaults={"text": "called"})
+        other = await bob.notes.acreate(text="gift")
+        await ann.notes.aadd(other)  # moved to ann
+        await ann.notes.aremove(note)  # deleted (a generic relation's remove)
+    assert seen == [] and set(threads) == {threading.get_ident()}
+    assert stats.fallbacks == falls
+
+    def stored() -> Any:
+        tags = {t.name: sorted(p.sku for p in t.products.all()) for t in Tag.objects.all()}
+        notes = sorted(Note.objects.values_list("text", "object_id"))
+        return stored_lines(ann), stored_lines(bob), tags, notes
+
+    lines_ann, lines_bob, tags, notes = await sync_to_async(stored)()
+    assert lines_ann == [(products[0].pk, 1), (products[1].pk, 2)]
+    assert lines_bob == [(products[2].pk, 1), (products[3].pk, 2), (products[4].pk, 6)]
+    assert tags == {"red": ["S1", "S3"], "blue": ["S4"], "green": []}
+    assert notes == [("gift", ann.pk)]
