@@ -20,6 +20,7 @@ import asyncio
 import functools
 import logging
 import sys
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from itertools import islice
 from typing import Any, TypeVar
@@ -33,7 +34,7 @@ from django.db.transaction import TransactionManagementError
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from . import _ormpool, _registry, _syncpool
-from .config import ENGINE
+from .config import ENGINE, database_only
 
 __all__ = ["atomic", "enabled", "install", "run"]
 
@@ -289,8 +290,41 @@ _DELETE = (signals.pre_delete, signals.post_delete, signals.m2m_changed, *_INIT)
 
 
 def _receivers(sigs: tuple[Any, ...], model: Any = None) -> bool:
-    """Return True if any of ``sigs`` has receivers (for ``model``, or for any sender)."""
-    return any(sig.receivers and (model is None or sig.has_listeners(model)) for sig in sigs)
+    """Return True if any of ``sigs`` has receivers (for ``model``, or for any sender) that
+    are not listed in ``settings.ASYNCPOOL_DATABASE_ONLY``."""
+    return any(
+        sig.receivers and (model is None or sig.has_listeners(model)) and _unlisted(sig, model)
+        for sig in sigs
+    )
+
+
+def _unlisted(sig: Any, model: Any) -> bool:
+    """Return True if a receiver of ``sig`` (for ``model``, or any) may block on more than
+    the database: an async one (Django's send() would need async_to_sync, which cannot
+    run on the loop's thread) or a sync one not listed as database-only."""
+    listed = database_only()
+    if not listed:
+        return True
+    if model is not None:
+        sync, asynchronous = sig._live_receivers(model)
+    else:
+        sync, asynchronous = [], []
+        # Django 5.2: (key, receiver, is_async); 6.x: (key, receiver, sender_ref, is_async).
+        for entry in list(sig.receivers):
+            receiver = entry[1]
+            if isinstance(receiver, weakref.ReferenceType):
+                receiver = receiver()
+            if receiver is not None:
+                (asynchronous if entry[-1] else sync).append(receiver)
+    return bool(asynchronous) or any(_dotted(receiver) not in listed for receiver in sync)
+
+
+def _dotted(obj: Any) -> str:
+    """Return ``module.qualname`` of a function or a bound method (its function's)."""
+    obj = getattr(obj, "__func__", obj)
+    if not hasattr(obj, "__qualname__"):
+        obj = type(obj)  # a callable instance: its class
+    return f"{obj.__module__}.{obj.__qualname__}"
 
 
 def _fallback(alias: str, method: str, reason: str) -> None:

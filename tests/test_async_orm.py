@@ -26,8 +26,9 @@ from django.db import (
 )
 from django.db.models import Count, F, Max, Q, Sum
 from django.db.models.expressions import RawSQL
-from django.db.models.signals import post_save
+from django.db.models.signals import m2m_changed, post_save
 from django.db.transaction import TransactionManagementError
+from django.test import override_settings
 
 import django_asyncpool
 from django_asyncpool import (
@@ -857,3 +858,51 @@ async def test_related_managers_run_natively(shop: Any, threads: list[int]) -> N
     assert lines_bob == [(products[2].pk, 1), (products[3].pk, 2), (products[4].pk, 6)]
     assert tags == {"red": ["S1", "S3"], "blue": ["S4"], "green": []}
     assert notes == [("gift", ann.pk)]
+
+
+def audited(sender: Any, **kwargs: Any) -> None:
+    """A receiver that queries the database (and only it)."""
+    heard.append((kwargs.get("action") or "saved", Product.objects.using("default").count()))
+
+
+heard: list[tuple[str, int]] = []
+
+
+async def test_receivers_listed_as_database_only_run_natively(
+    shop: Any, threads: list[int]
+) -> None:
+    product = shop["products"][0]
+    stats = _registry.stats("default", _ormpool.SIDE)
+    post_save.connect(audited, sender=Product)
+    m2m_changed.connect(audited, sender=Tag.products.through)
+    heard.clear()
+    try:
+        with override_settings(ASYNCPOOL_DATABASE_ONLY=[f"{__name__}.audited"]):
+            falls = dict(stats.fallbacks)
+            with hops() as seen:
+                await product.asave()
+                await P().acreate(sku="A1", name="audited", price_cents=1)
+                tag = await Tag.objects.acreate(name="audited")
+                await tag.products.aadd(product)
+            assert seen == [] and stats.fallbacks == falls
+            assert heard == [("saved", 5), ("saved", 6), ("pre_add", 6), ("post_add", 6)]
+            assert set(threads) == {threading.get_ident()}  # the receiver's query too
+
+            # An unlisted receiver beside it: the thread path, counted.
+            def unknown(sender: Any, **kwargs: Any) -> None:
+                pass
+
+            post_save.connect(unknown, sender=Product)
+            try:
+                with hops() as seen:
+                    await product.asave()
+            finally:
+                post_save.disconnect(unknown, sender=Product)
+            assert seen == ["Model.save"] and stats.fallbacks["asave"] == falls.get("asave", 0) + 1
+        # Not listed: the thread path.
+        with hops() as seen:
+            await tag.products.aremove(product)
+        assert [name.rsplit(".", 1)[-1] for name in seen] == ["remove"]
+    finally:
+        post_save.disconnect(audited, sender=Product)
+        m2m_changed.disconnect(audited, sender=Tag.products.through)
