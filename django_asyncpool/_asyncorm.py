@@ -486,14 +486,31 @@ async def _asave(self: Any, *args: Any, **kwargs: Any) -> None:
     model = type(self)
     alias = kwargs.get("using") or router.db_for_write(model, instance=self)
 
+    if args:
+        parse = getattr(self, "_parse_save_params", None)
+        if parse is None:  # Django 6: no positional arguments, its own TypeError
+            return await _ORIGINALS["asave"](self, *args, **kwargs)  # type: ignore[no-any-return]
+        # Parsed here, not in Django's asave(): its deprecation warning (stacklevel=3)
+        # then names the caller's line, not this module's.
+        given = {name: kwargs.pop(name, default) for name, default in _SAVE_DEFAULTS}
+        kwargs.update(zip(given, parse(*args, method_name="asave", **given), strict=True))
+        alias = kwargs["using"] or router.db_for_write(model, instance=self)
+
     def why_not() -> str | None:
-        if args:
-            return "positional arguments (deprecated by Django)"
         return f"{model.__name__} has signal receivers" if _receivers(_SAVE, model) else None
 
     if _native(alias, "asave", why_not):
         return await run(alias, self.save, **kwargs)
-    return await _ORIGINALS["asave"](self, *args, **kwargs)  # type: ignore[no-any-return]
+    return await _ORIGINALS["asave"](self, **kwargs)  # type: ignore[no-any-return]
+
+
+#: Model.save()'s keyword arguments and their defaults, in its positional order.
+_SAVE_DEFAULTS = (
+    ("force_insert", False),
+    ("force_update", False),
+    ("using", None),
+    ("update_fields", None),
+)
 
 
 async def _adelete(self: Any, using: str | None = None, keep_parents: bool = False) -> Any:

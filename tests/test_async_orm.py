@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import django
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from django.contrib.contenttypes.models import ContentType
@@ -906,3 +907,17 @@ async def test_receivers_listed_as_database_only_run_natively(
     finally:
         post_save.disconnect(audited, sender=Product)
         m2m_changed.disconnect(audited, sender=Tag.products.through)
+
+
+@pytest.mark.skipif(django.VERSION >= (6, 0), reason="Django 6 takes no positional arguments")
+async def test_asave_positional_arguments_warn_at_the_callers_line(shop: Any) -> None:
+    from django.utils.deprecation import RemovedInDjango60Warning
+
+    product = shop["products"][0]
+    product.name = "renamed"
+    with hops() as seen, pytest.warns(RemovedInDjango60Warning, match="asave") as caught:
+        await product.asave(False, False, None, ["name"])
+    assert [w.filename for w in caught] == [__file__] and seen == []
+    assert (await P().aget(pk=product.pk)).name == "renamed"
+    with pytest.warns(RemovedInDjango60Warning), pytest.raises(TypeError, match="multiple"):
+        await product.asave(False, force_insert=True)
