@@ -298,13 +298,15 @@ def _receivers(sigs: tuple[Any, ...], model: Any = None) -> bool:
     )
 
 
+#: Django's own receivers that do no I/O at all (a process-local cache entry dropped).
+_HARMLESS = frozenset({"django.contrib.sites.models.clear_site_cache"})
+
+
 def _unlisted(sig: Any, model: Any) -> bool:
     """Return True if a receiver of ``sig`` (for ``model``, or any) may block on more than
     the database: an async one (Django's send() would need async_to_sync, which cannot
     run on the loop's thread) or a sync one not listed as database-only."""
-    listed = database_only()
-    if not listed:
-        return True
+    listed = database_only() | _HARMLESS
     if model is not None:
         sync, asynchronous = sig._live_receivers(model)
     else:

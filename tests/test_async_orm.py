@@ -921,3 +921,20 @@ async def test_asave_positional_arguments_warn_at_the_callers_line(shop: Any) ->
     assert (await P().aget(pk=product.pk)).name == "renamed"
     with pytest.warns(RemovedInDjango60Warning), pytest.raises(TypeError, match="multiple"):
         await product.asave(False, force_insert=True)
+
+
+async def test_djangos_own_harmless_receivers_keep_deletes_native(shop: Any) -> None:
+    from django.db.models.signals import pre_delete
+
+    def clear_site_cache(sender: Any, **kwargs: Any) -> None:
+        pass  # a stand-in for django.contrib.sites' own (that app is not installed here)
+
+    clear_site_cache.__module__ = "django.contrib.sites.models"
+    clear_site_cache.__qualname__ = "clear_site_cache"
+    pre_delete.connect(clear_site_cache, sender=Order)
+    try:
+        with hops() as seen:
+            await P().filter(sku="S5").adelete()
+    finally:
+        pre_delete.disconnect(clear_site_cache, sender=Order)
+    assert seen == []
