@@ -22,6 +22,12 @@ natively, which fell back to the thread path (counted by the package), and which
 Django's ORM functions went to a thread through ``sync_to_async`` all the same; the
 script prints the sums and fails when nothing ran natively.
 
+Django's ``TestCase`` keeps a transaction open on the test thread's connection, so a
+native call there runs on that connection (counted as "in the caller's transaction").
+``--pooled`` (with ``--async-orm``) runs the TestCases that have async tests as Django
+runs them on a database without transactions (data set up before each test, tables
+flushed after): their native calls then take connections from the async ORM's pool.
+
 The last line reads "django-suite: N passed, N failed, N skipped"; the exit
 status is runtests.py's.
 """
@@ -89,10 +95,20 @@ MODULES = [
     "asgi",
 ]
 
-#: The modules whose tests use Django's async QuerySet API (``--async-orm``): tests/async/
-#: (QuerySets, model methods, related managers, auth, shortcuts), then the async code
-#: of generic relations, sessions and pagination.
-ASYNC_ORM_MODULES = ["async", "generic_relations", "sessions_tests", "pagination"]
+#: The modules whose ``async def test...`` tests call the async ORM (``--async-orm``):
+#: tests/async/ (QuerySets, model methods, related managers, auth, shortcuts), then auth's
+#: async API, asave() (basic, update_only_fields: Django 5.2), generic relations, sessions
+#: and AsyncPaginator (Django 6). Found by grepping each version's tests for awaited
+#: async ORM methods; a label a version lacks tests for runs nothing there.
+ASYNC_ORM_MODULES = [
+    "async",
+    "auth_tests",
+    "basic",
+    "generic_relations",
+    "pagination",
+    "sessions_tests",
+    "update_only_fields",
+]
 
 #: What these modules need beyond Django's own dependencies (names as in
 #: tests/requirements/py3.txt): tblib carries tracebacks out of the parallel
@@ -180,6 +196,24 @@ if {async_orm!r}:
     _worker = _Worker()
     atexit.register(_report)
     multiprocessing.util.register_after_fork(_worker, _Worker.__call__)
+
+if {pooled!r}:
+    import inspect
+
+    from django.test import TestCase
+
+    _supports_transactions = TestCase._databases_support_transactions.__func__
+
+    def _transactions(cls):
+        """False for a TestCase with async tests: Django then runs it as it does on a
+        database without transactions (setUpTestData before each test, a flush after),
+        so the native calls take pooled connections instead of the test's own."""
+        for name in dir(cls):
+            if name.startswith("test") and inspect.iscoroutinefunction(getattr(cls, name)):
+                return False
+        return _supports_transactions(cls)
+
+    TestCase._databases_support_transactions = classmethod(_transactions)
 '''
 
 
@@ -291,6 +325,12 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="OPTIONS['async_orm'] on; default labels: the modules of ASYNC_ORM_MODULES",
     )
+    parser.add_argument(
+        "--pooled",
+        action="store_true",
+        help="with --async-orm: TestCases with async tests run without their transaction, "
+        "so the native calls use the pool, not the test's connection",
+    )
     parser.add_argument("-v", "--verbosity", default="1", help="runtests.py --verbosity")
     parser.add_argument(
         "--engine",
@@ -300,6 +340,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-pool", action="store_true", help="run with OPTIONS['pool'] False")
     parser.add_argument("--failfast", action="store_true")
     args = parser.parse_args(argv)
+    if args.pooled and not args.async_orm:
+        parser.error("--pooled goes with --async-orm")
 
     import django
 
@@ -314,6 +356,7 @@ def main(argv: list[str]) -> int:
             engine=args.engine,
             options={"pool": pool, **({"async_orm": True} if args.async_orm else {})},
             async_orm=args.async_orm,
+            pooled=args.pooled,
         )
     )
 
@@ -349,7 +392,8 @@ def main(argv: list[str]) -> int:
             env["DJANGO_ASYNCPOOL_SUITE_NO_ICU"] = "1"  # features.NO_ICU_ENV
         log(
             f"Django {version} on Python {py}, ENGINE {args.engine}, pool "
-            f"{'off' if args.no_pool else 'on'}, async_orm {'on' if args.async_orm else 'off'}, "
+            f"{'off' if args.no_pool else 'on'}, async_orm {'on' if args.async_orm else 'off'}"
+            f"{' (pooled)' if args.pooled else ''}, "
             f"--parallel {args.parallel}, {where}, "
             f"{len(labels)} label(s)"
         )
