@@ -438,6 +438,29 @@ def _queryset_aiter(self: Any) -> AsyncIterator[Any]:
     return generator()
 
 
+def _raw_aiter(self: Any) -> AsyncIterator[Any]:
+    """``async for`` over ``Model.objects.raw(...)``."""
+    alias = self.db
+    method = "RawQuerySet.__aiter__"
+    reason = f"{self.model.__name__} has pre_init/post_init receivers"
+    if not _native(alias, method, lambda: reason if _receivers(_INIT, self.model) else None):
+        return _ORIGINALS[method](self)  # type: ignore[no-any-return]
+
+    async def generator() -> AsyncIterator[Any]:
+        try:
+            if self._result_cache is None or (
+                self._prefetch_related_lookups and not self._prefetch_done
+            ):  # no connection for a raw query evaluated already
+                await run(alias, self._fetch_all, _retryable=True)
+        except _OtherAlias:
+            _fallback(alias, method, _OTHER)
+            await sync_to_async(self._fetch_all)()
+        for item in self._result_cache:
+            yield item
+
+    return generator()
+
+
 def _next_slice(gen: Iterator[Any], size: int) -> list[Any]:
     return list(islice(gen, size))
 
@@ -681,6 +704,8 @@ def install() -> None:
         setattr(qs_cls, name, _queryset_method(name, sync, writes, sigs))
     _ORIGINALS["__aiter__"] = qs_cls.__aiter__
     qs_cls.__aiter__ = _queryset_aiter  # type: ignore[method-assign]
+    _ORIGINALS["RawQuerySet.__aiter__"] = _query.RawQuerySet.__aiter__
+    _query.RawQuerySet.__aiter__ = _raw_aiter  # type: ignore[method-assign]
     iterable: Any = _query.BaseIterable
     _ORIGINALS["_async_generator"] = iterable._async_generator
     iterable._async_generator = _iterable_async_generator

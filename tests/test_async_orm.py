@@ -938,3 +938,11 @@ async def test_djangos_own_harmless_receivers_keep_deletes_native(shop: Any) -> 
     finally:
         pre_delete.disconnect(clear_site_cache, sender=Order)
     assert seen == []
+
+
+async def test_async_for_over_a_raw_query(shop: Any, threads: list[int]) -> None:
+    raw = P().raw("SELECT * FROM shop_product WHERE price_cents > %s ORDER BY id", [200])
+    with hops() as seen:
+        skus = [p.sku async for p in raw]
+        again = [p.sku async for p in raw]  # evaluated already: no query
+    assert skus == again == ["S3", "S4", "S5"] and seen == [] and len(threads) == 1
