@@ -10,8 +10,10 @@ run unchanged and only the waiting is async.
 What would not be right on the loop falls back to Django's thread path, decided
 before anything is done and counted (``db_async_orm_fallbacks_total``): models
 with signal receivers (the application's sync code, which may block or be
-async), and reads that turn out to touch an alias without ``async_orm`` (run
-again in the thread; writes are never run twice).
+async) unless ``settings.ASYNCPOOL_DATABASE_ONLY`` lists them, and reads that turn
+out to touch an alias without ``async_orm`` (run again in the thread; writes are
+never run twice). Related managers' async methods are native too: their classes
+are made per relation by Django's factories, which :func:`install` wraps.
 """
 
 from __future__ import annotations
