@@ -27,6 +27,12 @@ natively, which fell back to the thread path (counted by the package), and which
 Django's ORM functions went to a thread through ``sync_to_async`` all the same; the
 script prints the sums and fails when nothing ran natively.
 
+Django's ``TestCase`` keeps a transaction open on the test thread's connection, so a
+native call there runs on that connection (counted as "in the caller's transaction").
+``--pooled`` (with ``--async-orm``) runs the TestCases that have async tests as Django
+runs them on a database without transactions (data set up before each test, tables
+flushed after): their native calls then take connections from the async ORM's pool.
+
 The last line reads "django-suite: N passed, N failed, N skipped"; the exit
 status is runtests.py's.
 """
@@ -94,10 +100,20 @@ MODULES = [
     "asgi",
 ]
 
-#: The modules whose tests use Django's async QuerySet API (``--async-orm``): tests/async/
-#: (QuerySets, model methods, related managers, auth, shortcuts), then the async code
-#: of generic relations, sessions and pagination.
-ASYNC_ORM_MODULES = ["async", "generic_relations", "sessions_tests", "pagination"]
+#: The modules whose ``async def test...`` tests call the async ORM (``--async-orm``):
+#: tests/async/ (QuerySets, model methods, related managers, auth, shortcuts), then auth's
+#: async API, asave() (basic, update_only_fields: Django 5.2), generic relations, sessions
+#: and AsyncPaginator (Django 6). Found by grepping each version's tests for awaited
+#: async ORM methods; a label a version lacks tests for runs nothing there.
+ASYNC_ORM_MODULES = [
+    "async",
+    "auth_tests",
+    "basic",
+    "generic_relations",
+    "pagination",
+    "sessions_tests",
+    "update_only_fields",
+]
 
 #: The modules that serve requests through ASGIHandler or the AsyncClient's middleware
 #: (``--green-asgi``): django_asyncpool's request path against Django's own tests.
@@ -219,6 +235,45 @@ if {async_orm!r}:
     _worker = _Worker()
     atexit.register(_report)
     multiprocessing.util.register_after_fork(_worker, _Worker.__call__)
+
+if {pooled!r}:
+    import inspect
+    import unittest
+
+    from django.test import TestCase
+
+    _supports_transactions = TestCase._databases_support_transactions.__func__
+
+    def _transactions(cls):
+        """False for a TestCase with async tests: Django then runs it as it does on a
+        database without transactions (setUpTestData before each test, a flush after),
+        so the native calls take pooled connections instead of the test's own. Its sync
+        tests are skipped: the run without --pooled runs them (some count the queries
+        of a transaction, which BEGIN and COMMIT join without the test's own)."""
+        tests = {{name: getattr(cls, name) for name in dir(cls) if name.startswith("test")}}
+        if not any(inspect.iscoroutinefunction(test) for test in tests.values()):
+            return _supports_transactions(cls)
+        for name, test in tests.items():
+            if callable(test) and not inspect.iscoroutinefunction(test):
+                setattr(cls, name, unittest.skip("a sync test (--pooled)")(test))
+        return False
+
+    TestCase._databases_support_transactions = classmethod(_transactions)
+    _teardown = TestCase._fixture_teardown
+
+    def _fixture_teardown(self):
+        """Flush with CASCADE: the test settings swap the user model, and tables of models
+        not in the app registry of this run still reference auth's tables."""
+        if _transactions(type(self)):
+            return _teardown(self)
+        from django.core.management import call_command
+
+        for db_name in self._databases_names(include_mirrors=False):
+            call_command(
+                "flush", verbosity=0, interactive=False, database=db_name, allow_cascade=True
+            )
+
+    TestCase._fixture_teardown = _fixture_teardown
 '''
 
 
@@ -337,6 +392,12 @@ def main(argv: list[str]) -> int:
         "django_asyncpool's (no thread for Django's own sync parts); async_orm on; "
         "default labels: GREEN_MODULES",
     )
+    parser.add_argument(
+        "--pooled",
+        action="store_true",
+        help="with --async-orm: TestCases with async tests run without their transaction, "
+        "so the native calls use the pool, not the test's connection",
+    )
     parser.add_argument("-v", "--verbosity", default="1", help="runtests.py --verbosity")
     parser.add_argument(
         "--engine",
@@ -348,6 +409,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     green_labels = args.green_asgi and not args.async_orm
     args.async_orm = args.async_orm or args.green_asgi  # the greenlet path needs it
+    if args.pooled and not args.async_orm:
+        parser.error("--pooled goes with --async-orm")
 
     import django
 
@@ -367,6 +430,7 @@ def main(argv: list[str]) -> int:
             hop_modules=("django.",)
             if args.green_asgi
             else ("django.db", "django.contrib.contenttypes"),
+            pooled=args.pooled,
         )
     )
 
@@ -403,7 +467,8 @@ def main(argv: list[str]) -> int:
             env["DJANGO_ASYNCPOOL_SUITE_NO_ICU"] = "1"  # features.NO_ICU_ENV
         log(
             f"Django {version} on Python {py}, ENGINE {args.engine}, pool "
-            f"{'off' if args.no_pool else 'on'}, async_orm {'on' if args.async_orm else 'off'}, "
+            f"{'off' if args.no_pool else 'on'}, async_orm {'on' if args.async_orm else 'off'}"
+            f"{' (pooled)' if args.pooled else ''}, "
             f"ASGI handler {'django_asyncpool' if args.green_asgi else 'Django'}, "
             f"--parallel {args.parallel}, {where}, "
             f"{len(labels)} label(s)"

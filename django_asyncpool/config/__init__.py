@@ -52,12 +52,13 @@ from .reader import (
     Reader as Reader,
 )
 from .reader import (
-    failover_aliases as failover_aliases,
-)
-from .reader import (
+    database_only,
     from_settings,
     load,
     load_metrics,
+)
+from .reader import (
+    failover_aliases as failover_aliases,
 )
 from .reader import (
     metrics_from as metrics_from,
@@ -105,6 +106,7 @@ __all__ = [
     "MetricsConfig",
     "Problem",
     "RetryConfig",
+    "database_only",
     "from_settings",
     "load",
     "load_metrics",

@@ -48,6 +48,7 @@ __all__ = [
     "STORAGE_PREFIX",
     "STORAGE_SCHEMES",
     "Reader",
+    "database_only",
     "failover_aliases",
     "from_settings",
     "load",
@@ -517,3 +518,16 @@ def load_metrics(environ: Mapping[str, str] | None = None) -> MetricsConfig:
     values: dict[str, Any] = {name: environ[name] for name in names if name in environ}
     values.update({name: getattr(settings, name) for name in names if hasattr(settings, name)})
     return metrics_from(values)
+
+
+def database_only() -> frozenset[str]:
+    """Return ``settings.ASYNCPOOL_DATABASE_ONLY``: dotted paths of sync callables
+    (signal receivers, middleware) known to block on nothing but the database.
+
+    The native ORM and the request path run those in a greenlet on the loop; whatever
+    is not listed keeps Django's thread path. Read at each call, never at import, so
+    ``override_settings`` reaches it.
+    """
+    from django.conf import settings
+
+    return frozenset(getattr(settings, "ASYNCPOOL_DATABASE_ONLY", ()))

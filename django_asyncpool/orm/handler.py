@@ -36,6 +36,7 @@ from django.http.response import HttpResponseBase
 from django.utils.deprecation import MiddlewareMixin
 from psycopg import pq
 
+from ..config import database_only
 from . import native as _asyncorm
 from . import pool as _ormpool
 from . import watchdog as _watchdog
@@ -111,10 +112,6 @@ def _needs_met(need: str) -> bool:
     return need != "caches" or _caches_local()
 
 
-def _listed() -> set[str]:
-    return set(getattr(settings, "ASYNCPOOL_DATABASE_ONLY", ()))
-
-
 #: How to run a sync hook or receiver: Django's thread, a greenlet, or right on the loop.
 THREAD, GREEN, DIRECT = "thread", "green", "direct"
 
@@ -125,7 +122,7 @@ def how(obj: Any, known: dict[str, str]) -> str:
     need = known.get(name)
     if need is not None and _needs_met(need):
         return DIRECT if need in ("", "caches") else GREEN
-    return GREEN if name in _listed() else THREAD
+    return GREEN if name in database_only() else THREAD
 
 
 #: Receivers (as a signal lists them) -> how they run together; forgotten when a setting
@@ -157,7 +154,7 @@ def request_path() -> dict[str, Any]:
     return {
         "greenlet": not without,
         "aliases_without_async_orm": without,
-        "database_only": sorted(_listed()),
+        "database_only": sorted(database_only()),
         "loop_blocked_ms": _watchdog.threshold() * 1e3,
     }
 

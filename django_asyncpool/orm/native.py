@@ -10,8 +10,10 @@ run unchanged and only the waiting is async.
 What would not be right on the loop falls back to Django's thread path, decided
 before anything is done and counted (``db_async_orm_fallbacks_total``): models
 with signal receivers (the application's sync code, which may block or be
-async), and reads that turn out to touch an alias without ``async_orm`` (run
-again in the thread; writes are never run twice).
+async) unless ``settings.ASYNCPOOL_DATABASE_ONLY`` lists them, and reads that turn
+out to touch an alias without ``async_orm`` (run again in the thread; writes are
+never run twice). Related managers' async methods are native too: their classes
+are made per relation by Django's factories, which :func:`install` wraps.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from itertools import islice
 from typing import Any, TypeVar
@@ -30,7 +34,7 @@ from django.db.models import Model, signals
 from django.db.models import query as _query
 from django.db.transaction import TransactionManagementError
 
-from ..config import ENGINE
+from ..config import ENGINE, database_only
 from ..core import process as _process
 from ..core import registry as _registry
 from . import pool as _ormpool
@@ -303,8 +307,43 @@ _DELETE = (signals.pre_delete, signals.post_delete, signals.m2m_changed, *_INIT)
 
 
 def _receivers(sigs: tuple[Any, ...], model: Any = None) -> bool:
-    """Return True if any of ``sigs`` has receivers (for ``model``, or for any sender)."""
-    return any(sig.receivers and (model is None or sig.has_listeners(model)) for sig in sigs)
+    """Return True if any of ``sigs`` has receivers (for ``model``, or for any sender) that
+    are not listed in ``settings.ASYNCPOOL_DATABASE_ONLY``."""
+    return any(
+        sig.receivers and (model is None or sig.has_listeners(model)) and _unlisted(sig, model)
+        for sig in sigs
+    )
+
+
+#: Django's own receivers that do no I/O at all (a process-local cache entry dropped).
+_HARMLESS = frozenset({"django.contrib.sites.models.clear_site_cache"})
+
+
+def _unlisted(sig: Any, model: Any) -> bool:
+    """Return True if a receiver of ``sig`` (for ``model``, or any) may block on more than
+    the database: an async one (Django's send() would need async_to_sync, which cannot
+    run on the loop's thread) or a sync one not listed as database-only."""
+    listed = database_only() | _HARMLESS
+    if model is not None:
+        sync, asynchronous = sig._live_receivers(model)
+    else:
+        sync, asynchronous = [], []
+        # Django 5.2: (key, receiver, is_async); 6.x: (key, receiver, sender_ref, is_async).
+        for entry in list(sig.receivers):
+            receiver = entry[1]
+            if isinstance(receiver, weakref.ReferenceType):
+                receiver = receiver()
+            if receiver is not None:
+                (asynchronous if entry[-1] else sync).append(receiver)
+    return bool(asynchronous) or any(_dotted(receiver) not in listed for receiver in sync)
+
+
+def _dotted(obj: Any) -> str:
+    """Return ``module.qualname`` of a function or a bound method (its function's)."""
+    obj = getattr(obj, "__func__", obj)
+    if not hasattr(obj, "__qualname__"):
+        obj = type(obj)  # a callable instance: its class
+    return f"{obj.__module__}.{obj.__qualname__}"
 
 
 def _fallback(alias: str, method: str, reason: str) -> None:
@@ -416,6 +455,29 @@ def _queryset_aiter(self: Any) -> AsyncIterator[Any]:
     return generator()
 
 
+def _raw_aiter(self: Any) -> AsyncIterator[Any]:
+    """``async for`` over ``Model.objects.raw(...)``."""
+    alias = self.db
+    method = "RawQuerySet.__aiter__"
+    reason = f"{self.model.__name__} has pre_init/post_init receivers"
+    if not _native(alias, method, lambda: reason if _receivers(_INIT, self.model) else None):
+        return _ORIGINALS[method](self)  # type: ignore[no-any-return]
+
+    async def generator() -> AsyncIterator[Any]:
+        try:
+            if self._result_cache is None or (
+                self._prefetch_related_lookups and not self._prefetch_done
+            ):  # no connection for a raw query evaluated already
+                await run(alias, self._fetch_all, _retryable=True)
+        except _OtherAlias:
+            _fallback(alias, method, _OTHER)
+            await sync_to_async(self._fetch_all)()
+        for item in self._result_cache:
+            yield item
+
+    return generator()
+
+
 def _next_slice(gen: Iterator[Any], size: int) -> list[Any]:
     return list(islice(gen, size))
 
@@ -466,14 +528,31 @@ async def _asave(self: Any, *args: Any, **kwargs: Any) -> None:
     model = type(self)
     alias = kwargs.get("using") or router.db_for_write(model, instance=self)
 
+    if args:
+        parse = getattr(self, "_parse_save_params", None)
+        if parse is None:  # Django 6: no positional arguments, its own TypeError
+            return await _ORIGINALS["asave"](self, *args, **kwargs)  # type: ignore[no-any-return]
+        # Parsed here, not in Django's asave(): its deprecation warning (stacklevel=3)
+        # then names the caller's line, not this module's.
+        given = {name: kwargs.pop(name, default) for name, default in _SAVE_DEFAULTS}
+        kwargs.update(zip(given, parse(*args, method_name="asave", **given), strict=True))
+        alias = kwargs["using"] or router.db_for_write(model, instance=self)
+
     def why_not() -> str | None:
-        if args:
-            return "positional arguments (deprecated by Django)"
         return f"{model.__name__} has signal receivers" if _receivers(_SAVE, model) else None
 
     if _native(alias, "asave", why_not):
         return await run(alias, self.save, **kwargs)
-    return await _ORIGINALS["asave"](self, *args, **kwargs)  # type: ignore[no-any-return]
+    return await _ORIGINALS["asave"](self, **kwargs)  # type: ignore[no-any-return]
+
+
+#: Model.save()'s keyword arguments and their defaults, in its positional order.
+_SAVE_DEFAULTS = (
+    ("force_insert", False),
+    ("force_update", False),
+    ("using", None),
+    ("update_fields", None),
+)
 
 
 async def _adelete(self: Any, using: str | None = None, keep_parents: bool = False) -> Any:
@@ -525,6 +604,103 @@ async def _aprefetch_related_objects(model_instances: Any, *related_lookups: Any
     )
 
 
+# -- related managers: reverse foreign keys, many-to-many, generic relations ------------------
+
+#: A related manager's async method -> its sync method (Django's runs that in a thread).
+_RELATED = {
+    "aadd": "add",
+    "aremove": "remove",
+    "aclear": "clear",
+    "aset": "set",
+    "acreate": "create",
+    "aget_or_create": "get_or_create",
+    "aupdate_or_create": "update_or_create",
+}
+#: Those that may delete rows (a many-to-many's through rows, a generic relation's objects):
+#: a cascade reaches other models, so any delete receiver means the thread path.
+_RELATED_DELETES = frozenset({"aremove", "aclear", "aset"})
+_MODEL_SIGNALS = (*_SAVE, signals.pre_delete, signals.post_delete, signals.m2m_changed)
+
+
+def _manager_alias(manager: Any) -> tuple[str, bool]:
+    """Return the alias of ``manager``'s call, and whether its parts may go to others.
+
+    Django picks the write alias per part (the model's, the through model's, the
+    instance's class's) and reads there: all must be one alias with a native connection.
+    """
+    instance = manager.instance
+    through = getattr(manager, "through", None)
+    alias = str(router.db_for_write(manager.model, instance=instance))
+    found = {router.db_for_write(m, instance=instance) for m in (type(instance), through) if m}
+    if manager._db:
+        found.add(manager._db)
+    return alias, bool(found - {alias})
+
+
+def _related_reason(manager: Any, name: str) -> str | None:
+    for model in (manager.model, getattr(manager, "through", None)):
+        if model is not None and _receivers(_MODEL_SIGNALS, model):
+            return f"{model.__name__} has signal receivers"
+    if name in _RELATED_DELETES and _receivers(_DELETE):
+        return "delete signal receivers"
+    return None
+
+
+def _related_method(name: str, sync: str, original: Callable[..., Any]) -> Any:
+    @functools.wraps(original)
+    async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        alias, spread = _manager_alias(self)
+
+        def why_not() -> str | None:
+            if spread:
+                return "the router sends its parts to other databases"
+            return _related_reason(self, name)
+
+        if _native(alias, name, why_not):
+            return await run(alias, getattr(self, sync), *args, **kwargs)
+        return await original(self, *args, **kwargs)
+
+    return method
+
+
+def _natively(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """Return ``factory`` (Django's, making a related manager class) whose classes have
+    native async methods."""
+
+    @functools.wraps(factory)
+    def make(*args: Any, **kwargs: Any) -> Any:
+        cls = factory(*args, **kwargs)
+        for name, sync in _RELATED.items():
+            original = cls.__dict__.get(name)
+            if original is not None:
+                setattr(cls, name, _related_method(name, sync, original))
+        return cls
+
+    return make
+
+
+def _install_related() -> None:
+    """Patch the factories of related manager classes (the classes are made on first use)."""
+    from django.db.models.fields import related_descriptors
+
+    for name in ("create_reverse_many_to_one_manager", "create_forward_many_to_many_manager"):
+        _ORIGINALS[name] = getattr(related_descriptors, name)
+        setattr(related_descriptors, name, _natively(_ORIGINALS[name]))
+
+
+def _install_generic() -> None:
+    """Patch generic relations' manager factory, once its module is imported.
+
+    Not imported here: that needs the app registry ready and contenttypes installed.
+    Models with a GenericRelation import it before apps.ready(), which installs again.
+    """
+    name = "create_generic_related_manager"
+    fields = sys.modules.get("django.contrib.contenttypes.fields")
+    if fields is not None and name not in _ORIGINALS:
+        _ORIGINALS[name] = getattr(fields, name)
+        setattr(fields, name, _natively(_ORIGINALS[name]))
+
+
 # -- installing ---------------------------------------------------------------------------
 
 _ORIGINALS: dict[str, Callable[..., Any]] = {}
@@ -535,14 +711,18 @@ def install() -> None:
 
     For every other alias each patched method is Django's own, after one settings lookup.
     """
-    if _ORIGINALS:
+    _install_generic()
+    if "asave" in _ORIGINALS:
         return
+    _install_related()
     qs_cls = _query.QuerySet
     for name, (sync, writes, sigs) in _QUERYSET.items():
         _ORIGINALS[name] = getattr(qs_cls, name)
         setattr(qs_cls, name, _queryset_method(name, sync, writes, sigs))
     _ORIGINALS["__aiter__"] = qs_cls.__aiter__
     qs_cls.__aiter__ = _queryset_aiter  # type: ignore[method-assign]
+    _ORIGINALS["RawQuerySet.__aiter__"] = _query.RawQuerySet.__aiter__
+    _query.RawQuerySet.__aiter__ = _raw_aiter  # type: ignore[method-assign]
     iterable: Any = _query.BaseIterable
     _ORIGINALS["_async_generator"] = iterable._async_generator
     iterable._async_generator = _iterable_async_generator

@@ -14,8 +14,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import django
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
+from django.contrib.contenttypes.models import ContentType
 from django.db import (
     DataError,
     IntegrityError,
@@ -25,8 +27,9 @@ from django.db import (
 )
 from django.db.models import Count, F, Max, Q, Sum
 from django.db.models.expressions import RawSQL
-from django.db.models.signals import post_save
+from django.db.models.signals import m2m_changed, post_save
 from django.db.transaction import TransactionManagementError
+from django.test import override_settings
 
 import django_asyncpool
 from django_asyncpool import (
@@ -39,9 +42,9 @@ from django_asyncpool.core import process as _process
 from django_asyncpool.core import registry as _registry
 from django_asyncpool.orm import native as _asyncorm
 from django_asyncpool.orm import pool as _ormpool
-from testproject.shop.models import Order, OrderLine, Product
+from testproject.shop.models import Note, Order, OrderLine, Product, Tag
 
-from ..conftest import backends, terminate_backends, wait_until
+from ..conftest import backends, hops, terminate_backends, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 
@@ -803,3 +806,143 @@ async def test_async_to_sync_back_to_a_serving_loop_goes_to_the_callers_thread(
     assert name == "uncommitted"
     assert loop_thread == threading.get_ident() != caller
     assert stats.fallbacks["aget"] == fallbacks + 1
+
+
+# -- related managers, database-only receivers, asave()'s positional arguments ---------------
+
+
+def stored_lines(order: Order) -> list[tuple[int, int]]:
+    return sorted(L().filter(order=order).values_list("product_id", "quantity"))
+
+
+async def test_related_managers_run_natively(shop: Any, threads: list[int]) -> None:
+    products, (ann, bob) = shop["products"], shop["orders"]
+    stats = _registry.stats("default", _ormpool.SIDE)
+    falls = dict(stats.fallbacks)
+    # A generic relation's manager looks its content type up when made (sync, cached), as
+    # Django's own async tests: before the first async use.
+    await sync_to_async(ContentType.objects.get_for_model)(Order)
+    with hops() as seen:
+        # A reverse foreign key.
+        line = await ann.lines.acreate(product=products[4], quantity=5, price_cents=1)
+        got, made = await ann.lines.aget_or_create(product=products[4], defaults={"quantity": 9})
+        assert (got.pk, made) == (line.pk, False)
+        got, made = await ann.lines.aupdate_or_create(product=products[4], defaults={"quantity": 6})
+        assert (got.pk, made, got.quantity) == (line.pk, False, 6)
+        await bob.lines.aadd(got, bulk=False)  # moved to bob (a save)
+        # Many-to-many, both sides.
+        red = await Tag.objects.acreate(name="red")
+        await red.products.aadd(products[0], products[1])
+        await products[2].tags.aadd(red)
+        blue, made = await products[0].tags.aget_or_create(name="blue")
+        assert made
+        await red.products.aremove(products[1])
+        await blue.products.aset([products[3]], clear=False)  # products[0] removed, [3] added
+        green = await products[4].tags.acreate(name="green")
+        await green.products.aclear()
+        # A generic relation.
+        note = await ann.notes.acreate(text="call back")
+        await ann.notes.aupdate_or_create(text="call back", defaults={"text": "called"})
+        other = await bob.notes.acreate(text="gift")
+        await ann.notes.aadd(other)  # moved to ann
+        await ann.notes.aremove(note)  # deleted (a generic relation's remove)
+    assert seen == [] and set(threads) == {threading.get_ident()}
+    assert stats.fallbacks == falls
+
+    def stored() -> Any:
+        tags = {t.name: sorted(p.sku for p in t.products.all()) for t in Tag.objects.all()}
+        notes = sorted(Note.objects.values_list("text", "object_id"))
+        return stored_lines(ann), stored_lines(bob), tags, notes
+
+    lines_ann, lines_bob, tags, notes = await sync_to_async(stored)()
+    assert lines_ann == [(products[0].pk, 1), (products[1].pk, 2)]
+    assert lines_bob == [(products[2].pk, 1), (products[3].pk, 2), (products[4].pk, 6)]
+    assert tags == {"red": ["S1", "S3"], "blue": ["S4"], "green": []}
+    assert notes == [("gift", ann.pk)]
+
+
+def audited(sender: Any, **kwargs: Any) -> None:
+    """A receiver that queries the database (and only it)."""
+    heard.append((kwargs.get("action") or "saved", Product.objects.using("default").count()))
+
+
+heard: list[tuple[str, int]] = []
+
+
+async def test_receivers_listed_as_database_only_run_natively(
+    shop: Any, threads: list[int]
+) -> None:
+    product = shop["products"][0]
+    stats = _registry.stats("default", _ormpool.SIDE)
+    post_save.connect(audited, sender=Product)
+    m2m_changed.connect(audited, sender=Tag.products.through)
+    heard.clear()
+    try:
+        with override_settings(ASYNCPOOL_DATABASE_ONLY=[f"{__name__}.audited"]):
+            falls = dict(stats.fallbacks)
+            with hops() as seen:
+                await product.asave()
+                await P().acreate(sku="A1", name="audited", price_cents=1)
+                tag = await Tag.objects.acreate(name="audited")
+                await tag.products.aadd(product)
+            assert seen == [] and stats.fallbacks == falls
+            assert heard == [("saved", 5), ("saved", 6), ("pre_add", 6), ("post_add", 6)]
+            assert set(threads) == {threading.get_ident()}  # the receiver's query too
+
+            # An unlisted receiver beside it: the thread path, counted.
+            def unknown(sender: Any, **kwargs: Any) -> None:
+                pass
+
+            post_save.connect(unknown, sender=Product)
+            try:
+                with hops() as seen:
+                    await product.asave()
+            finally:
+                post_save.disconnect(unknown, sender=Product)
+            assert seen == ["Model.save"] and stats.fallbacks["asave"] == falls.get("asave", 0) + 1
+        # Not listed: the thread path.
+        with hops() as seen:
+            await tag.products.aremove(product)
+        assert [name.rsplit(".", 1)[-1] for name in seen] == ["remove"]
+    finally:
+        post_save.disconnect(audited, sender=Product)
+        m2m_changed.disconnect(audited, sender=Tag.products.through)
+
+
+@pytest.mark.skipif(django.VERSION >= (6, 0), reason="Django 6 takes no positional arguments")
+async def test_asave_positional_arguments_warn_at_the_callers_line(shop: Any) -> None:
+    from django.utils.deprecation import RemovedInDjango60Warning
+
+    product = shop["products"][0]
+    product.name = "renamed"
+    with hops() as seen, pytest.warns(RemovedInDjango60Warning, match="asave") as caught:
+        await product.asave(False, False, None, ["name"])
+    assert [w.filename for w in caught] == [__file__] and seen == []
+    assert (await P().aget(pk=product.pk)).name == "renamed"
+    with pytest.warns(RemovedInDjango60Warning), pytest.raises(TypeError, match="multiple"):
+        await product.asave(False, force_insert=True)
+
+
+async def test_djangos_own_harmless_receivers_keep_deletes_native(shop: Any) -> None:
+    from django.db.models.signals import pre_delete
+
+    def clear_site_cache(sender: Any, **kwargs: Any) -> None:
+        pass  # a stand-in for django.contrib.sites' own (that app is not installed here)
+
+    clear_site_cache.__module__ = "django.contrib.sites.models"
+    clear_site_cache.__qualname__ = "clear_site_cache"
+    pre_delete.connect(clear_site_cache, sender=Order)
+    try:
+        with hops() as seen:
+            await P().filter(sku="S5").adelete()
+    finally:
+        pre_delete.disconnect(clear_site_cache, sender=Order)
+    assert seen == []
+
+
+async def test_async_for_over_a_raw_query(shop: Any, threads: list[int]) -> None:
+    raw = P().raw("SELECT * FROM shop_product WHERE price_cents > %s ORDER BY id", [200])
+    with hops() as seen:
+        skus = [p.sku async for p in raw]
+        again = [p.sku async for p in raw]  # evaluated already: no query
+    assert skus == again == ["S3", "S4", "S5"] and seen == [] and len(threads) == 1
