@@ -71,7 +71,7 @@ class PgBouncer:
         os.chmod(self.dir / "userlist.txt", 0o600)
         # Its log goes to stderr as well as the log file: into a file, never a pipe
         # nobody reads (a full pipe blocks pgbouncer, and every client with it).
-        self._stderr = tempfile.TemporaryFile("w+", errors="replace")
+        self._stderr = tempfile.TemporaryFile("w+", errors="replace")  # noqa: SIM115 (closed by stop)
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._stderr)
         self._wait_listening()
 

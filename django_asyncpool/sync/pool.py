@@ -171,8 +171,8 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             # Refused as Django's own backend refuses it (its words first); when the pool
             # is on only by our default, the system check dbpool.E007 reports it instead.
             raise ImproperlyConfigured(
-                f"Pooling doesn't support persistent connections: database {wrapper.alias!r} "
-                f"has CONN_MAX_AGE = {age!r}. Set CONN_MAX_AGE to 0 (the pool keeps the "
+                f"Pooling doesn't support persistent connections. Database {wrapper.alias!r} "
+                f"has CONN_MAX_AGE = {age!r}: set CONN_MAX_AGE to 0 (the pool keeps the "
                 "connections), or OPTIONS['pool'] to False (dbpool.E007)."
             )
         if config.sync_pool is None:
