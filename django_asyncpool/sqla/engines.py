@@ -27,6 +27,7 @@ from sqlalchemy.util.concurrency import await_
 
 from ..config import AliasConfig, refuse_unusable
 from ..core import registry as _registry
+from ..core import sqlstate as _sqlstate
 from ..core import waiters as _waiters
 from ..core.checkout import RETURNED, TAKEN
 from ..core.liveness import clock, due_for_ping, poller
@@ -53,9 +54,6 @@ _ASYNCPG_DSN_KEYS = frozenset(
         "passfile",
     }
 )
-#: The server closing the connection: admin_shutdown (pg_terminate_backend, fast
-#: shutdown), crash_shutdown, cannot_connect_now, idle_session_timeout.
-_GOODBYE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
 
 
 #: In a record's info: a new connection, not yet checked out (the next checkout is no reuse).
@@ -119,7 +117,8 @@ def is_lost(exc: BaseException) -> bool:
                 ConnectionError,
             ),
         )
-        or getattr(exc, "sqlstate", None) in _GOODBYE_SQLSTATES
+        # The server's goodbye (57P01 pg_terminate_backend, fast shutdown ...), 08xxx.
+        or _sqlstate.classify(exc) == _sqlstate.GONE
     )
 
 
