@@ -34,6 +34,7 @@ from ..core.liveness import clock, due_for_ping, poller
 from ..core.loops import run_at_loop_shutdown
 from ..core.stats import Stats
 from ..errors import AsyncConnectionLost, redact
+from .dual import dual
 from .fairpool import GuardedPool
 
 __all__ = ["LoopState", "connect_kwargs", "is_lost", "lost_error"]
@@ -223,12 +224,12 @@ class _Listeners:
         if is_lost(exc) or is_lost(cause):
             context.is_disconnect = True
             context.invalidate_pool_on_disconnect = False
-        if (
-            not context.is_disconnect
-            or context.connection is None
-            or not isinstance(exc, Exception)  # cancelled: SQLAlchemy calls it a disconnect
-        ):
+        if not isinstance(exc, Exception):  # cancelled: SQLAlchemy calls it a disconnect
             return None
+        if not context.is_disconnect or context.connection is None:
+            # The statement's own error (or 25006): also Django's class of the same kind.
+            error = context.sqlalchemy_exception
+            return dual(error) if isinstance(error, sqlalchemy.exc.DBAPIError) else None
         # One error for a lost connection, whichever way asyncpg said it (the
         # server's goodbye, "connection was closed in the middle of operation", a
         # reset socket): ours, and SQLAlchemy's OperationalError.
