@@ -237,7 +237,8 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         error = self.last_connect_error
         fresh = now - self._last_connect_failed_at < 2 * _Reconnect.MAX_DELAY
         if error is not None and fresh and classify(error, connecting=True) == CONFIG:
-            raise error
+            # The same object for every caller: a fresh traceback each time, not a longer one.
+            raise error.with_traceback(None)
 
     def _checked(self, conn: psycopg.Connection[Any], deadline: float) -> psycopg.Connection[Any]:
         """Return ``conn`` if it passes the liveness check, else another one that does."""
