@@ -200,3 +200,24 @@ def test_a_unique_violation_neither_counts_nor_costs_the_connection(side) -> Non
         after = sync_pid() if side == "sync" else runner.run(async_pid())
     assert guard.state == "closed" and guard.breaker.fail_counter == 0
     assert after == before  # the same connection: never discarded for the caller's error
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_ssl_refused_is_a_configuration_fault(make_alias, db_access, caplog, side) -> None:
+    # The embedded server has no SSL: sslmode=require can never connect.
+    options = {**OPTIONS, "async_orm": side == "async_orm", "sslmode": "require"}
+    alias = make_alias(NAME="postgres", OPTIONS=options)
+    if side == "async_orm":
+        _asyncorm.install()
+    stats = _registry.stats(alias, side)
+    with caplog.at_level(logging.WARNING), asyncio.Runner() as runner:
+        started = time.monotonic()
+        for _ in range(CALLS):
+            with pytest.raises(ConfigurationFault) as info:
+                call(side, alias, runner)
+        took = time.monotonic() - started
+    assert took < 2.5, took
+    assert stats.retries == 0 and _registry.guard(alias).breaker.fail_counter == 0
+    assert "SSL" in info.value.reason and info.value.sqlstate is None
+    assert "sslmode" in str(info.value)  # what to do
+    assert len([r for r in caplog.records if "SSL" in r.getMessage()]) == 1
