@@ -56,6 +56,9 @@ NOT_COUNTED: tuple[type[BaseException], ...] = (CircuitOpenError, PoolClosed, Im
 NOT_RETRIED: tuple[type[BaseException], ...] = (*NOT_COUNTED, PoolTimeout)
 #: Seconds between two log lines of one configuration fault of an alias.
 FAULT_LOG_EVERY = 60.0
+#: Seconds between two replacements of a pool's connections after 25006: a server that
+#: stays read-only is not reconnected to for every write.
+DEMOTION_EVERY = 1.0
 
 
 def _raise(exc: BaseException) -> None:
@@ -94,6 +97,7 @@ class Guard:
         #: The server's words for the last failure the breaker counted (passwords redacted).
         self.last_cause: str | None = None
         self._fault_log = _sqlstate.OncePerMinute(FAULT_LOG_EVERY, clock=clock)
+        self._demoted = _sqlstate.OncePerMinute(DEMOTION_EVERY, clock=clock)
         self.transitions: list[Callable[[str | None, str], None]] = []
         # Read on every checkout: one property away, not three. With
         # OPTIONS["circuit_breaker"]["storage"], a local view of the state in Redis.
@@ -292,6 +296,26 @@ class Guard:
             sqlstate=code,
             reason=reason,
         )
+
+    def demoted(self, side: str, stats: Any) -> bool:
+        """Return True if the ``side`` pool should replace its connections after a 25006.
+
+        The server refused a write as read-only: a demoted primary, whose idle
+        connections are stale the same way. At most once a second per pool (counted in
+        ``stats.demotions``), logged once a minute per pool.
+        """
+        if not self._demoted.first(side):
+            return False
+        stats.demotions += 1
+        if self._fault_log.first(f"25006 {side}"):
+            logger.error(
+                "Database %s refused a write: the server is read-only (SQLSTATE 25006, a "
+                "demoted primary?). The %s pool replaces its connections; logged once a "
+                "minute while it lasts.",
+                self.config.describe(),
+                side,
+            )
+        return True
 
     def translate(self, exc: Exception) -> Exception:
         """Return the error a caller should see for ``exc``: ours, with what to do."""

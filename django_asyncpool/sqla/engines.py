@@ -159,11 +159,12 @@ class _Listeners:
     rules of :mod:`..core.liveness` decide whether it is pinged.
     """
 
-    __slots__ = ("bypass", "config", "metered", "ping_timeout", "stats")
+    __slots__ = ("bypass", "config", "metered", "ping_timeout", "readonly", "stats")
 
-    def __init__(self, config: AliasConfig, stats: Stats) -> None:
+    def __init__(self, config: AliasConfig, stats: Stats, readonly: bool = False) -> None:
         self.config = config
         self.stats = stats
+        self.readonly = readonly  # the read-only scopes' engine: 25006 is the caller's write
         self.bypass = config.liveness_bypass
         self.ping_timeout = config.async_pool.timeout
         self.metered = config.metrics
@@ -224,6 +225,22 @@ class _Listeners:
         if is_lost(exc) or is_lost(cause):
             context.is_disconnect = True
             context.invalidate_pool_on_disconnect = False
+        elif (
+            not self.readonly
+            and context.connection is not None
+            and _sqlstate.classify(exc) == _sqlstate.READ_ONLY
+            and _registry.guard(self.config.alias).demoted("async", self.stats)
+        ):
+            # A demoted primary: this connection and every other of the engine's pool
+            # opened before now are replaced; the idle ones are closed now (they hold
+            # server slots), those in use at their next checkout.
+            context.is_disconnect = True
+            context.invalidate_pool_on_disconnect = True
+            pool = context.engine.pool if context.engine is not None else None
+            while isinstance(pool, GuardedPool) and pool._evict():
+                pass
+            error = context.sqlalchemy_exception
+            return dual(error) if isinstance(error, sqlalchemy.exc.DBAPIError) else None
         if not isinstance(exc, Exception):  # cancelled: SQLAlchemy calls it a disconnect
             return None
         if not context.is_disconnect or context.connection is None:
@@ -289,7 +306,7 @@ def _create_engine(
         isolation_level="AUTOCOMMIT" if autocommit else None,
         execution_options={"postgresql_readonly": True} if readonly and not autocommit else {},
     )
-    _Listeners(config, stats).register(engine)
+    _Listeners(config, stats, readonly).register(engine)
     return engine
 
 
