@@ -16,6 +16,7 @@ from .core import registry as _registry
 from .errors import (
     AsyncConnectionLost,
     CircuitOpenError,
+    ConfigurationFault,
     ConnectionLost,
     DatabaseUnavailable,
     PoolClosed,
@@ -29,6 +30,7 @@ __all__ = [
     "AliasConfig",
     "AsyncConnectionLost",
     "CircuitOpenError",
+    "ConfigurationFault",
     "ConnectionLost",
     "ConnectionPool",
     "DatabaseUnavailable",

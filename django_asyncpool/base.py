@@ -28,6 +28,7 @@ from .config import InvalidURL, pgbouncer_on, psycopg_params, refuse_unusable
 from .core import checkout as _checkout
 from .core import process as _process
 from .core import registry as _registry
+from .core import sqlstate as _sqlstate
 from .core import stats as _stats
 from .core.guard import Guard
 from .creation import DatabaseCreation
@@ -135,6 +136,16 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         else:
             _process.transactions.add(self)
 
+    def demoted(self) -> None:
+        """The server refused a write as read-only (25006): replace the pool's connections.
+
+        psycopg_pool's ``drain()`` closes the idle ones now and the others, this one
+        included, when they come back; new ones are opened in their place.
+        """
+        pool = self._connection_pools.get(self.alias) if self.pool is not None else None
+        if pool is not None and _registry.guard(self.alias, self).demoted("sync", self._sync_stats):
+            pool.drain()
+
     def _close(self) -> None:
         if self.connection is not None:
             _checkout.checkin(self._sync_stats, self.connection)
@@ -146,10 +157,15 @@ class _ErrorWrapper(DatabaseErrorWrapper):
 
     They are Django OperationalErrors already, with what to do; the sync pool's
     SyncPoolTimeout and SyncPoolClosed, also psycopg errors, would be replaced by a
-    bare OperationalError.
+    bare OperationalError. A write refused as read-only (25006) replaces the pool's
+    connections first (:meth:`DatabaseWrapper.demoted`).
     """
+
+    wrapper: DatabaseWrapper  # set by Django's __init__
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
         if exc_type is None or issubclass(exc_type, PoolError):
             return
+        if exc_value is not None and _sqlstate.classify(exc_value) == _sqlstate.READ_ONLY:
+            self.wrapper.demoted()
         super().__exit__(exc_type, exc_value, traceback)

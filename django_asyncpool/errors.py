@@ -9,6 +9,7 @@ own database errors keep catching them::
           ├── ConnectionLost          the connection died during a query
           │    └── AsyncConnectionLost   (async side; also SQLAlchemy's OperationalError)
           ├── DatabaseUnavailable     could not connect (after retries)
+          │    └── ConfigurationFault    the server refused the alias's settings (not retried)
           ├── PoolTimeout             no connection free within the timeout
           │    └── SyncPoolTimeout       (sync side; also psycopg_pool's PoolTimeout)
           ├── PoolClosed              the pool was closed
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncConnectionLost",
     "CircuitOpenError",
+    "ConfigurationFault",
     "ConnectionLost",
     "DatabaseUnavailable",
     "PoolClosed",
@@ -108,6 +110,26 @@ def _rebuild_lost(
 
 class DatabaseUnavailable(PoolError):
     """A connection to the database could not be made (after the retries)."""
+
+
+class ConfigurationFault(DatabaseUnavailable):
+    """The server refused the connection's settings (authentication, database, role, SSL).
+
+    A retry cannot fix it, so none is made. ``sqlstate`` is the server's code (28P01,
+    28000, 3D000 ...; None for an SSL refusal), ``reason`` its own words.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        alias: str = "default",
+        sqlstate: str | None = None,
+        reason: str = "",
+    ) -> None:
+        super().__init__(message, alias=alias)
+        self.sqlstate = sqlstate
+        self.reason = reason
 
 
 class PoolTimeout(PoolError):

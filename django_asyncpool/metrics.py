@@ -129,6 +129,13 @@ INVALIDATED = Counter(
     _L,
     registry=None,
 )
+DEMOTIONS = Counter(
+    "db_pool_demotions_total",
+    "Writes refused with 25006 (the server turned read-only: a demoted primary) after "
+    "which the pool replaced its connections.",
+    _L,
+    registry=None,
+)
 TIMEOUTS = Counter(
     "db_pool_timeouts_total",
     "Requests that waited the pool timeout without getting a connection.",
@@ -211,6 +218,7 @@ METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     CREATED,
     REUSED,
     INVALIDATED,
+    DEMOTIONS,
     TIMEOUTS,
     RETRIES,
     LEAKS,
@@ -245,6 +253,7 @@ _COUNTERS: tuple[tuple[Counter, str, Callable[[dict[str, Any]], int]], ...] = (
     (CREATED, "", lambda s: s["created"]),
     (REUSED, "", lambda s: s["reused"]),
     (INVALIDATED, "", lambda s: s["invalidated"]),
+    (DEMOTIONS, "", lambda s: s["demotions"]),
     (TIMEOUTS, "", lambda s: s["timeouts"]),
     (RETRIES, "", lambda s: s["retries"]),
     (LEAKS, "", lambda s: s["leaks"]),

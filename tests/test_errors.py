@@ -15,6 +15,7 @@ from django_asyncpool.config import AliasConfig
 from django_asyncpool.errors import (
     AsyncConnectionLost,
     CircuitOpenError,
+    ConfigurationFault,
     DatabaseUnavailable,
     PoolError,
     PoolTimeout,
@@ -31,7 +32,7 @@ CLASSES = [
 
 
 def test_every_error_is_a_django_operational_error() -> None:
-    assert len(CLASSES) == 10
+    assert len(CLASSES) == 11
     for cls in CLASSES:
         assert issubclass(cls, OperationalError), cls
         assert issubclass(cls, PoolError), cls
@@ -141,6 +142,8 @@ def test_every_error_survives_pickling(cls: type[PoolError]) -> None:
         )
     elif cls is CircuitOpenError:
         error = cls("open", alias="replica", retry_after=4.5)
+    elif cls is ConfigurationFault:
+        error = cls("refused", alias="replica", sqlstate="28P01", reason="password failed")
     else:
         error = cls("failed", alias="replica")
     copy = pickle.loads(pickle.dumps(error))
@@ -150,6 +153,8 @@ def test_every_error_survives_pickling(cls: type[PoolError]) -> None:
     assert copy.alias == "replica"
     if isinstance(copy, CircuitOpenError):
         assert copy.retry_after == 4.5
+    if isinstance(copy, ConfigurationFault):
+        assert (copy.sqlstate, copy.reason) == ("28P01", "password failed")
     if isinstance(copy, AsyncConnectionLost):
         assert (copy.statement, copy.params) == ("select %s", (1,))
         assert type(copy.orig) is ValueError and str(copy.orig) == "x"

@@ -9,6 +9,12 @@ listeners. It is driven here with short ``call()``s that only *record* an
 outcome, because ``CircuitBreaker.call()`` holds a lock for the whole call (it
 would serialise every thread waiting for a connection) and works on plain
 functions only. Half-open admits one trial at a time; the rest fail fast.
+
+A failed attempt is classified by :func:`.sqlstate.classify`: a configuration fault
+(authentication, unknown database or role, SSL refused) is raised at once as a
+:class:`ConfigurationFault` in the server's own words, neither retried nor counted
+(the server answered: it is up, and one process's wrong settings must not open a
+breaker shared with every other process), and logged once a minute per cause.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from django.core.exceptions import ImproperlyConfigured
 from ..config import AliasConfig
 from ..errors import (
     CircuitOpenError,
+    ConfigurationFault,
     DatabaseUnavailable,
     PoolClosed,
     PoolError,
@@ -33,6 +40,7 @@ from ..errors import (
     redact,
 )
 from . import breaker_redis as _shared
+from . import sqlstate as _sqlstate
 
 __all__ = ["Guard"]
 
@@ -46,6 +54,11 @@ NOT_COUNTED: tuple[type[BaseException], ...] = (CircuitOpenError, PoolClosed, Im
 #: ``OPTIONS["circuit_breaker"]["count_pool_timeouts"]`` (opening it on a full pool
 #: would turn a slow-down into an outage).
 NOT_RETRIED: tuple[type[BaseException], ...] = (*NOT_COUNTED, PoolTimeout)
+#: Seconds between two log lines of one configuration fault of an alias.
+FAULT_LOG_EVERY = 60.0
+#: Seconds between two replacements of a pool's connections after 25006: a server that
+#: stays read-only is not reconnected to for every write.
+DEMOTION_EVERY = 1.0
 
 
 def _raise(exc: BaseException) -> None:
@@ -81,6 +94,10 @@ class Guard:
         self.entered: Counter[str] = Counter() if entered is None else entered
         self.alias = config.alias
         self.opened_at = 0.0  # self.clock() when the breaker last opened
+        #: The server's words for the last failure the breaker counted (passwords redacted).
+        self.last_cause: str | None = None
+        self._fault_log = _sqlstate.OncePerMinute(FAULT_LOG_EVERY, clock=clock)
+        self._demoted = _sqlstate.OncePerMinute(DEMOTION_EVERY, clock=clock)
         self.transitions: list[Callable[[str | None, str], None]] = []
         # Read on every checkout: one property away, not three. With
         # OPTIONS["circuit_breaker"]["storage"], a local view of the state in Redis.
@@ -170,6 +187,7 @@ class Guard:
             )
         try:
             if not isinstance(exc, self._not_counted):
+                self.last_cause = self._words(exc)
                 # In closed state this counts and may open; in half-open it re-opens.
                 self.breaker.call(_raise, exc)
         except BaseException:
@@ -180,10 +198,12 @@ class Guard:
 
     def _open_error(self, remaining: float, trial: bool = False) -> CircuitOpenError:
         what = "a trial connection is being made" if trial else f"retrying in {remaining:.1f}s"
+        # The cause, when this process saw it (with shared state, another may have).
+        cause = f" The last one: {self.last_cause}." if self.last_cause else ""
         return CircuitOpenError(
             f"Database {self.config.describe()} is unavailable: the circuit breaker is open "
-            f"after repeated connection failures ({what}). Check that the server is up and "
-            "reachable; calls fail fast until it answers again.",
+            f"after repeated connection failures ({what}).{cause} Check that the server is up "
+            "and reachable; calls fail fast until it answers again.",
             alias=self.alias,
             retry_after=max(remaining, 0.0),
         )
@@ -214,6 +234,12 @@ class Guard:
             try:
                 conn = acquire(*args)
             except Exception as exc:
+                if not isinstance(exc, NOT_RETRIED) and (
+                    _sqlstate.classify(exc, connecting=True) == _sqlstate.CONFIG
+                ):
+                    if trial:
+                        self._trial.release()
+                    raise self.fault(exc) from exc
                 self.failed(exc, trial)
                 remaining = retry.max_time - (self.clock() - started)
                 if isinstance(exc, NOT_RETRIED) or tries >= retry.max_tries or remaining <= 0:
@@ -244,6 +270,52 @@ class Guard:
             if trial or self._storage.counter:
                 self.succeeded(trial)
             return conn
+
+    def _words(self, exc: BaseException) -> str:
+        """Return the server's own words for ``exc``, without the password."""
+        return redact(_sqlstate.server_words(exc), self.config.password)
+
+    def fault(self, exc: Exception) -> ConfigurationFault:
+        """Return the ConfigurationFault for ``exc``, logged once a minute per cause."""
+        reason = self._words(exc)
+        code = _sqlstate.sqlstate(exc) or _sqlstate.inferred(reason)
+        where = self.config.describe()
+        if self._fault_log.first(reason):
+            logger.error(
+                "Database %s refused the connection: %s (SQLSTATE %s). A configuration "
+                "fault: not retried, not counted by the circuit breaker; logged once a "
+                "minute while it lasts.",
+                where,
+                reason,
+                code or "none",
+            )
+        return ConfigurationFault(
+            f"Database {where} refused the connection: {reason}. {_sqlstate.advice(reason)} "
+            "This is a configuration fault, not an outage: it is not retried.",
+            alias=self.alias,
+            sqlstate=code,
+            reason=reason,
+        )
+
+    def demoted(self, side: str, stats: Any) -> bool:
+        """Return True if the ``side`` pool should replace its connections after a 25006.
+
+        The server refused a write as read-only: a demoted primary, whose idle
+        connections are stale the same way. At most once a second per pool (counted in
+        ``stats.demotions``), logged once a minute per pool.
+        """
+        if not self._demoted.first(side):
+            return False
+        stats.demotions += 1
+        if self._fault_log.first(f"25006 {side}"):
+            logger.error(
+                "Database %s refused a write: the server is read-only (SQLSTATE 25006, a "
+                "demoted primary?). The %s pool replaces its connections; logged once a "
+                "minute while it lasts.",
+                self.config.describe(),
+                side,
+            )
+        return True
 
     def translate(self, exc: Exception) -> Exception:
         """Return the error a caller should see for ``exc``: ours, with what to do."""

@@ -82,6 +82,7 @@ class Stats:
     created: int = 0  # new connections (sync: counted when first handed out)
     reused: int = 0  # checkouts of a connection handed out before
     invalidated: int = 0  # found dead (or returned broken) and replaced
+    demotions: int = 0  # 25006 on a connection: the pool's connections replaced
     leaks: int = 0  # leak warnings
     pings: int = 0  # liveness round trips at checkout (sync: past liveness_bypass, or each)
     waiting: int = 0  # async: callers waiting for a connection now
@@ -118,6 +119,7 @@ SNAPSHOT_KEYS = (
     "created",
     "reused",
     "invalidated",
+    "demotions",  # 25006 (a demoted primary): every connection of the pool replaced
     "pings",
     "timeouts",
     "failures",
@@ -165,6 +167,7 @@ def snapshot(
         "created": stats.created,
         "reused": stats.reused,
         "invalidated": stats.invalidated,
+        "demotions": stats.demotions,
         "pings": stats.pings,
         "timeouts": stats.timeouts,
         "failures": stats.failures,

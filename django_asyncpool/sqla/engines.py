@@ -27,12 +27,14 @@ from sqlalchemy.util.concurrency import await_
 
 from ..config import AliasConfig, refuse_unusable
 from ..core import registry as _registry
+from ..core import sqlstate as _sqlstate
 from ..core import waiters as _waiters
 from ..core.checkout import RETURNED, TAKEN
 from ..core.liveness import clock, due_for_ping, poller
 from ..core.loops import run_at_loop_shutdown
 from ..core.stats import Stats
 from ..errors import AsyncConnectionLost, redact
+from .dual import dual
 from .fairpool import GuardedPool
 
 __all__ = ["LoopState", "connect_kwargs", "is_lost", "lost_error"]
@@ -53,9 +55,6 @@ _ASYNCPG_DSN_KEYS = frozenset(
         "passfile",
     }
 )
-#: The server closing the connection: admin_shutdown (pg_terminate_backend, fast
-#: shutdown), crash_shutdown, cannot_connect_now, idle_session_timeout.
-_GOODBYE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
 
 
 #: In a record's info: a new connection, not yet checked out (the next checkout is no reuse).
@@ -119,7 +118,8 @@ def is_lost(exc: BaseException) -> bool:
                 ConnectionError,
             ),
         )
-        or getattr(exc, "sqlstate", None) in _GOODBYE_SQLSTATES
+        # The server's goodbye (57P01 pg_terminate_backend, fast shutdown ...), 08xxx.
+        or _sqlstate.classify(exc) == _sqlstate.GONE
     )
 
 
@@ -159,11 +159,12 @@ class _Listeners:
     rules of :mod:`..core.liveness` decide whether it is pinged.
     """
 
-    __slots__ = ("bypass", "config", "metered", "ping_timeout", "stats")
+    __slots__ = ("bypass", "config", "metered", "ping_timeout", "readonly", "stats")
 
-    def __init__(self, config: AliasConfig, stats: Stats) -> None:
+    def __init__(self, config: AliasConfig, stats: Stats, readonly: bool = False) -> None:
         self.config = config
         self.stats = stats
+        self.readonly = readonly  # the read-only scopes' engine: 25006 is the caller's write
         self.bypass = config.liveness_bypass
         self.ping_timeout = config.async_pool.timeout
         self.metered = config.metrics
@@ -224,12 +225,28 @@ class _Listeners:
         if is_lost(exc) or is_lost(cause):
             context.is_disconnect = True
             context.invalidate_pool_on_disconnect = False
-        if (
-            not context.is_disconnect
-            or context.connection is None
-            or not isinstance(exc, Exception)  # cancelled: SQLAlchemy calls it a disconnect
+        elif (
+            not self.readonly
+            and context.connection is not None
+            and _sqlstate.classify(exc) == _sqlstate.READ_ONLY
+            and _registry.guard(self.config.alias).demoted("async", self.stats)
         ):
+            # A demoted primary: this connection and every other of the engine's pool
+            # opened before now are replaced; the idle ones are closed now (they hold
+            # server slots), those in use at their next checkout.
+            context.is_disconnect = True
+            context.invalidate_pool_on_disconnect = True
+            pool = context.engine.pool if context.engine is not None else None
+            while isinstance(pool, GuardedPool) and pool._evict():
+                pass
+            error = context.sqlalchemy_exception
+            return dual(error) if isinstance(error, sqlalchemy.exc.DBAPIError) else None
+        if not isinstance(exc, Exception):  # cancelled: SQLAlchemy calls it a disconnect
             return None
+        if not context.is_disconnect or context.connection is None:
+            # The statement's own error (or 25006): also Django's class of the same kind.
+            error = context.sqlalchemy_exception
+            return dual(error) if isinstance(error, sqlalchemy.exc.DBAPIError) else None
         # One error for a lost connection, whichever way asyncpg said it (the
         # server's goodbye, "connection was closed in the middle of operation", a
         # reset socket): ours, and SQLAlchemy's OperationalError.
@@ -289,7 +306,7 @@ def _create_engine(
         isolation_level="AUTOCOMMIT" if autocommit else None,
         execution_options={"postgresql_readonly": True} if readonly and not autocommit else {},
     )
-    _Listeners(config, stats).register(engine)
+    _Listeners(config, stats, readonly).register(engine)
     return engine
 
 

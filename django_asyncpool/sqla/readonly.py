@@ -21,6 +21,7 @@ from sqlalchemy.engine.result import IteratorResult, Result, SimpleResultMetaDat
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.util import EMPTY_DICT
 
+from ..core import sqlstate as _sqlstate
 from ..errors import ReadOnlyError
 from .scopes import DIALECT, ConnectionLease, Pool, SessionScope, discard
 
@@ -163,7 +164,4 @@ class ReadOnlyScope(SessionScope):
 
 def readonly_violation(exc: BaseException) -> bool:
     """Return True if ``exc`` is the server refusing a write in a read-only transaction."""
-    return getattr(getattr(exc, "orig", None), "sqlstate", None) == "25006" or isinstance(
-        getattr(getattr(exc, "orig", None), "__cause__", None),
-        asyncpg.exceptions.ReadOnlySQLTransactionError,
-    )
+    return _sqlstate.classify(exc) == _sqlstate.READ_ONLY

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from ..errors import ConnectionLost
+from .dual import dual
 from .engines import is_lost, lost_error
 
 if TYPE_CHECKING:
@@ -177,7 +178,7 @@ class ConnectionLease:
                 sql, args, adapted, adapter.dbapi.Error, dialect=DIALECT
             )
             assert isinstance(error, sqlalchemy.exc.DBAPIError)
-            return error
+            return dual(error)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def lost(self, exc: BaseException) -> bool:

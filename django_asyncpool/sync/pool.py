@@ -8,7 +8,7 @@ connections; at exit the pools are closed).
 
 psycopg_pool internals :class:`SyncPool` relies on (``pyproject.toml`` pins
 ``psycopg-pool<3.4``; ``tests/sync/test_pool.py`` fails when one disappears):
-attributes ``_opened``, ``_lock``, ``_nconns``, ``_stats``, ``_waiting``,
+attributes ``_opened``, ``_lock``, ``_nconns``, ``_pool``, ``_stats``, ``_waiting``,
 ``_min_size``; methods ``_maybe_grow_pool``, ``_add_connection``, ``_connect``,
 ``_start_initial_tasks``, ``run_task``, ``schedule_task``; classes
 ``psycopg_pool.pool.{AddConnection, MaintenanceTask, Schedule}`` and
@@ -38,6 +38,7 @@ from ..core import stats as _stats
 from ..core.checkout import RETURNED
 from ..core.hangups import clear_hint, maybe_closed, readable, watch_hangups
 from ..core.liveness import clock, due_for_ping
+from ..core.sqlstate import CONFIG, QuietPool, classify
 from ..errors import PoolError, SyncPoolClosed, SyncPoolTimeout, pool_timeout
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ __all__ = ["PING", "SyncPool", "error", "without_conn_max_age"]
 T = TypeVar("T")
 
 logger = logging.getLogger("django_asyncpool")
+# psycopg_pool logs each failed attempt of its reconnection loop: once a minute is enough.
+logging.getLogger("psycopg.pool").addFilter(QuietPool())
 
 #: A connection returned broken (one lookup, not two, per check-in).
 _UNKNOWN = pq.TransactionStatus.UNKNOWN
@@ -149,6 +152,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         self.leak_threshold = leak_threshold
         self.stats = stats if stats is not None else _stats.Stats()
         self.last_connect_error: BaseException | None = None
+        self._last_connect_failed_at = 0.0  # clock() of last_connect_error
         self.in_use = 0
         self._count_lock = threading.Lock()
         # id(conn) -> (conn, when taken, where taken); only with a leak_threshold.
@@ -202,6 +206,8 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         if not self._opened:
             self.open()  # by the first checkout, never at import or startup (as Django)
         started = clock()
+        if self.last_connect_error is not None and not self._pool:
+            self._refuse_fast(started)
         conn = super().getconn(timeout)
         # Every checkout's path: one test for the common case, a connection returned
         # moments ago, not hung up on by the server, with no check of its own to run.
@@ -221,6 +227,18 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             self.in_use += 1
             self._held[id(conn)] = (conn, clock(), _where())
         return conn
+
+    def _refuse_fast(self, now: float) -> None:
+        """Raise the last connect error if it is a fresh configuration fault.
+
+        The reconnection loop tries at most :attr:`_Reconnect.MAX_DELAY` apart: a
+        caller would wait for its next attempt to fail the same way (a second each).
+        """
+        error = self.last_connect_error
+        fresh = now - self._last_connect_failed_at < 2 * _Reconnect.MAX_DELAY
+        if error is not None and fresh and classify(error, connecting=True) == CONFIG:
+            # The same object for every caller: a fresh traceback each time, not a longer one.
+            raise error.with_traceback(None)
 
     def _checked(self, conn: psycopg.Connection[Any], deadline: float) -> psycopg.Connection[Any]:
         """Return ``conn`` if it passes the liveness check, else another one that does."""
@@ -315,6 +333,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             conn = super()._connect(timeout)
         except Exception as exc:
             self.last_connect_error = exc
+            self._last_connect_failed_at = clock()
             with self._lock:
                 waiting = list(self._waiting)
                 self._waiting.clear()

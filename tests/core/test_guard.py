@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import pybreaker
 import pytest
 from django.core.exceptions import ImproperlyConfigured
@@ -20,6 +21,7 @@ from django_asyncpool.core.guard import Guard
 from django_asyncpool.core.stats import Stats
 from django_asyncpool.errors import (
     CircuitOpenError,
+    ConfigurationFault,
     DatabaseUnavailable,
     PoolClosed,
     PoolTimeout,
@@ -424,3 +426,50 @@ def test_a_cancelled_acquire_is_not_counted(make_guard: Callable[..., Guard], cl
     assert guard.state == "closed"
     assert guard.breaker.fail_counter == 0
     assert not clock.slept
+
+
+# -- configuration faults ------------------------------------------------------------------
+
+
+def auth_failed() -> Exception:
+    """libpq's words for a wrong password (its connect errors carry no SQLSTATE)."""
+    return psycopg.OperationalError(
+        'connection failed: connection to server at "db", port 5432 failed: '
+        'FATAL:  password authentication failed for user "app"'
+    )
+
+
+def test_a_configuration_fault_is_not_retried_nor_counted_and_logged_once_a_minute(
+    make_guard: Callable[..., Guard], clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = make_guard(fail_max=2, max_tries=3)
+    server = Server(clock, auth_failed)
+    stats = Stats()
+    with caplog.at_level("WARNING", logger="django_asyncpool"):
+        for step in (0.0, 30.0, 31.0):  # at 0 s, 30 s and 61 s
+            clock.now += step
+            with pytest.raises(ConfigurationFault) as info:
+                run(guard, server, clock, stats)
+    assert server.calls == 3 and stats.retries == 0 and clock.slept == []
+    assert guard.state == "closed" and guard.breaker.fail_counter == 0
+    assert info.value.sqlstate == "28P01"
+    assert info.value.reason == 'password authentication failed for user "app"'
+    assert "Check USER and PASSWORD" in str(info.value)
+    lines = [r for r in caplog.records if "refused the connection" in r.getMessage()]
+    assert len(lines) == 2  # at 0 s and at 61 s
+
+
+def test_a_configuration_fault_in_a_trial_frees_the_trial(
+    make_guard: Callable[..., Guard], clock: Clock
+) -> None:
+    guard = make_guard(fail_max=2)
+    trip(guard, clock)
+    with pytest.raises(CircuitOpenError) as info:
+        run(guard, Server(clock, "conn"), clock)
+    assert "The last one: connection refused." in str(info.value)
+    clock.now += RESET
+    with pytest.raises(ConfigurationFault):
+        run(guard, Server(clock, auth_failed), clock)
+    assert guard.state == "half-open"  # not re-opened: the server answered
+    assert run(guard, Server(clock, "conn"), clock) == "conn"  # the next trial is let in
+    assert guard.state == "closed"
