@@ -50,7 +50,7 @@ from ..core.hangups import clear_hint, maybe_closed, readable, watch_hangups
 from ..core.liveness import clock
 from ..core.loops import greenlet_sleep, run_at_loop_shutdown
 from ..core.waiters import TIMED_OUT, Slots
-from ..errors import PoolClosed, PoolTimeout
+from ..errors import PoolClosed, PoolTimeout, pool_timeout
 
 __all__ = [
     "GreenConnection",
@@ -498,12 +498,20 @@ class Holder:
         try:
             return await_(pool.getconn())
         except psycopg_pool.PoolTimeout as exc:
-            raise PoolTimeout(
-                f"No connection to database {self.config.describe()} for the async ORM became "
-                f"free within {pool.timeout:.1f}s (size {pool.size}/{pool.max_size}, waiting "
-                f"{pool.slots.waiting()}). Raise OPTIONS['async_pool']['pool_size'], "
-                "['max_overflow'] or ['timeout'], or find the code holding connections.",
-                alias=self.config.alias,
+            idle = len(pool.idle)
+            state = _stats.snapshot(
+                self.config.alias,
+                SIDE,
+                self.stats,
+                self.guard,
+                idle=idle,
+                in_use=pool.size - idle,
+                waiting=pool.slots.waiting() + 1,  # this caller, no longer counted
+                min_size=0,
+                max_size=pool.max_size,
+            )
+            raise pool_timeout(
+                PoolTimeout, self.config, SIDE, pool.timeout, _stats.describe(state)
             ) from exc
         finally:
             self.stats.waiting -= 1

@@ -148,8 +148,8 @@ class GuardedPool(Pool):
             guard = self.guard
             error = pool_timeout(
                 PoolTimeout,
-                guard.config.describe(),
-                guard.alias,
+                guard.config,
+                "async",
                 self._timeout,
                 describe(
                     snapshot(
@@ -164,7 +164,6 @@ class GuardedPool(Pool):
                         max_size=self.budget.cap,
                     )
                 ),
-                "OPTIONS['async_pool']['pool_size'], ['max_overflow'] or ['timeout']",
             )
             guard.failed(error, trial=False)  # counted only if the breaker is told to
             raise error

@@ -441,11 +441,10 @@ def error(exc: BaseException, pool: SyncPool | None, config: AliasConfig) -> Poo
         )
     return pool_timeout(
         SyncPoolTimeout,
-        config.describe(),
-        config.alias,
+        config,
+        "sync",
         pool.timeout if pool else 0.0,
         pool.describe_state() if pool else "no pool",
-        "OPTIONS['pool']['max_size'] or ['timeout']",
     )
 
 
