@@ -44,7 +44,7 @@ from ..core import checkout as _checkout
 from ..core import registry as _registry
 from ..core import stats as _stats
 from ..core import waiters as _waiters
-from ..core.checkout import RETURNED
+from ..core.checkout import RETURNED, Leaks
 from ..core.guard import Guard
 from ..core.hangups import clear_hint, maybe_closed, readable, watch_hangups
 from ..core.liveness import clock
@@ -471,6 +471,13 @@ class Lease:
         self.wrapper: NativeWrapper = getattr(conn, _NATIVE)
 
 
+#: What the ORM pool does with a leaked connection, and what to do about it.
+_KEPT = (
+    "it is still its holder's, and counted in the alias's budget. Make the code that took "
+    "it give it back: end its atomic() block (a task left waiting inside one keeps it)."
+)
+
+
 class Holder:
     """One alias's :class:`OrmPool` on one event loop, with the alias's guard and stats."""
 
@@ -482,11 +489,19 @@ class Holder:
         self.pool = OrmPool(
             kwargs=_pool_kwargs(wrapper), config=config, wrapper=wrapper, stats=self.stats
         )
+        #: Where each connection out was taken; only with a leak_threshold.
+        self.leaks = (
+            None
+            if config.leak_threshold is None
+            else Leaks(self.pool.name, config.leak_threshold, self.stats, _KEPT, on_loop=True)
+        )
         self._guardian = run_at_loop_shutdown(self.pool.close)
 
     def checkout(self) -> Lease:
         """Return a connection through the breaker and retries (in the greenlet)."""
-        conn = _checkout.checkout(self.stats, self.guard, self._getconn, sleep=greenlet_sleep)
+        conn = _checkout.checkout(
+            self.stats, self.guard, self._getconn, sleep=greenlet_sleep, leaks=self.leaks
+        )
         return Lease(self, conn)
 
     def _getconn(self) -> psycopg.AsyncConnection[Any]:
@@ -519,7 +534,7 @@ class Holder:
     def checkin(self, lease: Lease) -> None:
         """Give ``lease``'s connection back, discarding it if it is not clean (no I/O)."""
         conn = lease.conn
-        _checkout.checkin(self.stats, conn)
+        _checkout.checkin(self.stats, conn, self.leaks)
         if not lease.wrapper.reset():
             self.stats.invalidated += 1
             conn.pgconn.finish()  # closed: the pool frees its slot
