@@ -14,11 +14,12 @@ import threading
 from typing import Any
 
 import psycopg
+from psycopg import pq
 
 from . import process as _process
 from .liveness import socket_readable
 
-__all__ = ["clear_hint", "maybe_closed", "new_watcher", "readable", "watch_hangups"]
+__all__ = ["clear_hint", "hung_up", "maybe_closed", "new_watcher", "readable", "watch_hangups"]
 
 logger = logging.getLogger("django_asyncpool")
 
@@ -29,6 +30,22 @@ def readable(conn: psycopg.Connection[Any]) -> bool:
         return socket_readable(conn.pgconn.socket)
     except psycopg.Error:  # closed: no socket
         return True
+
+
+def hung_up(conn: psycopg.Connection[Any]) -> bool:
+    """Return True if the server closed an idle connection (its socket says so, for real).
+
+    An idle connection receives nothing but notifications; anything else is the server
+    saying goodbye (or an EOF); a notification waiting is not (it is read and dropped).
+    Raise psycopg's error if reading finds the connection broken.
+    """
+    if conn.closed or conn.broken:
+        return True
+    if not readable(conn):
+        return False
+    pgconn = conn.pgconn
+    pgconn.consume_input()
+    return pgconn.status != pq.ConnStatus.OK or pgconn.notifies() is None
 
 
 class _Hangups:

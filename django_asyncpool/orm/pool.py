@@ -46,8 +46,8 @@ from ..core import stats as _stats
 from ..core import waiters as _waiters
 from ..core.checkout import RETURNED, Leaks
 from ..core.guard import Guard
-from ..core.hangups import clear_hint, maybe_closed, readable, watch_hangups
-from ..core.liveness import clock
+from ..core.hangups import clear_hint, hung_up, maybe_closed, watch_hangups
+from ..core.liveness import DUE, GONE, LIVE, clock, verdict
 from ..core.loops import greenlet_sleep, run_at_loop_shutdown
 from ..core.waiters import TIMED_OUT, Slots
 from ..errors import PoolClosed, PoolTimeout, pool_timeout
@@ -294,9 +294,8 @@ class OrmPool:
         """Return an idle connection that needs no check (used a moment ago), or None."""
         if self.idle and not self.closed:
             conn = self.idle[-1]
-            if clock() - getattr(conn, RETURNED, 0.0) <= self.bypass and not (
-                maybe_closed(conn)  # type: ignore[arg-type]
-            ):
+            hint = maybe_closed(conn)  # type: ignore[arg-type]
+            if verdict(hint, getattr(conn, RETURNED, 0.0), clock(), self.bypass) == LIVE:
                 return self.idle.pop()
         return None
 
@@ -356,8 +355,8 @@ class OrmPool:
 
     async def _alive(self, conn: psycopg.AsyncConnection[Any]) -> bool:
         """Return True if ``conn`` is usable; close it (freeing its slot) otherwise."""
-        now = clock()
-        if now - getattr(conn, RETURNED, 0.0) <= self.bypass and not maybe_closed(conn):  # type: ignore[arg-type]
+        hint = maybe_closed(conn)  # type: ignore[arg-type]
+        if verdict(hint, getattr(conn, RETURNED, 0.0), clock(), self.bypass) == LIVE:
             return True  # every checkout's path: used a moment ago, not hung up on
         try:
             await self._check_liveness(conn)
@@ -373,13 +372,11 @@ class OrmPool:
         return True
 
     async def _check_liveness(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        if conn.closed or conn.broken:
-            raise psycopg.OperationalError("the connection is closed")
-        if readable(conn):  # type: ignore[arg-type]
-            conn.pgconn.consume_input()
-            if conn.pgconn.status != pq.ConnStatus.OK or conn.pgconn.notifies() is None:
-                raise psycopg.OperationalError("the server closed the connection")
-        if clock() - getattr(conn, RETURNED, 0.0) > self.bypass:
+        gone = hung_up(conn)  # type: ignore[arg-type]
+        found = verdict(gone, getattr(conn, RETURNED, 0.0), clock(), self.bypass)
+        if found == GONE:
+            raise psycopg.OperationalError("the server closed the connection")
+        if found == DUE:
             self.stats.pings += 1
             # Bounded: on a dead network path an unbounded ping would hang the checkout.
             async with asyncio.timeout(self.timeout):

@@ -29,7 +29,7 @@ from ..config import AliasConfig, refuse_unusable
 from ..core import registry as _registry
 from ..core import waiters as _waiters
 from ..core.checkout import RETURNED, TAKEN
-from ..core.liveness import clock, due_for_ping, poller
+from ..core.liveness import DUE, GONE, clock, poller, verdict
 from ..core.loops import run_at_loop_shutdown
 from ..core.stats import Stats
 from ..errors import AsyncConnectionLost, redact
@@ -190,11 +190,17 @@ class _Listeners:
         # select() on the socket asked of asyncpg's transport each time: cheaper per
         # checkout (benchmarks/bench_checkout.py; docs/performance.md has the figures).
         poll = info.get(_POLL)
-        if raw.is_closed() or (poll is not None and poll(0)):
+        now = clock()
+        found = verdict(
+            raw.is_closed() or (poll is not None and poll(0)),
+            info.get(RETURNED, 0.0),
+            now,
+            self.bypass,
+        )
+        if found == GONE:
             stats.invalidated += 1
             raise sqlalchemy.exc.DisconnectionError("the server closed the connection")
-        now = clock()
-        if due_for_ping(info.get(RETURNED, 0.0), now, self.bypass):
+        if found == DUE:
             stats.pings += 1
             try:
                 # Bounded: on a dead network path (packets dropped, nothing refused)

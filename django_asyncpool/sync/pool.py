@@ -33,8 +33,8 @@ from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
 from ..core import registry as _registry
 from ..core import stats as _stats
 from ..core.checkout import RETURNED, Leaks
-from ..core.hangups import clear_hint, maybe_closed, readable, watch_hangups
-from ..core.liveness import clock, due_for_ping
+from ..core.hangups import clear_hint, hung_up, maybe_closed, watch_hangups
+from ..core.liveness import DUE, GONE, LIVE, clock, verdict
 from ..errors import PoolError, SyncPoolClosed, SyncPoolTimeout, pool_timeout
 
 if TYPE_CHECKING:
@@ -190,10 +190,10 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         conn = super().getconn(timeout)
         # Every checkout's path: one test for the common case, a connection returned
         # moments ago, not hung up on by the server, with no check of its own to run.
+        returned = getattr(conn, RETURNED, 0.0)
         if (
             self.checkout_check is not None
-            or due_for_ping(getattr(conn, RETURNED, 0.0), started, self.liveness_bypass)
-            or maybe_closed(conn)
+            or verdict(maybe_closed(conn), returned, started, self.liveness_bypass) != LIVE
         ):
             conn = self._checked(conn, started + (self.timeout if timeout is None else timeout))
         leaks = self.leaks
@@ -292,21 +292,13 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         return conn
 
     def _check_liveness(self, conn: psycopg.Connection[Any]) -> None:
-        if conn.closed or conn.broken:
-            raise psycopg.OperationalError("the connection is closed")
-        pgconn = conn.pgconn
-        if readable(conn):
-            # An idle connection receives nothing but notifications; anything else is
-            # the server saying goodbye (or an EOF).
-            pgconn.consume_input()
-            if pgconn.status != pq.ConnStatus.OK or pgconn.notifies() is None:
-                raise psycopg.OperationalError("the server closed the connection")
+        found = verdict(hung_up(conn), getattr(conn, RETURNED, 0.0), clock(), self.liveness_bypass)
+        if found == GONE:
+            raise psycopg.OperationalError("the server closed the connection")
         check = self.checkout_check
         if check is not None and check != PING:
             check(conn)  # type: ignore[operator]  # the user's own (OPTIONS["pool"]["check"])
-        elif check == PING or due_for_ping(
-            getattr(conn, RETURNED, 0.0), clock(), self.liveness_bypass
-        ):
+        elif check == PING or found == DUE:
             self._ping(conn)
 
     def _ping(self, conn: psycopg.Connection[Any]) -> None:
