@@ -8,7 +8,6 @@ Also here: what a scope does with a connection that is lost or cancelled
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncpg
@@ -21,7 +20,6 @@ from ..errors import ConnectionLost
 from .engines import is_lost, lost_error
 
 if TYPE_CHECKING:
-    from ..core.stats import Stats
     from .engines import LoopState  # annotations only: what pool.for_loop() returns
 
 __all__ = [
@@ -32,8 +30,6 @@ __all__ = [
     "discard",
     "retryable",
 ]
-
-logger = logging.getLogger("django_asyncpool")
 
 #: SQLAlchemy's asyncpg dialect, to compile text and wrap errors as a session would.
 DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
@@ -49,7 +45,6 @@ class Pool(Protocol):
     """
 
     alias: str
-    stats: Stats
 
     def __init__(self, alias: str = "default") -> None: ...
 
