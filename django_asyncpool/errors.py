@@ -18,8 +18,8 @@ own database errors keep catching them::
 
 Messages never contain a password or a full DSN: they name the alias, the
 host and the database, and say what to do: :func:`redact` takes a password out
-of any text shown, :func:`pool_timeout` writes the one PoolTimeout message both
-pools raise, and :func:`unreachable` the DatabaseUnavailable of both warm-ups.
+of any text shown, :func:`pool_timeout` writes the one PoolTimeout message every
+pool raises, and :func:`unreachable` the DatabaseUnavailable of both warm-ups.
 """
 
 from __future__ import annotations
@@ -157,19 +157,30 @@ def redact(text: str, password: str) -> str:
     return text.replace(password, "***") if password else text
 
 
-def pool_timeout(
-    cls: type[PoolTimeout], where: str, alias: str, timeout: float, state: str, knobs: str
-) -> PoolTimeout:
-    """Return the PoolTimeout of either pool: what was waited for, the pool's state, what to do.
+#: The settings that give each kind of pool more room, by its side (the metrics label).
+_KNOBS = {
+    "sync": "OPTIONS['pool']['max_size'] or ['timeout']",
+    "async": "OPTIONS['async_pool']['pool_size'], ['max_overflow'] or ['timeout']",
+    "async_orm": "OPTIONS['async_pool']['pool_size'], ['max_overflow'] or ['timeout']",
+}
+#: Whose connections a side's pool holds, where the message should say it.
+_FOR = {"async_orm": " for the async ORM"}
 
-    ``where`` is ``AliasConfig.describe()``, ``state`` the pool's figures ("size 8, in
-    use 8, waiting 3") and ``knobs`` the settings that give it more room.
+
+def pool_timeout(
+    cls: type[PoolTimeout], config: AliasConfig, side: str, timeout: float, state: str
+) -> PoolTimeout:
+    """Return the PoolTimeout of every pool: what was waited for, the pool's state, what to do.
+
+    ``side`` is the pool's kind ("sync", "async", "async_orm": it names the settings
+    that give it more room), ``state`` its figures ("size 8/10, in use 8, idle 0,
+    waiting 3", :func:`~.core.stats.describe`).
     """
     return cls(
-        f"No connection to database {where} became free within {timeout:.1f}s ({state}). "
-        f"Raise {knobs}, or find the code holding connections "
-        "(OPTIONS['leak_threshold'] logs where they were taken).",
-        alias=alias,
+        f"No connection to database {config.describe()}{_FOR.get(side, '')} became free "
+        f"within {timeout:.1f}s ({state}). Raise {_KNOBS[side]}, or find the code holding "
+        "connections (OPTIONS['leak_threshold'] logs where they were taken).",
+        alias=config.alias,
     )
 
 

@@ -245,4 +245,4 @@ def test_conn_max_age_in_production_is_refused_saying_what_to_do(make_alias: Any
     # Django's own words first (its test suite asserts them), then the fix.
     assert str(info.value).startswith("Pooling doesn't support persistent connections. ")
     assert f"Database {alias!r} has CONN_MAX_AGE = 60: set CONN_MAX_AGE to 0" in str(info.value)
-    assert "dbpool.E007" in str(info.value)
+    assert "OPTIONS['pool'] to False (dbpool.E007)" in str(info.value)

@@ -93,24 +93,31 @@ def test_redact_with_no_password_leaves_the_text_alone() -> None:
     assert redact("connection refused", "") == "connection refused"
 
 
-@pytest.mark.parametrize("cls", [PoolTimeout, SyncPoolTimeout])
-def test_pool_timeout_says_the_timeout_the_state_and_the_knobs(cls: type[PoolTimeout]) -> None:
-    error = pool_timeout(
-        cls,
-        "'replica' (app@db:5432/app)",
-        "replica",
-        2.5,
-        "size 8, in use 8, waiting 3",
-        "OPTIONS['async_pool']['pool_size'] or ['timeout']",
-    )
+@pytest.mark.parametrize(
+    ("cls", "side", "knobs", "whose"),
+    [
+        (SyncPoolTimeout, "sync", "OPTIONS['pool']['max_size'] or ['timeout']", ""),
+        (PoolTimeout, "async", "OPTIONS['async_pool']['pool_size'], ['max_overflow']", ""),
+        (
+            PoolTimeout,
+            "async_orm",
+            "OPTIONS['async_pool']['pool_size'], ['max_overflow']",
+            " for the async ORM",
+        ),
+    ],
+)
+def test_pool_timeout_says_the_timeout_the_state_and_the_knobs(
+    cls: type[PoolTimeout], side: str, knobs: str, whose: str
+) -> None:
+    error = pool_timeout(cls, config(), side, 2.5, "size 8/8, in use 8, idle 0, waiting 3")
     assert type(error) is cls
     assert error.alias == "replica"
     message = str(error)
-    assert "'replica' (app@db:5432/app)" in message
-    assert "within 2.5s" in message
-    assert "(size 8, in use 8, waiting 3)" in message
-    assert "Raise OPTIONS['async_pool']['pool_size'] or ['timeout']" in message
+    assert f"database 'replica' (app@db/app){whose} became free within 2.5s" in message
+    assert "(size 8/8, in use 8, idle 0, waiting 3)" in message
+    assert f"Raise {knobs}" in message
     assert "OPTIONS['leak_threshold']" in message
+    assert "s3cret" not in message
 
 
 def config() -> AliasConfig:

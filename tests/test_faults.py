@@ -38,6 +38,7 @@ from django_asyncpool import (
 from django_asyncpool.base import DatabaseWrapper
 from django_asyncpool.core import hangups
 from django_asyncpool.core import registry as _registry
+from django_asyncpool.sqla import engines as _engines
 from testproject.pgserver import PASSWORD
 from testproject.shop.models import Product
 
@@ -863,8 +864,13 @@ def test_password_never_appears_in_errors_or_logs(make_wrapper, proxy, caplog) -
 
 @pytest.mark.parametrize(
     ("side", "watch"),
-    [("sync", "epoll"), ("sync", "poll at checkout"), ("async", None)],
-    ids=["sync-epoll", "sync-poll", "async"],
+    [
+        ("sync", "epoll"),
+        ("sync", "poll at checkout"),
+        ("async", "epoll"),
+        ("async", "poll at checkout"),
+    ],
+    ids=["sync-epoll", "sync-poll", "async-epoll", "async-poll"],
 )
 def test_terminated_backends_are_replaced_before_the_caller_sees_them(
     make_alias, pg, monkeypatch, db_access, side, watch
@@ -918,6 +924,30 @@ def test_a_stale_hangup_hint_costs_a_check_not_the_connection(make_wrapper) -> N
     hangups._hangups.fds.add(fd)  # as if an old socket with this number had hung up
     assert query(wrapper) == pid  # checked for real, found alive, kept
     assert fd not in hangups._hangups.fds
+
+
+def test_a_stale_hangup_hint_costs_an_async_check_not_the_connection(make_alias, db_access) -> None:
+    if hangups._hangups is None:
+        pytest.skip("no epoll on this platform")
+    alias = make_alias(OPTIONS={"async_pool": {"pool_size": 1, "max_overflow": 0}})
+
+    async def pid() -> int:
+        async with ConnectionPool(alias).connection() as conn:
+            return int(await conn.fetchval("select pg_backend_pid()"))
+
+    async def body() -> None:
+        first = await pid()
+        state = ConnectionPool(alias).for_loop()
+        (record,) = list(state.engine.sync_engine.pool._idle)
+        fd = record.info[_engines._SOCKET][0]
+        hangups._hangups.fds.add(fd)  # as if an old socket with this number had hung up
+        invalidated = ConnectionPool(alias).metrics["invalidated"]
+        assert await pid() == first  # checked for real, found alive, kept
+        assert fd not in hangups._hangups.fds
+        assert ConnectionPool(alias).metrics["invalidated"] == invalidated
+        await ConnectionPool(alias).close()
+
+    asyncio.run(body())
 
 
 # -- fork ------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 A connection is checked at checkout by the rules of :mod:`.liveness`; an idle one
 whose socket the server closed (a terminated backend, a restart,
 ``idle_session_timeout``) is found here without a system call per checkout. Used
-by the pools of psycopg connections (:mod:`..sync.pool`, :mod:`..orm.pool`).
+by every pool: the psycopg ones (:mod:`..sync.pool`, :mod:`..orm.pool`) through their
+connections, the asyncpg one (:mod:`..sqla.engines`) through its sockets' numbers.
 """
 
 from __future__ import annotations
@@ -14,11 +15,22 @@ import threading
 from typing import Any
 
 import psycopg
+from psycopg import pq
 
 from . import process as _process
 from .liveness import socket_readable
 
-__all__ = ["clear_hint", "maybe_closed", "new_watcher", "readable", "watch_hangups"]
+__all__ = [
+    "clear_hint",
+    "forget_hint",
+    "hinted",
+    "hung_up",
+    "maybe_closed",
+    "new_watcher",
+    "readable",
+    "watch_hangups",
+    "watch_socket",
+]
 
 logger = logging.getLogger("django_asyncpool")
 
@@ -29,6 +41,22 @@ def readable(conn: psycopg.Connection[Any]) -> bool:
         return socket_readable(conn.pgconn.socket)
     except psycopg.Error:  # closed: no socket
         return True
+
+
+def hung_up(conn: psycopg.Connection[Any]) -> bool:
+    """Return True if the server closed an idle connection (its socket says so, for real).
+
+    An idle connection receives nothing but notifications; anything else is the server
+    saying goodbye (or an EOF); a notification waiting is not (it is read and dropped).
+    Raise psycopg's error if reading finds the connection broken.
+    """
+    if conn.closed or conn.broken:
+        return True
+    if not readable(conn):
+        return False
+    pgconn = conn.pgconn
+    pgconn.consume_input()
+    return pgconn.status != pq.ConnStatus.OK or pgconn.notifies() is None
 
 
 class _Hangups:
@@ -52,8 +80,7 @@ class _Hangups:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def watch(self, conn: psycopg.Connection[Any]) -> None:
-        fd = conn.pgconn.socket
+    def watch(self, fd: int) -> None:
         self.fds.discard(fd)  # a number reused from a closed connection
         try:
             self._epoll.register(fd, self.EVENTS)
@@ -90,13 +117,24 @@ def maybe_closed(conn: psycopg.Connection[Any]) -> bool:
         return True
 
 
+def hinted(fd: int) -> bool:
+    """Return True if the server may have closed socket ``fd`` (check it for real): the
+    watcher saw it hang up, or nothing watches."""
+    return _hangups is None or fd in _hangups.fds
+
+
 def watch_hangups(conn: psycopg.Connection[Any]) -> None:
     """Have the kernel report when the server closes ``conn``."""
+    watch_socket(conn.pgconn.socket)
+
+
+def watch_socket(fd: int) -> None:
+    """Have the kernel report when the server closes the connection on socket ``fd``."""
     global _hangups
     if _hangups is None:
         return
     try:
-        _hangups.watch(conn)
+        _hangups.watch(fd)
     except OSError as exc:  # out of epoll watches: every checkout polls its socket
         logger.warning("Cannot watch connections for hangups (%s): polling at checkout.", exc)
         _hangups = None
@@ -104,8 +142,13 @@ def watch_hangups(conn: psycopg.Connection[Any]) -> None:
 
 def clear_hint(conn: psycopg.Connection[Any]) -> None:
     """Forget a hang-up recorded for ``conn``'s socket number: it was a stale hint."""
+    forget_hint(conn.pgconn.socket)
+
+
+def forget_hint(fd: int) -> None:
+    """Forget a hang-up recorded for socket number ``fd``: it was a stale hint."""
     if _hangups is not None:
-        _hangups.fds.discard(conn.pgconn.socket)
+        _hangups.fds.discard(fd)
 
 
 def new_watcher() -> None:

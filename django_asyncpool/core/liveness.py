@@ -1,8 +1,9 @@
-"""When a pooled connection is checked before it is handed out: the rules both pools share.
+"""When a pooled connection is checked before it is handed out: the rules every pool shares.
 
-No I/O here beyond a zero-timeout poll: each pool applies the rules with its own
-driver (psycopg's non-blocking ping in :mod:`..sync.pool`, asyncpg's bounded ``select 1``
-in :mod:`..sqla.engines`, psycopg's async ping in :mod:`..orm.pool`).
+:func:`verdict` is the rule, once; no I/O here beyond a zero-timeout poll: each pool
+looks at its socket and pings with its own driver (psycopg's non-blocking ping in
+:mod:`..sync.pool`, asyncpg's bounded ``select 1`` in :mod:`..sqla.engines`, psycopg's
+async ping in :mod:`..orm.pool`).
 
 * An idle connection receives nothing but notifications, so a readable socket (or
   one that is gone) is the server saying goodbye: the connection is thrown away.
@@ -12,7 +13,7 @@ in :mod:`..sqla.engines`, psycopg's async ping in :mod:`..orm.pool`).
   timeout): on a dead network path an unbounded ping would hang the checkout.
 * A new connection counts as just returned: it is not pinged at its first checkout.
 
-Both pools stamp each connection with :func:`time.monotonic` when it opens and each
+Every pool stamps each connection with :func:`time.monotonic` when it opens and each
 time it comes back; the same clock times how long it was held.
 """
 
@@ -22,15 +23,28 @@ import select
 import time
 from collections.abc import Callable
 
-__all__ = ["clock", "due_for_ping", "poller", "socket_readable"]
+__all__ = ["DUE", "GONE", "LIVE", "clock", "poller", "socket_readable", "verdict"]
 
-#: The one clock of both pools' stamps (returned, taken) and of the held time.
+#: The one clock of every pool's stamps (returned, taken) and of the held time.
 clock = time.monotonic
 
+#: What :func:`verdict` says of an idle connection about to be handed out: hand it out,
+LIVE = 0
+#: throw it away (the server hung up),
+GONE = 1
+#: or ping it first, with a bound (the pool timeout).
+DUE = 2
 
-def due_for_ping(returned_at: float, now: float, bypass: float) -> bool:
-    """Return True when a connection returned at ``returned_at`` must be pinged at ``now``."""
-    return now - returned_at > bypass
+
+def verdict(hung_up: bool, returned_at: float, now: float, bypass: float) -> int:
+    """Return :data:`LIVE`, :data:`GONE` or :data:`DUE` for an idle connection at ``now``.
+
+    ``hung_up`` is what the pool's driver saw of the socket (bytes or EOF waiting on an
+    idle connection, or no socket); ``returned_at`` its :data:`~.checkout.RETURNED` stamp.
+    """
+    if hung_up:
+        return GONE
+    return DUE if now - returned_at > bypass else LIVE
 
 
 def socket_readable(fd: int) -> bool:

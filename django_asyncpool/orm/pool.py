@@ -44,13 +44,13 @@ from ..core import checkout as _checkout
 from ..core import registry as _registry
 from ..core import stats as _stats
 from ..core import waiters as _waiters
-from ..core.checkout import RETURNED
+from ..core.checkout import RETURNED, Leaks
 from ..core.guard import Guard
-from ..core.hangups import clear_hint, maybe_closed, readable, watch_hangups
-from ..core.liveness import clock
+from ..core.hangups import clear_hint, hung_up, maybe_closed, watch_hangups
+from ..core.liveness import DUE, GONE, LIVE, clock, verdict
 from ..core.loops import greenlet_sleep, run_at_loop_shutdown
 from ..core.waiters import TIMED_OUT, Slots
-from ..errors import PoolClosed, PoolTimeout
+from ..errors import PoolClosed, PoolTimeout, pool_timeout
 
 __all__ = [
     "GreenConnection",
@@ -294,9 +294,8 @@ class OrmPool:
         """Return an idle connection that needs no check (used a moment ago), or None."""
         if self.idle and not self.closed:
             conn = self.idle[-1]
-            if clock() - getattr(conn, RETURNED, 0.0) <= self.bypass and not (
-                maybe_closed(conn)  # type: ignore[arg-type]
-            ):
+            hint = maybe_closed(conn)  # type: ignore[arg-type]
+            if verdict(hint, getattr(conn, RETURNED, 0.0), clock(), self.bypass) == LIVE:
                 return self.idle.pop()
         return None
 
@@ -356,8 +355,8 @@ class OrmPool:
 
     async def _alive(self, conn: psycopg.AsyncConnection[Any]) -> bool:
         """Return True if ``conn`` is usable; close it (freeing its slot) otherwise."""
-        now = clock()
-        if now - getattr(conn, RETURNED, 0.0) <= self.bypass and not maybe_closed(conn):  # type: ignore[arg-type]
+        hint = maybe_closed(conn)  # type: ignore[arg-type]
+        if verdict(hint, getattr(conn, RETURNED, 0.0), clock(), self.bypass) == LIVE:
             return True  # every checkout's path: used a moment ago, not hung up on
         try:
             await self._check_liveness(conn)
@@ -373,13 +372,11 @@ class OrmPool:
         return True
 
     async def _check_liveness(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        if conn.closed or conn.broken:
-            raise psycopg.OperationalError("the connection is closed")
-        if readable(conn):  # type: ignore[arg-type]
-            conn.pgconn.consume_input()
-            if conn.pgconn.status != pq.ConnStatus.OK or conn.pgconn.notifies() is None:
-                raise psycopg.OperationalError("the server closed the connection")
-        if clock() - getattr(conn, RETURNED, 0.0) > self.bypass:
+        gone = hung_up(conn)  # type: ignore[arg-type]
+        found = verdict(gone, getattr(conn, RETURNED, 0.0), clock(), self.bypass)
+        if found == GONE:
+            raise psycopg.OperationalError("the server closed the connection")
+        if found == DUE:
             self.stats.pings += 1
             # Bounded: on a dead network path an unbounded ping would hang the checkout.
             async with asyncio.timeout(self.timeout):
@@ -471,6 +468,13 @@ class Lease:
         self.wrapper: NativeWrapper = getattr(conn, _NATIVE)
 
 
+#: What the ORM pool does with a leaked connection, and what to do about it.
+_KEPT = (
+    "it is still its holder's, and counted in the alias's budget. Make the code that took "
+    "it give it back: end its atomic() block (a task left waiting inside one keeps it)."
+)
+
+
 class Holder:
     """One alias's :class:`OrmPool` on one event loop, with the alias's guard and stats."""
 
@@ -482,11 +486,19 @@ class Holder:
         self.pool = OrmPool(
             kwargs=_pool_kwargs(wrapper), config=config, wrapper=wrapper, stats=self.stats
         )
+        #: Where each connection out was taken; only with a leak_threshold.
+        self.leaks = (
+            None
+            if config.leak_threshold is None
+            else Leaks(self.pool.name, config.leak_threshold, self.stats, _KEPT, on_loop=True)
+        )
         self._guardian = run_at_loop_shutdown(self.pool.close)
 
     def checkout(self) -> Lease:
         """Return a connection through the breaker and retries (in the greenlet)."""
-        conn = _checkout.checkout(self.stats, self.guard, self._getconn, sleep=greenlet_sleep)
+        conn = _checkout.checkout(
+            self.stats, self.guard, self._getconn, sleep=greenlet_sleep, leaks=self.leaks
+        )
         return Lease(self, conn)
 
     def _getconn(self) -> psycopg.AsyncConnection[Any]:
@@ -498,12 +510,20 @@ class Holder:
         try:
             return await_(pool.getconn())
         except psycopg_pool.PoolTimeout as exc:
-            raise PoolTimeout(
-                f"No connection to database {self.config.describe()} for the async ORM became "
-                f"free within {pool.timeout:.1f}s (size {pool.size}/{pool.max_size}, waiting "
-                f"{pool.slots.waiting()}). Raise OPTIONS['async_pool']['pool_size'], "
-                "['max_overflow'] or ['timeout'], or find the code holding connections.",
-                alias=self.config.alias,
+            idle = len(pool.idle)
+            state = _stats.snapshot(
+                self.config.alias,
+                SIDE,
+                self.stats,
+                self.guard,
+                idle=idle,
+                in_use=pool.size - idle,
+                waiting=pool.slots.waiting() + 1,  # this caller, no longer counted
+                min_size=0,
+                max_size=pool.max_size,
+            )
+            raise pool_timeout(
+                PoolTimeout, self.config, SIDE, pool.timeout, _stats.describe(state)
             ) from exc
         finally:
             self.stats.waiting -= 1
@@ -511,7 +531,7 @@ class Holder:
     def checkin(self, lease: Lease) -> None:
         """Give ``lease``'s connection back, discarding it if it is not clean (no I/O)."""
         conn = lease.conn
-        _checkout.checkin(self.stats, conn)
+        _checkout.checkin(self.stats, conn, self.leaks)
         if not lease.wrapper.reset():
             self.stats.invalidated += 1
             conn.pgconn.finish()  # closed: the pool frees its slot

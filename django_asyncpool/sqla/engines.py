@@ -30,7 +30,8 @@ from ..core import registry as _registry
 from ..core import sqlstate as _sqlstate
 from ..core import waiters as _waiters
 from ..core.checkout import RETURNED, TAKEN
-from ..core.liveness import clock, due_for_ping, poller
+from ..core.hangups import forget_hint, hinted, watch_socket
+from ..core.liveness import DUE, GONE, clock, poller, verdict
 from ..core.loops import run_at_loop_shutdown
 from ..core.stats import Stats
 from ..errors import AsyncConnectionLost, redact
@@ -59,8 +60,8 @@ _ASYNCPG_DSN_KEYS = frozenset(
 
 #: In a record's info: a new connection, not yet checked out (the next checkout is no reuse).
 _FRESH = "asyncpool_fresh"
-#: In a record's info: the :func:`~..core.liveness.poller` of its socket (None: no socket).
-_POLL = "asyncpool_poll"
+#: In a record's info: its socket's number and :func:`~..core.liveness.poller` (None: no socket).
+_SOCKET = "asyncpool_socket"
 
 
 def connect_kwargs(config: AliasConfig) -> dict[str, Any]:
@@ -144,11 +145,28 @@ def lost_error(
     )
 
 
-def _socket_poller(raw: Any) -> Any:
-    """Return the :func:`~..core.liveness.poller` of a new asyncpg connection's socket, or None."""
+def _socket(raw: Any) -> tuple[int, Any] | None:
+    """Return a new asyncpg connection's socket number and its poller, watched for hang-ups;
+    None if it has none."""
     transport = getattr(raw, "_transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
-    return poller(sock.fileno()) if sock is not None else None
+    if sock is None:
+        return None
+    fd = sock.fileno()
+    watch_socket(fd)
+    return fd, poller(fd)
+
+
+def _hung_up(sock: tuple[int, Any]) -> bool:
+    """Return True if the socket the hang-up watcher named is readable for real.
+
+    Otherwise the hint was stale (a number reused): forgotten.
+    """
+    fd, poll = sock
+    if poll(0):
+        return True
+    forget_hint(fd)
+    return False
 
 
 class _Listeners:
@@ -180,22 +198,29 @@ class _Listeners:
         info = record.info
         info[RETURNED] = clock()  # new: no ping at its first checkout
         info[_FRESH] = True
-        info[_POLL] = _socket_poller(dbapi_connection.driver_connection)
+        info[_SOCKET] = _socket(dbapi_connection.driver_connection)
 
     def checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
         raw = dbapi_connection.driver_connection
         stats = self.stats
         info = record.info
         # Closed, or bytes (or EOF) waiting on an idle connection: the server's goodbye,
-        # which the event loop may not have processed yet. A poll made at connect, not a
-        # select() on the socket asked of asyncpg's transport each time: cheaper per
-        # checkout (benchmarks/bench_checkout.py; docs/performance.md has the figures).
-        poll = info.get(_POLL)
-        if raw.is_closed() or (poll is not None and poll(0)):
+        # which the event loop may not have processed yet. Looked up in the hang-up
+        # watcher's set, as the other pools do, and polled only when it names the socket
+        # (or where nothing watches): no system call per checkout
+        # (benchmarks/bench_checkout.py; docs/performance.md has the figures).
+        sock = info.get(_SOCKET)
+        now = clock()
+        found = verdict(
+            raw.is_closed() or (sock is not None and hinted(sock[0]) and _hung_up(sock)),
+            info.get(RETURNED, 0.0),
+            now,
+            self.bypass,
+        )
+        if found == GONE:
             stats.invalidated += 1
             raise sqlalchemy.exc.DisconnectionError("the server closed the connection")
-        now = clock()
-        if due_for_ping(info.get(RETURNED, 0.0), now, self.bypass):
+        if found == DUE:
             stats.pings += 1
             try:
                 # Bounded: on a dead network path (packets dropped, nothing refused)

@@ -19,7 +19,7 @@ from sqlalchemy.pool import Pool, PoolProxiedConnection
 from sqlalchemy.pool.base import _AsyncConnDialect
 from sqlalchemy.util.concurrency import await_
 
-from ..core.checkout import RETURNED, TAKEN
+from ..core.checkout import RETURNED, TAKEN, Leaks
 from ..core.guard import Guard
 from ..core.liveness import clock
 from ..core.loops import greenlet_sleep
@@ -28,6 +28,12 @@ from ..core.waiters import TIMED_OUT, Budget, Slots
 from ..errors import PoolTimeout, pool_timeout
 
 __all__ = ["GuardedPool"]
+
+#: What the pool does with a leaked connection, and what to do about it.
+_KEPT = (
+    "it is still its holder's, and counted in the alias's budget. Make the code that took "
+    "it give it back: leave its session_scope() or connection() block."
+)
 
 
 class GuardedPool(Pool):
@@ -81,6 +87,19 @@ class GuardedPool(Pool):
         # Records idle, checked out or being opened, under the alias's one budget.
         self._slots = Slots(self.budget, self._evict)
         self._disposed = False
+        threshold = self.guard.config.leak_threshold
+        #: Where each record out was taken; only with a leak_threshold.
+        self._leaks = (
+            None
+            if threshold is None
+            else Leaks(
+                f"django_asyncpool:{self.guard.alias}:async",
+                threshold,
+                self.stats,
+                _KEPT,
+                on_loop=True,
+            )
+        )
         create = self._invoke_creator
         guard, stats = self.guard, self.stats
 
@@ -103,6 +122,8 @@ class GuardedPool(Pool):
         stats.checkouts += 1
         if self.metered:
             stats.latency.observe(time.perf_counter() - started)
+        if self._leaks is not None:
+            self._leaks.taken(fairy._connection_record)
         return fairy
 
     # -- checkout ---------------------------------------------------------------------------
@@ -148,8 +169,8 @@ class GuardedPool(Pool):
             guard = self.guard
             error = pool_timeout(
                 PoolTimeout,
-                guard.config.describe(),
-                guard.alias,
+                guard.config,
+                "async",
                 self._timeout,
                 describe(
                     snapshot(
@@ -164,7 +185,6 @@ class GuardedPool(Pool):
                         max_size=self.budget.cap,
                     )
                 ),
-                "OPTIONS['async_pool']['pool_size'], ['max_overflow'] or ['timeout']",
             )
             guard.failed(error, trial=False)  # counted only if the breaker is told to
             raise error
@@ -204,6 +224,8 @@ class GuardedPool(Pool):
         taken = info.pop(TAKEN, None)
         if taken is not None:
             self.stats.held.observe(now - taken)
+        if self._leaks is not None:
+            self._leaks.back(record)
         self._do_return_conn(record)
 
     def _do_return_conn(self, record: Any) -> None:

@@ -94,7 +94,7 @@ class ReadOnlySession(AsyncSession):
             return result
         sql, args = plan
         if self._lease is None:
-            lease = ConnectionLease(self._asyncpool, self._readonly_engine, track=False)
+            lease = ConnectionLease(self._asyncpool, self._readonly_engine)
             await lease.__aenter__()
             self._lease = lease
         raw: Any = self._lease.raw
@@ -117,7 +117,7 @@ class ReadOnlySession(AsyncSession):
         if not self._fast:
             await self.connection()
         elif self._lease is None:
-            lease = ConnectionLease(self._asyncpool, self._readonly_engine, track=False)
+            lease = ConnectionLease(self._asyncpool, self._readonly_engine)
             await lease.__aenter__()
             self._lease = lease
 
@@ -151,8 +151,6 @@ class ReadOnlyScope(SessionScope):
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         session = self._session
         assert isinstance(session, ReadOnlySession)
-        if self._timer is not None:
-            self._timer.cancel()
         await session.end(exc_type, exc)
         if exc_type is not None and readonly_violation(exc):
             raise ReadOnlyError(

@@ -3,14 +3,11 @@
 :class:`SessionScope` is ``session_scope()``, :class:`ConnectionLease` is
 ``connection()``; the read-only scope and its fast path are in :mod:`.readonly`.
 Also here: what a scope does with a connection that is lost or cancelled
-(:func:`discard`), the leak timer, and which errors a transaction is run again for.
+(:func:`discard`), and which errors a transaction is run again for.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import traceback
 from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncpg
@@ -24,7 +21,6 @@ from .dual import dual
 from .engines import is_lost, lost_error
 
 if TYPE_CHECKING:
-    from ..core.stats import Stats
     from .engines import LoopState  # annotations only: what pool.for_loop() returns
 
 __all__ = [
@@ -33,11 +29,8 @@ __all__ = [
     "Pool",
     "SessionScope",
     "discard",
-    "leak_timer",
     "retryable",
 ]
-
-logger = logging.getLogger("django_asyncpool")
 
 #: SQLAlchemy's asyncpg dialect, to compile text and wrap errors as a session would.
 DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
@@ -53,7 +46,6 @@ class Pool(Protocol):
     """
 
     alias: str
-    stats: Stats
 
     def __init__(self, alias: str = "default") -> None: ...
 
@@ -84,30 +76,13 @@ async def discard(session: AsyncSession) -> None:
         await session.close()
 
 
-def leak_timer(pool: Pool, threshold: float, what: str) -> asyncio.TimerHandle:
-    stack = "".join(traceback.format_stack(limit=12)[:-2])
-
-    def warn() -> None:
-        pool.stats.leaks += 1
-        logger.warning(
-            "A %s of database %r has been held for more than %gs; it was taken at:\n%s",
-            what,
-            pool.alias,
-            threshold,
-            stack,
-        )
-
-    return asyncio.get_running_loop().call_later(threshold, warn)
-
-
 class SessionScope:
     """``session_scope()``: an ``AsyncSession`` in a transaction, committed or rolled back."""
 
-    __slots__ = ("_pool", "_session", "_timer")
+    __slots__ = ("_pool", "_session")
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
-        self._timer: asyncio.TimerHandle | None = None
 
     def _new_session(self, state: LoopState) -> AsyncSession:
         return AsyncSession(state.engine, expire_on_commit=False)
@@ -115,14 +90,10 @@ class SessionScope:
     async def __aenter__(self) -> AsyncSession:
         state = self._pool.for_loop()
         self._session = self._new_session(state)
-        if state.config.leak_threshold is not None:
-            self._timer = leak_timer(self._pool, state.config.leak_threshold, "session")
         return self._session
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         session = self._session
-        if self._timer is not None:
-            self._timer.cancel()
         if exc_type is None:
             try:
                 await session.commit()
@@ -147,15 +118,11 @@ class ConnectionLease:
     lost or cancelled mid-query is thrown away, never handed to someone else.
     """
 
-    __slots__ = ("_engine", "_fairy", "_pool", "_timer", "_track")
+    __slots__ = ("_engine", "_fairy", "_pool")
 
-    def __init__(
-        self, pool: Pool, engine: AsyncEngine | None = None, *, track: bool = True
-    ) -> None:
+    def __init__(self, pool: Pool, engine: AsyncEngine | None = None) -> None:
         self._pool = pool
         self._engine = engine
-        self._track = track
-        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def raw(self) -> Any:
@@ -164,8 +131,6 @@ class ConnectionLease:
     async def __aenter__(self) -> asyncpg.Connection:
         state = self._pool.for_loop()
         self._fairy = await (self._engine or state.engine).raw_connection()
-        if self._track and state.config.leak_threshold is not None:
-            self._timer = leak_timer(self._pool, state.config.leak_threshold, "connection")
         return self._fairy.driver_connection
 
     def dbapi_error(self, exc: Exception, sql: str, args: Any) -> sqlalchemy.exc.DBAPIError:
@@ -200,8 +165,6 @@ class ConnectionLease:
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         fairy = self._fairy
-        if self._timer is not None:
-            self._timer.cancel()
         raw: Any = fairy.driver_connection
         lost: Exception | None = None  # a lost connection, to raise as ours
         if exc_type is not None and (not isinstance(exc, Exception) or self.lost(exc)):

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import logging
 import select
-import sys
 import threading
-import traceback
-import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -35,9 +32,9 @@ from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
 
 from ..core import registry as _registry
 from ..core import stats as _stats
-from ..core.checkout import RETURNED
-from ..core.hangups import clear_hint, maybe_closed, readable, watch_hangups
-from ..core.liveness import clock, due_for_ping
+from ..core.checkout import RETURNED, Leaks
+from ..core.hangups import clear_hint, hung_up, maybe_closed, watch_hangups
+from ..core.liveness import DUE, GONE, LIVE, clock, verdict
 from ..core.sqlstate import CONFIG, QuietPool, classify
 from ..errors import PoolError, SyncPoolClosed, SyncPoolTimeout, pool_timeout
 
@@ -56,13 +53,11 @@ logging.getLogger("psycopg.pool").addFilter(QuietPool())
 _UNKNOWN = pq.TransactionStatus.UNKNOWN
 #: ``checkout_check=PING``: ping at every checkout (Django's CONN_HEALTH_CHECKS).
 PING = "ping"
-#: Set on a connection reported as leaked: the pool has replaced it and closes it on return.
-_LEAKED = "_asyncpool_leaked"
-#: Frames of these packages say nothing about which code took a connection.
-_INTERNAL = ("/django_asyncpool/", "/psycopg_pool/", "/psycopg/", "/django/db/", "/django/utils/")
-
-
-_Frame = tuple[types.CodeType, int]
+#: What the sync pool does with a leaked connection, and what to do about it.
+_REPLACED = (
+    "reported as leaked and replaced; it is closed when it comes back. Make the code that "
+    "took it close it (a thread should call django.db.connection.close() when done)."
+)
 
 
 def without_conn_max_age(settings_dict: dict[str, Any]) -> dict[str, Any]:
@@ -77,20 +72,6 @@ def without_conn_max_age(settings_dict: dict[str, Any]) -> dict[str, Any]:
     if pooled and settings_dict.get("CONN_MAX_AGE", 0) != 0 and settings.DEBUG:
         return {**settings_dict, "CONN_MAX_AGE": 0}
     return settings_dict
-
-
-def _where(limit: int = 40) -> list[_Frame]:
-    """Return the caller's stack, innermost first, as (code, line) pairs.
-
-    A tenth of the time of traceback.extract_stack(), which reads every source line
-    (docs/performance.md): the lines are read only when a leak is reported.
-    """
-    frame: types.FrameType | None = sys._getframe(2)
-    stack: list[_Frame] = []
-    while frame is not None and len(stack) < limit:
-        stack.append((frame.f_code, frame.f_lineno))
-        frame = frame.f_back
-    return stack
 
 
 class _Reconnect(AttemptWithBackoff):
@@ -155,12 +136,16 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         self._last_connect_failed_at = 0.0  # clock() of last_connect_error
         self.in_use = 0
         self._count_lock = threading.Lock()
-        # id(conn) -> (conn, when taken, where taken); only with a leak_threshold.
-        self._held: dict[int, tuple[psycopg.Connection[Any], float, list[_Frame]]] = {}
         # psycopg_pool's check= only mirrors it, for code that inspects ``pool._check``
         # (Django's tests do); _check_connection() keeps psycopg_pool from running it.
         mirror = SyncPool.check_connection if checkout_check == PING else checkout_check
         super().__init__(*args, check=mirror, **kwargs)  # type: ignore[arg-type]
+        #: Where each connection out was taken; only with a leak_threshold.
+        self.leaks = (
+            None
+            if leak_threshold is None
+            else Leaks(self.name, leak_threshold, self.stats, _REPLACED, on_loop=False)
+        )
 
     @classmethod
     def for_wrapper(cls, wrapper: Any, config: AliasConfig) -> SyncPool | None:
@@ -211,13 +196,14 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         conn = super().getconn(timeout)
         # Every checkout's path: one test for the common case, a connection returned
         # moments ago, not hung up on by the server, with no check of its own to run.
+        returned = getattr(conn, RETURNED, 0.0)
         if (
             self.checkout_check is not None
-            or due_for_ping(getattr(conn, RETURNED, 0.0), started, self.liveness_bypass)
-            or maybe_closed(conn)
+            or verdict(maybe_closed(conn), returned, started, self.liveness_bypass) != LIVE
         ):
             conn = self._checked(conn, started + (self.timeout if timeout is None else timeout))
-        if self.leak_threshold is None:
+        leaks = self.leaks
+        if leaks is None:
             # No sweep to race with: an increment, as Stats' counters (under the GIL an
             # attribute increment is not interrupted). The lock, taken twice per checkout
             # (here and in putconn), is where threads queued behind one another.
@@ -225,7 +211,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             return conn
         with self._count_lock:
             self.in_use += 1
-            self._held[id(conn)] = (conn, clock(), _where())
+            leaks.taken(conn)
         return conn
 
     def _refuse_fast(self, now: float) -> None:
@@ -259,15 +245,15 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         return conn
 
     def putconn(self, conn: psycopg.Connection[Any]) -> None:
-        if self.leak_threshold is None:  # no sweep: never reported as leaked (see getconn)
+        leaks = self.leaks
+        if leaks is None:  # no sweep: never reported as leaked (see getconn)
             leaked = False
             self.in_use -= 1
         else:
             with self._count_lock:  # the same lock as the sweep: a leak is decided once
-                leaked = getattr(conn, _LEAKED, False)
+                leaked = not leaks.back(conn)
                 if not leaked:
                     self.in_use -= 1
-                    self._held.pop(id(conn), None)
         if leaked:
             # Replaced when it was reported: the pool no longer counts it.
             logger.info("A connection of pool %r reported as leaked came back: closed", self.name)
@@ -280,39 +266,18 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
 
     def _start_initial_tasks(self) -> None:
         super()._start_initial_tasks()
-        if self.leak_threshold is not None:
-            every = min(max(self.leak_threshold / 2, 0.05), 10.0)
+        if self.leaks is not None:
+            every = self.leaks.every
             self.run_task(Schedule(self, _LeakSweep(self, every), every))
 
     def sweep_leaks(self) -> None:
         """Report and replace the connections held for longer than ``leak_threshold``."""
-        if self.leak_threshold is None:
+        if self.leaks is None:
             return
-        now = clock()
-        for taken, stack in self._release_leaked(now):
-            self.stats.leaks += 1
-            logger.warning(
-                "A connection of pool %r has been held for %.1fs, longer than leak_threshold "
-                "(%gs): reported as leaked and replaced; it is closed when it comes back. Make "
-                "the code that took it close it (a thread should call "
-                "django.db.connection.close() when done). It was taken at:\n%s",
-                self.name,
-                now - taken,
-                self.leak_threshold,
-                _format_stack(stack),
-            )
-
-    def _release_leaked(self, now: float) -> list[tuple[float, list[_Frame]]]:
-        """Free the slots of the connections held past ``leak_threshold``; return when and
-        where each was taken."""
-        assert self.leak_threshold is not None
         with self._count_lock:
-            leaked = [h for h in self._held.values() if now - h[1] > self.leak_threshold]
-            for conn, _, _ in leaked:
-                del self._held[id(conn)]
-                self.in_use -= 1
-                setattr(conn, _LEAKED, True)
-        for _ in leaked:
+            late = self.leaks.due()
+            self.in_use -= len(late)
+        for _ in late:
             with self._lock:
                 # No longer one of the pool's: let it open a replacement, now if
                 # clients are waiting or the pool is below min_size.
@@ -323,7 +288,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
                     self.run_task(AddConnection(self))
                 elif self._waiting:
                     self._maybe_grow_pool()
-        return [(taken, stack) for _, taken, stack in leaked]
+        self.leaks.report(late)
 
     def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
         super()._add_connection(attempt or _Reconnect(timeout=self.reconnect_timeout), growing)
@@ -346,21 +311,13 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         return conn
 
     def _check_liveness(self, conn: psycopg.Connection[Any]) -> None:
-        if conn.closed or conn.broken:
-            raise psycopg.OperationalError("the connection is closed")
-        pgconn = conn.pgconn
-        if readable(conn):
-            # An idle connection receives nothing but notifications; anything else is
-            # the server saying goodbye (or an EOF).
-            pgconn.consume_input()
-            if pgconn.status != pq.ConnStatus.OK or pgconn.notifies() is None:
-                raise psycopg.OperationalError("the server closed the connection")
+        found = verdict(hung_up(conn), getattr(conn, RETURNED, 0.0), clock(), self.liveness_bypass)
+        if found == GONE:
+            raise psycopg.OperationalError("the server closed the connection")
         check = self.checkout_check
         if check is not None and check != PING:
             check(conn)  # type: ignore[operator]  # the user's own (OPTIONS["pool"]["check"])
-        elif check == PING or due_for_ping(
-            getattr(conn, RETURNED, 0.0), clock(), self.liveness_bypass
-        ):
+        elif check == PING or found == DUE:
             self._ping(conn)
 
     def _ping(self, conn: psycopg.Connection[Any]) -> None:
@@ -416,19 +373,6 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         return _stats.describe(self.snapshot())
 
 
-def _format_stack(stack: list[_Frame]) -> str:
-    """Return the frames of ``stack`` outside the database layers, outermost first."""
-    return "".join(
-        traceback.format_list(
-            [
-                traceback.FrameSummary(code.co_filename, line, code.co_name)
-                for code, line in reversed(stack)
-                if not any(part in code.co_filename for part in _INTERNAL)
-            ]
-        )
-    )
-
-
 class _LeakSweep(MaintenanceTask):
     """Run :meth:`SyncPool.sweep_leaks` every ``every`` seconds."""
 
@@ -460,11 +404,10 @@ def error(exc: BaseException, pool: SyncPool | None, config: AliasConfig) -> Poo
         )
     return pool_timeout(
         SyncPoolTimeout,
-        config.describe(),
-        config.alias,
+        config,
+        "sync",
         pool.timeout if pool else 0.0,
         pool.describe_state() if pool else "no pool",
-        "OPTIONS['pool']['max_size'] or ['timeout']",
     )
 
 

@@ -1,4 +1,4 @@
-"""The liveness rules both pools share (``_liveness``) alone: no database.
+"""The liveness rules every pool shares (``core/liveness.py``) alone: no database.
 
 ``socket_readable`` and ``poller`` run on a real socket pair: the peer plays the server.
 """
@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 
-from django_asyncpool.core.liveness import clock, due_for_ping, poller, socket_readable
+from django_asyncpool.core.liveness import (
+    DUE,
+    GONE,
+    LIVE,
+    clock,
+    poller,
+    socket_readable,
+    verdict,
+)
 
 
 def test_the_clock_is_monotonic() -> None:
@@ -20,19 +28,24 @@ def test_the_clock_is_monotonic() -> None:
 
 
 @pytest.mark.parametrize(
-    ("now", "bypass", "due"),
+    ("now", "bypass", "found"),
     [
-        (100.0, 0.5, False),  # just returned
-        (100.25, 0.5, False),
-        (100.5, 0.5, False),  # exactly the window: still trusted
-        (100.5 + 1e-9, 0.5, True),
-        (200.0, 0.5, True),
-        (100.0, 0.0, False),  # no window: returned this instant
-        (100.0 + 1e-9, 0.0, True),
+        (100.0, 0.5, LIVE),  # just returned
+        (100.25, 0.5, LIVE),
+        (100.5, 0.5, LIVE),  # exactly the window: still trusted
+        (100.5 + 1e-9, 0.5, DUE),
+        (200.0, 0.5, DUE),
+        (100.0, 0.0, LIVE),  # no window: returned this instant
+        (100.0 + 1e-9, 0.0, DUE),
     ],
 )
-def test_due_for_ping_past_the_bypass_window(now: float, bypass: float, due: bool) -> None:
-    assert due_for_ping(100.0, now, bypass) is due
+def test_a_ping_is_due_past_the_bypass_window(now: float, bypass: float, found: int) -> None:
+    assert verdict(False, 100.0, now, bypass) == found
+
+
+@pytest.mark.parametrize("now", [100.0, 100.25, 200.0])
+def test_a_connection_the_server_hung_up_on_is_gone_whenever_it_came_back(now: float) -> None:
+    assert verdict(True, 100.0, now, 0.5) == GONE
 
 
 @pytest.fixture

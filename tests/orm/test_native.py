@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -642,6 +643,28 @@ async def test_a_full_pool_times_out_with_what_to_do(shop: Any, make_alias: Any)
             await asyncio.get_running_loop().create_task(elsewhere(), context=contextvars.Context())
     assert stats.timeouts == before + 1
     assert (await Product.objects.using(alias).aget(sku="S1")).name == "product 1"
+
+
+async def test_a_connection_held_too_long_is_logged_once_with_its_taker(
+    shop: Any, make_alias: Any, caplog: Any
+) -> None:
+    alias = make_alias(OPTIONS={"async_orm": True, "async_pool": POOL, "leak_threshold": 0.1})
+    stats = _registry.stats(alias, _ormpool.SIDE)
+    before = stats.leaks
+
+    async def keep_a_connection() -> None:
+        async with django_asyncpool.atomic(using=alias):
+            await Product.objects.using(alias).acount()
+            await asyncio.sleep(0.6)  # several sweeps past the threshold
+
+    with caplog.at_level(logging.WARNING, logger="django_asyncpool"):
+        assert await Product.objects.using(alias).acount() == 5  # given back at once
+        assert stats.leaks == before
+        await keep_a_connection()
+    reports = [r.getMessage() for r in caplog.records if "leak_threshold (0.1s)" in r.getMessage()]
+    assert len(reports) == 1, reports
+    assert "keep_a_connection" in reports[0]  # the stack of the code that took it
+    assert stats.leaks == before + 1
 
 
 @pytest.mark.slow

@@ -532,3 +532,33 @@ def test_restart_under_overload_recovers_within_reset_timeout(
     assert len(out.waits) > 500  # served again after the outage
     assert not loop_thread.is_alive()
     assert wait_until(lambda: _registry.guard(alias).state == "closed", timeout=1)
+
+
+@pytest.mark.parametrize("scope", ["session_scope", "readonly", "connection"])
+async def test_a_connection_held_too_long_is_logged_once_with_its_taker(
+    make_alias, db_access, caplog, scope
+) -> None:
+    alias = make_alias(OPTIONS={**ONE, "leak_threshold": 0.1})
+    pool = ConnectionPool(alias)
+
+    async def use(hold: float) -> None:
+        if scope == "connection":
+            async with pool.connection() as conn:
+                await conn.fetchval("select 1")
+                await asyncio.sleep(hold)
+        else:
+            async with pool.session_scope(readonly=scope == "readonly") as session:
+                await session.execute(text("select 1"))
+                await asyncio.sleep(hold)
+
+    async def keep_a_connection() -> None:
+        await use(0.6)  # several sweeps past the threshold
+
+    with caplog.at_level(logging.WARNING, logger="django_asyncpool"):
+        await use(0)  # given back at once: no leak
+        assert pool.metrics["leaks"] == 0
+        await keep_a_connection()
+    reports = [r.getMessage() for r in caplog.records if "leak_threshold (0.1s)" in r.getMessage()]
+    assert len(reports) == 1, reports
+    assert "keep_a_connection" in reports[0]  # the stack of the code that took it
+    assert pool.metrics["leaks"] == 1

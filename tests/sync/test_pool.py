@@ -4,8 +4,10 @@ its checkout check and what it counts, on a real server."""
 from __future__ import annotations
 
 import collections
+import logging
 import re
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -155,3 +157,22 @@ def test_too_many_waiting_is_the_applications_load_not_an_outage(make_wrapper) -
         wrapper.close()
         waiter.join(10)
     assert not waiter.is_alive()
+
+
+def test_a_connection_held_too_long_is_logged_once_with_its_taker(make_wrapper, caplog) -> None:
+    wrapper = make_wrapper(OPTIONS={"pool": {"min_size": 0, "max_size": 2}, "leak_threshold": 0.1})
+    query(wrapper)  # taken and given back at once: no leak
+    pool = wrapper.pool
+    assert pool is not None and pool.stats.leaks == 0
+
+    def keep_a_connection() -> None:
+        wrapper.ensure_connection()
+
+    with caplog.at_level(logging.WARNING, logger="django_asyncpool"):
+        keep_a_connection()
+        time.sleep(0.6)  # several sweeps past the threshold
+        wrapper.close()
+    reports = [r.getMessage() for r in caplog.records if "leak_threshold (0.1s)" in r.getMessage()]
+    assert len(reports) == 1, reports
+    assert "keep_a_connection" in reports[0]  # the stack of the code that took it
+    assert pool.stats.leaks == 1
