@@ -462,7 +462,7 @@ def _async_orm(reader: Reader, raw: Any) -> bool:
 def _password_source(reader: Reader, raw: Any) -> Callable[[], str] | None:
     """Return ``OPTIONS["password"]``'s callable, imported from its dotted path if need be."""
     if raw is None or callable(raw):
-        return raw
+        return cast("Callable[[], str] | None", raw)
     problem = "is not a string"
     if isinstance(raw, str):
         try:
