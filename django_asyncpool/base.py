@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import psycopg
 import psycopg_pool
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
@@ -24,13 +25,14 @@ from django.utils.functional import cached_property
 from psycopg import IsolationLevel
 
 from . import metrics
-from .config import InvalidURL, pgbouncer_on, psycopg_params, refuse_unusable
+from .config import AliasConfig, InvalidURL, pgbouncer_on, psycopg_params, refuse_unusable
 from .core import checkout as _checkout
 from .core import process as _process
 from .core import registry as _registry
 from .core import sqlstate as _sqlstate
 from .core import stats as _stats
 from .core.guard import Guard
+from .core.renewal import password, rejected
 from .creation import DatabaseCreation
 from .errors import PoolError
 from .features import DatabaseFeatures
@@ -90,7 +92,12 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             # missing NAME, which an unusable DATABASE_URL would leave.
             refuse_unusable(config)
             self._options_reported = True
-        return psycopg_params(super().get_connection_params())
+        params = psycopg_params(super().get_connection_params())
+        if "password" in self.settings_dict["OPTIONS"]:
+            # A password source (dbpool.E009 refused anything else): asked at each
+            # connect by whoever opens one (the pools, _get_new_connection), never here.
+            params.pop("password", None)
+        return params
 
     @cached_property
     def _sync_stats(self) -> _stats.Stats:
@@ -107,7 +114,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         try:
             pool = self.pool
             if pool is None or "isolation_level" in self.settings_dict["OPTIONS"]:
-                return super().get_new_connection(conn_params)
+                return self._connect_unpooled(guard.config, conn_params)
             # HOT PATH, Django 5.2's get_new_connection() for a pool and the server's
             # isolation level, without its second event-loop check and its pool.open()
             # (a lock; SyncPool.getconn opens the pool). With the skip in _set_autocommit
@@ -121,6 +128,18 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             psycopg_pool.TooManyRequests,
         ) as exc:
             raise _syncpool.error(exc, self.pool, guard.config) from exc
+
+    def _connect_unpooled(self, config: AliasConfig, conn_params: dict[str, Any]) -> Any:
+        """Return Django's own new connection, with a password from OPTIONS["password"]."""
+        if config.password_source is None:
+            return super().get_new_connection(conn_params)
+        try:
+            return super().get_new_connection({**conn_params, "password": password(config)})
+        except psycopg.OperationalError as exc:
+            if not rejected(exc):
+                raise
+        # The password expired between asking and connecting: asked once more.
+        return super().get_new_connection({**conn_params, "password": password(config)})
 
     @cached_property
     def wrap_database_errors(self) -> DatabaseErrorWrapper:

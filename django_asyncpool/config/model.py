@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,8 @@ class AliasConfig:
     dbname: str
     user: str = ""
     password: str = field(default="", repr=False)
+    #: ``OPTIONS["password"]``: asked for the password of each new connection.
+    password_source: Callable[[], str] | None = field(default=None, repr=False)
     host: str = ""
     #: A port, or one per host in libpq's comma-separated form (``"5432,5433"``).
     port: int | str | None = None

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, fields, replace
 from importlib.util import find_spec
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
 
 from . import rules
 from .keys import (
@@ -351,6 +352,7 @@ def from_settings(
     warmup = _warmup(reader, options)
     failover_to = failover_aliases(reader, options.get("failover_to"))
     native = _async_orm(reader, options.get("async_orm"))
+    password_source = _password_source(reader, options.get("password"))
     if scalars["pgbouncer"]:
         pgbouncer_problems(reader, conn, options)
     return AliasConfig(
@@ -358,13 +360,14 @@ def from_settings(
         dbname=conn.get("NAME") or "postgres",
         user=conn.get("USER") or "",
         password=conn.get("PASSWORD") or "",
+        password_source=password_source,
         host=conn.get("HOST") or "",
         # Several hosts' ports stay libpq's comma-separated list.
         port=port if port is None or "," in str(port) else int(port),
         params={
             k: v
             for k, v in options.items()
-            if k not in OUR_KEYS and k not in DJANGO_OPTIONS and k in known_top
+            if k not in OUR_KEYS and k not in DJANGO_OPTIONS and k in known_top and k != "password"
         },
         sync_pool=sync_pool,
         async_pool=async_pool,
@@ -454,6 +457,31 @@ def _async_orm(reader: Reader, raw: Any) -> bool:
         "connection, or leave it out.",
     )
     return False
+
+
+def _password_source(reader: Reader, raw: Any) -> Callable[[], str] | None:
+    """Return ``OPTIONS["password"]``'s callable, imported from its dotted path if need be."""
+    if raw is None or callable(raw):
+        return cast("Callable[[], str] | None", raw)
+    problem = "is not a string"
+    if isinstance(raw, str):
+        try:
+            source = import_string(raw)
+        except ImportError as exc:  # never the value: it could be a password itself
+            problem = f"cannot be imported ({type(exc).__name__})"
+        else:
+            if callable(source):
+                return cast("Callable[[], str]", source)
+            problem = "names something that is not callable"
+    reader.problem(
+        rules.BAD_PASSWORD_SOURCE,
+        "OPTIONS['password']",
+        f"OPTIONS['password'] must be a callable returning the password, or its dotted "
+        f"path; it {problem}: connecting is refused.",
+        "Name a function such as 'myproject.db.iam_token' (called for each new connection); "
+        "a fixed password goes in PASSWORD.",
+    )
+    return None
 
 
 def _retry(reader: Reader, retry: RetryConfig) -> RetryConfig:

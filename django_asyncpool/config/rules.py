@@ -42,6 +42,7 @@ MIN_OVER_MAX = "dbpool.E005"
 BAD_URL = "dbpool.E006"
 PERSISTENT = "dbpool.E007"
 DELAYS = "dbpool.E008"
+BAD_PASSWORD_SOURCE = "dbpool.E009"
 PGBOUNCER = "dbpool.E020"
 BAD_STORAGE = "dbpool.E030"
 NO_REDIS = "dbpool.E031"
@@ -62,6 +63,9 @@ PROBLEMS: dict[str, Rule] = {
     BAD_URL: Rule("DATABASE_URL cannot be used: connecting is refused", default_used=False),
     PERSISTENT: Rule("CONN_MAX_AGE is not 0 with the pool on (0 is used in DEBUG)"),
     DELAYS: Rule("retry base_delay larger than max_delay"),
+    BAD_PASSWORD_SOURCE: Rule(
+        "OPTIONS['password'] names no callable: connecting is refused", default_used=False
+    ),
     PGBOUNCER: Rule("a setting PgBouncer's transaction pooling loses: refused", False),
     BAD_STORAGE: Rule("circuit_breaker storage is not a redis:// URL"),
     NO_REDIS: Rule("circuit_breaker storage without the redis package"),
@@ -97,11 +101,12 @@ def pgbouncer_on(options: Mapping[str, Any]) -> bool:
 def refuse_unusable(config: AliasConfig) -> None:
     """Raise ImproperlyConfigured before connecting with a configuration that cannot work.
 
-    That is a DATABASE_URL that cannot be used (E006), or settings PgBouncer's
+    That is a DATABASE_URL that cannot be used (E006), an ``OPTIONS["password"]``
+    that names no callable (E009), or settings PgBouncer's
     transaction pooling cannot carry (E020).
     """
     for problem in config.problems:
-        if problem.id == BAD_URL:
+        if problem.id in (BAD_URL, BAD_PASSWORD_SOURCE):
             raise ImproperlyConfigured(
                 f"Database {config.alias!r}: {problem.message} {problem.hint}"
             )

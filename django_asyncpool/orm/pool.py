@@ -49,6 +49,7 @@ from ..core.guard import Guard
 from ..core.hangups import clear_hint, hung_up, maybe_closed, watch_hangups
 from ..core.liveness import DUE, GONE, LIVE, clock, verdict
 from ..core.loops import greenlet_sleep, run_at_loop_shutdown
+from ..core.renewal import lifetime, rejected
 from ..core.waiters import TIMED_OUT, Slots
 from ..errors import PoolClosed, PoolTimeout, pool_timeout
 
@@ -265,6 +266,7 @@ class OrmPool:
         self.timeout = options.timeout
         self.max_lifetime = options.recycle
         self.bypass = config.liveness_bypass
+        self.password_source = config.password_source
         self.closed = False
         self.idle: deque[psycopg.AsyncConnection[Any]] = deque()
         #: Connections open or being opened, and the callers waiting for one: a share
@@ -339,7 +341,7 @@ class OrmPool:
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         """Open a connection in a slot counted already; free the slot if it fails."""
         try:
-            conn = await psycopg.AsyncConnection.connect("", **self._kwargs)
+            conn = await self._connect_renewed()
             try:
                 await greenlet_spawn(self._native, conn)
             except BaseException:
@@ -349,9 +351,22 @@ class OrmPool:
             self.slots.release()
             raise
         setattr(conn, RETURNED, clock())  # new: no ping at its first checkout
-        conn._asyncpool_expires = clock() + self.max_lifetime  # type: ignore[attr-defined]
+        conn._asyncpool_expires = clock() + lifetime(self.max_lifetime)  # type: ignore[attr-defined]
         watch_hangups(conn)  # type: ignore[arg-type]
         return conn
+
+    async def _connect_renewed(self) -> psycopg.AsyncConnection[Any]:
+        """Connect, with a password asked of OPTIONS["password"] if it names one."""
+        source = self.password_source
+        if source is None:
+            return await psycopg.AsyncConnection.connect("", **self._kwargs)
+        try:
+            return await psycopg.AsyncConnection.connect("", **self._kwargs, password=source())
+        except psycopg.OperationalError as exc:
+            if not rejected(exc):
+                raise
+        # The password expired between asking and connecting: asked once more.
+        return await psycopg.AsyncConnection.connect("", **self._kwargs, password=source())
 
     async def _alive(self, conn: psycopg.AsyncConnection[Any]) -> bool:
         """Return True if ``conn`` is usable; close it (freeing its slot) otherwise."""

@@ -16,6 +16,7 @@ The async half of the pool, as :mod:`..sync.pool` is the sync half. It owns:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 from urllib.parse import urlencode
 
@@ -33,6 +34,7 @@ from ..core.checkout import RETURNED, TAKEN
 from ..core.hangups import forget_hint, hinted, watch_socket
 from ..core.liveness import DUE, GONE, clock, poller, verdict
 from ..core.loops import run_at_loop_shutdown
+from ..core.renewal import lifetime
 from ..core.stats import Stats
 from ..errors import AsyncConnectionLost, redact
 from .dual import dual
@@ -60,6 +62,8 @@ _ASYNCPG_DSN_KEYS = frozenset(
 
 #: In a record's info: a new connection, not yet checked out (the next checkout is no reuse).
 _FRESH = "asyncpool_fresh"
+#: In a record's info: clock() when it is due to be replaced (``recycle``, spread +-10 %).
+_EXPIRES = "asyncpool_expires"
 #: In a record's info: its socket's number and :func:`~..core.liveness.poller` (None: no socket).
 _SOCKET = "asyncpool_socket"
 
@@ -81,7 +85,8 @@ def connect_kwargs(config: AliasConfig) -> dict[str, Any]:
         "host": host,
         "port": port,
         "user": config.user or None,
-        "password": config.password or None,
+        # asyncpg asks a callable for each connection itself.
+        "password": config.password_source or config.password or None,
         "database": config.dbname,
     }
     server_settings: dict[str, str] = {}
@@ -177,13 +182,14 @@ class _Listeners:
     rules of :mod:`..core.liveness` decide whether it is pinged.
     """
 
-    __slots__ = ("bypass", "config", "metered", "ping_timeout", "readonly", "stats")
+    __slots__ = ("bypass", "config", "metered", "ping_timeout", "readonly", "recycle", "stats")
 
     def __init__(self, config: AliasConfig, stats: Stats, readonly: bool = False) -> None:
         self.config = config
         self.stats = stats
         self.readonly = readonly  # the read-only scopes' engine: 25006 is the caller's write
         self.bypass = config.liveness_bypass
+        self.recycle = config.async_pool.recycle
         self.ping_timeout = config.async_pool.timeout
         self.metered = config.metrics
 
@@ -196,7 +202,10 @@ class _Listeners:
     def connect(self, dbapi_connection: Any, record: Any) -> None:
         self.stats.created += 1
         info = record.info
-        info[RETURNED] = clock()  # new: no ping at its first checkout
+        now = info[RETURNED] = clock()  # new: no ping at its first checkout
+        # Recycled here, not by SQLAlchemy: its recycle has no jitter, and a pool's
+        # connections opened together would all be replaced in the same second.
+        info[_EXPIRES] = now + lifetime(self.recycle) if self.recycle > 0 else math.inf
         info[_FRESH] = True
         info[_SOCKET] = _socket(dbapi_connection.driver_connection)
 
@@ -220,6 +229,10 @@ class _Listeners:
         if found == GONE:
             stats.invalidated += 1
             raise sqlalchemy.exc.DisconnectionError("the server closed the connection")
+        if now >= info[_EXPIRES]:
+            raise sqlalchemy.exc.DisconnectionError(
+                "older than OPTIONS['async_pool']['recycle']: replaced"
+            )
         if found == DUE:
             stats.pings += 1
             try:
@@ -289,6 +302,13 @@ def _create_engine(
         kwargs.setdefault("server_settings", {})["default_transaction_read_only"] = "on"
 
     async def connect() -> Any:
+        if config.password_source is None:
+            return await asyncpg.connect(**kwargs)
+        try:
+            return await asyncpg.connect(**kwargs)
+        except asyncpg.InvalidPasswordError:
+            pass
+        # The password expired between asking and connecting: asked once more.
         return await asyncpg.connect(**kwargs)
 
     def creator() -> Any:
@@ -322,7 +342,7 @@ def _create_engine(
         poolclass=poolclass,
         pool_size=options.pool_size,
         max_overflow=options.max_overflow,
-        pool_recycle=options.recycle,
+        pool_recycle=-1,  # _Listeners.checkout recycles, each connection at its own time
         pool_timeout=options.timeout,
         # Our scopes always end their transactions; a ROLLBACK per return would
         # cost a round trip for nothing.

@@ -10,7 +10,8 @@ psycopg_pool internals :class:`SyncPool` relies on (``pyproject.toml`` pins
 ``psycopg-pool<3.4``; ``tests/sync/test_pool.py`` fails when one disappears):
 attributes ``_opened``, ``_lock``, ``_nconns``, ``_pool``, ``_stats``, ``_waiting``,
 ``_min_size``; methods ``_maybe_grow_pool``, ``_add_connection``, ``_connect``,
-``_start_initial_tasks``, ``run_task``, ``schedule_task``; classes
+``_start_initial_tasks``, ``run_task``, ``schedule_task``,
+``_set_connection_expiry_date`` (and the ``_created_at``/``_expire_at`` it stamps); classes
 ``psycopg_pool.pool.{AddConnection, MaintenanceTask, Schedule}`` and
 ``psycopg_pool.base.AttemptWithBackoff``.
 """
@@ -35,6 +36,7 @@ from ..core import stats as _stats
 from ..core.checkout import RETURNED, Leaks
 from ..core.hangups import clear_hint, hung_up, maybe_closed, watch_hangups
 from ..core.liveness import DUE, GONE, LIVE, clock, verdict
+from ..core.renewal import lifetime, rejected
 from ..core.sqlstate import CONFIG, QuietPool, classify
 from ..errors import PoolError, SyncPoolClosed, SyncPoolTimeout, pool_timeout
 
@@ -125,9 +127,11 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         leak_threshold: float | None = None,
         stats: _stats.Stats | None = None,
         alias: str = "default",
+        password_source: Callable[[], str] | None = None,
         **kwargs: Any,
     ) -> None:
         self.alias = alias
+        self.password_source = password_source
         self.liveness_bypass = liveness_bypass
         self.checkout_check = checkout_check
         self.leak_threshold = leak_threshold
@@ -184,6 +188,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             leak_threshold=config.leak_threshold,
             stats=_registry.stats(wrapper.alias, "sync"),
             alias=wrapper.alias,
+            password_source=config.password_source,
             **config.sync_pool,
         )
 
@@ -293,9 +298,28 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
     def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
         super()._add_connection(attempt or _Reconnect(timeout=self.reconnect_timeout), growing)
 
+    def _connect_renewed(self, timeout: float | None) -> psycopg.Connection[Any]:
+        """Open a connection, with a password asked of OPTIONS["password"] if it names one."""
+        source = self.password_source
+        if source is None:
+            return super()._connect(timeout)
+        self.kwargs["password"] = source()  # type: ignore[index]  # a dict: for_wrapper's
+        try:
+            return super()._connect(timeout)
+        except psycopg.OperationalError as exc:
+            if not rejected(exc):
+                raise
+        self.kwargs["password"] = source()  # type: ignore[index]  # expired meanwhile: once more
+        return super()._connect(timeout)
+
+    def _set_connection_expiry_date(self, conn: Any) -> None:
+        # psycopg_pool spreads lifetimes by -5 %..0; the package's pools all by +-10 %.
+        super()._set_connection_expiry_date(conn)
+        conn._expire_at = conn._created_at + lifetime(self.max_lifetime)
+
     def _connect(self, timeout: float | None = None) -> psycopg.Connection[Any]:
         try:
-            conn = super()._connect(timeout)
+            conn = self._connect_renewed(timeout)
         except Exception as exc:
             self.last_connect_error = exc
             self._last_connect_failed_at = clock()

@@ -39,6 +39,7 @@ def test_the_psycopg_pool_internals_it_relies_on_still_exist() -> None:
         "_maybe_grow_pool",
         "_add_connection",
         "_connect",
+        "_set_connection_expiry_date",
         "_start_initial_tasks",
         "run_task",
         "schedule_task",
