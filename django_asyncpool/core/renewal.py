@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable
 
 from ..config import AliasConfig
+from .sqlstate import inferred, server_words, sqlstate
 
 __all__ = ["JITTER", "lifetime", "password", "rejected"]
 
@@ -37,10 +38,8 @@ def rejected(exc: BaseException) -> bool:
 
     Callers with a password source ask it once more: a fixed PASSWORD would be refused again.
     """
-    sqlstate = getattr(exc, "sqlstate", None)
-    if sqlstate is None:  # libpq's connect errors carry none: its message is the server's
-        return "password authentication failed" in str(exc)
-    return bool(sqlstate == _INVALID_PASSWORD)
+    # libpq's connect errors carry no SQLSTATE: the one its words stand for.
+    return (sqlstate(exc) or inferred(server_words(exc))) == _INVALID_PASSWORD
 
 
 def lifetime(seconds: float) -> float:
