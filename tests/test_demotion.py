@@ -4,7 +4,8 @@
 session refuse writes with SQLSTATE 25006, as a primary demoted by a failover does.
 The first refused write replaces the pool's connections (counted in
 ``db_pool_demotions_total``, logged once); the idle ones the pool had before are
-gone from the server. On the async side the error is also Django's OperationalError.
+gone from the server. The same on the sync pool, ``session_scope()`` and the native
+async ORM (``OPTIONS["async_orm"]``). On the async side the error is also Django's OperationalError.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sqlalchemy import text
 
 from django_asyncpool import session_scope
 from django_asyncpool.core import registry as _registry
+from django_asyncpool.orm import native as _asyncorm
 from testproject.pgserver import LocalPostgres
 
 from .conftest import wait_until
@@ -70,6 +72,14 @@ def write(side: str, alias: str, runner: asyncio.Runner) -> None:
         finally:
             wrapper.close()
         return
+    if side == "async_orm":
+
+        def insert() -> None:
+            with connections[alias].cursor() as cursor:
+                cursor.execute("insert into note values (1)")
+
+        runner.run(_asyncorm.run(alias, insert))
+        return
 
     async def scope() -> None:
         async with session_scope(using=alias) as session:
@@ -82,6 +92,17 @@ def warm(side: str, alias: str, runner: asyncio.Runner) -> None:
     """Open two connections in the pool (they stay idle)."""
     if side == "sync":
         return  # min_size 2
+    if side == "async_orm":
+
+        def hold() -> None:
+            with connections[alias].cursor() as cursor:
+                cursor.execute("select pg_sleep(0.1)")
+
+        async def both() -> None:
+            await asyncio.gather(_asyncorm.run(alias, hold), _asyncorm.run(alias, hold))
+
+        runner.run(both())
+        return
 
     async def two() -> None:
         async with session_scope(using=alias) as one, session_scope(using=alias) as other:
@@ -91,7 +112,7 @@ def warm(side: str, alias: str, runner: asyncio.Runner) -> None:
     runner.run(two())
 
 
-@pytest.mark.parametrize("side", ["sync", "async"])
+@pytest.mark.parametrize("side", ["sync", "async", "async_orm"])
 def test_a_demoted_primary_replaces_the_pools_connections_once(
     make_alias, db_access, server: LocalPostgres, caplog, side
 ) -> None:
@@ -104,6 +125,7 @@ def test_a_demoted_primary_replaces_the_pools_connections_once(
             "pool": {"min_size": 2, "max_size": 4, "timeout": 5},
             "async_pool": {"pool_size": 4, "max_overflow": 0, "timeout": 5},
             "application_name": APP,
+            "async_orm": side == "async_orm",
         },
     )
     stats = _registry.stats(alias, side)
