@@ -96,7 +96,9 @@ def test_a_read_only_first_server_sends_every_path_to_the_second(make_alias, ser
         assert wait_until(lambda: all(len(w.succeeded()) >= 5 for w in writers), timeout=15)
         assert not names(second)  # the first server is the one that takes writes
         switched = read_only(first, True)
-        assert wait_until(lambda: paths_on(second) == set(PATHS), timeout=10, step=0.1)
+        assert wait_until(lambda: paths_on(second) == set(PATHS), timeout=10, step=0.1), paths_on(
+            second
+        )
         time.sleep(0.5)  # the writers go on: on the second only
     finally:
         writers.stop()
