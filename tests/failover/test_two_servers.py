@@ -129,7 +129,10 @@ def test_a_read_only_first_server_sends_every_path_to_the_second(make_alias, ser
     assert dict(_registry.stats(alias, "async_orm").fallbacks) == fallbacks
 
 
-def test_a_promoted_standby_takes_every_path_within_the_breaker_reset(make_alias, servers) -> None:
+@pytest.mark.parametrize("stop", ["fast", "immediate"])  # a shutdown; a crash
+def test_a_promoted_standby_takes_every_path_within_the_breaker_reset(
+    make_alias, servers, stop
+) -> None:
     reset = 2.0
     primary = servers.primary("primary")
     standby = servers.standby(primary, "standby")
@@ -146,7 +149,7 @@ def test_a_promoted_standby_takes_every_path_within_the_breaker_reset(make_alias
     try:
         assert wait_until(lambda: all(len(w.succeeded()) >= 5 for w in writers), timeout=15)
         stopped = time.monotonic()
-        primary.stop()
+        primary.stop(stop)
         down = time.monotonic()  # a write started from now on cannot reach the old primary
         time.sleep(1.0)  # an outage: the writers fail, the breaker opens
         outage = {w.path: len(w.errors(after=stopped)) for w in writers}
@@ -158,7 +161,7 @@ def test_a_promoted_standby_takes_every_path_within_the_breaker_reset(make_alias
         writers.stop()
 
     took = first_writes(writers, standby, promoted, after=down)
-    report(f"promoted standby (reset_timeout {reset:g}s)", took, writers)
+    report(f"promoted standby ({stop} stop, reset_timeout {reset:g}s)", took, writers)
     assert all(outage.values()), outage  # every path saw the outage
     assert max(took.values()) <= reset + 1.0, took
     check_errors(writers)
