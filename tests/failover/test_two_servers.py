@@ -17,7 +17,6 @@ are printed (``-s`` shows them).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import django.db
 import pytest
@@ -27,7 +26,7 @@ from django_asyncpool.orm import native as _asyncorm
 from testproject.pgserver import LocalPostgres
 
 from ..conftest import wait_until
-from .servers import Servers, alias_settings, promote, read_only
+from .servers import alias_settings, promote, read_only
 from .writers import PATHS, Writers
 
 pytestmark = pytest.mark.usefixtures("db_access")
@@ -39,15 +38,6 @@ POOLS = {
     "async_orm": True,
     "application_name": APP,
 }
-
-
-@pytest.fixture
-def servers() -> Iterator[Servers]:
-    made = Servers()
-    try:
-        yield made
-    finally:
-        made.destroy()
 
 
 def names(pg: LocalPostgres) -> set[str]:
