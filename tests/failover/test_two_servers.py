@@ -17,6 +17,7 @@ are printed (``-s`` shows them).
 from __future__ import annotations
 
 import time
+from urllib.parse import quote
 
 import django.db
 import pytest
@@ -75,10 +76,24 @@ def report(title: str, took: dict[str, float], writers: Writers) -> None:
     print(f"\n{title}: first write on the new server (s) {took}, failed writes {failed}")
 
 
-def test_a_read_only_first_server_sends_every_path_to_the_second(make_alias, servers) -> None:
+@pytest.mark.parametrize("source", ["settings", "DATABASE_URL"])
+def test_a_read_only_first_server_sends_every_path_to_the_second(
+    make_alias, servers, monkeypatch, source
+) -> None:
     first = servers.primary("first")
     second = servers.primary("second")
-    alias = make_alias(**alias_settings([first, second], **POOLS))
+    if source == "settings":
+        alias = make_alias(**alias_settings([first, second], **POOLS))
+    else:
+        # The hosts, ports and target_session_attrs from the URL's query, libpq's way.
+        password = quote(first.password, safe="")
+        monkeypatch.setenv(
+            "DATABASE_URL",
+            f"postgresql://{first.user}:{password}@/postgres?host={first.host},{second.host}"
+            f"&port={first.port},{second.port}&target_session_attrs=read-write",
+        )
+        empty = dict.fromkeys(("NAME", "USER", "PASSWORD", "HOST", "PORT"), "")
+        alias = make_alias(**empty, OPTIONS=POOLS)
     _asyncorm.install()
     fallbacks = dict(_registry.stats(alias, "async_orm").fallbacks)
     writers = Writers(alias)
@@ -94,7 +109,7 @@ def test_a_read_only_first_server_sends_every_path_to_the_second(make_alias, ser
         writers.stop()
 
     took = first_writes(writers, second, switched)
-    report("read-only first server", took, writers)
+    report(f"read-only first server ({source})", took, writers)
     assert max(took.values()) <= 2.0, took
     check_errors(writers)
     for writer in writers:
