@@ -19,6 +19,7 @@ alias bound to that connection for its whole life, so a checkout builds nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import select
 import threading
@@ -185,6 +186,16 @@ class NativeWrapper(DatabaseWrapper):
             self.closed_in_transaction = True
             self.needs_rollback = True
 
+    def demoted(self) -> None:
+        """The server refused a write as read-only (25006): replace the alias's ORM connections.
+
+        As the other pools (through the alias's guard, at most once a second): every
+        loop's pool closes its idle connections and the others, this one included,
+        when they come back; new ones follow ``target_session_attrs``.
+        """
+        if _registry.guard(self.alias).demoted(SIDE, _registry.stats(self.alias, SIDE)):
+            drain(self.alias)
+
     def run_and_clear_commit_hooks(self) -> None:
         self.validate_no_atomic_block()
         # Callbacks are the application's sync code (mail, queues): not on the loop.
@@ -268,6 +279,8 @@ class OrmPool:
         self.bypass = config.liveness_bypass
         self.password_source = config.password_source
         self.closed = False
+        #: clock() of the last drain(): connections opened before it are not reused.
+        self.drained_at = 0.0
         self.idle: deque[psycopg.AsyncConnection[Any]] = deque()
         #: Connections open or being opened, and the callers waiting for one: a share
         #: of the alias's one budget on this loop, with the SQLAlchemy engines'.
@@ -351,6 +364,7 @@ class OrmPool:
             self.slots.release()
             raise
         setattr(conn, RETURNED, clock())  # new: no ping at its first checkout
+        conn._asyncpool_born = clock()  # type: ignore[attr-defined]
         conn._asyncpool_expires = clock() + lifetime(self.max_lifetime)  # type: ignore[attr-defined]
         watch_hangups(conn)  # type: ignore[arg-type]
         return conn
@@ -403,6 +417,7 @@ class OrmPool:
             self.closed
             or conn.pgconn.transaction_status != pq.TransactionStatus.IDLE
             or clock() >= getattr(conn, "_asyncpool_expires", 0.0)
+            or getattr(conn, "_asyncpool_born", 0.0) < self.drained_at
         ):
             conn.pgconn.finish()  # no I/O to wait for: the server sees the socket close
             self.slots.release()
@@ -423,6 +438,13 @@ class OrmPool:
         self.idle.popleft().pgconn.finish()
         self.slots.release()
         return True
+
+    def drain(self) -> None:
+        """Replace every connection: close the idle ones now, the others when they come back."""
+        self.drained_at = clock()
+        while self.idle:
+            self.idle.pop().pgconn.finish()
+            self.slots.release()
 
     async def close(self) -> None:
         """Close the idle connections and fail the waiters; others close when returned."""
@@ -571,6 +593,22 @@ def holder(alias: str) -> Holder:
             del loops[other]
         made = loops[loop] = Holder(_registry.config(alias), connections[alias])
         return made
+
+
+def drain(alias: str) -> None:
+    """Replace the connections of every loop's pool of ``alias`` (each on its own loop)."""
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    loops = _holders.get(alias)
+    for loop, found in list(loops.items()) if loops is not None else []:
+        if loop is running:
+            found.pool.drain()
+        elif not loop.is_closed():
+            # Its idle list and waiters are that loop's: drained there, soon.
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(found.pool.drain)
 
 
 def holders() -> list[tuple[str, Holder]]:
