@@ -52,6 +52,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -233,6 +234,7 @@ class Job:
     interval: float
     end: float
     url: str
+    log: bool
     outcomes: list[Outcome] = field(default_factory=list)
 
     def record(self, t0: float, exc: BaseException | None) -> None:
@@ -292,8 +294,11 @@ def client(job: Job, pipe: Connection) -> None:
     """Run one client in this (forked) process; send its outcomes back."""
     from sqlalchemy import text
 
-    for name in ("django_asyncpool", "psycopg.pool", "sqlalchemy.pool"):  # thousands of lines
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    if not job.log:
+        for name in ("django_asyncpool", "psycopg.pool", "sqlalchemy.pool"):  # thousands
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    else:
+        logging.basicConfig(format=f"%(asctime)s {job.variant}: %(name)s %(message)s")
     db = alias(job.scenario, job.variant)
     insert = text(f"insert into {TABLE} (variant) values (:v)")
 
@@ -418,7 +423,7 @@ def scenario_run(
         procs = []
         for variant in variants:
             ours, theirs = ctx.Pipe(duplex=False)
-            job = Job(scenario, variant, args.writers, args.interval, end, url)
+            job = Job(scenario, variant, args.writers, args.interval, end, url, args.log)
             proc = ctx.Process(target=client, args=(job, theirs), daemon=True)
             proc.start()
             procs.append((variant, proc, ours))
@@ -455,6 +460,8 @@ def scenario_run(
             f.rows_second, from_since, _ = on_second.get(variant, (0, None, 0.0))
             if from_since is not None:
                 f.first_on_second = from_since + since - switch
+            if f.recovered is not None:  # a write that waited is not back until B has it
+                f.recovered = max(f.recovered, f.first_on_second or 0.0)
         return results, note
     finally:
         a.destroy()
@@ -478,10 +485,7 @@ def seconds(value: float | None, window: float) -> str:
     return f"{value:.2f} s" if value is not None else f"not in {window:g} s"
 
 
-def print_scenario(
-    scenario: str, results: dict[str, Figures], note: str, args: argparse.Namespace
-) -> None:
-    span = window(scenario, args)
+def print_scenario(scenario: str, results: dict[str, Figures], note: str, span: float) -> None:
     print(f"\n== {scenario}: {note}; {span:g} s of load after it")
     print(
         f"  {'client':24s} {'warm-up writes':>16s} {'after: writes':>13s} {'errors':>6s} "
@@ -540,6 +544,28 @@ def markdown(rows: list[tuple[str, dict[str, Figures], float]]) -> None:
             )
 
 
+def summary(rows: list[tuple[str, dict[str, Figures], float]]) -> None:
+    """Print, per scenario and client, over the runs: recovered how often, how fast, errors."""
+    runs: dict[tuple[str, str], list[tuple[Figures, float]]] = collections.defaultdict(list)
+    for title, results, span in rows:
+        for variant, f in results.items():
+            runs[title.split(" #")[0], variant].append((f, span))
+    print("\nSummary (per scenario and client, over its runs):")
+    for (scenario, variant), both in runs.items():
+        times = sorted(f.recovered for f, _ in both if f.recovered is not None)
+        errors = sorted(f.error_count for f, _ in both)
+        opened = sum(any("Circuit" in kind for kind in f.errors) for f, _ in both)
+        line = f"  {scenario:8s} {variant:24s} recovered in {len(times)} of {len(both)} runs"
+        if times:
+            line += f" (median {statistics.median(times):.2f} s, max {times[-1]:.2f} s)"
+        if len(times) < len(both):
+            line += f"; not recovered in {both[0][1]:g} s"
+            if variant in RECYCLE:
+                line += f" ({RECYCLE[variant]})"
+        line += f"; errors median {statistics.median(errors):g}, max {errors[-1]}"
+        print(line + (f"; the breaker opened in {opened} of the runs" if opened else ""))
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run")
@@ -554,6 +580,8 @@ def main(argv: list[str]) -> None:
         "the promote window is at least this + 8 s)",
     )
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each scenario")
+    parser.add_argument("--log", action="store_true", help="the pools' warnings, to stderr")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     args = parser.parse_args(argv)
     if args.quick:
@@ -578,12 +606,15 @@ def main(argv: list[str]) -> None:
     rows = []
     try:
         for scenario in scenarios:
-            results, note = scenario_run(scenario, variants, args, home)
-            print_scenario(scenario, results, note, args)
-            rows.append((scenario, results, window(scenario, args)))
+            for n in range(args.repeat):
+                results, note = scenario_run(scenario, variants, args, home)
+                title = scenario if args.repeat == 1 else f"{scenario} #{n + 1}"
+                print_scenario(title, results, note, window(scenario, args))
+                rows.append((title, results, window(scenario, args)))
     finally:
         shutil.rmtree(home, ignore_errors=True)
     markdown(rows)
+    summary(rows)
     print(f"\n{time.monotonic() - started:.0f}s in all")
 
 
