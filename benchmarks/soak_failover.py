@@ -52,7 +52,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -381,7 +380,7 @@ class Figures:
 
 def figures(outcomes: list[Outcome], switch: float, end: float) -> Figures:
     """Return the figures of a client's writes around a switch at ``switch``."""
-    before = [o for o in outcomes if o[0] < switch]
+    before = [o for o in outcomes if o[1] < switch]  # done before: a write across t=0 is after
     after = [o for o in outcomes if o[1] >= switch and o[0] < end]
     failed = [o for o in after if o[2] is not None]
     errors: collections.Counter[str] = collections.Counter(o[2] for o in failed if o[2])
@@ -557,12 +556,12 @@ def summary(rows: list[tuple[str, dict[str, Figures], float]]) -> None:
         opened = sum(any("Circuit" in kind for kind in f.errors) for f, _ in both)
         line = f"  {scenario:8s} {variant:24s} recovered in {len(times)} of {len(both)} runs"
         if times:
-            line += f" (median {statistics.median(times):.2f} s, max {times[-1]:.2f} s)"
+            line += f" ({', '.join(f'{t:.2f}' for t in times)} s)"
         if len(times) < len(both):
             line += f"; not recovered in {both[0][1]:g} s"
             if variant in RECYCLE:
                 line += f" ({RECYCLE[variant]})"
-        line += f"; errors median {statistics.median(errors):g}, max {errors[-1]}"
+        line += f"; errors {', '.join(map(str, errors))}"
         print(line + (f"; the breaker opened in {opened} of the runs" if opened else ""))
 
 
