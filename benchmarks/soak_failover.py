@@ -1,7 +1,8 @@
 """Soak: a failover under a steady write load, per path, beside the peers a user would pick.
 
     python benchmarks/soak_failover.py [--quick] [--writers 4] [--interval 0.025]
-        [--warmup 3] [--window 10] [--scenarios demote,promote] [--variants ...]
+        [--warmup 3] [--window 10] [--reset-timeout S] [--scenarios demote,promote]
+        [--variants ...] [--repeat 1] [--log]
 
 Issue 21's figure: the time from the switch to 100 % successful writes. Two
 throwaway servers (testproject/pgserver.py, never DATABASE_URL: the script turns
@@ -10,7 +11,8 @@ with both hosts listed, the first one first, and ``target_session_attrs=read-wri
 (libpq ``host=a,b port=pa,pb``; asyncpg lists; SQLAlchemy's
 ``?host=h:p&host=h:p&target_session_attrs=read-write``). The clients, each in its
 own process (its own event loop or threads, as in an application), ``--writers``
-writers each, every writer inserting one row every ``--interval`` seconds:
+writers each, every writer inserting one row every ``--interval`` seconds (a write
+that comes back late is followed by the next at once, never by a burst):
 
 - ``ours: ENGINE (threads)``: the ENGINE ``django_asyncpool``, ``Model.objects.create()``
   then ``connections[alias].close()`` (what the end of a request does);
@@ -24,23 +26,29 @@ writers each, every writer inserting one row every ``--interval`` seconds:
   ``OPTIONS["pool"]`` (psycopg_pool, ``max_lifetime`` 3600 s by default), the same
   ORM work as ours.
 
-Scenarios, after ``--warmup`` seconds of load, then ``--window`` seconds of load:
+Our aliases keep the package's defaults but for the pool sizes (``--writers``) and
+``--reset-timeout`` when given (``--quick``: 5 s). Scenarios, after ``--warmup``
+seconds of load, then ``--window`` seconds of load:
 
 - ``demote``: the first server turns read-only (``ALTER SYSTEM SET
   default_transaction_read_only = on; SELECT pg_reload_conf()``), as a primary
-  demoted by Patroni or a switchover does: its sessions refuse writes with 25006;
+  demoted by Patroni or a switchover does: its sessions refuse writes with 25006.
+  t=0 is the server's clock as it signals its backends;
 - ``promote``: the second server is a streaming standby of the first
   (``pg_basebackup -R``); the first is stopped (``pg_ctl stop -m fast``), the
-  standby promoted (``pg_ctl promote``). Times count from the stop; the
-  promotion's own time is printed.
+  standby promoted (``pg_ctl promote``). t=0 is the stop; the promotion's time is
+  printed. The window is at least the breaker's ``reset_timeout`` + 8 s.
 
-Printed per client: writes and errors after the switch (by type, one message
-each), the time from the switch to the first successful write (on the second
-server: the first one refuses them all, see the next column) and to 100 % success
-(the end of the last failed write; "not recovered" when writes still fail in the
-last second of the window), the rows the first server took after the switch (bar:
-0), then a Markdown table (docs/performance.md, "Failover under load"). About
-40 s per scenario, 25 with ``--quick``.
+Printed per client and run: writes and errors after the switch (by type, one
+message each), the time from the switch to the second server's first row of the
+client (by the server's clock, which the client shares), to 100 % success (the end
+of the first successful write after the last failed one, and not before that
+first row; "not recovered" when writes still fail in the last second of the
+window), the longest write, the rows the first server took after the switch (bar:
+0; a write already on its way to an idle backend when the reload signal arrives
+still commits, a few ms after t=0); then a Markdown table of every run and a
+summary per client (docs/performance.md, "Failover under load"). About 2.5
+minutes with ``--repeat 2``, 35 s with ``--quick``.
 """
 
 from __future__ import annotations
