@@ -64,6 +64,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -298,7 +299,18 @@ async def run_tasks(job: Job, write: Callable[[], Awaitable[None]]) -> None:
 
 
 def client(job: Job, pipe: Connection) -> None:
-    """Run one client in this (forked) process; send its outcomes back."""
+    """Run one client in this (forked) process; send its outcomes back, or its traceback."""
+    try:
+        load(job)
+    except BaseException:
+        pipe.send(traceback.format_exc())
+    else:
+        pipe.send(job.outcomes)
+    pipe.close()
+
+
+def load(job: Job) -> None:
+    """Run ``job``'s writers on its client's path until ``job.end``."""
     from sqlalchemy import text
 
     if not job.log:
@@ -355,8 +367,6 @@ def client(job: Job, pipe: Connection) -> None:
                 await engine.dispose()
 
         asyncio.run(bare())
-    pipe.send(job.outcomes)
-    pipe.close()
 
 
 # -- one scenario ------------------------------------------------------------------------
@@ -457,8 +467,11 @@ def scenario_run(
             if not pipe.poll(max(end + 30 - time.time(), 1.0)):
                 proc.kill()
                 raise RuntimeError(f"{variant}: no result 30 s after the window")
-            results[variant] = figures(pipe.recv(), switch, end)
+            outcomes = pipe.recv()
             proc.join(5)
+            if isinstance(outcomes, str):
+                raise RuntimeError(f"{variant} failed:\n{outcomes}")
+            results[variant] = figures(outcomes, switch, end)
         on_first = rows_since(a, switch) if a.is_running() else None
         on_second = rows_since(b, since)
         for variant, f in results.items():
