@@ -84,6 +84,12 @@ SCENARIOS = ("demote", "promote")
 OURS = ("ours: ENGINE (threads)", "ours: session_scope()", "ours: async ORM")
 PEERS = ("SQLAlchemy", "SQLAlchemy pre_ping", "Django pool (threads)")
 VARIANTS = OURS + PEERS
+#: Whose recovery each of ours is compared with: the peers doing the same work.
+PAIRS = {
+    "ours: ENGINE (threads)": ("Django pool (threads)",),
+    "ours: session_scope()": ("SQLAlchemy", "SQLAlchemy pre_ping"),
+    "ours: async ORM": ("SQLAlchemy", "Django pool (threads)"),
+}
 #: What the peers wait for, printed beside their figures.
 RECYCLE = {
     "SQLAlchemy": "pool_recycle -1: never",
@@ -586,6 +592,30 @@ def summary(rows: list[tuple[str, dict[str, Figures], float]]) -> None:
         print(line + (f"; the breaker opened in {opened} of the runs" if opened else ""))
 
 
+def ratio(ours: Figures, peer: Figures, span: float) -> str:
+    """Return the peer's time to 100 % success over ours ("> x": the peer never got there)."""
+    mine = max(ours.recovered or 0.0, 0.01)  # the switch itself takes about 10 ms
+    if ours.recovered is None:
+        return "neither" if peer.recovered is None else f"< {peer.recovered / span:.2f}x"
+    if peer.recovered is None:
+        return f"> {span / mine:.0f}x"
+    return f"{peer.recovered / mine:.2f}x"
+
+
+def ratios(rows: list[tuple[str, dict[str, Figures], float]]) -> None:
+    """Print, per scenario and pair, the peer's time to 100 % success over ours, per run."""
+    print("\nPeer's time to 100 % success / ours, per run (> x: the peer not in the window):")
+    pairs: dict[tuple[str, str, str], list[str]] = collections.defaultdict(list)
+    for title, results, span in rows:
+        for ours, peers in PAIRS.items():
+            for peer in peers:
+                if ours in results and peer in results:
+                    key = (title.split(" #")[0], ours, peer)
+                    pairs[key].append(ratio(results[ours], results[peer], span))
+    for (scenario, ours, peer), values in pairs.items():
+        print(f"  {scenario:8s} {peer:22s} / {ours:24s} {', '.join(values)}")
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run")
@@ -635,6 +665,7 @@ def main(argv: list[str]) -> None:
         shutil.rmtree(home, ignore_errors=True)
     markdown(rows)
     summary(rows)
+    ratios(rows)
     print(f"\n{time.monotonic() - started:.0f}s in all")
 
 
