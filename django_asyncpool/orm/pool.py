@@ -48,7 +48,7 @@ from ..core.checkout import RETURNED, Leaks
 from ..core.guard import Guard
 from ..core.hangups import clear_hint, hung_up, maybe_closed, watch_hangups
 from ..core.liveness import DUE, GONE, LIVE, clock, verdict
-from ..core.loops import greenlet_sleep, run_at_loop_shutdown
+from ..core.loops import greenlet_sleep, on_loop, run_at_loop_shutdown
 from ..core.renewal import lifetime, rejected
 from ..core.waiters import TIMED_OUT, Slots
 from ..errors import PoolClosed, PoolTimeout, pool_timeout
@@ -268,6 +268,8 @@ class OrmPool:
         self.bypass = config.liveness_bypass
         self.password_source = config.password_source
         self.closed = False
+        #: clock() of the last drain: a connection opened before it is not used again.
+        self.drained_at = 0.0
         self.idle: deque[psycopg.AsyncConnection[Any]] = deque()
         #: Connections open or being opened, and the callers waiting for one: a share
         #: of the alias's one budget on this loop, with the SQLAlchemy engines'.
@@ -350,8 +352,10 @@ class OrmPool:
         except BaseException:
             self.slots.release()
             raise
-        setattr(conn, RETURNED, clock())  # new: no ping at its first checkout
-        conn._asyncpool_expires = clock() + lifetime(self.max_lifetime)  # type: ignore[attr-defined]
+        now = clock()
+        setattr(conn, RETURNED, now)  # new: no ping at its first checkout
+        conn._asyncpool_opened = now  # type: ignore[attr-defined]
+        conn._asyncpool_expires = now + lifetime(self.max_lifetime)  # type: ignore[attr-defined]
         watch_hangups(conn)  # type: ignore[arg-type]
         return conn
 
@@ -403,6 +407,7 @@ class OrmPool:
             self.closed
             or conn.pgconn.transaction_status != pq.TransactionStatus.IDLE
             or clock() >= getattr(conn, "_asyncpool_expires", 0.0)
+            or getattr(conn, "_asyncpool_opened", 0.0) <= self.drained_at
         ):
             conn.pgconn.finish()  # no I/O to wait for: the server sees the socket close
             self.slots.release()
@@ -423,6 +428,20 @@ class OrmPool:
         self.idle.popleft().pgconn.finish()
         self.slots.release()
         return True
+
+    def drain(self) -> None:
+        """Replace every connection: the idle ones are closed now, the others when they come back.
+
+        On the pool's loop; :meth:`stamp` (any thread) alone keeps those in use from
+        being used again. Replacements are opened on demand.
+        """
+        self.stamp()
+        while self._evict():
+            pass
+
+    def stamp(self) -> None:
+        """Mark every connection open now as due for replacement (from any thread)."""
+        self.drained_at = clock()
 
     async def close(self) -> None:
         """Close the idle connections and fail the waiters; others close when returned."""
@@ -628,4 +647,25 @@ def _drop(alias: str) -> None:
         _holders.pop(alias, None)
 
 
-_registry.register_kind("async_orm", snapshots=snapshots, reset=_drop, forget=_forget_in_child)
+def _drain(alias: str) -> int:
+    """Replace every connection of each loop's pool of ``alias``; return how many were reached."""
+    loops = _holders.get(alias)
+    reached = 0
+    for _ in range(3):  # another thread may add a loop meanwhile
+        try:
+            found = [(lp, h) for lp, h in list((loops or {}).items()) if not lp.is_closed()]
+            break
+        except RuntimeError:
+            continue
+    else:
+        found = []
+    for loop, held in found:
+        held.pool.stamp()
+        on_loop(loop, held.pool.drain)
+        reached += 1
+    return reached
+
+
+_registry.register_kind(
+    "async_orm", snapshots=snapshots, reset=_drop, forget=_forget_in_child, drain=_drain
+)
