@@ -60,6 +60,7 @@ __all__ = [
     "NativeWrapper",
     "OrmPool",
     "bind_twin",
+    "drain",
     "holder",
     "holders",
     "snapshots",
@@ -354,7 +355,7 @@ class OrmPool:
             raise
         now = clock()
         setattr(conn, RETURNED, now)  # new: no ping at its first checkout
-        conn._asyncpool_opened = now  # type: ignore[attr-defined]
+        conn._asyncpool_born = now  # type: ignore[attr-defined]
         conn._asyncpool_expires = now + lifetime(self.max_lifetime)  # type: ignore[attr-defined]
         watch_hangups(conn)  # type: ignore[arg-type]
         return conn
@@ -407,7 +408,7 @@ class OrmPool:
             self.closed
             or conn.pgconn.transaction_status != pq.TransactionStatus.IDLE
             or clock() >= getattr(conn, "_asyncpool_expires", 0.0)
-            or getattr(conn, "_asyncpool_opened", 0.0) <= self.drained_at
+            or getattr(conn, "_asyncpool_born", 0.0) < self.drained_at
         ):
             conn.pgconn.finish()  # no I/O to wait for: the server sees the socket close
             self.slots.release()
@@ -647,8 +648,11 @@ def _drop(alias: str) -> None:
         _holders.pop(alias, None)
 
 
-def _drain(alias: str) -> int:
-    """Replace every connection of each loop's pool of ``alias``; return how many were reached."""
+def drain(alias: str) -> int:
+    """Replace the connections of every loop's pool of ``alias`` (each on its own loop).
+
+    Return how many loops' pools were reached.
+    """
     loops = _holders.get(alias)
     reached = 0
     for _ in range(3):  # another thread may add a loop meanwhile
@@ -667,5 +671,5 @@ def _drain(alias: str) -> int:
 
 
 _registry.register_kind(
-    "async_orm", snapshots=snapshots, reset=_drop, forget=_forget_in_child, drain=_drain
+    "async_orm", snapshots=snapshots, reset=_drop, forget=_forget_in_child, drain=drain
 )
