@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
+from django.db import OperationalError
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 from django.db.utils import DatabaseErrorWrapper
@@ -177,7 +178,8 @@ class _ErrorWrapper(DatabaseErrorWrapper):
     They are Django OperationalErrors already, with what to do; the sync pool's
     SyncPoolTimeout and SyncPoolClosed, also psycopg errors, would be replaced by a
     bare OperationalError. A write refused as read-only (25006) replaces the pool's
-    connections first (:meth:`DatabaseWrapper.demoted`).
+    connections first (:meth:`DatabaseWrapper.demoted`) and is an OperationalError,
+    as on the async side: a demoted primary is an outage, not the caller's error.
     """
 
     wrapper: DatabaseWrapper  # set by Django's __init__
@@ -187,4 +189,7 @@ class _ErrorWrapper(DatabaseErrorWrapper):
             return
         if exc_value is not None and _sqlstate.classify(exc_value) == _sqlstate.READ_ONLY:
             self.wrapper.demoted()
+            # An outage, as on the async side: OperationalError (psycopg says InternalError).
+            self.wrapper.errors_occurred = True
+            raise OperationalError(*exc_value.args).with_traceback(traceback) from exc_value
         super().__exit__(exc_type, exc_value, traceback)

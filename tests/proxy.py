@@ -3,7 +3,10 @@
 ``cut()`` closes every open connection and refuses new ones (a crashed host
 answering RST); ``blackhole()`` keeps connections open but drops every byte
 both ways (a dead network path: callers hang until a timeout); ``delay(s)``
-adds latency to each chunk; ``restore()`` heals the link.
+adds latency to each chunk; ``doom()`` makes the connections open now fail at the
+client's next byte, new ones unharmed (a link a firewall dropped silently, a backend
+dying as it is used: nothing to see until a query is sent); ``restore()`` heals the
+link.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class TcpProxy:
         self.latency = 0.0
         self.connections = 0  # accepted so far
         self._writers: set[asyncio.StreamWriter] = set()
+        self._doomed: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
         ready = threading.Event()
@@ -55,10 +59,13 @@ class TcpProxy:
         )
         for w in (writer, up_writer):
             self._writers.discard(w)
+            self._doomed.discard(w)
             w.transport.abort()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):
+            if writer in self._doomed:
+                break  # the byte never arrives: both ends are reset
             if self.latency:
                 await asyncio.sleep(self.latency)
             if self.mode == "blackhole":
@@ -88,6 +95,10 @@ class TcpProxy:
                 w.transport.abort()
 
         self._call(do)
+
+    def doom(self) -> None:
+        """Reset each connection open now when its client next sends (both ends)."""
+        self._call(lambda: self._doomed.update(self._writers))
 
     def blackhole(self) -> None:
         """Keep connections open but deliver nothing, either way."""

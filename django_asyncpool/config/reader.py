@@ -341,6 +341,7 @@ def from_settings(
     _persistent(reader, conn, options)
     env_async = {name: (var, environ[var]) for var, name in ENV_ASYNC.items() if var in environ}
     port = _port(reader, conn)
+    _hosts(reader, conn, port, options.get("target_session_attrs"))
     sync_pool = sync_pool_options(reader, options.get("pool", True))
     async_pool = reader.section(AsyncPoolConfig, "async_pool", options.get("async_pool"), env_async)
     breaker = reader.section(BreakerConfig, "circuit_breaker", options.get("circuit_breaker"), {})
@@ -428,6 +429,34 @@ def _port(reader: Reader, conn: Mapping[str, Any]) -> Any:
         )
         port = None
     return port
+
+
+#: libpq's and asyncpg's values alike (libpq >= 14, asyncpg >= 0.25).
+SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+
+
+def _hosts(reader: Reader, conn: Mapping[str, Any], port: Any, attrs: Any) -> None:
+    """Check what every driver needs of several hosts: one port, or one per host; a known
+    ``target_session_attrs``. libpq and asyncpg would each refuse it in their own words."""
+    hosts = str(conn.get("HOST") or "").split(",")
+    ports = str(port).split(",") if port is not None else []
+    if len(ports) > 1 and len(ports) != len(hosts):
+        reader.problem(
+            rules.BAD_HOSTS,
+            "PORT",
+            f"PORT lists {len(ports)} ports for {len(hosts)} hosts in HOST: connecting is refused.",
+            "Give one PORT for every host, or one port per host in HOST's order "
+            "(HOST 'pg1,pg2', PORT '5432,5433').",
+        )
+    if attrs is not None and attrs not in SESSION_ATTRS:
+        reader.problem(
+            rules.BAD_HOSTS,
+            "OPTIONS['target_session_attrs']",
+            f"OPTIONS['target_session_attrs'] is {attrs!r}, which no driver knows: "
+            "connecting is refused.",
+            f"Use one of {', '.join(map(repr, SESSION_ATTRS))} ('read-write' follows the "
+            "primary after a failover).",
+        )
 
 
 def _flag(reader: Reader, options: Mapping[str, Any], key: str) -> Any:

@@ -43,6 +43,7 @@ BAD_URL = "dbpool.E006"
 PERSISTENT = "dbpool.E007"
 DELAYS = "dbpool.E008"
 BAD_PASSWORD_SOURCE = "dbpool.E009"
+BAD_HOSTS = "dbpool.E010"
 PGBOUNCER = "dbpool.E020"
 BAD_STORAGE = "dbpool.E030"
 NO_REDIS = "dbpool.E031"
@@ -65,6 +66,10 @@ PROBLEMS: dict[str, Rule] = {
     DELAYS: Rule("retry base_delay larger than max_delay"),
     BAD_PASSWORD_SOURCE: Rule(
         "OPTIONS['password'] names no callable: connecting is refused", default_used=False
+    ),
+    BAD_HOSTS: Rule(
+        "HOST, PORT or target_session_attrs no driver can use: connecting is refused",
+        default_used=False,
     ),
     PGBOUNCER: Rule("a setting PgBouncer's transaction pooling loses: refused", False),
     BAD_STORAGE: Rule("circuit_breaker storage is not a redis:// URL"),
@@ -102,11 +107,12 @@ def refuse_unusable(config: AliasConfig) -> None:
     """Raise ImproperlyConfigured before connecting with a configuration that cannot work.
 
     That is a DATABASE_URL that cannot be used (E006), an ``OPTIONS["password"]``
-    that names no callable (E009), or settings PgBouncer's
+    that names no callable (E009), hosts, ports or ``target_session_attrs`` the
+    drivers cannot use (E010), or settings PgBouncer's
     transaction pooling cannot carry (E020).
     """
     for problem in config.problems:
-        if problem.id in (BAD_URL, BAD_PASSWORD_SOURCE):
+        if problem.id in (BAD_URL, BAD_PASSWORD_SOURCE, BAD_HOSTS):
             raise ImproperlyConfigured(
                 f"Database {config.alias!r}: {problem.message} {problem.hint}"
             )

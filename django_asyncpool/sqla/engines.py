@@ -6,7 +6,7 @@ The async half of the pool, as :mod:`..sync.pool` is the sync half. It owns:
   first used), each on a :class:`~.fairpool.GuardedPool`, disposed while the
   loop shuts down (asyncpg connections belong to the loop that opened them);
 * :class:`_Listeners`: what the pool does at connect, checkout (the liveness
-  rules of :mod:`..core.liveness`), error and check-in;
+  rules of :mod:`..core.liveness`), a session's first round trip, error and check-in;
 * :func:`connect_kwargs`, the asyncpg arguments of an alias, and the "connection
   lost" test and error (:func:`is_lost`, :func:`lost_error`).
 
@@ -199,6 +199,8 @@ class _Listeners:
         event.listen(target, "connect", self.connect)
         event.listen(target, "checkout", self.checkout)
         event.listen(target, "handle_error", self.handle_error)
+        if not self.readonly:
+            event.listen(target, "begin", self.begin)
 
     def connect(self, dbapi_connection: Any, record: Any) -> None:
         self.stats.created += 1
@@ -250,6 +252,39 @@ class _Listeners:
             stats.reused += 1
         if self.metered:
             info[TAKEN] = now
+
+    def begin(self, conn: Any) -> None:
+        """Send a transaction's BEGIN now, replacing a connection found dead by it.
+
+        The liveness check cannot see a backend that is dying right now (terminated,
+        its goodbye not yet sent) or a link a firewall dropped silently: the BEGIN,
+        the first round trip, is what finds them. Sent here (SQLAlchemy's "begin"
+        event, as the asyncpg adapter's cursor would with the first statement: its
+        ``_start_transaction``), nothing has run on the connection yet, so another is
+        taken once and the caller never sees it. A transaction with its own isolation
+        level, read-only or deferrable flag is left to the first statement, as is any
+        other failure; a cancelled BEGIN throws the connection away.
+        """
+        for retry in (True, False):
+            adapter = conn.connection.dbapi_connection
+            if (
+                adapter._transaction is not None
+                or adapter.isolation_level is not None
+                or adapter.readonly
+                or adapter.deferrable
+            ):
+                return
+            try:
+                await_(adapter._start_transaction())
+                return
+            except Exception as exc:
+                if not (retry and (is_lost(exc) or is_lost(exc.__cause__ or exc))):
+                    return
+                self.stats.invalidated += 1
+                conn.invalidate(exc)  # the next conn.connection checks out another
+            except BaseException:
+                conn.invalidate()  # cancelled mid-BEGIN: out of step, never reused
+                raise
 
     def handle_error(self, context: Any) -> Exception | None:
         # The server's goodbye (shutdown, pg_terminate_backend) arrives as an error

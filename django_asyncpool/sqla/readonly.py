@@ -11,6 +11,7 @@ read-only tests fail if one moves.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,7 @@ class ReadOnlySession(AsyncSession):
         # in the engine's BEGIN READ ONLY transaction.
         self._fast = fast and not engine.echo
         self._lease: ConnectionLease | None = None
+        self._untried = False  # the lease is new: nothing has run on it yet
 
     def _plan(self, statement: Any, params: Any) -> tuple[str, list[Any]] | None:
         if not self._fast or type(statement) is not TextClause:
@@ -93,33 +95,47 @@ class ReadOnlySession(AsyncSession):
             )
             return result
         sql, args = plan
-        if self._lease is None:
-            lease = ConnectionLease(self._asyncpool, self._readonly_engine)
-            await lease.__aenter__()
-            self._lease = lease
-        raw: Any = self._lease.raw
-        try:
-            rows = await raw.fetch(sql, *args)  # asyncpg's statement cache: no extra trip
-            if rows:
-                keys = list(rows[0].keys())
-            else:  # the column names still matter (report headers)
-                keys = [attr.name for attr in (await raw.prepare(sql)).get_attributes()]
-        except Exception as exc:
-            if self._lease.lost(exc):
-                raise self._lease.lost_error(exc, sql, args) from exc
-            if isinstance(exc, asyncpg.PostgresError):
-                raise self._lease.dbapi_error(exc, sql, args) from None
-            raise
-        return IteratorResult(SimpleResultMetaData(keys), iter(rows))
+        lease = self._lease or await self._take()
+        # Nothing has run on a new lease: if its first statement finds the connection
+        # dead (a backend dying right now, a link dropped silently: what the liveness
+        # check cannot see), the statement, read-only, runs once more on another.
+        retry, self._untried = self._untried, False
+        while True:
+            raw: Any = lease.raw
+            try:
+                rows = await raw.fetch(sql, *args)  # asyncpg's statement cache: no extra trip
+                if rows:
+                    keys = list(rows[0].keys())
+                else:  # the column names still matter (report headers)
+                    keys = [attr.name for attr in (await raw.prepare(sql)).get_attributes()]
+            except Exception as exc:
+                if lease.lost(exc):
+                    if retry:
+                        retry = False
+                        self._lease = None
+                        with contextlib.suppress(Exception):
+                            await lease.__aexit__(type(exc), exc, None)  # thrown away
+                        lease = await self._take()
+                        self._untried = False
+                        continue
+                    raise lease.lost_error(exc, sql, args) from exc
+                if isinstance(exc, asyncpg.PostgresError):
+                    raise lease.dbapi_error(exc, sql, args) from None
+                raise
+            return IteratorResult(SimpleResultMetaData(keys), iter(rows))
+
+    async def _take(self) -> ConnectionLease:
+        lease = ConnectionLease(self._asyncpool, self._readonly_engine)
+        await lease.__aenter__()
+        self._lease, self._untried = lease, True
+        return lease
 
     async def checkout(self) -> None:
         """Check a connection out now rather than at the first statement (failover does)."""
         if not self._fast:
             await self.connection()
         elif self._lease is None:
-            lease = ConnectionLease(self._asyncpool, self._readonly_engine)
-            await lease.__aenter__()
-            self._lease = lease
+            await self._take()
 
     async def scalar(self, statement: Any, params: Any = None, **kw: Any) -> Any:
         return (await self.execute(statement, params, **kw)).scalar()

@@ -23,6 +23,7 @@ from django_asyncpool.config import (
     InvalidURL,
     from_settings,
     parse_url,
+    refuse_unusable,
 )
 from django_asyncpool.sqla.engines import connect_kwargs
 from testproject import pgserver
@@ -370,6 +371,41 @@ def test_every_problem_id_is_in_the_one_table() -> None:
     ids = [i for i in ids if i.startswith("dbpool.")]
     assert sorted(ids) == sorted(rules.PROBLEMS)
     assert {
-        "dbpool.E004", "dbpool.E006", "dbpool.E009", "dbpool.E020",
+        "dbpool.E004", "dbpool.E006", "dbpool.E009", "dbpool.E010", "dbpool.E020",
         "dbpool.E041", "dbpool.E042", "dbpool.E043",
     } == rules.NO_DEFAULT  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "attrs", "where"),
+    [
+        ("pg1,pg2,pg3", "5432,5433", None, "PORT lists 2 ports for 3 hosts"),
+        ("pg1,pg2", "5432", "master", "'master', which no driver knows"),
+    ],
+)
+def test_hosts_and_session_attrs_no_driver_can_use_are_refused(
+    host: str, port: str, attrs: str | None, where: str
+) -> None:
+    options = {} if attrs is None else {"target_session_attrs": attrs}
+    config = from_settings(
+        "x", {"ENGINE": "django_asyncpool", "HOST": host, "PORT": port, "OPTIONS": options}
+    )
+    assert [p.id for p in config.problems] == ["dbpool.E010"]
+    with pytest.raises(ImproperlyConfigured, match=where):
+        refuse_unusable(config)
+
+
+@pytest.mark.parametrize("attrs", ["any", "read-write", "read-only", "primary", "standby"])
+def test_several_hosts_with_one_port_or_one_each_are_fine(attrs: str) -> None:
+    for port in ("5432", "5432,5433"):
+        config = from_settings(
+            "x",
+            {
+                "ENGINE": "django_asyncpool",
+                "HOST": "pg1,pg2",
+                "PORT": port,
+                "OPTIONS": {"target_session_attrs": attrs},
+            },
+        )
+        assert config.problems == ()
+        assert config.params["target_session_attrs"] == attrs

@@ -352,6 +352,9 @@ async def test_a_query_cut_under_session_scope_raises_connection_lost(
     seen: list[BaseException] = []
     with pytest.raises(ConnectionLost) as info:
         async with session_scope(alias, readonly=readonly) as session:
+            # Not the scope's first statement: a read-only one would be run again
+            # (tests/sqla/test_engines.py), as a session's BEGIN is.
+            await session.execute(text("select 1"))
             killer = asyncio.create_task(kill_sleeper(pg, marker))
             try:
                 await session.execute(text(f"select pg_sleep(10) -- {marker}"))
