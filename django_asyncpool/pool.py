@@ -196,7 +196,6 @@ class ConnectionPool:
         SQLAlchemy engines: :func:`drain` replaces every pool of the alias. Return how
         many loops' engines were reached.
         """
-        self._last = None
         states = _alive(self._loops)
         for loop, state in states:
             state.drain(loop)

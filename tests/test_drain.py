@@ -14,6 +14,7 @@ import copy
 import io
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -194,6 +195,29 @@ def test_a_connection_in_use_finishes_its_transaction_and_is_replaced_when_back(
         assert again == first  # the same backend until the end of the transaction
         assert gone, "the drained connection was kept after it came back"
         assert runner.run(async_pid(kind, alias)) != first
+
+
+def test_a_loop_running_in_another_thread_closes_its_idle_connections_at_once(
+    drained: str, pg: Any
+) -> None:
+    # uvicorn's case: the loop runs for good in its own thread; drain() comes from another.
+    alias = drained
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        before = asyncio.run_coroutine_threadsafe(two_of_each(alias), loop).result(10)
+        assert before <= server_pids(pg)
+        drain(alias)
+        assert wait_until(lambda: not (server_pids(pg) & before), timeout=2)
+        for kind in KINDS[1:]:
+            pid = asyncio.run_coroutine_threadsafe(async_pid(kind, alias), loop).result(10)
+            assert pid not in before, kind
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.run_until_complete(loop.shutdown_asyncgens())  # the pools close with the loop
+        loop.close()
 
 
 def _count_rows(alias: str) -> int:
