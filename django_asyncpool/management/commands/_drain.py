@@ -67,7 +67,7 @@ def drain(alias: str) -> dict[str, Any]:
 def render(report: dict[str, Any]) -> str:
     """Return what the command says about one drain."""
     alias, refresh = report["alias"], report["refresh"]
-    head = f"Drain of database {alias!r} ({report['target']}):"
+    head = f"Drain of database {report['target']}:"  # 'alias' (user@host:port/name)
     if report["shared"]:
         n = len(report["processes"])
         lines = [
