@@ -88,18 +88,25 @@ def render(report: dict[str, Any]) -> str:
             f"Redis at {report['where']} cannot be used ({report['error']}): the drain could "
             "not be asked for there."
         )
+        what = (
+            "run dbpool_check --drain again once Redis answers (every process drains when it "
+            "reads the higher number), or restart them."
+        )
     else:
         why = (
             "the breaker state is not shared (OPTIONS['circuit_breaker']['storage'] is not "
             "set), so there is no channel to them."
         )
+        what = (
+            f"restart them (a rolling restart of the servers and workers), or call "
+            f"django_asyncpool.drain({alias!r}) in each, or set "
+            "OPTIONS['circuit_breaker']['storage'] = 'redis://...' so that dbpool_check "
+            "--drain reaches every process."
+        )
     return "\n".join(
         [
             f"{head} only this process's connections were replaced.",
             f"  OTHER PROCESSES CANNOT BE REACHED: {why}",
-            "  To replace their connections: restart them (a rolling restart of the servers "
-            "and workers), or call django_asyncpool.drain("
-            f"{alias!r}) in each, or set OPTIONS['circuit_breaker']['storage'] = "
-            "'redis://...' so that dbpool_check --drain reaches every process.",
+            f"  To replace their connections: {what}",
         ]
     )
