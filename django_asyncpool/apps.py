@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
-import psycopg_pool
 from django.apps import AppConfig
 
 from . import config as _config
 from .core import registry as _registry
-from .errors import unreachable
+from .core import sqlstate as _sqlstate
+from .errors import ConfigurationFault, unreachable
 
 logger = logging.getLogger("django_asyncpool")
 
@@ -78,14 +79,28 @@ def warm_up(conf: _config.AliasConfig) -> None:
     if pool is None:  # OPTIONS["pool"] = False: one connection proves the server is there
         try:
             wrapper.ensure_connection()
+        except ConfigurationFault:
+            raise  # the server's own words: not "could not be reached"
         except Exception as exc:
             raise unreachable(conf, timeout, exc) from exc
         wrapper.close()
         return
-    try:
-        pool.open(wait=True, timeout=timeout)
-    except psycopg_pool.PoolTimeout as exc:
-        DatabaseWrapper._connection_pools.pop(conf.alias, None)
-        pool.close(timeout=0)
-        raise unreachable(conf, timeout, pool.last_connect_error or exc) from exc
+    pool.open(wait=False)
+    deadline = time.monotonic() + timeout
+    # Polled (psycopg_pool's wait() would close the pool at its timeout): a configuration
+    # fault (a wrong password, an unknown database) stops the warm-up at once, in the
+    # server's words, as a retry cannot fix it.
+    while pool.get_stats().get("pool_available", 0) < pool.min_size:
+        failed = pool.last_connect_error
+        fault = isinstance(failed, Exception) and (
+            _sqlstate.classify(failed, connecting=True) == _sqlstate.CONFIG
+        )
+        if fault or time.monotonic() >= deadline:
+            DatabaseWrapper._connection_pools.pop(conf.alias, None)
+            pool.close(timeout=0)
+            if isinstance(failed, Exception) and fault:
+                raise _registry.guard(conf.alias).fault(failed) from failed
+            error = failed or TimeoutError(f"no connection within {timeout:g}s")
+            raise unreachable(conf, timeout, error) from failed
+        time.sleep(0.02)
     logger.info("Database %s: pool opened at startup (warm-up).", conf.describe())

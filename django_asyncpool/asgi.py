@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from . import config as _config
-from .errors import PoolError, unreachable
+from .errors import ConfigurationFault, PoolError, unreachable
 
 __all__ = ["PoolLifespan", "close_all", "get_asgi_application", "warm_up_async"]
 
@@ -53,6 +53,8 @@ async def warm_up_async() -> None:
             async with asyncio.timeout(conf.warmup):
                 async with ConnectionPool(alias).connection(failover=False) as conn:
                     await conn.execute("select 1")
+        except ConfigurationFault:
+            raise  # the server's own words: not "could not be reached"
         except (TimeoutError, OSError, PoolError) as exc:
             # As the sync warm-up fails (apps.py): one error type, one message.
             raise unreachable(conf, conf.warmup, exc) from exc

@@ -6,11 +6,15 @@ own database errors keep catching them::
     django.db.OperationalError
      └── PoolError
           ├── CircuitOpenError        the breaker is open: failing fast
+          │    └── AsyncCircuitOpenError (async side; also SQLAlchemy's OperationalError)
           ├── ConnectionLost          the connection died during a query
           │    └── AsyncConnectionLost   (async side; also SQLAlchemy's OperationalError)
           ├── DatabaseUnavailable     could not connect (after retries)
-          │    └── ConfigurationFault    the server refused the alias's settings (not retried)
+          │    ├── ConfigurationFault    the server refused the alias's settings (not retried)
+          │    │    └── AsyncConfigurationFault  (async side; also SQLAlchemy's ...)
+          │    └── AsyncDatabaseUnavailable  (async side; also SQLAlchemy's OperationalError)
           ├── PoolTimeout             no connection free within the timeout
+          │    ├── AsyncPoolTimeout      (async side; also SQLAlchemy's TimeoutError)
           │    └── SyncPoolTimeout       (sync side; also psycopg_pool's PoolTimeout)
           ├── PoolClosed              the pool was closed
           │    └── SyncPoolClosed        (sync side; also psycopg_pool's PoolClosed)
@@ -34,7 +38,11 @@ if TYPE_CHECKING:
     from .config import AliasConfig
 
 __all__ = [
+    "AsyncCircuitOpenError",
+    "AsyncConfigurationFault",
     "AsyncConnectionLost",
+    "AsyncDatabaseUnavailable",
+    "AsyncPoolTimeout",
     "CircuitOpenError",
     "ConfigurationFault",
     "ConnectionLost",
@@ -45,6 +53,7 @@ __all__ = [
     "ReadOnlyError",
     "SyncPoolClosed",
     "SyncPoolTimeout",
+    "for_async",
     "pool_timeout",
     "redact",
     "unreachable",
@@ -150,6 +159,82 @@ class SyncPoolTimeout(PoolTimeout, psycopg_pool.PoolTimeout):
 
 class SyncPoolClosed(PoolClosed, psycopg_pool.PoolClosed):
     """The sync pool's PoolClosed; also psycopg_pool's, as Django's own backend raises."""
+
+
+class _Twin(Exception):
+    """An error of the async side, also SQLAlchemy's class of the same kind.
+
+    Made by :func:`for_async` from the one the pools' shared guard raised, so code
+    written for SQLAlchemy's errors (``except sqlalchemy.exc.OperationalError``, or
+    ``TimeoutError`` for a pool timeout) catches them too. As SQLAlchemy's own
+    connect errors, they carry no statement; ``orig`` is the driver's error, if any.
+    """
+
+    args: tuple[Any, ...]
+    # SQLAlchemy's StatementError has statement, params and orig (None) as class attributes.
+    connection_invalidated = False
+    hide_parameters = False
+    ismulti: bool | None = None
+
+    def __init__(self, message: str) -> None:
+        # Reached from PoolError's __init__ through the MRO: not SQLAlchemy's, which
+        # wants a statement.
+        Exception.__init__(self, message)
+        self.detail: list[str] = []
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # ours, not SQLAlchemy's "(orig) ... [SQL: ...]"
+
+    def __reduce__(self) -> Any:
+        return _rebuild_twin, (type(self), self.args, dict(vars(self)))
+
+
+def _rebuild_twin(cls: type[_Twin], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    twin = Exception.__new__(cls)
+    twin.args = args
+    vars(twin).update(state)
+    return twin
+
+
+class AsyncCircuitOpenError(CircuitOpenError, _Twin, sqlalchemy.exc.OperationalError):
+    """The async side's CircuitOpenError; also SQLAlchemy's ``OperationalError``."""
+
+
+class AsyncDatabaseUnavailable(DatabaseUnavailable, _Twin, sqlalchemy.exc.OperationalError):
+    """The async side's DatabaseUnavailable; also SQLAlchemy's ``OperationalError``."""
+
+
+class AsyncConfigurationFault(ConfigurationFault, _Twin, sqlalchemy.exc.OperationalError):
+    """The async side's ConfigurationFault; also SQLAlchemy's ``OperationalError``."""
+
+
+class AsyncPoolTimeout(PoolTimeout, _Twin, sqlalchemy.exc.TimeoutError):
+    """The async side's PoolTimeout; also SQLAlchemy's ``TimeoutError``, as its pools raise."""
+
+
+_TWINS: dict[type[PoolError], type[PoolError]] = {
+    CircuitOpenError: AsyncCircuitOpenError,
+    DatabaseUnavailable: AsyncDatabaseUnavailable,
+    ConfigurationFault: AsyncConfigurationFault,
+    PoolTimeout: AsyncPoolTimeout,
+}
+
+
+def for_async(exc: PoolError) -> PoolError:
+    """Return ``exc`` as the async side raises it: also SQLAlchemy's class (``exc`` if none)."""
+    cls = _TWINS.get(type(exc))
+    if cls is None:
+        return exc
+    twin = Exception.__new__(cls)
+    twin.args = exc.args
+    vars(twin).update(vars(exc))
+    cause = exc.__cause__
+    if isinstance(cause, Exception) and not isinstance(cause, PoolError):
+        twin.orig = cause  # type: ignore[attr-defined]
+    twin.detail = []  # type: ignore[attr-defined]
+    twin.__cause__ = cause
+    twin.__traceback__ = exc.__traceback__
+    return twin
 
 
 def redact(text: str, password: str) -> str:

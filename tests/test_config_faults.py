@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import sqlalchemy.exc
 from django.core.management import CommandError, call_command
 from django.db import IntegrityError, OperationalError, connections
 from sqlalchemy import text
@@ -115,6 +116,8 @@ def test_a_configuration_fault_is_said_at_once_never_retried_nor_counted(
         assert isinstance(err, DatabaseUnavailable)  # what handlers of outages catch
         assert words in str(err) and err.reason == words and err.sqlstate == code
         assert "not retried" in str(err)
+        if side == "async":  # also SQLAlchemy's, as its own connect errors are
+            assert isinstance(err, sqlalchemy.exc.OperationalError), repr(err)
         for shown in (str(err), repr(err), str(err.__cause__)):
             assert WRONG not in shown and PASSWORD not in shown
     logged = [r for r in caplog.records if words in r.getMessage()]
@@ -162,6 +165,7 @@ def test_an_open_breaker_names_the_last_cause(make_alias, db_access, server_down
         with pytest.raises(CircuitOpenError) as info:
             call("async", alias, runner)
     assert _registry.guard(alias).state == "open"
+    assert isinstance(info.value, sqlalchemy.exc.OperationalError)  # the async side's
     assert "The last one: " in str(info.value)
     last = str(info.value).split("The last one: ", 1)[1]
     assert "Connect call failed" in last or "refused" in last.lower() or "No such file" in last

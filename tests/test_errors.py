@@ -32,7 +32,7 @@ CLASSES = [
 
 
 def test_every_error_is_a_django_operational_error() -> None:
-    assert len(CLASSES) == 11
+    assert len(CLASSES) == 15
     for cls in CLASSES:
         assert issubclass(cls, OperationalError), cls
         assert issubclass(cls, PoolError), cls
@@ -81,6 +81,40 @@ def test_async_connection_lost_is_also_sqlalchemys() -> None:
     assert error.statement == "select 1"
     assert error.alias == "replica"
     assert str(error) == "lost it"  # not SQLAlchemy's "(orig) ... [SQL: ...]"
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (CircuitOpenError("open", alias="r", retry_after=4.5), sqlalchemy.exc.OperationalError),
+        (DatabaseUnavailable("down", alias="replica"), sqlalchemy.exc.OperationalError),
+        (
+            ConfigurationFault("refused", alias="replica", sqlstate="28P01", reason="bad"),
+            sqlalchemy.exc.OperationalError,
+        ),
+        (PoolTimeout("busy", alias="replica"), sqlalchemy.exc.TimeoutError),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, Exception) else "",
+)
+def test_the_async_side_raises_each_also_as_sqlalchemys(
+    ours: PoolError, theirs: type[Exception]
+) -> None:
+    orig = ConnectionRefusedError("refused")
+    try:
+        raise ours from orig
+    except PoolError as exc:
+        twin = errors.for_async(exc)
+    assert isinstance(twin, type(ours)) and isinstance(twin, theirs)
+    assert vars(ours).items() <= vars(twin).items()  # alias, retry_after, sqlstate ...
+    assert str(twin) == str(ours) and twin.args == ours.args
+    assert twin.__cause__ is orig
+    if isinstance(twin, sqlalchemy.exc.DBAPIError):
+        assert twin.orig is orig and twin.statement is None
+        assert not twin.connection_invalidated
+    copy = pickle.loads(pickle.dumps(twin))
+    assert type(copy) is type(twin) and str(copy) == str(twin)
+    assert errors.for_async(twin) is twin  # already the async side's
+    assert errors.for_async(AsyncConnectionLost("x", orig=orig)) is not None
 
 
 def test_redact_replaces_the_password_everywhere() -> None:
@@ -147,9 +181,9 @@ def test_every_error_survives_pickling(cls: type[PoolError]) -> None:
         error: PoolError = cls(
             "lost", alias="replica", statement="select %s", params=(1,), orig=ValueError("x")
         )
-    elif cls is CircuitOpenError:
+    elif issubclass(cls, CircuitOpenError):
         error = cls("open", alias="replica", retry_after=4.5)
-    elif cls is ConfigurationFault:
+    elif issubclass(cls, ConfigurationFault):
         error = cls("refused", alias="replica", sqlstate="28P01", reason="password failed")
     else:
         error = cls("failed", alias="replica")

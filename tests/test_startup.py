@@ -16,7 +16,7 @@ import uvicorn
 from django.apps import apps
 from django.core.asgi import get_asgi_application
 
-from django_asyncpool import DatabaseUnavailable
+from django_asyncpool import ConfigurationFault, DatabaseUnavailable
 from django_asyncpool.asgi import PoolLifespan, warm_up_async
 from django_asyncpool.base import DatabaseWrapper
 from testproject.pgserver import PASSWORD, LocalPostgres
@@ -89,6 +89,25 @@ def test_async_warmup_fails_as_the_sync_one(make_alias: Callable[..., str]) -> N
     message = str(info.value)
     assert f"'{name}'" in message and "OPTIONS['warmup'] = 1s" in message
     assert PASSWORD not in message
+
+
+@pytest.mark.parametrize("side", ["sync", "async"])
+def test_a_warmup_refused_by_the_server_stops_at_once_in_its_words(
+    make_alias: Callable[..., str], side: str
+) -> None:
+    # An unknown database: a retry cannot fix it, so the warm-up does not wait its 10 s.
+    name = make_alias(NAME="no_such_db", OPTIONS={"warmup": 10})
+    started = time.monotonic()
+    with pytest.raises(ConfigurationFault) as info:
+        if side == "sync":
+            apps.get_app_config("django_asyncpool").ready()
+        else:
+            asyncio.run(warm_up_async())
+    assert time.monotonic() - started < 3
+    assert 'database "no_such_db" does not exist' in str(info.value)
+    assert info.value.sqlstate == "3D000" and info.value.alias == name
+    assert PASSWORD not in str(info.value)
+    assert name not in DatabaseWrapper._connection_pools  # nothing half-open left behind
 
 
 class Server:

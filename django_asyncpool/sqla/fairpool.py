@@ -25,7 +25,7 @@ from ..core.liveness import clock
 from ..core.loops import greenlet_sleep
 from ..core.stats import Stats, describe, snapshot
 from ..core.waiters import TIMED_OUT, Budget, Slots
-from ..errors import PoolTimeout, pool_timeout
+from ..errors import PoolError, PoolTimeout, for_async, pool_timeout
 
 __all__ = ["GuardedPool"]
 
@@ -116,6 +116,9 @@ class GuardedPool(Pool):
         started = time.perf_counter()
         try:
             fairy = super().connect()
+        except PoolError as exc:
+            stats.failed(exc)
+            raise for_async(exc) from exc.__cause__
         except BaseException as exc:
             stats.failed(exc)
             raise

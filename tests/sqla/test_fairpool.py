@@ -262,8 +262,9 @@ async def test_a_timed_out_waiter_leaves_the_queue(make_alias, db_access) -> Non
         make_alias(OPTIONS={"async_pool": {"pool_size": 1, "max_overflow": 0, "timeout": 0.2}})
     )
     async with pool.connection():
-        with pytest.raises(PoolTimeout, match=r"size 1/1, in use 1, idle 0, waiting 1"):
+        with pytest.raises(PoolTimeout, match=r"size 1/1, in use 1, idle 0, waiting 1") as info:
             await select_one(pool)
+        assert isinstance(info.value, sqlalchemy.exc.TimeoutError)  # as SQLAlchemy's pool
         late = asyncio.create_task(select_one(pool))
         await until(lambda: pool.stats.waiting == 1)
     assert await late == 1  # handed the connection, not the timed-out waiter
