@@ -115,6 +115,8 @@ def main() -> None:
         try:
             loop.run_until_complete(checkout())
             error = None
+        except CircuitOpenError:
+            error = CircuitOpenError.__name__  # the async side's is a subclass of it
         except Exception as exc:
             error = type(exc).__name__
         return {"ok": error is None, "error": error, "ms": (time.perf_counter() - started) * 1e3}

@@ -4,8 +4,9 @@
 session refuse writes with SQLSTATE 25006, as a primary demoted by a failover does.
 The first refused write replaces the pool's connections (counted in
 ``db_pool_demotions_total``, logged once); the idle ones the pool had before are
-gone from the server. The error is Django's OperationalError on both sides (on the
-async side also SQLAlchemy's).
+gone from the server. The same on the sync pool, ``session_scope()`` and the native
+async ORM (``OPTIONS["async_orm"]``). The error is Django's OperationalError on every
+side (on the async side also SQLAlchemy's).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,8 @@ from sqlalchemy import text
 
 from django_asyncpool import session_scope
 from django_asyncpool.core import registry as _registry
+from django_asyncpool.orm import native as _asyncorm
+from django_asyncpool.orm import pool as _ormpool
 from testproject.pgserver import LocalPostgres
 
 from .conftest import wait_until
@@ -71,6 +75,9 @@ def write(side: str, alias: str, runner: asyncio.Runner) -> None:
         finally:
             wrapper.close()
         return
+    if side == "async_orm":
+        runner.run(_insert_native(alias))
+        return
 
     async def scope() -> None:
         async with session_scope(using=alias) as session:
@@ -83,6 +90,9 @@ def warm(side: str, alias: str, runner: asyncio.Runner) -> None:
     """Open two connections in the pool (they stay idle)."""
     if side == "sync":
         return  # min_size 2
+    if side == "async_orm":
+        runner.run(_warm_native(alias))
+        return
 
     async def two() -> None:
         async with session_scope(using=alias) as one, session_scope(using=alias) as other:
@@ -92,7 +102,7 @@ def warm(side: str, alias: str, runner: asyncio.Runner) -> None:
     runner.run(two())
 
 
-@pytest.mark.parametrize("side", ["sync", "async"])
+@pytest.mark.parametrize("side", ["sync", "async", "async_orm"])
 def test_a_demoted_primary_replaces_the_pools_connections_once(
     make_alias, db_access, server: LocalPostgres, caplog, side
 ) -> None:
@@ -105,6 +115,7 @@ def test_a_demoted_primary_replaces_the_pools_connections_once(
             "pool": {"min_size": 2, "max_size": 4, "timeout": 5},
             "async_pool": {"pool_size": 4, "max_overflow": 0, "timeout": 5},
             "application_name": APP,
+            "async_orm": side == "async_orm",
         },
     )
     stats = _registry.stats(alias, side)
@@ -140,3 +151,72 @@ def test_a_demoted_primary_replaces_the_pools_connections_once(
         assert isinstance(err, django.db.OperationalError), repr(err)
         if side == "async":
             assert isinstance(err, sqlalchemy.exc.DBAPIError), repr(err)
+
+
+def test_a_demoted_primary_replaces_the_native_orm_connections_of_every_loop(
+    make_alias, db_access, server: LocalPostgres
+) -> None:
+    # Each event loop has its own native ORM pool: a 25006 met on one loop replaces
+    # the other loops' connections too (on their own loop).
+    alias = make_alias(
+        NAME="postgres",
+        HOST=server.host,
+        PORT=server.port,
+        PASSWORD=server.password,
+        OPTIONS={
+            "async_pool": {"pool_size": 4, "max_overflow": 0, "timeout": 5},
+            "application_name": APP,
+            "async_orm": True,
+        },
+    )
+    stats = _registry.stats(alias, "async_orm")
+    other = asyncio.new_event_loop()
+    thread = threading.Thread(target=other.run_forever, daemon=True)
+    thread.start()
+    try:
+        with asyncio.Runner() as runner:
+            warm("async_orm", alias, runner)
+            warm_there = asyncio.run_coroutine_threadsafe(_warm_native(alias), other)
+            warm_there.result(timeout=10)
+            assert wait_until(lambda: len(pids(server)) >= 4)
+            before = pids(server)
+            demotions = stats.demotions
+            read_only(server, True)
+            try:
+                with pytest.raises(django.db.Error, match="read-only transaction"):
+                    write("async_orm", alias, runner)
+                # The other loop's idle connections are gone too, though it ran nothing.
+                assert wait_until(lambda: not (pids(server) & before), timeout=5), (
+                    before,
+                    pids(server),
+                )
+            finally:
+                read_only(server, False)
+            assert stats.demotions == demotions + 1
+            write("async_orm", alias, runner)
+            asyncio.run_coroutine_threadsafe(_insert_native(alias), other).result(timeout=10)
+    finally:
+        asyncio.run_coroutine_threadsafe(_close_native(alias), other).result(timeout=10)
+        other.call_soon_threadsafe(other.stop)
+        thread.join(10)
+        other.close()
+
+
+async def _warm_native(alias: str) -> None:
+    def hold() -> None:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("select pg_sleep(0.1)")
+
+    await asyncio.gather(_asyncorm.run(alias, hold), _asyncorm.run(alias, hold))
+
+
+async def _insert_native(alias: str) -> None:
+    def insert() -> None:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("insert into note values (1)")
+
+    await _asyncorm.run(alias, insert)
+
+
+async def _close_native(alias: str) -> None:
+    await _ormpool.holder(alias).pool.close()

@@ -116,10 +116,21 @@ class AliasConfig:
         if any(problem.id == "dbpool.E006" for problem in self.problems):
             # Nothing of the URL is used: the fields below would name no real server.
             return f"{self.alias!r} (DATABASE_URL cannot be used, dbpool.E006)"
-        where = self.host or "local socket"
-        port = f":{self.port}" if self.port else ""
         who = f"{self.user}@" if self.user else ""
-        return f"{self.alias!r} ({who}{where}{port}/{self.dbname})"
+        return f"{self.alias!r} ({who}{self._hosts()}/{self.dbname})"
+
+    def _hosts(self) -> str:
+        """Return ``host:port``, or each host with its port (``pg1:5432,pg2:5433``)."""
+        hosts = self.host.split(",") if self.host else [""]
+        ports = str(self.port).split(",") if self.port else [""]
+        if len(ports) == 1:
+            ports *= len(hosts)
+        if len(hosts) != len(ports):  # libpq refuses it; shown as given
+            return f"{self.host}:{self.port}"
+        return ",".join(
+            f"{host.strip() or 'local socket'}{':' + port.strip() if port.strip() else ''}"
+            for host, port in zip(hosts, ports, strict=True)
+        )
 
 
 #: Seconds ``OPTIONS["warmup"] = True`` gives the pools to open at start.

@@ -15,6 +15,9 @@ A failed attempt is classified by :func:`.sqlstate.classify`: a configuration fa
 :class:`ConfigurationFault` in the server's own words, neither retried nor counted
 (the server answered: it is up, and one process's wrong settings must not open a
 breaker shared with every other process), and logged once a minute per cause.
+Several hosts none of which is what ``target_session_attrs`` asks for, though one
+answered (a failover under way), are retried but not counted: an open breaker would
+fail every caller for ``reset_timeout`` after the promotion.
 """
 
 from __future__ import annotations
@@ -234,13 +237,20 @@ class Guard:
             try:
                 conn = acquire(*args)
             except Exception as exc:
-                if not isinstance(exc, NOT_RETRIED) and (
-                    _sqlstate.classify(exc, connecting=True) == _sqlstate.CONFIG
-                ):
+                kind = (
+                    None
+                    if isinstance(exc, NOT_RETRIED)
+                    else _sqlstate.classify(exc, connecting=True)
+                )
+                if kind == _sqlstate.CONFIG:
                     if trial:
                         self._trial.release()
                     raise self.fault(exc) from exc
-                self.failed(exc, trial)
+                if kind == _sqlstate.READ_ONLY:  # no host accepts the alias yet: failing over
+                    if trial:
+                        self._trial.release()
+                else:
+                    self.failed(exc, trial)
                 remaining = retry.max_time - (self.clock() - started)
                 if isinstance(exc, NOT_RETRIED) or tries >= retry.max_tries or remaining <= 0:
                     error = self.translate(exc)

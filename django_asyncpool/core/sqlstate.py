@@ -6,7 +6,10 @@ them and returns one of four kinds (the table in docs/troubleshooting.md):
 * :data:`GONE`: the connection is gone, or could not be made (08xxx, 57P01-57P05, a
   closed socket, a refused or timed-out connect): discard it, count it for the breaker;
 * :data:`READ_ONLY`: the server is no longer what the alias needs (25006
-  read_only_sql_transaction: a demoted primary);
+  read_only_sql_transaction: a demoted primary); at connect, no host of several was
+  what ``target_session_attrs`` asks for, though one answered (a failover under way:
+  the standby is not yet promoted). Retried, not counted by the breaker: it would
+  stay open long after the promotion;
 * :data:`CONFIG`: a configuration fault at connect (authentication, unknown database
   or role, SSL refused): a retry cannot fix it, so it is never retried, and it is not
   counted by the breaker either, since the server answered;
@@ -91,6 +94,13 @@ _FAULTS: tuple[tuple[re.Pattern[str], str | None, str], ...] = tuple(
         ),
     )
 )
+#: A host answered but is not what target_session_attrs asks for: libpq's words (one
+#: line per host tried), asyncpg's, and sqla.engines' when asyncpg said only the
+#: refused host's error.
+_NOT_TARGET = re.compile(
+    r"session is (?:not )?read-only|server is (?:not )?in hot standby mode"
+    r"|None of the hosts match the target attribute requirement"
+)
 #: The server's own sentence in a libpq message: what follows "FATAL:" (or "ERROR:").
 _SERVER_SAYS = re.compile(r"(?:FATAL|ERROR):\s+(.*)", re.DOTALL)
 
@@ -139,7 +149,9 @@ def classify(exc: BaseException, *, connecting: bool = False) -> str:
         return APPLICATION
     text = " ".join(str(err) for err in _chain(exc))
     if connecting:
-        return CONFIG if any(words.search(text) for words, _, _ in _FAULTS) else GONE
+        if any(words.search(text) for words, _, _ in _FAULTS):
+            return CONFIG
+        return READ_ONLY if _NOT_TARGET.search(text) else GONE
     if any(isinstance(err, OSError) for err in _chain(exc)) or _lost_words(text):
         return GONE
     return APPLICATION

@@ -186,6 +186,16 @@ class NativeWrapper(DatabaseWrapper):
             self.closed_in_transaction = True
             self.needs_rollback = True
 
+    def demoted(self) -> None:
+        """The server refused a write as read-only (25006): replace the alias's ORM connections.
+
+        As the other pools (through the alias's guard, at most once a second): every
+        loop's pool closes its idle connections and the others, this one included,
+        when they come back; new ones follow ``target_session_attrs``.
+        """
+        if _registry.guard(self.alias).demoted(SIDE, _registry.stats(self.alias, SIDE)):
+            drain(self.alias)
+
     def run_and_clear_commit_hooks(self) -> None:
         self.validate_no_atomic_block()
         # Callbacks are the application's sync code (mail, queues): not on the loop.

@@ -17,6 +17,7 @@ The async half of the pool, as :mod:`..sync.pool` is the sync half. It owns:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 from typing import Any
 from urllib.parse import urlencode
@@ -327,6 +328,50 @@ class _Listeners:
         return lost_error(self.config, cause, context.statement, context.parameters)
 
 
+#: The hosts that answered during one connect of several hosts (:func:`_connect`).
+_ANSWERED: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "asyncpool_answered", default=None
+)
+
+
+class _Answering(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's connection, noting that its host answered (see :func:`_connect`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        answered = _ANSWERED.get()
+        if answered is not None:
+            answered.append(self._addr)
+
+
+async def _connect(kwargs: dict[str, Any]) -> Any:
+    """Return ``asyncpg.connect(**kwargs)``; say when a host answered but did not match.
+
+    With several hosts and ``target_session_attrs``, asyncpg raises the last network
+    error when one host is down and another is not what is asked for (the primary
+    stopped, the standby not yet promoted): a failover under way, not an outage.
+    libpq says so (one line per host); here it is said the same way, so that the
+    guard retries it without counting it (:func:`..core.sqlstate.classify`).
+    """
+    if not isinstance(kwargs.get("host"), list) or "target_session_attrs" not in kwargs.get(
+        "dsn", ""
+    ):
+        return await asyncpg.connect(**kwargs)
+    answered: list[Any] = []
+    token = _ANSWERED.set(answered)
+    try:
+        return await asyncpg.connect(**kwargs, connection_class=_Answering)
+    except OSError as exc:
+        if not answered:
+            raise
+        raise asyncpg.exceptions.TargetServerAttributeNotMatched(
+            f"None of the hosts match the target attribute requirement: {len(answered)} "
+            f"answered but did not match, and {exc}"
+        ) from exc
+    finally:
+        _ANSWERED.reset(token)
+
+
 def _create_engine(
     config: AliasConfig, stats: Stats, budget: _waiters.Budget, *, readonly: bool
 ) -> AsyncEngine:
@@ -339,13 +384,13 @@ def _create_engine(
 
     async def connect() -> Any:
         if config.password_source is None:
-            return await asyncpg.connect(**kwargs)
+            return await _connect(kwargs)
         try:
-            return await asyncpg.connect(**kwargs)
+            return await _connect(kwargs)
         except asyncpg.InvalidPasswordError:
             pass
         # The password expired between asking and connecting: asked once more.
-        return await asyncpg.connect(**kwargs)
+        return await _connect(kwargs)
 
     def creator() -> Any:
         # create_async_engine(async_creator=) would drop the adapter's arguments:

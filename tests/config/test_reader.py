@@ -268,6 +268,20 @@ def test_repr_hides_the_password() -> None:
     assert isinstance(config, AliasConfig) and config.describe() == "'default' (app@db:5432/app)"
 
 
+@pytest.mark.parametrize(
+    ("host", "port", "shown"),
+    [
+        ("pg1,pg2", "5432,5433", "pg1:5432,pg2:5433"),
+        ("pg1,pg2", 5432, "pg1:5432,pg2:5432"),
+        ("pg1, pg2", None, "pg1,pg2"),
+        ("pg1,pg2", "1,2,3", "pg1,pg2:1,2,3"),  # libpq refuses it: shown as given
+    ],
+)
+def test_describe_gives_each_host_its_port(host: str, port: Any, shown: str) -> None:
+    config = from_settings("default", {**BASE, "HOST": host, "PORT": port}, environ={})
+    assert config.describe() == f"'default' (app@{shown}/app)"
+
+
 def test_django_pool_check_option_is_known() -> None:
     def check(conn: object) -> None:
         return None
