@@ -664,7 +664,6 @@ def drain(alias: str) -> int:
     Return how many loops' pools were reached.
     """
     loops = _holders.get(alias)
-    reached = 0
     for _ in range(3):  # another thread may add a loop meanwhile
         try:
             found = [(lp, h) for lp, h in list((loops or {}).items()) if not lp.is_closed()]
@@ -676,8 +675,7 @@ def drain(alias: str) -> int:
     for loop, held in found:
         held.pool.stamp()
         on_loop(loop, held.pool.drain)
-        reached += 1
-    return reached
+    return len(found)
 
 
 _registry.register_kind(
