@@ -24,7 +24,7 @@ from .errors import (
     PoolTimeout,
     ReadOnlyError,
 )
-from .pool import ConnectionPool, session_scope
+from .pool import ConnectionPool, drain, session_scope
 
 __all__ = [
     "AliasConfig",
@@ -39,6 +39,7 @@ __all__ = [
     "PoolTimeout",
     "ReadOnlyError",
     "atomic",
+    "drain",
     "session_scope",
 ]
 __version__ = "0.1.0.dev0"

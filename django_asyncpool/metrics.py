@@ -136,6 +136,13 @@ DEMOTIONS = Counter(
     _L,
     registry=None,
 )
+DRAINS = Counter(
+    "db_pool_drains_total",
+    "Drains on request (drain() in code, or dbpool_check --drain through the shared "
+    "breaker storage) after which the pool replaced its connections.",
+    _L,
+    registry=None,
+)
 TIMEOUTS = Counter(
     "db_pool_timeouts_total",
     "Requests that waited the pool timeout without getting a connection.",
@@ -219,6 +226,7 @@ METRICS: tuple[Counter | Gauge | Histogram, ...] = (
     REUSED,
     INVALIDATED,
     DEMOTIONS,
+    DRAINS,
     TIMEOUTS,
     RETRIES,
     LEAKS,
@@ -254,6 +262,7 @@ _COUNTERS: tuple[tuple[Counter, str, Callable[[dict[str, Any]], int]], ...] = (
     (REUSED, "", lambda s: s["reused"]),
     (INVALIDATED, "", lambda s: s["invalidated"]),
     (DEMOTIONS, "", lambda s: s["demotions"]),
+    (DRAINS, "", lambda s: s["drains"]),
     (TIMEOUTS, "", lambda s: s["timeouts"]),
     (RETRIES, "", lambda s: s["retries"]),
     (LEAKS, "", lambda s: s["leaks"]),

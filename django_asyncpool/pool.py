@@ -35,7 +35,7 @@ from .sqla.engines import LoopState  # this module owns the loop states: it make
 from .sqla.readonly import ReadOnlyScope
 from .sqla.scopes import ConnectionLease, SessionScope, discard, retryable
 
-__all__ = ["ConnectionLease", "ConnectionPool", "session_scope"]
+__all__ = ["ConnectionLease", "ConnectionPool", "drain", "session_scope"]
 
 logger = logging.getLogger("django_asyncpool")
 T = TypeVar("T")
@@ -188,6 +188,19 @@ class ConnectionPool:
             elif loop.is_running():
                 asyncio.run_coroutine_threadsafe(state.dispose(), loop)
 
+    def drain(self) -> int:
+        """Replace every connection of this pool's engines, on every event loop.
+
+        The idle ones are closed now (on a loop not running now, when it runs again),
+        those in use when they come back; new ones are opened as needed. Only the
+        SQLAlchemy engines: :func:`drain` replaces every pool of the alias. Return how
+        many loops' engines were reached.
+        """
+        states = _alive(self._loops)
+        for loop, state in states:
+            state.drain(loop)
+        return len(states)
+
     @property
     def metrics(self) -> dict[str, Any]:
         """Return the pool's snapshot (``_stats.SNAPSHOT_KEYS``): every loop's engines, summed."""
@@ -228,6 +241,31 @@ def session_scope(
     return ConnectionPool(using).session_scope(readonly=readonly)
 
 
+def drain(using: str = "default") -> dict[str, int]:
+    """Replace every connection of alias ``using`` in this process, gracefully.
+
+    Every pool of the alias: the sync pool, each event loop's ``session_scope()``
+    engines (read-write and read-only) and native async ORM pool. The idle
+    connections are closed now, those in use when they come back (no query is cut);
+    new ones are opened in their place as needed. For what the pools cannot see: a
+    failover behind a DNS name, rotated credentials, a changed ``search_path``.
+    Other processes: ``manage.py dbpool_check --drain ALIAS``. Return
+    ``{pool kind: pools reached}``; raise ImproperlyConfigured for an alias that is
+    not django-asyncpool's.
+    """
+    return _registry.drain(using)
+
+
+def _alive(loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T]) -> list[tuple[Any, T]]:
+    """Return ``(loop, state)`` of ``loops`` whose loop is not closed (another thread may add)."""
+    for _ in range(3):
+        try:
+            return [(loop, state) for loop, state in list(loops.items()) if not loop.is_closed()]
+        except RuntimeError:
+            continue
+    return []
+
+
 # -- the async kind of pool, for the registry ---------------------------------------------
 
 
@@ -247,4 +285,9 @@ def _forget() -> list[Any]:
     return pools
 
 
-_registry.register_kind("async", snapshots=_snapshots, reset=_drop, forget=_forget)
+def _drain(alias: str) -> int:
+    pool = _registry.async_pools.get(alias)
+    return pool.drain() if pool is not None else 0
+
+
+_registry.register_kind("async", snapshots=_snapshots, reset=_drop, forget=_forget, drain=_drain)

@@ -11,6 +11,8 @@ line on stdin and answers each with one JSON line on stdout:
   (P seconds apart): ``{"outcomes": {"ok"|ErrorName: n}, "first_failure", "first_fast"}``,
   the wall-clock times of the first connection failure and of the first fail-fast.
 * ``{"op": "state"}``: ``{"state", "shared", "storage_errors"}``.
+* ``{"op": "pids"}``: the backend pid of one checkout through the sync pool and one through
+  the async pool (each back to its pool after): ``{"sync", "async", "drains"}``.
 * ``{"op": "quit"}``.
 """
 
@@ -144,6 +146,21 @@ def main() -> None:
             time.sleep(pause)
         return {"outcomes": outcomes, "first_failure": first_failure, "first_fast": first_fast}
 
+    async def async_pid() -> int:
+        async with ConnectionPool(alias).connection() as conn:
+            return int(await conn.fetchval("select pg_backend_pid()"))
+
+    def pids() -> dict[str, Any]:
+        wrapper = connections[alias]
+        try:
+            with wrapper.cursor() as cursor:
+                cursor.execute("select pg_backend_pid()")
+                sync = int(cursor.fetchone()[0])
+        finally:
+            wrapper.close()
+        drains = {side: _registry.stats(alias, side).drains for side in ("sync", "async")}
+        return {"sync": sync, "async": loop.run_until_complete(async_pid()), "drains": drains}
+
     print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
@@ -152,6 +169,8 @@ def main() -> None:
             os._exit(0)  # no graceful shutdown to wait for: the pools are throwaway
         if op == "call":
             answer = {**call(), "state": _registry.guard(alias).state}
+        elif op == "pids":
+            answer = pids()
         elif op == "load":
             answer = load(command["seconds"], command.get("pause", 0.0))
         else:

@@ -26,12 +26,21 @@ Keys (``prefix`` is ``storage_prefix``; never a host or a password)::
     {prefix}:{alias}:pybreaker:state         closed | open | half-open (pybreaker's)
     {prefix}:{alias}:pybreaker:fail_counter  consecutive failures, all processes
     {prefix}:{alias}:trial                   the gate: "open" while open, a token in a trial
+    {prefix}:{alias}:drain                   the number of the last drain asked for
+    {prefix}:{alias}:drain:{n}:acks          the processes that did drain n (for an hour)
+
+The same thread carries drains (``manage.py dbpool_check --drain``): :func:`request_drain`
+raises the alias's drain number; each process's follower, when it reads a higher one
+than it last saw, has every pool of the alias in its process replace its connections
+(the hooks of :data:`on_drain`) and adds itself to the drain's acknowledgements. A
+process that started after it has nothing to replace: its first read only notes it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -49,10 +58,15 @@ if TYPE_CHECKING:
     from ..config import AliasConfig
 
 __all__ = [
+    "ACKS_KEPT",
     "RECHECK",
     "SharedStorage",
+    "acks",
     "close",
     "forget",
+    "live",
+    "on_drain",
+    "request_drain",
     "snapshot",
     "storage",
     "trial_gate",
@@ -67,6 +81,12 @@ RECHECK = 1.0
 EPISODE = 0.01
 #: Compare-and-delete: end a trial only if the gate is still this trial's token.
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
+
+#: Seconds a drain's acknowledgements are kept in Redis.
+ACKS_KEPT = 3600
+#: Called with ``(alias, drain number)`` in the follower thread when another process asked
+#: for a drain: the registry replaces the connections of every pool of the alias here.
+on_drain: list[Callable[[str, int], object]] = []
 
 _lock = threading.Lock()
 _live: dict[str, SharedStorage] = {}  # this process's shared storage of each alias
@@ -164,6 +184,10 @@ class SharedStorage(pybreaker.CircuitBreakerStorage):
         self.where = where(conf.storage)
         self.namespace = f"{conf.storage_prefix}:{config.alias}"
         self.gate = f"{self.namespace}:trial"
+        self.drain_key = f"{self.namespace}:drain"
+        #: The last drain number read (None: not read yet, so nothing to compare with).
+        self.drain_seen: int | None = None
+        self._drain_lock = threading.Lock()  # a drain asked here is not followed here again
         self.refresh = conf.storage_refresh
         # The longest a checkout (so a trial) may take: then another process may try.
         self.trial_ms = int(1000 * max(config.retry.max_time, config.async_pool.timeout, 1.0))
@@ -411,6 +435,46 @@ class SharedStorage(pybreaker.CircuitBreakerStorage):
                     self._apply(breaker, state)
             if recovering and self.trip.error is None:
                 self._recovered()
+        self._follow_drains()
+
+    def _follow_drains(self) -> None:
+        """Drain this process's pools of the alias if another process asked since the last read."""
+        ok, number = self._io(lambda: int(self.client.get(self.drain_key) or 0))
+        if not ok:
+            return
+        with self._drain_lock:
+            seen, self.drain_seen = self.drain_seen, max(number, self.drain_seen or 0)
+        if seen is None or number <= seen:
+            return  # the first read only notes it: this process's connections are newer
+        for hook in list(on_drain):
+            try:
+                hook(self.alias, number)
+            except Exception:  # never the follower's end: the next drain must still work
+                logger.exception("Draining the pools of database %r failed", self.alias)
+        acks = f"{self.drain_key}:{number}:acks"
+
+        def ack() -> None:
+            pipe = self.client.pipeline()
+            pipe.sadd(acks, _me())
+            pipe.expire(acks, ACKS_KEPT)
+            pipe.execute()
+
+        self._io(ack)
+
+    def request_drain(self) -> int:
+        """Raise the alias's drain number in Redis and return it; raise Redis's error.
+
+        This process is counted as having seen it: the caller drains it itself.
+        """
+        with self._drain_lock:
+            number = int(self.client.incr(self.drain_key))
+            self.drain_seen = max(number, self.drain_seen or 0)
+        return number
+
+    def acks(self, number: int) -> set[str]:
+        """Return ``host:pid`` of the processes that drained for drain ``number``."""
+        members = self.client.smembers(f"{self.drain_key}:{number}:acks")
+        return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
 
     def _connect(self) -> pybreaker.CircuitRedisStorage:
         backend = pybreaker.CircuitRedisStorage(
@@ -450,7 +514,32 @@ def _follow(ref: weakref.ref[SharedStorage], wake: threading.Event, pid: int) ->
         del store
 
 
+def _me() -> str:
+    """Return this process as drain acknowledgements name it: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 # -- per-process registry ---------------------------------------------------------------------
+
+
+def live(alias: str) -> SharedStorage | None:
+    """Return this process's shared storage of ``alias`` (None: its breaker is local)."""
+    with _lock:
+        return _live.get(alias)
+
+
+def request_drain(alias: str) -> tuple[SharedStorage, int] | None:
+    """Ask every process following ``alias``'s shared state to drain; return the store and
+    the drain's number, or None when its breaker state is not shared. Raise Redis's error."""
+    store = live(alias)
+    if store is None:
+        return None
+    return store, store.request_drain()
+
+
+def acks(store: SharedStorage, number: int) -> list[str]:
+    """Return ``host:pid`` of the other processes that drained for drain ``number``, sorted."""
+    return sorted(store.acks(number) - {_me()})
 
 
 def snapshot() -> dict[str, dict[str, Any]]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy.util.concurrency import await_
 
-__all__ = ["greenlet_sleep", "run_at_loop_shutdown"]
+__all__ = ["greenlet_sleep", "on_loop", "run_at_loop_shutdown"]
 
 
 def run_at_loop_shutdown(cleanup: Callable[[], Coroutine[Any, Any, None]]) -> Any:
@@ -43,3 +43,21 @@ def run_at_loop_shutdown(cleanup: Callable[[], Coroutine[Any, Any, None]]) -> An
 def greenlet_sleep(seconds: float) -> None:
     """Sleep ``seconds`` in a greenlet on the loop (the guard's retries of an async pool)."""
     await_(asyncio.sleep(seconds))
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
+    """Run ``fn()`` on ``loop``: now if it is this thread's running loop, else soon on it.
+
+    A pool's connections belong to their loop: only its thread may close them. A loop
+    that is not running runs ``fn`` when it runs again; a closed one never does (its
+    connections went with it).
+    """
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if loop is running:
+        fn()
+    elif not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # closed meanwhile
+            loop.call_soon_threadsafe(fn)

@@ -13,7 +13,8 @@ pool and its async pool::
     budget(alias)        the connections it may open in this process: sync + loops x async
     sync_pools           {alias: SyncPool}; DatabaseWrapper._connection_pools is this dict
     async_pools          {alias: ConnectionPool}; ConnectionPool(alias) is found here
-    register_kind(...)   a kind of pool says how to snapshot, reset and forget its pools
+    register_kind(...)   a kind of pool says how to snapshot, reset, forget and drain its pools
+    drain(alias)         replace every connection of the alias in this process, every kind
     reset(alias=None)    settings changed: pools closed, guard and config dropped
     close_pools()        at exit: every alias with a sync pool reset (its pool closed)
     forget()             in a forked child: drop everything, close nothing
@@ -58,6 +59,7 @@ __all__ = [
     "close_pools",
     "config",
     "config_for_wrapper",
+    "drain",
     "forget",
     "guard",
     "guards",
@@ -109,6 +111,9 @@ class Kind(NamedTuple):
     reset: Callable[[str], None]
     #: In a forked child: drop every pool, close nothing; what it returns is kept referenced.
     forget: Callable[[], object]
+    #: Replace every connection of an alias's pools of this kind (the idle ones now, the
+    #: others when they come back); return how many pools (one per event loop) it reached.
+    drain: Callable[[str], int]
 
 
 #: side ("sync", "async", "async_orm") -> its Kind, as each pool module registered it.
@@ -251,9 +256,36 @@ def register_kind(
     snapshots: Callable[[], list[dict[str, Any]]],
     reset: Callable[[str], None],
     forget: Callable[[], object],
+    drain: Callable[[str], int],
 ) -> None:
-    """Have :func:`snapshots`, :func:`reset` and :func:`forget` reach the pools of ``side``."""
-    _kinds[side] = Kind(snapshots, reset, forget)
+    """Have :func:`snapshots`, :func:`reset`, :func:`forget` and :func:`drain` reach the
+    pools of ``side``."""
+    _kinds[side] = Kind(snapshots, reset, forget, drain)
+
+
+def drain(alias: str, why: str = "drain() was called") -> dict[str, int]:
+    """Replace every connection of ``alias`` in this process; return ``{side: pools reached}``.
+
+    Every kind of pool: the sync pool, each event loop's SQLAlchemy engines and native
+    ORM pool. Gracefully: the idle connections are closed now (a loop that is not
+    running closes its own when it runs again), those in use when they come back, so
+    no query is cut; new ones are opened in their place as needed. Counted in each
+    side's ``drains``, and logged once.
+    """
+    conf = config(alias)
+    reached = {side: kind.drain(alias) for side, kind in list(_kinds.items())}
+    for side, pools in reached.items():
+        if pools:
+            stats(alias, side).drains += 1
+    where = ", ".join(f"{side} {n}" for side, n in reached.items() if n) or "none open yet"
+    logger.warning(
+        "Database %s: replacing every connection (%s): idle ones now, those in use when "
+        "they come back. Pools reached: %s.",
+        conf.describe(),
+        why,
+        where,
+    )
+    return reached
 
 
 def kinds() -> list[str]:
@@ -344,6 +376,12 @@ def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
         reset()
 
 
+def _drain_requested(alias: str, number: int) -> None:
+    """Another process asked for drain ``number`` through the shared breaker storage."""
+    drain(alias, f"drain #{number} asked through the shared breaker storage")
+
+
 setting_changed.connect(_on_setting_changed, dispatch_uid="django_asyncpool.reset")
+_shared.on_drain.append(_drain_requested)
 _process.at_fork("registry", forget)
 _process.at_exit("sync pools", close_pools)

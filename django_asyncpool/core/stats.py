@@ -83,6 +83,7 @@ class Stats:
     reused: int = 0  # checkouts of a connection handed out before
     invalidated: int = 0  # found dead (or returned broken) and replaced
     demotions: int = 0  # 25006 on a connection: the pool's connections replaced
+    drains: int = 0  # drains on request (pool.drain(), dbpool_check --drain): all replaced
     leaks: int = 0  # leak warnings
     pings: int = 0  # liveness round trips at checkout (sync: past liveness_bypass, or each)
     waiting: int = 0  # async: callers waiting for a connection now
@@ -120,6 +121,7 @@ SNAPSHOT_KEYS = (
     "reused",
     "invalidated",
     "demotions",  # 25006 (a demoted primary): every connection of the pool replaced
+    "drains",  # drains on request (drain(), dbpool_check --drain): every connection replaced
     "pings",
     "timeouts",
     "failures",
@@ -168,6 +170,7 @@ def snapshot(
         "reused": stats.reused,
         "invalidated": stats.invalidated,
         "demotions": stats.demotions,
+        "drains": stats.drains,
         "pings": stats.pings,
         "timeouts": stats.timeouts,
         "failures": stats.failures,

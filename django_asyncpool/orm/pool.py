@@ -19,7 +19,6 @@ alias bound to that connection for its whole life, so a checkout builds nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import select
 import threading
@@ -49,7 +48,7 @@ from ..core.checkout import RETURNED, Leaks
 from ..core.guard import Guard
 from ..core.hangups import clear_hint, hung_up, maybe_closed, watch_hangups
 from ..core.liveness import DUE, GONE, LIVE, clock, verdict
-from ..core.loops import greenlet_sleep, run_at_loop_shutdown
+from ..core.loops import greenlet_sleep, on_loop, run_at_loop_shutdown
 from ..core.renewal import lifetime, rejected
 from ..core.waiters import TIMED_OUT, Slots
 from ..errors import PoolClosed, PoolTimeout, pool_timeout
@@ -61,6 +60,7 @@ __all__ = [
     "NativeWrapper",
     "OrmPool",
     "bind_twin",
+    "drain",
     "holder",
     "holders",
     "snapshots",
@@ -279,7 +279,7 @@ class OrmPool:
         self.bypass = config.liveness_bypass
         self.password_source = config.password_source
         self.closed = False
-        #: clock() of the last drain(): connections opened before it are not reused.
+        #: clock() of the last drain: a connection opened before it is not used again.
         self.drained_at = 0.0
         self.idle: deque[psycopg.AsyncConnection[Any]] = deque()
         #: Connections open or being opened, and the callers waiting for one: a share
@@ -363,9 +363,10 @@ class OrmPool:
         except BaseException:
             self.slots.release()
             raise
-        setattr(conn, RETURNED, clock())  # new: no ping at its first checkout
-        conn._asyncpool_born = clock()  # type: ignore[attr-defined]
-        conn._asyncpool_expires = clock() + lifetime(self.max_lifetime)  # type: ignore[attr-defined]
+        now = clock()
+        setattr(conn, RETURNED, now)  # new: no ping at its first checkout
+        conn._asyncpool_born = now  # type: ignore[attr-defined]
+        conn._asyncpool_expires = now + lifetime(self.max_lifetime)  # type: ignore[attr-defined]
         watch_hangups(conn)  # type: ignore[arg-type]
         return conn
 
@@ -440,11 +441,18 @@ class OrmPool:
         return True
 
     def drain(self) -> None:
-        """Replace every connection: close the idle ones now, the others when they come back."""
+        """Replace every connection: the idle ones are closed now, the others when they come back.
+
+        On the pool's loop; :meth:`stamp` (any thread) alone keeps those in use from
+        being used again. Replacements are opened on demand.
+        """
+        self.stamp()
+        while self._evict():
+            pass
+
+    def stamp(self) -> None:
+        """Mark every connection open now as due for replacement (from any thread)."""
         self.drained_at = clock()
-        while self.idle:
-            self.idle.pop().pgconn.finish()
-            self.slots.release()
 
     async def close(self) -> None:
         """Close the idle connections and fail the waiters; others close when returned."""
@@ -595,22 +603,6 @@ def holder(alias: str) -> Holder:
         return made
 
 
-def drain(alias: str) -> None:
-    """Replace the connections of every loop's pool of ``alias`` (each on its own loop)."""
-    try:
-        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    loops = _holders.get(alias)
-    for loop, found in list(loops.items()) if loops is not None else []:
-        if loop is running:
-            found.pool.drain()
-        elif not loop.is_closed():
-            # Its idle list and waiters are that loop's: drained there, soon.
-            with contextlib.suppress(RuntimeError):  # closed meanwhile
-                loop.call_soon_threadsafe(found.pool.drain)
-
-
 def holders() -> list[tuple[str, Holder]]:
     """Return ``(alias, holder)`` of every loop's pool in this process (for metrics)."""
     out: list[tuple[str, Holder]] = []
@@ -666,4 +658,26 @@ def _drop(alias: str) -> None:
         _holders.pop(alias, None)
 
 
-_registry.register_kind("async_orm", snapshots=snapshots, reset=_drop, forget=_forget_in_child)
+def drain(alias: str) -> int:
+    """Replace the connections of every loop's pool of ``alias`` (each on its own loop).
+
+    Return how many loops' pools were reached.
+    """
+    loops = _holders.get(alias)
+    for _ in range(3):  # another thread may add a loop meanwhile
+        try:
+            found = [(lp, h) for lp, h in list((loops or {}).items()) if not lp.is_closed()]
+            break
+        except RuntimeError:
+            continue
+    else:
+        found = []
+    for loop, held in found:
+        held.pool.stamp()
+        on_loop(loop, held.pool.drain)
+    return len(found)
+
+
+_registry.register_kind(
+    "async_orm", snapshots=snapshots, reset=_drop, forget=_forget_in_child, drain=drain
+)

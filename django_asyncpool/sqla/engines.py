@@ -16,6 +16,7 @@ The async half of the pool, as :mod:`..sync.pool` is the sync half. It owns:
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import math
 from typing import Any
@@ -34,7 +35,7 @@ from ..core import waiters as _waiters
 from ..core.checkout import RETURNED, TAKEN
 from ..core.hangups import forget_hint, hinted, watch_socket
 from ..core.liveness import DUE, GONE, clock, poller, verdict
-from ..core.loops import run_at_loop_shutdown
+from ..core.loops import on_loop, run_at_loop_shutdown
 from ..core.renewal import lifetime
 from ..core.stats import Stats
 from ..errors import AsyncConnectionLost, redact
@@ -305,14 +306,14 @@ class _Listeners:
             and _sqlstate.classify(exc) == _sqlstate.READ_ONLY
             and _registry.guard(self.config.alias).demoted("async", self.stats)
         ):
-            # A demoted primary: this connection and every other of the engine's pool
-            # opened before now are replaced; the idle ones are closed now (they hold
-            # server slots), those in use at their next checkout.
+            # A demoted primary: this connection is thrown away, and every other of the
+            # engine's pool replaced as a drain does: the idle ones closed now (they
+            # hold server slots), those in use when they come back.
             context.is_disconnect = True
-            context.invalidate_pool_on_disconnect = True
+            context.invalidate_pool_on_disconnect = False
             pool = context.engine.pool if context.engine is not None else None
-            while isinstance(pool, GuardedPool) and pool._evict():
-                pass
+            if isinstance(pool, GuardedPool):
+                pool.drain()
             error = context.sqlalchemy_exception
             return dual(error) if isinstance(error, sqlalchemy.exc.DBAPIError) else None
         if not isinstance(exc, Exception):  # cancelled: SQLAlchemy calls it a disconnect
@@ -467,6 +468,18 @@ class LoopState:
                 idle += pool.checkedin()
                 in_use += pool.checkedout()
         return idle, in_use
+
+    def drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Replace every connection of this loop's engines (from any thread).
+
+        Each engine's :meth:`GuardedPool.drain`: marked now, so that none opened before
+        is used again; the idle ones closed on ``loop``, the others when they come back.
+        """
+        for engine in (self.engine, self._readonly):
+            if engine is not None:
+                pool: Any = engine.sync_engine.pool
+                pool.stamp()
+                on_loop(loop, pool.drain)
 
     async def dispose(self) -> None:
         for engine in (self.engine, self._readonly):

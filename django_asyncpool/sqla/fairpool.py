@@ -233,6 +233,11 @@ class GuardedPool(Pool):
 
     def _do_return_conn(self, record: Any) -> None:
         slots = self._slots
+        if record.starttime < self._invalidate_time and record.dbapi_connection is not None:
+            # Opened before a drain (or a demotion): replaced now that it is back.
+            _drop(record)
+            slots.release()
+            return
         if slots.hand_over(record):
             return
         if slots.wanted_elsewhere():
@@ -254,6 +259,25 @@ class GuardedPool(Pool):
                     slots.release()
             return
         self._idle.append(record)
+
+    # -- replacing every connection ------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Replace every connection: the idle ones are closed now, the others when they come back.
+
+        The one way this pool replaces its connections, on request (``drain()``) or
+        after a write refused as read-only (25006). SQLAlchemy's own mark: a record
+        opened before ``_invalidate_time`` is reconnected at its next checkout, and
+        here closed when it comes back. Only on the pool's loop; replacements are
+        opened on demand.
+        """
+        self.stamp()
+        while self._evict():
+            pass
+
+    def stamp(self) -> None:
+        """Mark every connection open now as due for replacement (from any thread)."""
+        self._invalidate_time = time.time()
 
     # -- the pool's state ---------------------------------------------------------------------
 

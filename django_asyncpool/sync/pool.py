@@ -459,4 +459,18 @@ def _forget() -> list[Any]:
     return pools
 
 
-_registry.register_kind("sync", snapshots=_snapshots, reset=_close, forget=_forget)
+def _drain(alias: str) -> int:
+    """Replace every connection of ``alias``'s pool: psycopg_pool's own ``drain()``.
+
+    The idle ones are closed now and replaced, those in use when they come back (the
+    same call as after a write refused as read-only, ``DatabaseWrapper.demoted``).
+    Return 1 if there was an open pool, else 0.
+    """
+    pool = _registry.sync_pools.get(alias)
+    if pool is None or not pool._opened or pool.closed:
+        return 0
+    pool.drain()
+    return 1
+
+
+_registry.register_kind("sync", snapshots=_snapshots, reset=_close, forget=_forget, drain=_drain)

@@ -7,6 +7,10 @@ command waits no longer than ``--timeout``: a probe still stuck then (a
 blackholed network path) is reported as timed out and left behind in its
 daemon thread. Exit status: 0 healthy, 1 an alias is unhealthy, 2 configuration
 errors. The JSON schema is documented in docs/command.md.
+
+``--drain ALIAS`` checks nothing: it replaces every connection of the alias, in every
+process when the breaker state is shared through Redis, else only in its own, and
+says so (:mod:`._drain`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ...checks import problems
 from ...core import registry as _registry
 from ...errors import redact
 from ...orm import handler as _handler
+from . import _drain
 
 SERVER_VERSION = "select current_setting('server_version')"
 #: The server's connection slots: max_connections, and those kept for superusers (and,
@@ -57,6 +62,14 @@ class Command(BaseCommand):
             "--format", choices=("table", "json"), default="table", help="Output format."
         )
         parser.add_argument(
+            "--drain",
+            action="append",
+            dest="drain",
+            metavar="ALIAS",
+            help="Replace every connection of this alias (repeatable) instead of checking: in "
+            "every process when the breaker state is shared through Redis, else only here.",
+        )
+        parser.add_argument(
             "--timeout",
             type=float,
             default=10.0,
@@ -69,7 +82,7 @@ class Command(BaseCommand):
         if timeout <= 0:
             raise CommandError("--timeout must be a positive number of seconds.", returncode=2)
         ours = [a for a, d in settings.DATABASES.items() if d.get("ENGINE") == _config.ENGINE]
-        aliases: list[str] = options["databases"] or ours
+        aliases: list[str] = options["drain"] or options["databases"] or ours
         unknown = [a for a in aliases if a not in ours]
         if unknown:
             raise CommandError(
@@ -77,6 +90,9 @@ class Command(BaseCommand):
                 f"Use one of: {', '.join(ours) or 'none configured'}.",
                 returncode=2,
             )
+        if options["drain"]:
+            self._drain(aliases, options["format"])
+            return
         report = run(aliases, timeout)
         if options["format"] == "json":
             self.stdout.write(json.dumps(report, indent=2))
@@ -87,6 +103,18 @@ class Command(BaseCommand):
         if report["exit_code"] == 1:
             bad = [e["alias"] for e in report["aliases"] if not e["healthy"]]
             raise CommandError(f"unhealthy: {', '.join(bad)}", returncode=1)
+
+    def _drain(self, aliases: list[str], output: str) -> None:
+        reports = [_drain.drain(alias) for alias in aliases]
+        if output == "json":
+            self.stdout.write(json.dumps({"drains": reports}, indent=2))
+        else:
+            self.stdout.write("\n".join(_drain.render(report) for report in reports))
+        failed = [r["alias"] for r in reports if r["exit_code"]]
+        if failed:
+            raise CommandError(
+                f"other processes not reached: {', '.join(failed)} (see above)", returncode=1
+            )
 
 
 # -- probes -----------------------------------------------------------------------------
