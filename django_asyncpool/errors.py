@@ -54,6 +54,7 @@ __all__ = [
     "SyncPoolClosed",
     "SyncPoolTimeout",
     "for_async",
+    "named",
     "pool_timeout",
     "redact",
     "unreachable",
@@ -235,6 +236,16 @@ def for_async(exc: PoolError) -> PoolError:
     twin.__cause__ = cause
     twin.__traceback__ = exc.__traceback__
     return twin
+
+
+def named(exc: BaseException) -> str:
+    """Return the name of ``exc``'s class as the docs name it, for output and logs.
+
+    The async side's copies are named by the class they extend (DatabaseUnavailable,
+    not AsyncDatabaseUnavailable): the one a handler catches.
+    """
+    cls = type(exc)
+    return cls.__bases__[0].__name__ if issubclass(cls, _Twin) else cls.__name__
 
 
 def redact(text: str, password: str) -> str:

@@ -27,6 +27,7 @@ from health_check.base import HealthCheck
 from health_check.exceptions import ServiceUnavailable, ServiceWarning
 
 from .core import registry as _registry
+from .errors import named
 
 __all__ = ["PoolCheck", "pool_checks"]
 
@@ -57,7 +58,7 @@ class PoolCheck(HealthCheck):  # type: ignore[misc]  # health_check ships no typ
         except Exception as exc:
             logger.warning("Health check of database %r failed: %s", self.alias, exc)
             raise ServiceUnavailable(
-                f"database {self.alias!r}: {type(exc).__name__} (see the log)"
+                f"database {self.alias!r}: {named(exc)} (see the log)"
             ) from exc
         if pool.metrics["breaker_state"] == "half-open":
             raise ServiceWarning(f"database {self.alias!r}: circuit breaker half-open")

@@ -30,6 +30,7 @@ from .core import registry as _registry
 from .core import stats as _stats
 from .core import waiters as _waiters
 from .core.stats import Stats
+from .errors import named
 from .failover import scopes as _failover
 from .sqla.engines import LoopState  # this module owns the loop states: it makes them
 from .sqla.readonly import ReadOnlyScope
@@ -167,7 +168,7 @@ class ConnectionPool:
                 logger.warning(
                     "Transaction on %r failed (%s), running it again (%d of %d)",
                     self.alias,
-                    type(exc).__name__,
+                    named(exc),
                     attempt + 1,
                     attempts,
                 )

@@ -114,6 +114,7 @@ def test_the_async_side_raises_each_also_as_sqlalchemys(
     copy = pickle.loads(pickle.dumps(twin))
     assert type(copy) is type(twin) and str(copy) == str(twin)
     assert errors.for_async(twin) is twin  # already the async side's
+    assert errors.named(twin) == errors.named(ours) == type(ours).__name__  # in output
     assert errors.for_async(AsyncConnectionLost("x", orig=orig)) is not None
 
 

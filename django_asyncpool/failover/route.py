@@ -39,7 +39,7 @@ from django.db import connections
 from ..config import ENGINE
 from ..core import process as _process
 from ..core import registry as _registry
-from ..errors import CircuitOpenError, DatabaseUnavailable
+from ..errors import CircuitOpenError, DatabaseUnavailable, named
 
 __all__ = ["chain", "counts", "forget", "healthy", "route", "through_chain"]
 
@@ -172,7 +172,7 @@ def _trial(alias: str) -> None:
         finally:
             connection.close()
     except Exception as exc:  # the breaker has logged the failure and stays open
-        logger.debug("The trial connection of %r failed: %s", alias, type(exc).__name__)
+        logger.debug("The trial connection of %r failed: %s", alias, named(exc))
     finally:
         with _lock:
             _trials.discard(alias)
@@ -211,7 +211,7 @@ async def through_chain(alias: str, attempt: Callable[[str], Awaitable[T]]) -> T
             result = await attempt(alias)
         except FAIL_OVER_ON as exc:
             errors[alias] = exc
-            why = f"it could not be reached ({type(exc).__name__})"
+            why = f"it could not be reached ({named(exc)})"
         else:
             if alias in _away:
                 _note(alias, alias, "")

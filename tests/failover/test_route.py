@@ -178,7 +178,7 @@ async def test_reads_of_a_dead_replica_go_to_the_next_alias(dead_replica, caplog
     lines = [r.getMessage() for r in caplog.records if "fail over to" in r.getMessage()]
     assert lines == [
         f"Reads of database {replica!r} fail over to 'default': it could not be reached "
-        "(AsyncDatabaseUnavailable). Writes do not fail over."
+        "(DatabaseUnavailable). Writes do not fail over."
     ]
 
 

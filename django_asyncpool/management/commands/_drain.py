@@ -15,7 +15,7 @@ from typing import Any
 
 from ...core import breaker_redis as _shared
 from ...core import registry as _registry
-from ...errors import redact
+from ...errors import named, redact
 
 #: Seconds the command waits for acknowledgements beyond the processes' refresh interval.
 MARGIN = 0.5
@@ -44,7 +44,7 @@ def drain(alias: str) -> dict[str, Any]:
         try:
             asked = _shared.request_drain(alias)
         except Exception as exc:  # Redis down or refusing: said, never raised as a traceback
-            report["error"] = f"{type(exc).__name__}: {redact(str(exc).strip(), secret)}"
+            report["error"] = f"{named(exc)}: {redact(str(exc).strip(), secret)}"
             report["exit_code"] = 1
             asked = None
         if asked is not None:
@@ -60,7 +60,7 @@ def drain(alias: str) -> dict[str, Any]:
         try:
             report["processes"] = _shared.acks(store, report["drain"])
         except Exception as exc:
-            report["error"] = f"{type(exc).__name__}: {redact(str(exc).strip(), secret)}"
+            report["error"] = f"{named(exc)}: {redact(str(exc).strip(), secret)}"
     return report
 
 

@@ -28,7 +28,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from ... import config as _config
 from ...checks import problems
 from ...core import registry as _registry
-from ...errors import redact
+from ...errors import named, redact
 from ...orm import handler as _handler
 from . import _drain
 
@@ -241,7 +241,7 @@ class _Probe:
             error = "timed out: no answer before --timeout (server hung or network path dead)"
         else:
             text = redact(str(self.error).strip(), password)
-            error = f"{type(self.error).__name__}: {text}" if text else type(self.error).__name__
+            error = f"{named(self.error)}: {text}" if text else named(self.error)
         return {"ok": False, "error": error}
 
 
@@ -324,7 +324,7 @@ def _breaker(alias: str) -> dict[str, Any]:
     try:
         guard = _registry.guard(alias)
     except Exception as exc:  # the settings are broken beyond what the checks report
-        return {"state": "unknown", "failures": None, "error": type(exc).__name__}
+        return {"state": "unknown", "failures": None, "error": named(exc)}
     storage = _shared.snapshot().get(alias) if guard.config.breaker.storage else None
     return {
         "state": guard.state,
