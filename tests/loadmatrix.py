@@ -545,7 +545,9 @@ class _Side:
             got = times.got
             if got:
                 if not figures.by_handoffs:
-                    arrivals.append((started, got))
+                    # The order the pool served them in: when its checkout returned (a
+                    # session's BEGIN, a round trip after it, finishes in any order).
+                    arrivals.append((started, times.pool_got or got))
                 figures.waits.append((times.pool_got - times.pool_asked) or (got - started))
                 figures.connects.append(got - started)
                 if error is None:
@@ -561,7 +563,7 @@ class _Side:
         if figures.by_handoffs:
             gots = sorted(t.handed for _, t, _, _ in self.records if t.handed)
         else:
-            gots = sorted(t.got for _, t, _, _ in self.records if t.got)
+            gots = sorted(t.pool_got or t.got for _, t, _, _ in self.records if t.got)
         figures.served_meanwhile = most_served_meanwhile(arrivals, gots)
         return figures
 
