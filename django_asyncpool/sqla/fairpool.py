@@ -288,13 +288,14 @@ class GuardedPool(Pool):
 
     def _do_return_conn(self, record: Any) -> None:
         slots = self._slots
-        if slots.hand_over(record):
-            return
-        if slots.wanted_elsewhere():
-            # The oldest caller wants another kind: this one's slot is theirs.
-            _drop(record)
-            slots.release()
-            return
+        if slots.budget.queue:  # somebody may wait (an empty queue: the common case)
+            if slots.hand_over(record):
+                return
+            if slots.wanted_elsewhere():
+                # The oldest caller wants another kind: this one's slot is theirs.
+                _drop(record)
+                slots.release()
+                return
         if self.closes_on_return():
             # The demand stayed within pool_size for a while (or the pool was disposed):
             # close this connection, and the idle ones above pool_size. Each slot is
