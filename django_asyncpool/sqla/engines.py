@@ -60,8 +60,6 @@ _ASYNCPG_DSN_KEYS = frozenset(
 )
 
 
-#: In a record's info: a new connection, not yet checked out (the next checkout is no reuse).
-_FRESH = "asyncpool_fresh"
 #: In a record's info: clock() when it is due to be replaced (``recycle``, spread +-10 %).
 _EXPIRES = "asyncpool_expires"
 #: In a record's info: its socket's number and :func:`~..core.liveness.poller` (None: no socket).
@@ -207,7 +205,6 @@ class _Listeners:
         # Recycled here, not by SQLAlchemy: its recycle has no jitter, and a pool's
         # connections opened together would all be replaced in the same second.
         info[_EXPIRES] = now + lifetime(self.recycle) if self.recycle > 0 else math.inf
-        info[_FRESH] = True
         info[_SOCKET] = _socket(dbapi_connection.driver_connection)
 
     def checkout(self, dbapi_connection: Any, record: Any, now: float) -> None:
@@ -247,7 +244,11 @@ class _Listeners:
                 # for up to 2 s more on a dead path.
                 raw.terminate()
                 raise sqlalchemy.exc.DisconnectionError(str(exc)) from exc
-        if not info.pop(_FRESH, False):
+        if record.fresh:
+            # A new connection (SQLAlchemy sets it at connect), not yet handed out: no
+            # reuse. Cleared as SQLAlchemy's own checkout would, were it to run the check.
+            record.fresh = False
+        else:
             stats.reused += 1
 
     def handle_error(self, context: Any) -> Exception | None:
