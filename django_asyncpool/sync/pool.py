@@ -203,6 +203,11 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         if self._closed:
             super()._check_open_getconn()
 
+    def wait(self, timeout: float = 30.0) -> None:
+        if not self._opened:  # not opened by a wait, as psycopg_pool: only by a checkout
+            psycopg_pool.ConnectionPool._check_open_getconn(self)
+        super().wait(timeout)
+
     def _getconn_with_check_loop(self, deadline: float) -> psycopg.Connection[Any]:
         # getconn() calls it to take a connection and run check= on it, sleeping about a
         # second after each failed check: replaced by the liveness rules (_checked), and
