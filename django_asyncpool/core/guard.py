@@ -224,62 +224,101 @@ class Guard:
 
         ``sleep`` waits between tries: ``time.sleep`` in threads, an awaiting sleep in
         SQLAlchemy's greenlet. Only ``Exception``s count: a cancelled task is no failure.
-        ``stats.retries``, if given, counts the retries. This is every checkout's path:
-        the backoff schedule is made only after a failure.
+        ``stats.retries``, if given, counts the retries.
         """
-        retry = self.config.retry
-        started = self.clock()
-        delays = None
-        tries = 0
-        while True:
-            trial = self._storage.state != pybreaker.STATE_CLOSED and self.admit()
-            tries += 1
+        return self.attempt(acquire, args, sleep, stats, self.clock())
+
+    def attempt(
+        self,
+        acquire: Callable[..., T],
+        args: tuple[Any, ...],
+        sleep: Callable[[float], object],
+        stats: Any,
+        started: float,
+    ) -> T:
+        """:meth:`acquire`, its arguments positional and ``started`` (``self.clock()`` when
+        the caller began, the start of the retry budget) given: every checkout's path.
+
+        With the breaker closed and no failure counted, one call and two attribute reads;
+        a trial, a failure and the retries go to :meth:`_retried`.
+        """
+        storage = self._storage
+        if storage.state == pybreaker.STATE_CLOSED:
             try:
                 conn = acquire(*args)
             except Exception as exc:
-                kind = (
-                    None
-                    if isinstance(exc, NOT_RETRIED)
-                    else _sqlstate.classify(exc, connecting=True)
-                )
-                if kind == _sqlstate.CONFIG:
+                return self._retried(acquire, args, sleep, stats, started, exc)
+            if storage.counter:
+                self.succeeded(False)  # a success resets the consecutive-failure count
+            return conn
+        return self._retried(acquire, args, sleep, stats, started, None)
+
+    def _retried(
+        self,
+        acquire: Callable[..., T],
+        args: tuple[Any, ...],
+        sleep: Callable[[float], object],
+        stats: Any,
+        started: float,
+        failure: Exception | None,
+    ) -> T:
+        """Go on with :meth:`attempt`: ``failure`` is what its first try (breaker closed, no
+        trial) raised, or None to make that try here. The backoff schedule is made only
+        after a failure."""
+        retry = self.config.retry
+        delays = None
+        tries = 0 if failure is None else 1
+        trial = False
+        while True:
+            if failure is None:
+                trial = self._storage.state != pybreaker.STATE_CLOSED and self.admit()
+                tries += 1
+                try:
+                    conn = acquire(*args)
+                except Exception as caught:
+                    failure = caught
+                except BaseException:
                     if trial:
                         self._trial.release()
-                    raise self.fault(exc) from exc
-                if kind == _sqlstate.READ_ONLY:  # no host accepts the alias yet: failing over
-                    if trial:
-                        self._trial.release()
+                    raise
                 else:
-                    self.failed(exc, trial)
-                remaining = retry.max_time - (self.clock() - started)
-                if isinstance(exc, NOT_RETRIED) or tries >= retry.max_tries or remaining <= 0:
-                    error = self.translate(exc)
-                    if error is exc:
-                        raise  # ours already: not its own cause (that breaks pickling)
-                    raise error from exc
-                if delays is None:
-                    delays = backoff.expo(factor=retry.base_delay, max_value=retry.max_delay)
-                    next(delays)  # backoff's generators are primed with one next()
-                delay = min(backoff.full_jitter(next(delays)), remaining)
-                if stats is not None:
-                    stats.retries += 1
-                logger.warning(
-                    "Connecting to database %s failed (try %d of %d), retrying in %.2fs: %s",
-                    self.config.describe(),
-                    tries,
-                    retry.max_tries,
-                    delay,
-                    redact(str(exc).strip(), self.config.password),
-                )
-                sleep(delay)
-                continue
-            except BaseException:
+                    if trial or self._storage.counter:
+                        self.succeeded(trial)
+                    return conn
+            exc: Exception = failure
+            failure = None
+            retried = not isinstance(exc, NOT_RETRIED)
+            kind = _sqlstate.classify(exc, connecting=True) if retried else None
+            if kind == _sqlstate.CONFIG:
                 if trial:
                     self._trial.release()
-                raise
-            if trial or self._storage.counter:
-                self.succeeded(trial)
-            return conn
+                raise self.fault(exc) from exc
+            if kind == _sqlstate.READ_ONLY:  # no host accepts the alias yet: failing over
+                if trial:
+                    self._trial.release()
+            else:
+                self.failed(exc, trial)
+            remaining = retry.max_time - (self.clock() - started)
+            if isinstance(exc, NOT_RETRIED) or tries >= retry.max_tries or remaining <= 0:
+                error = self.translate(exc)
+                if error is exc:
+                    raise exc  # ours already: not its own cause (that breaks pickling)
+                raise error from exc
+            if delays is None:
+                delays = backoff.expo(factor=retry.base_delay, max_value=retry.max_delay)
+                next(delays)  # backoff's generators are primed with one next()
+            delay = min(backoff.full_jitter(next(delays)), remaining)
+            if stats is not None:
+                stats.retries += 1
+            logger.warning(
+                "Connecting to database %s failed (try %d of %d), retrying in %.2fs: %s",
+                self.config.describe(),
+                tries,
+                retry.max_tries,
+                delay,
+                redact(str(exc).strip(), self.config.password),
+            )
+            sleep(delay)
 
     def _words(self, exc: BaseException) -> str:
         """Return the server's own words for ``exc``, without the password."""

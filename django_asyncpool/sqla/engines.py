@@ -5,8 +5,9 @@ The async half of the pool, as :mod:`..sync.pool` is the sync half. It owns:
 * :class:`LoopState`: one event loop's engines (read-write, and read-only when
   first used), each on a :class:`~.fairpool.GuardedPool`, disposed while the
   loop shuts down (asyncpg connections belong to the loop that opened them);
-* :class:`_Listeners`: what the pool does at connect, checkout (the liveness
-  rules of :mod:`..core.liveness`), a session's first round trip, error and check-in;
+* :class:`_Listeners`: what the pool does at connect, checkout (the pool's ``check``:
+  the liveness rules of :mod:`..core.liveness`), a session's first round trip, error
+  and check-in;
 * :func:`connect_kwargs`, the asyncpg arguments of an alias, and the "connection
   lost" test and error (:func:`is_lost`, :func:`lost_error`).
 
@@ -32,7 +33,7 @@ from ..config import AliasConfig, refuse_unusable
 from ..core import registry as _registry
 from ..core import sqlstate as _sqlstate
 from ..core import waiters as _waiters
-from ..core.checkout import RETURNED, TAKEN
+from ..core.checkout import RETURNED
 from ..core.hangups import forget_hint, hinted, watch_socket
 from ..core.liveness import DUE, GONE, clock, poller, verdict
 from ..core.loops import on_loop, run_at_loop_shutdown
@@ -62,8 +63,6 @@ _ASYNCPG_DSN_KEYS = frozenset(
 )
 
 
-#: In a record's info: a new connection, not yet checked out (the next checkout is no reuse).
-_FRESH = "asyncpool_fresh"
 #: In a record's info: clock() when it is due to be replaced (``recycle``, spread +-10 %).
 _EXPIRES = "asyncpool_expires"
 #: In a record's info: its socket's number and :func:`~..core.liveness.poller` (None: no socket).
@@ -177,14 +176,17 @@ def _hung_up(sock: tuple[int, Any]) -> bool:
 
 
 class _Listeners:
-    """The pool events of one engine, registered on it: liveness, accounting, lost connections.
+    """The pool events of one engine: liveness, accounting, lost connections.
+
+    ``connect`` and ``handle_error`` are registered on the engine; ``checkout`` is its
+    pool's :attr:`~.fairpool.GuardedPool.check`, run without SQLAlchemy's event dispatch.
 
     A record is stamped with :func:`~..core.liveness.clock` when it opens (here) and each
     time it comes back (``RETURNED``, by the pool's own check-in); at checkout the
     rules of :mod:`..core.liveness` decide whether it is pinged.
     """
 
-    __slots__ = ("bypass", "config", "metered", "ping_timeout", "readonly", "recycle", "stats")
+    __slots__ = ("bypass", "config", "ping_timeout", "readonly", "recycle", "stats")
 
     def __init__(self, config: AliasConfig, stats: Stats, readonly: bool = False) -> None:
         self.config = config
@@ -193,12 +195,10 @@ class _Listeners:
         self.bypass = config.liveness_bypass
         self.recycle = config.async_pool.recycle
         self.ping_timeout = config.async_pool.timeout
-        self.metered = config.metrics
 
     def register(self, engine: AsyncEngine) -> None:
         target = engine.sync_engine
         event.listen(target, "connect", self.connect)
-        event.listen(target, "checkout", self.checkout)
         event.listen(target, "handle_error", self.handle_error)
         if not self.readonly:
             event.listen(target, "begin", self.begin)
@@ -210,10 +210,11 @@ class _Listeners:
         # Recycled here, not by SQLAlchemy: its recycle has no jitter, and a pool's
         # connections opened together would all be replaced in the same second.
         info[_EXPIRES] = now + lifetime(self.recycle) if self.recycle > 0 else math.inf
-        info[_FRESH] = True
         info[_SOCKET] = _socket(dbapi_connection.driver_connection)
 
-    def checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    def checkout(self, dbapi_connection: Any, record: Any, now: float) -> None:
+        """Check a connection about to be handed out at ``now`` (clock()): the pool's
+        :attr:`~.fairpool.GuardedPool.check`. Raise ``DisconnectionError`` to replace it."""
         raw = dbapi_connection.driver_connection
         stats = self.stats
         info = record.info
@@ -223,7 +224,6 @@ class _Listeners:
         # (or where nothing watches): no system call per checkout
         # (benchmarks/bench_checkout.py; docs/performance.md has the figures).
         sock = info.get(_SOCKET)
-        now = clock()
         found = verdict(
             raw.is_closed() or (sock is not None and hinted(sock[0]) and _hung_up(sock)),
             info.get(RETURNED, 0.0),
@@ -249,10 +249,12 @@ class _Listeners:
                 # for up to 2 s more on a dead path.
                 raw.terminate()
                 raise sqlalchemy.exc.DisconnectionError(str(exc)) from exc
-        if not info.pop(_FRESH, False):
+        if record.fresh:
+            # A new connection (SQLAlchemy sets it at connect), not yet handed out: no
+            # reuse. Cleared as SQLAlchemy's own checkout would, were it to run the check.
+            record.fresh = False
+        else:
             stats.reused += 1
-        if self.metered:
-            info[TAKEN] = now
 
     def begin(self, conn: Any) -> None:
         """Send a transaction's BEGIN now, replacing a connection found dead by it.
@@ -407,6 +409,7 @@ def _create_engine(
     autocommit = readonly and not config.pgbouncer
     # SQLAlchemy makes the pool itself from poolclass (and again in recreate()), so
     # the guard and stats ride on a per-engine subclass, as class attributes.
+    listeners = _Listeners(config, stats, readonly)
     poolclass = type(
         "GuardedPool",
         (GuardedPool,),
@@ -415,6 +418,7 @@ def _create_engine(
             "stats": stats,
             "metered": config.metrics,
             "budget": budget,
+            "check": listeners.checkout,
         },
     )
     engine = create_async_engine(
@@ -432,7 +436,7 @@ def _create_engine(
         isolation_level="AUTOCOMMIT" if autocommit else None,
         execution_options={"postgresql_readonly": True} if readonly and not autocommit else {},
     )
-    _Listeners(config, stats, readonly).register(engine)
+    listeners.register(engine)
     return engine
 
 

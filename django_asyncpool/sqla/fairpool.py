@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+import sqlalchemy.exc
+from sqlalchemy import util
 from sqlalchemy.pool import Pool, PoolProxiedConnection
-from sqlalchemy.pool.base import _AsyncConnDialect
+from sqlalchemy.pool.base import _AsyncConnDialect, _ConnectionFairy
 from sqlalchemy.util.concurrency import await_
 
 from ..core.checkout import RETURNED, TAKEN, Leaks
@@ -68,6 +71,11 @@ class GuardedPool(Pool):
     budget: Budget
     #: Time checkouts for the latency histogram (``OPTIONS["metrics"]``).
     metered: bool = True
+    #: Run on each connection handed out, with the DBAPI connection, its record and
+    #: clock() when the checkout began (the engine's liveness rules and recycling); it
+    #: raises ``DisconnectionError`` for a connection to replace, as a listener of
+    #: SQLAlchemy's "checkout" event would.
+    check: Callable[[Any, Any, float], None] | None = None
     #: Seconds overflow connections are kept after demand last exceeded pool_size.
     KEEP_OVERFLOW = 30.0
 
@@ -113,9 +121,17 @@ class GuardedPool(Pool):
         # usable connection, and its outcome.
         stats = self.stats
         stats.attempts += 1
-        started = time.perf_counter()
+        started = clock()
         try:
-            fairy = super().connect()
+            # Pool.connect(), with the check run here rather than as a "checkout" event:
+            # SQLAlchemy's dispatch of it costs more than the check (benchmarks/bench_checkout.py).
+            fairy = _ConnectionFairy._checkout(self)
+            check = self.check
+            if check is not None:
+                try:
+                    check(fairy.dbapi_connection, fairy._connection_record, started)
+                except BaseException as exc:
+                    self._replaced(fairy, exc)
         except PoolError as exc:
             stats.failed(exc)
             raise for_async(exc) from exc.__cause__
@@ -123,11 +139,53 @@ class GuardedPool(Pool):
             stats.failed(exc)
             raise
         stats.checkouts += 1
+        record: Any = fairy._connection_record
         if self.metered:
-            stats.latency.observe(time.perf_counter() - started)
+            now = clock()
+            stats.latency.observe(now - started)
+            record.info[TAKEN] = now  # for the time it is held (_return_conn)
         if self._leaks is not None:
-            self._leaks.taken(fairy._connection_record)
+            self._leaks.taken(record)
         return fairy
+
+    def _replaced(self, fairy: Any, exc: BaseException) -> None:
+        """Handle what :attr:`check` raised on a new fairy as SQLAlchemy handles what a
+        "checkout" listener raises (called while ``exc`` is being handled).
+
+        A ``DisconnectionError`` replaces the connection in place, checked again, once
+        more at most; any other error returns the record to the pool, invalidated.
+        """
+        check: Any = self.check
+        record = fairy._connection_record
+        for tries_left in (1, 0):
+            if not isinstance(exc, sqlalchemy.exc.DisconnectionError):
+                try:
+                    record._checkin_failed(exc, _fairy_was_created=True)
+                except BaseException as err:
+                    raise err from exc
+                raise exc
+            self.logger.info(
+                "Disconnection detected on checkout, invalidating individual "
+                "connection %s (reason: %r)",
+                fairy.dbapi_connection,
+                exc,
+            )
+            record.invalidate(exc)
+            try:
+                fairy.dbapi_connection = record.get_connection()
+            except BaseException as err:
+                with util.safe_reraise():
+                    record._checkin_failed(err, _fairy_was_created=True)
+            if not tries_left:
+                break
+            try:
+                check(fairy.dbapi_connection, record, clock())
+                return
+            except BaseException as again:
+                exc = again
+        self.logger.info("Reconnection attempts exhausted on checkout")
+        fairy.invalidate()
+        raise sqlalchemy.exc.InvalidRequestError("This connection is closed")
 
     # -- checkout ---------------------------------------------------------------------------
 
@@ -238,13 +296,14 @@ class GuardedPool(Pool):
             _drop(record)
             slots.release()
             return
-        if slots.hand_over(record):
-            return
-        if slots.wanted_elsewhere():
-            # The oldest caller wants another kind: this one's slot is theirs.
-            _drop(record)
-            slots.release()
-            return
+        if slots.budget.queue:  # somebody may wait (an empty queue: the common case)
+            if slots.hand_over(record):
+                return
+            if slots.wanted_elsewhere():
+                # The oldest caller wants another kind: this one's slot is theirs.
+                _drop(record)
+                slots.release()
+                return
         if self.closes_on_return():
             # The demand stayed within pool_size for a while (or the pool was disposed):
             # close this connection, and the idle ones above pool_size. Each slot is

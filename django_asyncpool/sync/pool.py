@@ -10,6 +10,7 @@ psycopg_pool internals :class:`SyncPool` relies on (``pyproject.toml`` pins
 ``psycopg-pool<3.4``; ``tests/sync/test_pool.py`` fails when one disappears):
 attributes ``_opened``, ``_lock``, ``_nconns``, ``_pool``, ``_stats``, ``_waiting``,
 ``_min_size``; methods ``_maybe_grow_pool``, ``_add_connection``, ``_connect``,
+``_check_open_getconn``, ``_getconn_with_check_loop``, ``_getconn_unchecked``,
 ``_start_initial_tasks``, ``run_task``, ``schedule_task``,
 ``_set_connection_expiry_date`` (and the ``_created_at``/``_expire_at`` it stamps); classes
 ``psycopg_pool.pool.{AddConnection, MaintenanceTask, Schedule}`` and
@@ -192,21 +193,35 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             **config.sync_pool,
         )
 
-    def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
+    def _check_open_getconn(self) -> None:
+        # getconn() calls it first: opened by the first checkout, never at import or
+        # startup (as Django); a fresh configuration fault refused at once.
         if not self._opened:
-            self.open()  # by the first checkout, never at import or startup (as Django)
-        started = clock()
+            self.open()
         if self.last_connect_error is not None and not self._pool:
-            self._refuse_fast(started)
-        conn = super().getconn(timeout)
+            self._refuse_fast(clock())
+        if self._closed:
+            super()._check_open_getconn()
+
+    def wait(self, timeout: float = 30.0) -> None:
+        if not self._opened:  # not opened by a wait, as psycopg_pool: only by a checkout
+            psycopg_pool.ConnectionPool._check_open_getconn(self)
+        super().wait(timeout)
+
+    def _getconn_with_check_loop(self, deadline: float) -> psycopg.Connection[Any]:
+        # getconn() calls it to take a connection and run check= on it, sleeping about a
+        # second after each failed check: replaced by the liveness rules (_checked), and
+        # with one clock read, the one psycopg_pool makes here, for the wait and the rules.
+        now = clock()
+        conn = self._getconn_unchecked(deadline - now)
         # Every checkout's path: one test for the common case, a connection returned
         # moments ago, not hung up on by the server, with no check of its own to run.
-        returned = getattr(conn, RETURNED, 0.0)
         if (
             self.checkout_check is not None
-            or verdict(maybe_closed(conn), returned, started, self.liveness_bypass) != LIVE
+            or verdict(maybe_closed(conn), getattr(conn, RETURNED, 0.0), now, self.liveness_bypass)
+            != LIVE
         ):
-            conn = self._checked(conn, started + (self.timeout if timeout is None else timeout))
+            conn = self._checked(conn, deadline)
         leaks = self.leaks
         if leaks is None:
             # No sweep to race with: an increment, as Stats' counters (under the GIL an
@@ -246,7 +261,7 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             else:
                 clear_hint(conn)  # a stale hint: reused number
                 return conn
-            conn = super().getconn(max(deadline - clock(), 0.0))
+            conn = self._getconn_unchecked(max(deadline - clock(), 0.0))
         return conn
 
     def putconn(self, conn: psycopg.Connection[Any]) -> None:
@@ -267,7 +282,9 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         if conn.pgconn.transaction_status == _UNKNOWN:
             self.stats.invalidated += 1  # returned broken: psycopg_pool replaces it
         setattr(conn, RETURNED, clock())  # for the liveness bypass window
-        super().putconn(conn)
+        # The base class named, not super(): every check-in's path, and a super object
+        # per call shows in benchmarks/bench_checkout.py.
+        psycopg_pool.ConnectionPool.putconn(self, conn)
 
     def _start_initial_tasks(self) -> None:
         super()._start_initial_tasks()
