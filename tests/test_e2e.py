@@ -541,7 +541,12 @@ def test_runserver_runs_every_view_each_on_a_fresh_loop(demo: Demo) -> None:
     """Django's dev server (WSGI) runs each async view in its own event loop."""
     port = pgserver.free_port()
     # As docs/demo.md says: ASYNCPOOL_PGDATA points the settings at the running demo.
-    env = dict(os.environ, ASYNCPOOL_PGDATA=str(demo.pgdata), PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        ASYNCPOOL_PGDATA=str(demo.pgdata),
+        PYTHONUNBUFFERED="1",
+        PYTHONFAULTHANDLER="1",  # SIGABRT prints every thread's stack, should it hang
+    )
     env.pop("DJANGO_SETTINGS_MODULE", None)
     env.pop("DATABASE_URL", None)
     proc = subprocess.Popen(
@@ -569,7 +574,12 @@ def test_runserver_runs_every_view_each_on_a_fresh_loop(demo: Demo) -> None:
         assert pools["replica"]["async_loops"] <= 1  # closed loops' engines are gone
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # where it hangs, from faulthandler
+            out, _ = proc.communicate(timeout=30)
+            raise AssertionError(f"runserver did not exit within 30 s of SIGINT:\n{out}") from None
     assert "Traceback" not in out and "different loop" not in out, out
 
 
