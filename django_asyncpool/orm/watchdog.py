@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from greenlet import getcurrent, greenlet
+from greenlet import GreenletExit, getcurrent, greenlet
 
 from ..core import process as _process
 
@@ -53,14 +53,65 @@ _OURS = (
 _STDLIB = os.path.dirname(os.__file__) + os.sep
 
 
+#: What a :class:`_Green` switches to its driver when its call is done.
+_DONE: Any = object()
+#: Idle greenlets kept for reuse, per thread (a greenlet only runs in its own thread).
+_idle = threading.local()
+#: At most this many idle greenlets are kept per thread.
+IDLE_KEPT = 64
+
+
 class _Green(greenlet):  # type: ignore[misc]
-    """A greenlet that SQLAlchemy's ``await_`` accepts, sharing its driver's context."""
+    """A greenlet that SQLAlchemy's ``await_`` accepts, running one call after another.
+
+    Reused, not made per call: a new greenlet starts with an empty frame stack, and
+    Python allocates (and frees at its end) fresh memory for the frames of Django's
+    deep call stack, which costs more than the switches (benchmarks/bench_async_orm.py).
+    Each call runs in its driver's context (:func:`spawn` sets it, and drops it after).
+    """
 
     __sqlalchemy_greenlet_provider__ = True
+    #: The function to name when no stack shows the code (None: the call's own).
+    where: Any = None
+    #: The call's result, or the exception it raised (``failed``); read and cleared by spawn.
+    value: Any = None
+    failed = False
 
-    def __init__(self, fn: Callable[..., Any], driver: greenlet) -> None:
-        super().__init__(fn, driver)
-        self.gr_context = driver.gr_context
+    def run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        while True:
+            try:
+                self.value = fn(*args, **kwargs)
+                self.failed = False
+            except GreenletExit:
+                raise  # discarded while suspended in a call: end, as a greenlet of its own would
+            except BaseException as exc:
+                self.value = exc
+                self.failed = True
+            fn = args = kwargs = None  # type: ignore[assignment]  # nothing kept while idle
+            fn, args, kwargs = self.parent.switch(_DONE)
+
+
+def _take(driver: greenlet) -> _Green:
+    """Return an idle greenlet of this thread (or a new one) that runs in ``driver``'s context."""
+    kept: list[_Green] | None = getattr(_idle, "kept", None)
+    if kept:
+        child = kept.pop()
+        if child.parent is not driver:
+            child.parent = driver
+    else:
+        child = _Green(None, driver)
+    child.gr_context = driver.gr_context
+    return child
+
+
+def _give_back(child: _Green) -> None:
+    child.gr_context = None  # the task's context variables: not kept alive by an idle greenlet
+    child.where = None
+    kept: list[_Green] | None = getattr(_idle, "kept", None)
+    if kept is None:
+        kept = _idle.kept = []
+    if len(kept) < IDLE_KEPT:
+        kept.append(child)
 
 
 _threshold: float | None = None
@@ -92,18 +143,27 @@ async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: 
     limit = threshold()
     if limit and _monitor is None:
         _start_monitor(limit)
-    child = _Green(fn, getcurrent())
-    if _where is not None:
-        child.where = _where
-    result = _slice(fn, child, limit, child.switch, *args, **kwargs)
-    while not child.dead:
+    child = _take(getcurrent())
+    child.where = _where
+    result = _slice(fn, child, limit, child.switch, fn, args, kwargs)
+    while result is not _DONE:
+        if child.dead:  # the call raised GreenletExit: greenlet returns it, as before
+            return result  # type: ignore[no-any-return]
         try:
             value = await result
         except BaseException:
             result = _slice(fn, child, limit, child.throw, *sys.exc_info())
         else:
             result = _slice(fn, child, limit, child.switch, value)
-    return result  # type: ignore[no-any-return]
+    value, failed = child.value, child.failed
+    child.value = None
+    _give_back(child)
+    if failed:
+        try:
+            raise value
+        finally:
+            del value  # the traceback holds this frame: no cycle through it
+    return value  # type: ignore[no-any-return]
 
 
 def call(fn: Callable[..., T], *args: Any) -> T:
@@ -150,7 +210,7 @@ def _held(fn: Callable[..., Any], child: greenlet | None, slot: list[Any], held:
     if frame is not None:
         where, key = f"{_module(frame.filename)}.{frame.name}", (frame.filename, frame.lineno)
     else:
-        fn = getattr(child, "where", fn)
+        fn = getattr(child, "where", None) or fn
         where = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
         key = (where, 0)
     blocked[where] = blocked.get(where, 0) + 1
@@ -243,6 +303,7 @@ def _after_fork_in_child() -> None:
     global _monitor
     _monitor = None  # the thread is not in the child: start another at its first slice
     _running.clear()
+    _idle.__dict__.pop("kept", None)  # the parent's: not reused in the child
 
 
 _process.at_fork("watchdog", _after_fork_in_child)
