@@ -52,6 +52,7 @@ from ..core.loops import greenlet_sleep, run_at_loop_shutdown
 from ..core.renewal import lifetime, rejected
 from ..core.waiters import TIMED_OUT, Slots
 from ..errors import PoolClosed, PoolTimeout, pool_timeout
+from . import idle as _idle
 
 __all__ = [
     "GreenConnection",
@@ -97,9 +98,14 @@ class GreenConnection(psycopg.Connection[Any]):
                 # future and a timer for each query; this is a yield and a poll.
                 # Cancelled here, the query still running: the pool discards the
                 # connection when it comes back (its transaction status is ACTIVE).
-                await_(_YIELD)
-                if _ready_now(self.pgconn.socket):
+                # With nothing else for the loop to do, the wait is right here (.idle).
+                fd = self.pgconn.socket
+                if _idle.wait_here(self, fd):
                     state = gen.send(READY_R)
+                else:
+                    await_(_YIELD)
+                    if _ready_now(fd):
+                        state = gen.send(READY_R)
         except StopIteration as done:
             return done.value
         # Still waiting (a slow query, a large result): psycopg's wait, which also

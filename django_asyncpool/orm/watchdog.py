@@ -28,7 +28,7 @@ from greenlet import GreenletExit, getcurrent, greenlet
 
 from ..core import process as _process
 
-__all__ = ["blocked", "call", "spawn", "threshold"]
+__all__ = ["blocked", "call", "idle", "spawn", "threshold"]
 
 logger = logging.getLogger("django_asyncpool")
 T = TypeVar("T")
@@ -179,13 +179,32 @@ def call(fn: Callable[..., T], *args: Any) -> T:
     return _slice(fn, None, limit, fn, *args)  # type: ignore[no-any-return]
 
 
+def idle(wait: Callable[[float], T], timeout: float) -> T:
+    """Return ``wait(timeout)``: a wait while the loop has nothing else to do, which
+    holds nothing up (it ends as soon as anything else is ready) and is not counted.
+
+    The slice in progress (if any) excludes its time, and the monitor does not take
+    this wait for a blocking call.
+    """
+    slot = _running.get(threading.get_ident())
+    if slot is None:
+        return wait(timeout)
+    slot[5] = True
+    started = time.perf_counter()
+    try:
+        return wait(timeout)
+    finally:
+        slot[0] += time.perf_counter() - started
+        slot[5] = False
+
+
 def _slice(
     fn: Callable[..., Any], child: greenlet | None, limit: float, step: Any, *args: Any, **kw: Any
 ) -> Any:
     """Run the greenlet until it awaits or ends (``step``: its switch or throw), timed."""
     tid = threading.get_ident()
-    # [start, stack, CPU time at start, seen blocked, the thread's id in /proc]
-    slot: list[Any] = [time.perf_counter(), None, time.thread_time(), False, _native_id()]
+    # [start, stack, CPU time at start, seen blocked, the thread's id in /proc, in idle()]
+    slot: list[Any] = [time.perf_counter(), None, time.thread_time(), False, _native_id(), False]
     _running[tid] = slot
     try:
         return step(*args, **kw)
@@ -268,7 +287,7 @@ def _watch(limit: float) -> None:
         for tid, slot in list(_running.items()):
             if now - slot[0] <= limit:
                 continue
-            if not slot[3] and _asleep(slot[4]):
+            if not slot[3] and not slot[5] and _asleep(slot[4]) and not slot[5]:
                 slot[3] = True
             if slot[1] is None:
                 frame = sys._current_frames().get(tid)
