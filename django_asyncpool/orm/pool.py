@@ -575,7 +575,8 @@ def holder(alias: str) -> Holder:
         loops = _holders.setdefault(alias, weakref.WeakKeyDictionary())
         for other in [lp for lp in loops if lp.is_closed()]:
             del loops[other]
-        made = loops[loop] = Holder(_registry.config(alias), connections[alias])
+        # A wrapper of its own: connections[alias] would bind one in the caller's context.
+        made = loops[loop] = Holder(_registry.config(alias), connections.create_connection(alias))
         return made
 
 
