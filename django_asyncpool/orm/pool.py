@@ -98,10 +98,13 @@ class GreenConnection(psycopg.Connection[Any]):
                 # future and a timer for each query; this is a yield and a poll.
                 # Cancelled here, the query still running: the pool discards the
                 # connection when it comes back (its transaction status is ACTIVE).
-                # With nothing else for the loop to do, the wait is right here (.idle).
+                # With nothing else for the loop to do, the wait is right here (.idle),
+                # for each part of a large answer.
                 fd = self.pgconn.socket
-                if _idle.wait_here(self, fd):
+                while _idle.wait_here(self, fd):
                     state = gen.send(READY_R)
+                    if state != WAIT_R:
+                        break
                 else:
                     await_(_YIELD)
                     if _ready_now(fd):
