@@ -1,7 +1,7 @@
 """Django's async ORM natively (``OPTIONS["async_orm"]``) against its thread hop and the sync ORM.
 
     python benchmarks/bench_async_orm.py [--seconds 1.5] [--rounds 5] [--tasks 32]
-                                         [--only hop|sync]
+                                         [--only hop|sync|layers]
 
 Three operations on ``shop.Product`` (1,000 rows), each by ``--tasks`` concurrent
 tasks on one alias with ``async_orm`` on:
@@ -23,7 +23,9 @@ after another by one task, natively, against the same query in the sync ORM
 sync code in the main thread, no event loop running, the alias's sync pool), in
 alternating quarter-second pieces likewise. Printed are the medians of the CPU µs
 per query (the process's CPU time, every thread) and of the per-round ratios
-native / sync, with the bar: at most 1.1x. ``--only`` runs one of the two parts.
+native / sync, with the bar: at most 1.1x. ``--only`` runs one of the two parts;
+``--only layers`` shows what each layer of the native path adds, one on another
+(a profiling aid that calls the package's private functions).
 
 Uses DATABASE_URL, or starts the embedded PostgreSQL; migrates and loads the
 products when they are missing.
@@ -243,6 +245,8 @@ def main(seconds: float, rounds: int, tasks: int, only: str | None) -> int:
             missed += runner.run(against_hop(variants, seconds, rounds, tasks, ids))
         if only in (None, "sync"):
             missed += against_sync_all(runner, variants, seconds, rounds)
+        if only == "layers":
+            layers(runner, {name: v[2] for name, v in variants.items()}, variants, rounds)
     return 1 if missed else 0
 
 
@@ -333,6 +337,103 @@ def against_sync_all(
     return missed
 
 
+def layers(
+    runner: asyncio.Runner,
+    queries: dict[str, Callable[[], object]],
+    variants: dict[str, tuple[Any, Any, Any]],
+    rounds: int,
+    n: int = 300,
+) -> None:
+    """Print what each layer of the native path adds to the sync ORM's CPU per query.
+
+    Each layer runs ``n`` queries by one task, in turn with the others (reversed every
+    other round); each adds one piece to the one above it. They call the package's
+    private functions: a profiling aid, not an API.
+    """
+    for name, query in queries.items():
+        holder = runner.run(_holder())
+        steps = _layer_steps(runner, holder, query, variants[name][0], n)
+        cpu: dict[str, list[float]] = {step: [] for step in steps}
+        for r in range(rounds):
+            for step in steps if r % 2 == 0 else reversed(steps):
+                started = time.process_time()
+                steps[step]()
+                cpu[step].append((time.process_time() - started) / n * 1e6)
+        base = statistics.median(cpu["sync ORM"])
+        print(f"\n{name}: CPU µs per query, medians of {rounds} rounds of {n} queries, 1 task")
+        previous = base
+        for step, values in cpu.items():
+            value = statistics.median(values)
+            print(
+                f"  {step:45} {value:7.1f}  {value - base:+6.1f} over sync,"
+                f" {value - previous:+6.1f} over the line above"
+            )
+            previous = value
+
+
+def _layer_steps(
+    runner: asyncio.Runner,
+    holder: Any,
+    query: Callable[[], object],
+    method: Callable[[], Awaitable[object]],
+    n: int,
+) -> dict[str, Callable[[], None]]:
+    """Return the layers of :func:`layers`, each running ``n`` queries."""
+    from django_asyncpool.orm import native, watchdog
+
+    async def bound() -> None:
+        def body() -> None:
+            lease = holder.checkout()
+            previous = native.bind(ALIAS, lease.wrapper)
+            native.share_debugging(lease.wrapper, previous)
+            try:
+                for _ in range(n):
+                    query()
+            finally:
+                native.unbind(ALIAS, previous)
+                holder.checkin(lease)
+
+        await watchdog.spawn(body)
+
+    def op() -> None:
+        native._op(holder, ALIAS, native._MISSING, False, [], query, (), {})
+
+    async def checkouts() -> None:
+        await watchdog.spawn(lambda: [op() for _ in range(n)])
+
+    async def spawns() -> None:
+        for _ in range(n):
+            await watchdog.spawn(op)
+
+    async def runs() -> None:
+        for _ in range(n):
+            await native.run(ALIAS, query)
+
+    async def methods() -> None:
+        for _ in range(n):
+            await method()
+
+    def sync() -> None:
+        for _ in range(n):
+            query()
+        connections.close_all()
+
+    return {
+        "sync ORM": sync,
+        "in a greenlet, the wrapper bound once": lambda: runner.run(bound()),
+        "+ checkout, bind, unbind, checkin per query": lambda: runner.run(checkouts()),
+        "+ a greenlet switch per query (spawn)": lambda: runner.run(spawns()),
+        "+ native.run()": lambda: runner.run(runs()),
+        "+ the async method (the whole native path)": lambda: runner.run(methods()),
+    }
+
+
+async def _holder() -> Any:
+    from django_asyncpool.orm import pool as ormpool
+
+    return ormpool.holder(ALIAS)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.5, help="per variant per round")
@@ -340,8 +441,9 @@ if __name__ == "__main__":
     parser.add_argument("--tasks", type=int, default=32)
     parser.add_argument(
         "--only",
-        choices=("hop", "sync"),
-        help="only native against the thread hop, or the sync ORM",
+        choices=("hop", "sync", "layers"),
+        help="only native against the thread hop, or the sync ORM; or what each layer "
+        "of the native path adds (not in the default run)",
     )
     args = parser.parse_args()
     sys.exit(main(args.seconds, args.rounds, args.tasks, args.only))
