@@ -1,6 +1,7 @@
-"""Django's async ORM natively (``OPTIONS["async_orm"]``) against its thread hop, in one process.
+"""Django's async ORM natively (``OPTIONS["async_orm"]``) against its thread hop and the sync ORM.
 
     python benchmarks/bench_async_orm.py [--seconds 1.5] [--rounds 5] [--tasks 32]
+                                         [--only hop|sync|layers]
 
 Three operations on ``shop.Product`` (1,000 rows), each by ``--tasks`` concurrent
 tasks on one alias with ``async_orm`` on:
@@ -14,8 +15,20 @@ Each natively, and through the thread hop that Django's own async methods take,
 is off), on the same alias and model. In each round the two run in alternating
 quarter-second pieces (A B B A ...) until each has had ``--seconds``. Printed are the
 medians of ops/s and of the per-round ratios native / thread hop, with the bar of
-issue 15: ``aget`` >= 2x. Uses DATABASE_URL, or starts the embedded
-PostgreSQL; migrates and loads the products when they are missing.
+issue 15: ``aget`` >= 2x.
+
+Then the native path's own cost (issue 22, part 3): each operation run one query
+after another by one task, natively, against the same query in the sync ORM
+(``Product.objects.using(alias).get(pk=...)``, ``list(...)``, ``.count()``: plain
+sync code in the main thread, no event loop running, the alias's sync pool), in
+alternating quarter-second pieces likewise. Printed are the medians of the CPU µs
+per query (the process's CPU time, every thread) and of the per-round ratios
+native / sync, with the bar: at most 1.1x. ``--only`` runs one of the two parts;
+``--only layers`` shows what each layer of the native path adds, one on another
+(a profiling aid that calls the package's private functions).
+
+Uses DATABASE_URL, or starts the embedded PostgreSQL; migrates and loads the
+products when they are missing.
 """
 
 from __future__ import annotations
@@ -34,6 +47,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "testproject.settings")
+# As in production: DEBUG on would log every query, on both paths.
+os.environ.setdefault("DJANGO_DEBUG", "0")
 
 import django
 
@@ -50,6 +65,8 @@ ROWS = 1_000
 ALIAS = "bench_native"
 #: Variant -> bar on native / thread hop (None: reported only).
 BARS = {"aget": 2.0, "async for 100 rows": None, "acount": None}
+#: The bar on the CPU per query of one task's native queries / the sync ORM's (issue 22).
+SYNC_BAR = 1.1
 #: Seconds of one piece of a variant's run; the two variants alternate piece by piece.
 PIECE = 0.25
 
@@ -130,8 +147,57 @@ def sync_loop(products: Any, ids: list[int], seconds: float) -> tuple[float, flo
     return done / took, cpu / done * 1e6
 
 
-async def main(seconds: float, rounds: int, tasks: int) -> int:
-    ids = await sync_to_async(prepare)()
+def sequential_sync(fn: Callable[[], object], seconds: float) -> tuple[int, float]:
+    """Return (queries, CPU seconds) of ``fn`` called one after another for ``seconds``."""
+    done = 0
+    deadline = time.perf_counter() + seconds
+    cpu = time.process_time()
+    while time.perf_counter() < deadline:
+        fn()
+        done += 1
+    return done, time.process_time() - cpu
+
+
+async def sequential_native(
+    fn: Callable[[], Awaitable[object]], seconds: float
+) -> tuple[int, float]:
+    """Return (queries, CPU seconds) of ``fn`` awaited one after another by one task."""
+    done = 0
+    deadline = time.perf_counter() + seconds
+    cpu = time.process_time()
+    while time.perf_counter() < deadline:
+        await fn()
+        done += 1
+    return done, time.process_time() - cpu
+
+
+def against_sync(
+    runner: asyncio.Runner,
+    native: Callable[[], Awaitable[object]],
+    sync: Callable[[], object],
+    seconds: float,
+) -> tuple[float, float]:
+    """Return the CPU µs per query of ``native`` (one task) and of ``sync`` (this thread).
+
+    They run in alternating pieces (A B B A ...), the sync ones with no loop running.
+    """
+    totals = [[0.0, 0.0], [0.0, 0.0]]  # queries, CPU seconds
+    order = (0, 1, 1, 0)
+    for n in range(2 * max(1, round(seconds / PIECE))):
+        which = order[n % 4]
+        if which == 0:
+            got = runner.run(sequential_native(native, PIECE))
+        else:
+            got = sequential_sync(sync, PIECE)
+            connections.close_all()  # back to the sync pool, as at the end of a request
+        for i, value in enumerate(got):
+            totals[which][i] += value
+    (ops_a, cpu_a), (ops_b, cpu_b) = totals
+    return cpu_a / ops_a * 1e6, cpu_b / ops_b * 1e6
+
+
+def main(seconds: float, rounds: int, tasks: int, only: str | None) -> int:
+    ids = prepare()
     products = Product.objects.using(ALIAS)
     low = ids[: len(ids) - 100]  # a start with 100 rows after it
 
@@ -141,6 +207,9 @@ async def main(seconds: float, rounds: int, tasks: int) -> int:
     async def thread_aget() -> object:
         return await sync_to_async(products.get)(pk=random.choice(ids))
 
+    def sync_get() -> object:
+        return products.get(pk=random.choice(ids))
+
     async def native_rows() -> object:
         return [p async for p in products.filter(pk__gt=random.choice(low)).order_by("pk")[:100]]
 
@@ -148,24 +217,56 @@ async def main(seconds: float, rounds: int, tasks: int) -> int:
         qs = products.filter(pk__gt=random.choice(low)).order_by("pk")[:100]
         return await sync_to_async(list)(qs)
 
+    def sync_rows() -> object:
+        return list(products.filter(pk__gt=random.choice(low)).order_by("pk")[:100])
+
     async def native_count() -> object:
         return await products.filter(pk__gt=random.choice(low)).acount()
 
     async def thread_count() -> object:
         return await sync_to_async(products.filter(pk__gt=random.choice(low)).count)()
 
-    variants = {
-        "aget": (native_aget, thread_aget),
-        "async for 100 rows": (native_rows, thread_rows),
-        "acount": (native_count, thread_count),
-    }
-    for native, thread in variants.values():  # warm up: connections, code paths
-        await asyncio.gather(*(f() for f in (native, thread) for _ in range(tasks)))
+    def sync_count() -> object:
+        return products.filter(pk__gt=random.choice(low)).count()
 
+    variants = {
+        "aget": (native_aget, thread_aget, sync_get),
+        "async for 100 rows": (native_rows, thread_rows, sync_rows),
+        "acount": (native_count, thread_count, sync_count),
+    }
+    missed = []
+    with asyncio.Runner() as runner:
+        for native, thread, sync in variants.values():  # warm up: connections, code paths
+            runner.run(gather(tasks, native, thread))
+            for _ in range(tasks):
+                sync()
+            connections.close_all()
+        if only in (None, "hop"):
+            missed += runner.run(against_hop(variants, seconds, rounds, tasks, ids))
+        if only in (None, "sync"):
+            missed += against_sync_all(runner, variants, seconds, rounds)
+        if only == "layers":
+            layers(runner, {name: v[2] for name, v in variants.items()}, variants, rounds)
+    return 1 if missed else 0
+
+
+async def gather(tasks: int, *fns: Callable[[], Awaitable[object]]) -> None:
+    await asyncio.gather(*(f() for f in fns for _ in range(tasks)))
+
+
+async def against_hop(
+    variants: dict[str, tuple[Any, Any, Any]],
+    seconds: float,
+    rounds: int,
+    tasks: int,
+    ids: list[int],
+) -> list[str]:
+    """Print native against the thread hop at ``tasks`` tasks; return the bars missed."""
+    products = Product.objects.using(ALIAS)
     results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in variants}
     floor: list[tuple[float, float]] = []
     for n in range(rounds):
-        for name, (native, thread) in variants.items():
+        for name, (native, thread, _) in variants.items():
             results[name].append(await interleaved(native, thread, tasks, seconds, PIECE))
         floor.append(await asyncio.to_thread(sync_loop, products, ids, seconds / 2))
         line = "  ".join(f"{k} {v[-1][0] / v[-1][1]:.2f}x" for k, v in results.items())
@@ -196,9 +297,141 @@ async def main(seconds: float, rounds: int, tasks: int) -> int:
     ops, cpu = (statistics.median(f[i] for f in floor) for i in range(2))
     print(
         f"  the same get() in a loop of one thread, no event loop: {ops:.0f} ops/s, "
-        f"{cpu:.0f} CPU µs/op (what either path adds to Django's own work)"
+        f"{cpu:.0f} CPU µs/op (what either path adds to Django's own work)\n",
+        flush=True,
     )
-    return 1 if missed else 0
+    return missed
+
+
+def against_sync_all(
+    runner: asyncio.Runner,
+    variants: dict[str, tuple[Any, Any, Any]],
+    seconds: float,
+    rounds: int,
+) -> list[str]:
+    """Print one task's native queries against the sync ORM's; return the bars missed."""
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    for n in range(rounds):
+        for name, (native, _, sync) in variants.items():
+            results[name].append(against_sync(runner, native, sync, seconds))
+        line = "  ".join(f"{k} {v[-1][0] / v[-1][1]:.2f}x" for k, v in results.items())
+        print(f"round {n + 1}: CPU per query, native / sync ORM  {line}", flush=True)
+
+    print(f"\n1 task against the sync ORM, medians of {rounds} rounds of {seconds:g}s each")
+    print(
+        f"  {'operation':20} {'CPU µs/query: native':>21} {'sync ORM':>9} {'native - sync':>14}"
+        f" {'ratio':>7}"
+    )
+    missed = []
+    for name, rounds_ in results.items():
+        native, sync = (statistics.median(r[i] for r in rounds_) for i in range(2))
+        ratio = statistics.median(r[0] / r[1] for r in rounds_)
+        met = ratio <= SYNC_BAR
+        if not met:
+            missed.append(name)
+        print(
+            f"  {name:20} {native:21.0f} {sync:9.0f} {native - sync:+14.0f} {ratio:6.2f}x"
+            f"  (bar <= {SYNC_BAR:g}x: {'met' if met else 'MISSED'})"
+        )
+    print("  ratio: the median of the per-round ratios", flush=True)
+    return missed
+
+
+def layers(
+    runner: asyncio.Runner,
+    queries: dict[str, Callable[[], object]],
+    variants: dict[str, tuple[Any, Any, Any]],
+    rounds: int,
+    n: int = 300,
+) -> None:
+    """Print what each layer of the native path adds to the sync ORM's CPU per query.
+
+    Each layer runs ``n`` queries by one task, in turn with the others (reversed every
+    other round); each adds one piece to the one above it. They call the package's
+    private functions: a profiling aid, not an API.
+    """
+    for name, query in queries.items():
+        holder = runner.run(_holder())
+        steps = _layer_steps(runner, holder, query, variants[name][0], n)
+        cpu: dict[str, list[float]] = {step: [] for step in steps}
+        for r in range(rounds):
+            for step in steps if r % 2 == 0 else reversed(steps):
+                started = time.process_time()
+                steps[step]()
+                cpu[step].append((time.process_time() - started) / n * 1e6)
+        base = statistics.median(cpu["sync ORM"])
+        print(f"\n{name}: CPU µs per query, medians of {rounds} rounds of {n} queries, 1 task")
+        previous = base
+        for step, values in cpu.items():
+            value = statistics.median(values)
+            print(
+                f"  {step:45} {value:7.1f}  {value - base:+6.1f} over sync,"
+                f" {value - previous:+6.1f} over the line above"
+            )
+            previous = value
+
+
+def _layer_steps(
+    runner: asyncio.Runner,
+    holder: Any,
+    query: Callable[[], object],
+    method: Callable[[], Awaitable[object]],
+    n: int,
+) -> dict[str, Callable[[], None]]:
+    """Return the layers of :func:`layers`, each running ``n`` queries."""
+    from django_asyncpool.orm import native, watchdog
+
+    async def bound() -> None:
+        def body() -> None:
+            lease = holder.checkout()
+            previous = native.bind(ALIAS, lease.wrapper)
+            native.share_debugging(lease.wrapper, previous)
+            try:
+                for _ in range(n):
+                    query()
+            finally:
+                native.unbind(ALIAS, previous)
+                holder.checkin(lease)
+
+        await watchdog.spawn(body)
+
+    def op() -> None:
+        native._op(holder, ALIAS, native._MISSING, False, [], query, (), {})
+
+    async def checkouts() -> None:
+        await watchdog.spawn(lambda: [op() for _ in range(n)])
+
+    async def spawns() -> None:
+        for _ in range(n):
+            await watchdog.spawn(op)
+
+    async def runs() -> None:
+        for _ in range(n):
+            await native.run(ALIAS, query)
+
+    async def methods() -> None:
+        for _ in range(n):
+            await method()
+
+    def sync() -> None:
+        for _ in range(n):
+            query()
+        connections.close_all()
+
+    return {
+        "sync ORM": sync,
+        "in a greenlet, the wrapper bound once": lambda: runner.run(bound()),
+        "+ checkout, bind, unbind, checkin per query": lambda: runner.run(checkouts()),
+        "+ a greenlet switch per query (spawn)": lambda: runner.run(spawns()),
+        "+ native.run()": lambda: runner.run(runs()),
+        "+ the async method (the whole native path)": lambda: runner.run(methods()),
+    }
+
+
+async def _holder() -> Any:
+    from django_asyncpool.orm import pool as ormpool
+
+    return ormpool.holder(ALIAS)
 
 
 if __name__ == "__main__":
@@ -206,5 +439,11 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=1.5, help="per variant per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=32)
+    parser.add_argument(
+        "--only",
+        choices=("hop", "sync", "layers"),
+        help="only native against the thread hop, or the sync ORM; or what each layer "
+        "of the native path adds (not in the default run)",
+    )
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.seconds, args.rounds, args.tasks)))
+    sys.exit(main(args.seconds, args.rounds, args.tasks, args.only))

@@ -140,8 +140,9 @@ async def run(alias: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) ->
     retryable = kwargs.pop("_retryable", False)
     hooks: list[Any] = []
     try:
-        pinned = _pinned(alias)
-        if pinned is not None:
+        current = _current(alias)
+        if isinstance(current, _ormpool.NativeWrapper):
+            pinned = current  # an open atomic block's
             _check_owner(pinned, alias)
             try:
                 return await greenlet_spawn(fn, *args, **kwargs)
@@ -151,7 +152,7 @@ async def run(alias: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) ->
         if callers is not None:
             return _borrowed_call(alias, callers, fn, args, kwargs)
         holder = _ormpool.holder(alias)
-        return await greenlet_spawn(_op, holder, alias, retryable, hooks, fn, args, kwargs)
+        return await greenlet_spawn(_op, holder, alias, current, retryable, hooks, fn, args, kwargs)
     finally:
         if hooks:
             await sync_to_async(_run_hooks)(hooks)
@@ -160,15 +161,18 @@ async def run(alias: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) ->
 def _op(
     holder: _ormpool.Holder,
     alias: str,
+    previous: Any,
     retryable: bool,
     hooks: list[Any],
     fn: Callable[..., T],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> T:
+    """Run ``fn`` on a pooled connection bound as ``connections[alias]`` (``previous``
+    is what is there now: the greenlet starts at once, in the caller's context)."""
     lease = holder.checkout()
     wrapper = lease.wrapper
-    previous = _bind(alias, wrapper)
+    setattr(_local(), alias, wrapper)
     _share_debugging(wrapper, previous)
     try:
         return fn(*args, **kwargs)
@@ -243,8 +247,9 @@ def _callers(alias: str) -> Any:
     """Return None, the blocked caller thread's wrappers (``alias``'s in a transaction), or
     ``_THREAD`` (the call must run in that thread)."""
     # The common case costs a set's truth test: no sync connection in a transaction (the
-    # lookup in asgiref's Local below raises and catches an AttributeError: ~5 µs).
-    if not _process.transactions:
+    # lookup in asgiref's Local below raises and catches an AttributeError). The
+    # WeakSet's own set: its len() is Python code; a dead entry only costs the lookup.
+    if not _process.transactions.data:  # type: ignore[attr-defined]
         return None
     executor = getattr(AsyncToSync.executors, "current", None)
     if executor is None:
@@ -356,12 +361,14 @@ def _native(alias: str, method: str, why_not: Callable[[], str | None]) -> bool:
     """Return True to run ``method`` natively on ``alias``; count it when it falls back."""
     if not enabled(alias):
         return False
-    if _pinned(alias) is not None:
-        return True  # in a transaction: the thread path would run outside it
+    # why_not() and _callers() only read: asked first, as the task's wrapper costs a
+    # lookup in asgiref's Local (an AttributeError raised and caught when it has none).
     reason = why_not()
     if reason is None and _callers(alias) is _THREAD:
         reason = _CALLERS
     if reason is not None:
+        if _pinned(alias) is not None:
+            return True  # in a transaction: the thread path would run outside it
         _fallback(alias, method, reason)
         return False
     return True

@@ -52,6 +52,7 @@ from ..core.loops import greenlet_sleep, on_loop, run_at_loop_shutdown
 from ..core.renewal import lifetime, rejected
 from ..core.waiters import TIMED_OUT, Slots
 from ..errors import PoolClosed, PoolTimeout, pool_timeout
+from . import idle as _idle
 
 __all__ = [
     "GreenConnection",
@@ -98,9 +99,17 @@ class GreenConnection(psycopg.Connection[Any]):
                 # future and a timer for each query; this is a yield and a poll.
                 # Cancelled here, the query still running: the pool discards the
                 # connection when it comes back (its transaction status is ACTIVE).
-                await_(_YIELD)
-                if _ready_now(self.pgconn.socket):
+                # With nothing else for the loop to do, the wait is right here (.idle),
+                # for each part of a large answer.
+                fd = self.pgconn.socket
+                while _idle.wait_here(self, fd):
                     state = gen.send(READY_R)
+                    if state != WAIT_R:
+                        break
+                else:
+                    await_(_YIELD)
+                    if _ready_now(fd):
+                        state = gen.send(READY_R)
         except StopIteration as done:
             return done.value
         # Still waiting (a slow query, a large result): psycopg's wait, which also
@@ -599,7 +608,8 @@ def holder(alias: str) -> Holder:
         loops = _holders.setdefault(alias, weakref.WeakKeyDictionary())
         for other in [lp for lp in loops if lp.is_closed()]:
             del loops[other]
-        made = loops[loop] = Holder(_registry.config(alias), connections[alias])
+        # A wrapper of its own: connections[alias] would bind one in the caller's context.
+        made = loops[loop] = Holder(_registry.config(alias), connections.create_connection(alias))
         return made
 
 

@@ -24,11 +24,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from greenlet import getcurrent, greenlet
+from greenlet import GreenletExit, getcurrent, greenlet
 
 from ..core import process as _process
 
-__all__ = ["blocked", "call", "spawn", "threshold"]
+__all__ = ["blocked", "call", "idle", "spawn", "threshold"]
 
 logger = logging.getLogger("django_asyncpool")
 T = TypeVar("T")
@@ -53,14 +53,65 @@ _OURS = (
 _STDLIB = os.path.dirname(os.__file__) + os.sep
 
 
+#: What a :class:`_Green` switches to its driver when its call is done.
+_DONE: Any = object()
+#: Idle greenlets kept for reuse, per thread (a greenlet only runs in its own thread).
+_idle = threading.local()
+#: At most this many idle greenlets are kept per thread.
+IDLE_KEPT = 64
+
+
 class _Green(greenlet):  # type: ignore[misc]
-    """A greenlet that SQLAlchemy's ``await_`` accepts, sharing its driver's context."""
+    """A greenlet that SQLAlchemy's ``await_`` accepts, running one call after another.
+
+    Reused, not made per call: a new greenlet starts with an empty frame stack, and
+    Python allocates (and frees at its end) fresh memory for the frames of Django's
+    deep call stack, which costs more than the switches (benchmarks/bench_async_orm.py).
+    Each call runs in its driver's context (:func:`spawn` sets it, and drops it after).
+    """
 
     __sqlalchemy_greenlet_provider__ = True
+    #: The function to name when no stack shows the code (None: the call's own).
+    where: Any = None
+    #: The call's result, or the exception it raised (``failed``); read and cleared by spawn.
+    value: Any = None
+    failed = False
 
-    def __init__(self, fn: Callable[..., Any], driver: greenlet) -> None:
-        super().__init__(fn, driver)
-        self.gr_context = driver.gr_context
+    def run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        while True:
+            try:
+                self.value = fn(*args, **kwargs)
+                self.failed = False
+            except GreenletExit:
+                raise  # discarded while suspended in a call: end, as a greenlet of its own would
+            except BaseException as exc:
+                self.value = exc
+                self.failed = True
+            fn = args = kwargs = None  # type: ignore[assignment]  # nothing kept while idle
+            fn, args, kwargs = self.parent.switch(_DONE)
+
+
+def _take(driver: greenlet) -> _Green:
+    """Return an idle greenlet of this thread (or a new one) that runs in ``driver``'s context."""
+    kept: list[_Green] | None = getattr(_idle, "kept", None)
+    if kept:
+        child = kept.pop()
+        if child.parent is not driver:
+            child.parent = driver
+    else:
+        child = _Green(None, driver)
+    child.gr_context = driver.gr_context
+    return child
+
+
+def _give_back(child: _Green) -> None:
+    child.gr_context = None  # the task's context variables: not kept alive by an idle greenlet
+    child.where = None
+    kept: list[_Green] | None = getattr(_idle, "kept", None)
+    if kept is None:
+        kept = _idle.kept = []
+    if len(kept) < IDLE_KEPT:
+        kept.append(child)
 
 
 _threshold: float | None = None
@@ -92,18 +143,27 @@ async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: 
     limit = threshold()
     if limit and _monitor is None:
         _start_monitor(limit)
-    child = _Green(fn, getcurrent())
-    if _where is not None:
-        child.where = _where
-    result = _slice(fn, child, limit, child.switch, *args, **kwargs)
-    while not child.dead:
+    child = _take(getcurrent())
+    child.where = _where
+    result = _slice(fn, child, limit, child.switch, fn, args, kwargs)
+    while result is not _DONE:
+        if child.dead:  # the call raised GreenletExit: greenlet returns it, as before
+            return result  # type: ignore[no-any-return]
         try:
             value = await result
         except BaseException:
             result = _slice(fn, child, limit, child.throw, *sys.exc_info())
         else:
             result = _slice(fn, child, limit, child.switch, value)
-    return result  # type: ignore[no-any-return]
+    value, failed = child.value, child.failed
+    child.value = None
+    _give_back(child)
+    if failed:
+        try:
+            raise value
+        finally:
+            del value  # the traceback holds this frame: no cycle through it
+    return value  # type: ignore[no-any-return]
 
 
 def call(fn: Callable[..., T], *args: Any) -> T:
@@ -119,13 +179,32 @@ def call(fn: Callable[..., T], *args: Any) -> T:
     return _slice(fn, None, limit, fn, *args)  # type: ignore[no-any-return]
 
 
+def idle(wait: Callable[[float], T], timeout: float) -> T:
+    """Return ``wait(timeout)``: a wait while the loop has nothing else to do, which
+    holds nothing up (it ends as soon as anything else is ready) and is not counted.
+
+    The slice in progress (if any) excludes its time, and the monitor does not take
+    this wait for a blocking call.
+    """
+    slot = _running.get(threading.get_ident())
+    if slot is None:
+        return wait(timeout)
+    slot[5] = True
+    started = time.perf_counter()
+    try:
+        return wait(timeout)
+    finally:
+        slot[0] += time.perf_counter() - started
+        slot[5] = False
+
+
 def _slice(
     fn: Callable[..., Any], child: greenlet | None, limit: float, step: Any, *args: Any, **kw: Any
 ) -> Any:
     """Run the greenlet until it awaits or ends (``step``: its switch or throw), timed."""
     tid = threading.get_ident()
-    # [start, stack, CPU time at start, seen blocked, the thread's id in /proc]
-    slot: list[Any] = [time.perf_counter(), None, time.thread_time(), False, _native_id()]
+    # [start, stack, CPU time at start, seen blocked, the thread's id in /proc, in idle()]
+    slot: list[Any] = [time.perf_counter(), None, time.thread_time(), False, _native_id(), False]
     _running[tid] = slot
     try:
         return step(*args, **kw)
@@ -150,7 +229,7 @@ def _held(fn: Callable[..., Any], child: greenlet | None, slot: list[Any], held:
     if frame is not None:
         where, key = f"{_module(frame.filename)}.{frame.name}", (frame.filename, frame.lineno)
     else:
-        fn = getattr(child, "where", fn)
+        fn = getattr(child, "where", None) or fn
         where = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
         key = (where, 0)
     blocked[where] = blocked.get(where, 0) + 1
@@ -208,7 +287,7 @@ def _watch(limit: float) -> None:
         for tid, slot in list(_running.items()):
             if now - slot[0] <= limit:
                 continue
-            if not slot[3] and _asleep(slot[4]):
+            if not slot[3] and not slot[5] and _asleep(slot[4]) and not slot[5]:
                 slot[3] = True
             if slot[1] is None:
                 frame = sys._current_frames().get(tid)
@@ -243,6 +322,7 @@ def _after_fork_in_child() -> None:
     global _monitor
     _monitor = None  # the thread is not in the child: start another at its first slice
     _running.clear()
+    _idle.__dict__.pop("kept", None)  # the parent's: not reused in the child
 
 
 _process.at_fork("watchdog", _after_fork_in_child)

@@ -1,0 +1,80 @@
+"""Waiting for the server's answer right in the greenlet, while the event loop is idle.
+
+A native query sends its statement and then waits for the answer. Handing the wait
+to the event loop costs a trip out of the greenlet and through the loop (a switch
+out of Django's deep stack, the task's step, the loop's own poll), and psycopg's
+wait (a reader registered and removed, a future, a timer) when the answer is not
+there after one turn: together more than the rest of the native path
+(benchmarks/bench_async_orm.py). When the loop has nothing else to do (no callback
+ready, no timer due), the loop would only block in its selector until something
+happens; :func:`wait_here` blocks right here instead, in one ``poll()`` of the
+connection's socket *and of the loop's selector*, so that it returns as soon as
+anything else the loop waits for is ready, before the next timer is due, and
+after :data:`MOST` at the latest. Then the loop takes over, as before.
+
+Only on asyncio's own selector loops (the attributes read here are theirs); with
+any other loop (uvloop, Windows' proactor) every wait goes through the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import selectors
+from collections import deque
+from typing import Any
+
+from . import watchdog
+
+__all__ = ["MOST", "wait_here"]
+
+#: The longest wait right here (seconds); a longer one goes through the loop.
+MOST = 0.002
+
+#: On a connection: (id of its loop, its socket, a poll of the socket and of the loop's
+#: selector, or None when the loop is not one to wait for here).
+_POLL = "_asyncpool_idle_poll"
+
+
+def _poller(loop: Any, fd: int) -> tuple[int, int, Any]:
+    """Return what :func:`wait_here` keeps on a connection of ``loop`` with socket ``fd``."""
+    selector: Any = getattr(loop, "_selector", None)
+    if not (
+        hasattr(select, "poll")
+        and isinstance(loop, asyncio.BaseEventLoop)
+        and isinstance(getattr(loop, "_ready", None), deque)
+        and isinstance(getattr(loop, "_scheduled", None), list)
+        and isinstance(selector, selectors.BaseSelector)
+    ):
+        return id(loop), fd, None
+    try:
+        loop_fd = selector.fileno()  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return id(loop), fd, None
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    poll.register(loop_fd, select.POLLIN)
+    return id(loop), fd, poll.poll
+
+
+def wait_here(conn: Any, fd: int) -> bool:
+    """Return True once socket ``fd`` of ``conn`` is readable, waiting for it right here
+    while the running loop has nothing else to do; False when it has (or may soon
+    have), and the wait is the loop's."""
+    loop: Any = asyncio.get_running_loop()
+    cached = getattr(conn, _POLL, None)
+    if cached is None or cached[0] != id(loop) or cached[1] != fd:
+        cached = _poller(loop, fd)
+        setattr(conn, _POLL, cached)
+    poll = cached[2]
+    if poll is None or loop._ready:
+        return False
+    timeout = MOST
+    scheduled = loop._scheduled
+    if scheduled:
+        due = scheduled[0]._when - loop.time()
+        if due <= 0:
+            return False
+        timeout = min(timeout, due)
+    events = watchdog.idle(poll, timeout * 1e3)
+    return any(event[0] == fd for event in events)
