@@ -536,6 +536,10 @@ def test_manage_py_says_when_its_database_is_a_throwaway_one() -> None:
     assert left == [], "manage.py left these in the temporary directory"
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_runserver_runs_every_view_each_on_a_fresh_loop(demo: Demo) -> None:
     """Django's dev server (WSGI) runs each async view in its own event loop."""
@@ -551,6 +555,10 @@ def test_runserver_runs_every_view_each_on_a_fresh_loop(demo: Demo) -> None:
     env.pop("DATABASE_URL", None)
     proc = subprocess.Popen(
         [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"],
+        # Ctrl-C must reach it: a shell without job control starts background jobs with
+        # SIGINT ignored, and a child inherits that (runserver, unlike uvicorn, installs
+        # no handler of its own, so it would never stop).
+        preexec_fn=_sigint_default,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
