@@ -39,7 +39,7 @@ DATABASES = {
         },
     }
 }
-INSTALLED_APPS = ["django_asyncpool", "testproject.shop"]
+INSTALLED_APPS = ["django.contrib.contenttypes", "django_asyncpool", "testproject.shop"]
 MIDDLEWARE = ["django.middleware.common.CommonMiddleware"]
 ROOT_URLCONF = "http_site"
 USE_TZ = True
