@@ -289,17 +289,17 @@ class Guard:
             failure = None
             retried = not isinstance(exc, NOT_RETRIED)
             kind = _sqlstate.classify(exc, connecting=True) if retried else None
-            if kind == _sqlstate.CONFIG:
+            if kind in (_sqlstate.CONFIG, _sqlstate.READ_ONLY):
+                # The server answered: not counted. A configuration fault is not retried
+                # either; no host accepting the alias yet (a failover under way) is.
                 if trial:
                     self._trial.release()
-                raise self.fault(exc) from exc
-            if kind == _sqlstate.READ_ONLY:  # no host accepts the alias yet: failing over
-                if trial:
-                    self._trial.release()
+                if kind == _sqlstate.CONFIG:
+                    raise self.fault(exc) from exc
             else:
                 self.failed(exc, trial)
             remaining = retry.max_time - (self.clock() - started)
-            if isinstance(exc, NOT_RETRIED) or tries >= retry.max_tries or remaining <= 0:
+            if not retried or tries >= retry.max_tries or remaining <= 0:
                 error = self.translate(exc)
                 if error is exc:
                     raise exc  # ours already: not its own cause (that breaks pickling)
