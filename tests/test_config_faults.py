@@ -34,6 +34,8 @@ from django_asyncpool.orm import native as _asyncorm
 from testproject.pgserver import PASSWORD, SUPERUSER, LocalPostgres
 from testproject.shop.models import Product
 
+from .sides import SIDES, run_sql
+
 WRONG = "Wr0ng-pw-never-shown"
 CALLS = 12
 # Small pools; the default retries (3 tries) and breaker (5 failures), which a
@@ -42,7 +44,6 @@ OPTIONS = {
     "pool": {"min_size": 0, "max_size": 2, "timeout": 5},
     "async_pool": {"pool_size": 2, "max_overflow": 0, "timeout": 5},
 }
-SIDES = ["sync", "async", "async_orm"]
 
 
 def _role(pg: LocalPostgres) -> dict[str, Any]:
@@ -65,27 +66,6 @@ CASES: dict[str, tuple[Callable[[LocalPostgres], dict[str, Any]], str, str]] = {
 }
 
 
-def call(side: str, alias: str, runner: asyncio.Runner) -> None:
-    """One request of ``side`` on ``alias``; its connection goes back afterwards."""
-    if side == "sync":
-        wrapper = connections[alias]
-        try:
-            with wrapper.cursor() as cursor:
-                cursor.execute("select 1")
-        finally:
-            wrapper.close()
-        return
-
-    async def scope() -> None:
-        async with session_scope(using=alias) as session:
-            await session.execute(text("select 1"))
-
-    async def orm() -> None:
-        await Product.objects.using(alias).acount()
-
-    runner.run(scope() if side == "async" else orm())
-
-
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("side", SIDES)
 def test_a_configuration_fault_is_said_at_once_never_retried_nor_counted(
@@ -104,7 +84,7 @@ def test_a_configuration_fault_is_said_at_once_never_retried_nor_counted(
         started = time.monotonic()
         for _ in range(CALLS):
             with pytest.raises(OperationalError) as info:
-                call(side, alias, runner)
+                run_sql(side, alias, runner)
             errors.append(info.value)
         took = time.monotonic() - started
     # Twelve calls, each one attempt: no backoff slept (3 tries would sleep ~0.3 s each).
@@ -161,9 +141,9 @@ def test_an_open_breaker_names_the_last_cause(make_alias, db_access, server_down
     with asyncio.Runner() as runner:
         for _ in range(2):
             with pytest.raises(DatabaseUnavailable):
-                call("async", alias, runner)
+                run_sql("async", alias, runner)
         with pytest.raises(CircuitOpenError) as info:
-            call("async", alias, runner)
+            run_sql("async", alias, runner)
     assert _registry.guard(alias).state == "open"
     assert isinstance(info.value, sqlalchemy.exc.OperationalError)  # the async side's
     assert "The last one: " in str(info.value)
@@ -218,7 +198,7 @@ def test_ssl_refused_is_a_configuration_fault(make_alias, db_access, caplog, sid
         started = time.monotonic()
         for _ in range(CALLS):
             with pytest.raises(ConfigurationFault) as info:
-                call(side, alias, runner)
+                run_sql(side, alias, runner)
         took = time.monotonic() - started
     assert took < 2.5, took
     assert stats.retries == 0 and _registry.guard(alias).breaker.fail_counter == 0

@@ -33,6 +33,7 @@ from django_asyncpool.orm import pool as _ormpool
 from testproject.pgserver import LocalPostgres
 
 from .conftest import wait_until
+from .sides import native_sql, run_sql
 
 APP = "asyncpool-demotion"
 WRITES = 6
@@ -66,24 +67,11 @@ def pids(pg: LocalPostgres) -> set[int]:
     return {int(line) for line in out.split()}
 
 
+INSERT = "insert into note values (1)"
+
+
 def write(side: str, alias: str, runner: asyncio.Runner) -> None:
-    if side == "sync":
-        wrapper = connections[alias]
-        try:
-            with wrapper.cursor() as cursor:
-                cursor.execute("insert into note values (1)")
-        finally:
-            wrapper.close()
-        return
-    if side == "async_orm":
-        runner.run(_insert_native(alias))
-        return
-
-    async def scope() -> None:
-        async with session_scope(using=alias) as session:
-            await session.execute(text("insert into note values (1)"))
-
-    runner.run(scope())
+    run_sql(side, alias, runner, INSERT)
 
 
 def warm(side: str, alias: str, runner: asyncio.Runner) -> None:
@@ -194,7 +182,7 @@ def test_a_demoted_primary_replaces_the_native_orm_connections_of_every_loop(
                 read_only(server, False)
             assert stats.demotions == demotions + 1
             write("async_orm", alias, runner)
-            asyncio.run_coroutine_threadsafe(_insert_native(alias), other).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(native_sql(alias, INSERT), other).result(timeout=10)
     finally:
         asyncio.run_coroutine_threadsafe(_close_native(alias), other).result(timeout=10)
         other.call_soon_threadsafe(other.stop)
@@ -208,14 +196,6 @@ async def _warm_native(alias: str) -> None:
             cursor.execute("select pg_sleep(0.1)")
 
     await asyncio.gather(_asyncorm.run(alias, hold), _asyncorm.run(alias, hold))
-
-
-async def _insert_native(alias: str) -> None:
-    def insert() -> None:
-        with connections[alias].cursor() as cursor:
-            cursor.execute("insert into note values (1)")
-
-    await _asyncorm.run(alias, insert)
 
 
 async def _close_native(alias: str) -> None:

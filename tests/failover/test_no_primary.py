@@ -22,7 +22,7 @@ from django_asyncpool.core import registry as _registry
 from django_asyncpool.orm import native as _asyncorm
 
 from ..conftest import closed_port
-from ..test_config_faults import SIDES, call
+from ..sides import SIDES, run_sql
 
 CALLS = 3  # more than fail_max
 
@@ -52,7 +52,7 @@ def test_no_host_accepting_writes_yet_is_retried_and_not_counted(
     with asyncio.Runner() as runner:
         for _ in range(CALLS):
             with pytest.raises(OperationalError) as info:
-                call(side, alias, runner)
+                run_sql(side, alias, runner)
             errors.append(info.value)
     # More failed calls than fail_max, and the breaker never opened.
     assert guard.state == "closed" and guard.breaker.fail_counter == 0
