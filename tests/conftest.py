@@ -89,6 +89,21 @@ def _client_backends(dbname: str | None, app: str | None) -> str:
     return f"from pg_stat_activity where {where}"
 
 
+@contextlib.contextmanager
+def throwaway_server(prefix: str, sql: str) -> Iterator[pgserver.LocalPostgres]:
+    """A server of its own for a module's tests, ``sql`` run on it; destroyed afterwards."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    server = pgserver.LocalPostgres(home / "data")
+    try:
+        server.init()
+        server.start()
+        server.psql(sql)
+        yield server
+    finally:
+        server.destroy()
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def terminate_backends(
     pg: pgserver.LocalPostgres, dbname: str | None = None, *, app: str | None = None
 ) -> int:

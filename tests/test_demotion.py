@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import django.db
 import pytest
@@ -32,7 +29,7 @@ from django_asyncpool.orm import native as _asyncorm
 from django_asyncpool.orm import pool as _ormpool
 from testproject.pgserver import LocalPostgres
 
-from .conftest import wait_until
+from .conftest import throwaway_server, wait_until
 from .sides import native_sql, run_sql
 
 APP = "asyncpool-demotion"
@@ -41,16 +38,24 @@ WRITES = 6
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LocalPostgres]:
-    home = Path(tempfile.mkdtemp(prefix="asyncpool-demotion-"))
-    pg = LocalPostgres(home / "data")
-    try:
-        pg.init()
-        pg.start()
-        pg.psql("create table if not exists note (x int)")
+    with throwaway_server("asyncpool-demotion-", "create table if not exists note (x int)") as pg:
         yield pg
-    finally:
-        pg.destroy()
-        shutil.rmtree(home, ignore_errors=True)
+
+
+def on_server(make_alias: Callable[..., str], server: LocalPostgres, *, async_orm: bool) -> str:
+    """An alias of ``server``: small pools, its connections named ``APP``."""
+    return make_alias(
+        NAME="postgres",
+        HOST=server.host,
+        PORT=server.port,
+        PASSWORD=server.password,
+        OPTIONS={
+            "pool": {"min_size": 2, "max_size": 4, "timeout": 5},
+            "async_pool": {"pool_size": 4, "max_overflow": 0, "timeout": 5},
+            "application_name": APP,
+            "async_orm": async_orm,
+        },
+    )
 
 
 def read_only(pg: LocalPostgres, on: bool) -> None:
@@ -94,18 +99,7 @@ def warm(side: str, alias: str, runner: asyncio.Runner) -> None:
 def test_a_demoted_primary_replaces_the_pools_connections_once(
     make_alias, db_access, server: LocalPostgres, caplog, side
 ) -> None:
-    alias = make_alias(
-        NAME="postgres",
-        HOST=server.host,
-        PORT=server.port,
-        PASSWORD=server.password,
-        OPTIONS={
-            "pool": {"min_size": 2, "max_size": 4, "timeout": 5},
-            "async_pool": {"pool_size": 4, "max_overflow": 0, "timeout": 5},
-            "application_name": APP,
-            "async_orm": side == "async_orm",
-        },
-    )
+    alias = on_server(make_alias, server, async_orm=side == "async_orm")
     stats = _registry.stats(alias, side)
     with asyncio.Runner() as runner:
         write(side, alias, runner)
@@ -146,17 +140,7 @@ def test_a_demoted_primary_replaces_the_native_orm_connections_of_every_loop(
 ) -> None:
     # Each event loop has its own native ORM pool: a 25006 met on one loop replaces
     # the other loops' connections too (on their own loop).
-    alias = make_alias(
-        NAME="postgres",
-        HOST=server.host,
-        PORT=server.port,
-        PASSWORD=server.password,
-        OPTIONS={
-            "async_pool": {"pool_size": 4, "max_overflow": 0, "timeout": 5},
-            "application_name": APP,
-            "async_orm": True,
-        },
-    )
+    alias = on_server(make_alias, server, async_orm=True)
     stats = _registry.stats(alias, "async_orm")
     other = asyncio.new_event_loop()
     thread = threading.Thread(target=other.run_forever, daemon=True)

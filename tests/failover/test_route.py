@@ -13,12 +13,9 @@ import contextlib
 import io
 import json
 import logging
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,7 +41,7 @@ from django_asyncpool.routers import FailoverMixin
 from testproject.pgserver import LocalPostgres
 from testproject.shop.models import Product
 
-from ..conftest import closed_port, wait_until
+from ..conftest import closed_port, throwaway_server, wait_until
 
 # The ORM tests read and write through aliases made during the test, which Django's
 # test case refuses; db_access, set up after the test case, lets every alias connect.
@@ -324,16 +321,8 @@ def test_the_trial_runs_in_the_background_and_reads_come_back(proxy, make_alias,
 @pytest.fixture(scope="module")
 def second_server() -> Iterator[LocalPostgres]:
     """A second embedded PostgreSQL server, for the replica; destroyed afterwards."""
-    home = Path(tempfile.mkdtemp(prefix="asyncpool-replica-"))
-    server = LocalPostgres(home / "data")
-    try:
-        server.init()
-        server.start()
-        server.psql("create database replica")
+    with throwaway_server("asyncpool-replica-", "create database replica") as server:
         yield server
-    finally:
-        server.destroy()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 class Load:
