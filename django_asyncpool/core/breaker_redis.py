@@ -120,7 +120,21 @@ def storage(config: AliasConfig) -> pybreaker.CircuitBreakerStorage:
                 type(exc).__name__,
                 text,
             )
-    return pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+    return LocalStorage(pybreaker.STATE_CLOSED)
+
+
+class LocalStorage(pybreaker.CircuitMemoryStorage):
+    """pybreaker's memory storage with its state and failure counter plain attributes:
+    every checkout reads both (core.checkout), and a property read costs a call."""
+
+    state: str = pybreaker.STATE_CLOSED  # type: ignore[assignment]
+    counter: int = 0  # type: ignore[assignment]
+
+    def increment_counter(self) -> None:
+        self.counter += 1
+
+    def reset_counter(self) -> None:
+        self.counter = 0
 
 
 def trial_gate(store: pybreaker.CircuitBreakerStorage, breaker: pybreaker.CircuitBreaker) -> Any:

@@ -105,9 +105,9 @@ class Guard:
         # Read on every checkout: one property away, not three. With
         # OPTIONS["circuit_breaker"]["storage"], a local view of the state in Redis.
         self._not_counted = NOT_COUNTED if config.breaker.count_pool_timeouts else NOT_RETRIED
-        self._storage = _shared.storage(config)
+        self.storage = _shared.storage(config)
         self.breaker = pybreaker.CircuitBreaker(
-            state_storage=self._storage,
+            state_storage=self.storage,
             fail_max=config.breaker.fail_max,
             reset_timeout=config.breaker.reset_timeout,
             name=config.alias,
@@ -115,7 +115,7 @@ class Guard:
             throw_new_error_on_trip=False,
         )
         # One trial at a time: in this process, and with shared state in every process.
-        self._trial = _shared.trial_gate(self._storage, self.breaker)
+        self._trial = _shared.trial_gate(self.storage, self.breaker)
 
     # -- the breaker ---------------------------------------------------------------------
 
@@ -130,7 +130,7 @@ class Guard:
             self.opened_at = self.clock()
             why = (
                 "another process opened it: the state is shared through Redis"
-                if getattr(self._storage, "remote", False)
+                if getattr(self.storage, "remote", False)
                 else "the trial connection failed"
                 if old == pybreaker.STATE_HALF_OPEN
                 else f"{self.breaker.fail_max} consecutive connection failures"
@@ -226,7 +226,7 @@ class Guard:
         SQLAlchemy's greenlet. Only ``Exception``s count: a cancelled task is no failure.
         ``stats.retries``, if given, counts the retries.
         """
-        return self.attempt(acquire, args, sleep, stats, self.clock())
+        return self.attempt(acquire, args, sleep, stats, self.clock(), None)
 
     def attempt(
         self,
@@ -235,43 +235,22 @@ class Guard:
         sleep: Callable[[float], object],
         stats: Any,
         started: float,
-    ) -> T:
-        """:meth:`acquire`, its arguments positional and ``started`` (``self.clock()`` when
-        the caller began, the start of the retry budget) given: every checkout's path.
-
-        With the breaker closed and no failure counted, one call and two attribute reads;
-        a trial, a failure and the retries go to :meth:`_retried`.
-        """
-        storage = self._storage
-        if storage.state == pybreaker.STATE_CLOSED:
-            try:
-                conn = acquire(*args)
-            except Exception as exc:
-                return self._retried(acquire, args, sleep, stats, started, exc)
-            if storage.counter:
-                self.succeeded(False)  # a success resets the consecutive-failure count
-            return conn
-        return self._retried(acquire, args, sleep, stats, started, None)
-
-    def _retried(
-        self,
-        acquire: Callable[..., T],
-        args: tuple[Any, ...],
-        sleep: Callable[[float], object],
-        stats: Any,
-        started: float,
         failure: Exception | None,
     ) -> T:
-        """Go on with :meth:`attempt`: ``failure`` is what its first try (breaker closed, no
-        trial) raised, or None to make that try here. The backoff schedule is made only
-        after a failure."""
+        """:meth:`acquire`, its arguments positional and ``started`` (``self.clock()`` when
+        the caller began, the start of the retry budget) given.
+
+        ``failure`` is what a first try already made raised (the counted checkout makes
+        it itself while the breaker is :attr:`calm`), or None to make that try here. The
+        backoff schedule is made only after a failure.
+        """
         retry = self.config.retry
         delays = None
         tries = 0 if failure is None else 1
         trial = False
         while True:
             if failure is None:
-                trial = self._storage.state != pybreaker.STATE_CLOSED and self.admit()
+                trial = self.storage.state != pybreaker.STATE_CLOSED and self.admit()
                 tries += 1
                 try:
                     conn = acquire(*args)
@@ -282,7 +261,7 @@ class Guard:
                         self._trial.release()
                     raise
                 else:
-                    if trial or self._storage.counter:
+                    if trial or self.storage.counter:
                         self.succeeded(trial)
                     return conn
             exc: Exception = failure

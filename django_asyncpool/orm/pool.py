@@ -432,7 +432,7 @@ class OrmPool:
             conn.pgconn.finish()  # no I/O to wait for: the server sees the socket close
             self.slots.release()
             return
-        setattr(conn, RETURNED, clock())  # for the liveness bypass window
+        # Stamped RETURNED by the counted check-in (core.checkout.checkin) before this.
         if self.slots.hand_over(conn):
             return
         if self.slots.wanted_elsewhere():  # the oldest caller wants another kind: its slot

@@ -194,8 +194,9 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
         )
 
     def _check_open_getconn(self) -> None:
-        # getconn() calls it first: opened by the first checkout, never at import or
-        # startup (as Django); a fresh configuration fault refused at once.
+        # getconn() calls it when the pool is not open or a connect failed: opened by
+        # the first checkout, never at import or startup (as Django); a fresh
+        # configuration fault refused at once.
         if not self._opened:
             self.open()
         if self.last_connect_error is not None and not self._pool:
@@ -208,20 +209,34 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             psycopg_pool.ConnectionPool._check_open_getconn(self)
         super().wait(timeout)
 
-    def _getconn_with_check_loop(self, deadline: float) -> psycopg.Connection[Any]:
-        # getconn() calls it to take a connection and run check= on it, sleeping about a
-        # second after each failed check: replaced by the liveness rules (_checked), and
-        # with one clock read, the one psycopg_pool makes here, for the wait and the rules.
+    def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
+        # psycopg_pool's getconn() and its _getconn_with_check_loop() (which runs check=
+        # on a connection, sleeping about a second after each failed check) in one, with
+        # the liveness rules (_checked) for the check, and one clock read, for the wait
+        # and the rules: every checkout's path (benchmarks/bench_checkout.py).
+        if timeout is None:
+            timeout = self.timeout
         now = clock()
-        conn = self._getconn_unchecked(deadline - now)
-        # Every checkout's path: one test for the common case, a connection returned
-        # moments ago, not hung up on by the server, with no check of its own to run.
-        if (
-            self.checkout_check is not None
-            or verdict(maybe_closed(conn), getattr(conn, RETURNED, 0.0), now, self.liveness_bypass)
-            != LIVE
-        ):
-            conn = self._checked(conn, deadline)
+        self._stats[self._REQUESTS_NUM] += 1
+        if not self._opened or self._closed or self.last_connect_error is not None:
+            self._check_open_getconn()
+        try:
+            conn = self._getconn_unchecked(timeout)
+            # The common case: a connection returned moments ago, not hung up on by the
+            # server, with no check of its own to run: one test.
+            if (
+                self.checkout_check is not None
+                or verdict(
+                    maybe_closed(conn), getattr(conn, RETURNED, 0.0), now, self.liveness_bypass
+                )
+                != LIVE
+            ):
+                conn = self._checked(conn, now + timeout)
+        except psycopg_pool.PoolTimeout:
+            # As psycopg_pool: the whole timeout, not what was left of it.
+            raise psycopg_pool.PoolTimeout(
+                f"couldn't get a connection after {timeout:.2f} sec"
+            ) from None
         leaks = self.leaks
         if leaks is None:
             # No sweep to race with: an increment, as Stats' counters (under the GIL an
@@ -281,7 +296,8 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             return
         if conn.pgconn.transaction_status == _UNKNOWN:
             self.stats.invalidated += 1  # returned broken: psycopg_pool replaces it
-        setattr(conn, RETURNED, clock())  # for the liveness bypass window
+        # Stamped RETURNED by the counted check-in (core.checkout.checkin, from the
+        # ENGINE's close()); one given back without it is pinged sooner, never later.
         # The base class named, not super(): every check-in's path, and a super object
         # per call shows in benchmarks/bench_checkout.py.
         psycopg_pool.ConnectionPool.putconn(self, conn)

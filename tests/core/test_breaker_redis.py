@@ -160,7 +160,7 @@ def test_a_slow_redis_slows_no_request_beyond_the_timeout(
         wrapper = make_wrapper(OPTIONS=breaker(url, storage_timeout=0.2, fail_max=1000))
         guard = _registry.guard(wrapper.alias, wrapper)
         query(wrapper)
-        store = guard._storage
+        store = guard.storage
         assert isinstance(store, _shared.SharedStorage) and store.shared
         link.delay(2.0)  # Redis answers after 2 s: as good as hung
         with caplog.at_level(logging.WARNING, "django_asyncpool"):
@@ -204,7 +204,7 @@ def test_redis_down_from_the_start_costs_the_first_checkout_the_timeout_only(
         for _ in range(20):
             query(wrapper)
     guard = _registry.guard(wrapper.alias, wrapper)
-    assert not guard._storage.shared and guard.state == "closed"
+    assert not guard.storage.shared and guard.state == "closed"
     (down,) = [r.getMessage() for r in caplog.records if "Redis" in r.getMessage()]
     assert "is not shared: Redis at redis://127.0.0.1:" in down and "pw-redis" not in down
 
@@ -235,7 +235,7 @@ def test_keys_carry_prefix_and_alias_never_a_host_or_password(
         redis_server.stop()
         with pytest.raises(CircuitOpenError):
             query(bad)
-        wait_until(lambda: not guard._storage.shared, timeout=3)
+        wait_until(lambda: not guard.storage.shared, timeout=3)
     assert found and all(k.startswith(f"shop.prod:{bad.alias}:") for k in found)
     for key in found:
         assert "127.0.0.1" not in key and str(redis_server.port) not in key
@@ -256,12 +256,12 @@ def test_storage_errors_and_fallback_are_metrics(redis_server, make_wrapper) -> 
     errors = sample("db_breaker_storage_errors_total")
     assert sample("db_breaker_storage_shared") == 1
     redis_server.stop()
-    assert wait_until(lambda: not guard._storage.shared, timeout=3)
+    assert wait_until(lambda: not guard.storage.shared, timeout=3)
     assert sample("db_breaker_storage_shared") == 0
     assert sample("db_breaker_storage_errors_total") > errors
     query(wrapper)  # a request never fails because Redis did
     redis_server.start()
-    assert wait_until(lambda: guard._storage.shared, timeout=5)
+    assert wait_until(lambda: guard.storage.shared, timeout=5)
     assert sample("db_breaker_storage_shared") == 1
 
 
@@ -273,7 +273,7 @@ def test_dbpool_check_shows_the_shared_state(redis_server, make_alias, db_access
     assert storage["storage"] == "redis" and storage["shared"] is True
     assert storage["where"] == redis_server.url
     redis_server.stop()
-    store = _registry.guard(alias)._storage
+    store = _registry.guard(alias).storage
     assert wait_until(lambda: not store.shared, timeout=3)
     call_command("dbpool_check", "--database", alias)
     out = capsys.readouterr().out
