@@ -212,8 +212,9 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
     def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
         # psycopg_pool's getconn() and its _getconn_with_check_loop() (which runs check=
         # on a connection, sleeping about a second after each failed check) in one, with
-        # the liveness rules (_checked) for the check, and one clock read, for the wait
-        # and the rules: every checkout's path (benchmarks/bench_checkout.py).
+        # the liveness rules (_checked) for the check, one clock read for the wait and
+        # the rules, and no INFO log line: every checkout's path
+        # (benchmarks/bench_checkout.py).
         if timeout is None:
             timeout = self.timeout
         now = clock()
@@ -298,9 +299,13 @@ class SyncPool(psycopg_pool.ConnectionPool[psycopg.Connection[Any]]):
             self.stats.invalidated += 1  # returned broken: psycopg_pool replaces it
         # Stamped RETURNED by the counted check-in (core.checkout.checkin, from the
         # ENGINE's close()); one given back without it is pinged sooner, never later.
-        # The base class named, not super(): every check-in's path, and a super object
-        # per call shows in benchmarks/bench_checkout.py.
-        psycopg_pool.ConnectionPool.putconn(self, conn)
+        if getattr(conn, "_pool", None) is not self or self._closed:
+            # Not this pool's, or the pool is closed: psycopg_pool's checks and errors.
+            psycopg_pool.ConnectionPool.putconn(self, conn)
+        else:
+            # psycopg_pool's putconn() past those checks, without its INFO log line:
+            # every check-in's path (benchmarks/bench_checkout.py).
+            self._putconn(conn, from_getconn=False)
 
     def _start_initial_tasks(self) -> None:
         super()._start_initial_tasks()
