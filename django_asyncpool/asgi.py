@@ -20,6 +20,7 @@ handler with its own sync parts in a greenlet on the loop (:mod:`.orm.handler`).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -74,6 +75,24 @@ async def close_all() -> None:
     await asyncio.to_thread(close_pools)
 
 
+def freeze_startup_objects() -> None:
+    """Keep what the process holds at startup out of the garbage collector's full passes.
+
+    Django, the drivers and the application loaded at startup are objects that live as
+    long as the process; a full collection walks all of them each time (70-100 ms per
+    pass for a small project). An event loop serving many requests at once keeps their
+    objects alive across the young collections, so full passes come often, and each one
+    holds the loop: every request of the process waits. ``gc.freeze()`` after one
+    collection at startup leaves them out (Python's own advice for long-lived servers);
+    ``settings.ASYNCPOOL_GC_FREEZE = False`` turns it off (benchmarks/http_matrix.py).
+    """
+    from django.conf import settings
+
+    if getattr(settings, "ASYNCPOOL_GC_FREEZE", True):
+        gc.collect()
+        gc.freeze()
+
+
 class PoolLifespan:
     """ASGI middleware: handle ``lifespan`` events, pass every other scope to ``app``."""
 
@@ -93,6 +112,7 @@ class PoolLifespan:
                     logger.error("Startup failed: %s", exc)
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                freeze_startup_objects()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await close_all()

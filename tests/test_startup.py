@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import uvicorn
 from django.apps import apps
 from django.core.asgi import get_asgi_application
+from django.test import override_settings
 
 from django_asyncpool import ConfigurationFault, DatabaseUnavailable
 from django_asyncpool.asgi import PoolLifespan, warm_up_async
@@ -130,6 +132,7 @@ class Server:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+        gc.unfreeze()  # the startup froze the test process's objects: collectable again
 
 
 def test_lifespan_warms_up_and_closes_the_pools(
@@ -149,6 +152,21 @@ def test_lifespan_warms_up_and_closes_the_pools(
     # Lifespan shutdown closed both: the server sees no connection of that alias.
     assert wait_until(lambda: by_name(pg, "life1") == 0, 5)
     assert name not in DatabaseWrapper._connection_pools
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_lifespan_startup_freezes_what_the_process_holds(freeze: bool) -> None:
+    gc.unfreeze()
+    with override_settings(ASYNCPOOL_GC_FREEZE=freeze):
+        server = Server()
+        try:
+            assert wait_until(lambda: server.server.started, 10)
+            frozen = gc.get_freeze_count()
+        finally:
+            server.stop()
+    # Django and the drivers left out of the full collections, or not at all.
+    assert frozen > 10_000 if freeze else frozen == 0
+    assert gc.get_freeze_count() == 0
 
 
 def test_lifespan_startup_fails_when_warmup_cannot_connect(make_alias: Callable[..., str]) -> None:

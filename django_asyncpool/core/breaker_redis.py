@@ -127,8 +127,8 @@ class LocalStorage(pybreaker.CircuitMemoryStorage):
     """pybreaker's memory storage with its state and failure counter plain attributes:
     every checkout reads both (core.checkout), and a property read costs a call."""
 
-    state: str = pybreaker.STATE_CLOSED  # type: ignore[assignment]
-    counter: int = 0  # type: ignore[assignment]
+    state: str = pybreaker.STATE_CLOSED
+    counter: int = 0
 
     def increment_counter(self) -> None:
         self.counter += 1

@@ -291,6 +291,9 @@ class OrmPool:
         #: clock() of the last drain: a connection opened before it is not used again.
         self.drained_at = 0.0
         self.idle: deque[psycopg.AsyncConnection[Any]] = deque()
+        #: task -> the connection it gave back in its current step, kept for its next
+        #: query in that step (Holder.checkin): idle, but only for that task.
+        self.parked: dict[asyncio.Task[Any], Lease] = {}
         #: Connections open or being opened, and the callers waiting for one: a share
         #: of the alias's one budget on this loop, with the SQLAlchemy engines'.
         self.slots = Slots(_waiters.budget(config.alias, self.max_size), self._evict)
@@ -309,7 +312,7 @@ class OrmPool:
         """Return psycopg_pool's names for what the metrics show."""
         return {
             "pool_size": self.size,
-            "pool_available": len(self.idle),
+            "pool_available": len(self.idle) + len(self.parked),
             "requests_waiting": self.slots.waiting(),
             "pool_max": self.max_size,
         }
@@ -546,10 +549,37 @@ class Holder:
             if config.leak_threshold is None
             else Leaks(self.pool.name, config.leak_threshold, self.stats, _KEPT, on_loop=True)
         )
-        self._guardian = run_at_loop_shutdown(self.pool.close)
+        self._loop = asyncio.get_running_loop()
+        self._guardian = run_at_loop_shutdown(self._close)
+
+    async def _close(self) -> None:
+        for task in list(self.pool.parked):
+            self._unpark(task)
+        await self.pool.close()
 
     def checkout(self) -> Lease:
-        """Return a connection through the breaker and retries (in the greenlet)."""
+        """Return a connection through the breaker and retries (in the greenlet).
+
+        The task's own connection again if it gave one back in this very step (nothing
+        awaited since but its queries): a view's queries one after another take one
+        connection, as a thread's do in sync Django.
+        """
+        pool = self.pool
+        parked = pool.parked
+        if parked:
+            lease = parked.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            if lease is not None:
+                conn = lease.conn
+                if (
+                    not pool.closed
+                    and getattr(conn, "_asyncpool_born", 0.0) >= pool.drained_at
+                    and not maybe_closed(conn)  # type: ignore[arg-type]
+                ):
+                    if self.leaks is not None:
+                        self.leaks.taken(conn)  # taken again, here: where a leak report points
+                    return lease
+                # Closed, drained or hung up on meanwhile: back, checked at its next checkout.
+                self._give_back(lease)
         conn = _checkout.checkout(
             self.stats, self.guard, self._getconn, sleep=greenlet_sleep, leaks=self.leaks
         )
@@ -583,7 +613,27 @@ class Holder:
             self.stats.waiting -= 1
 
     def checkin(self, lease: Lease) -> None:
-        """Give ``lease``'s connection back, discarding it if it is not clean (no I/O)."""
+        """Give ``lease``'s connection back, discarding it if it is not clean (no I/O).
+
+        A clean one is kept for its task until the task awaits anything else (the loop
+        runs its next callbacks): its next query in this step takes it again, with no
+        checkout and no wait in the queue. It never waits parked: the task's next wait,
+        on anything, lets the loop give it back first.
+        """
+        task = asyncio.current_task()
+        parked = self.pool.parked
+        if task is not None and task not in parked and lease.wrapper.reset():
+            parked[task] = lease
+            self._loop.call_soon(self._unpark, task)
+            return
+        self._give_back(lease)
+
+    def _unpark(self, task: asyncio.Task[Any]) -> None:
+        lease = self.pool.parked.pop(task, None)
+        if lease is not None:
+            self._give_back(lease)
+
+    def _give_back(self, lease: Lease) -> None:
         conn = lease.conn
         _checkout.checkin(self.stats, conn, self.leaks)
         if not lease.wrapper.reset():
@@ -631,7 +681,7 @@ def snapshots() -> list[dict[str, Any]]:
     totals: dict[str, list[int]] = {}
     for alias, found in holders():
         pool = found.pool
-        idle = len(pool.idle)
+        idle = len(pool.idle) + len(pool.parked)
         total = totals.setdefault(alias, [0, 0, 0])
         total[0] += idle
         total[1] += max(pool.size - idle, 0)

@@ -519,6 +519,75 @@ async def test_32_tasks_share_a_pool_of_4(shop: Any) -> None:
     assert stats.get("requests_waiting", 0) == 0
 
 
+async def test_a_tasks_queries_one_after_another_take_one_connection(shop: Any) -> None:
+    holder = _ormpool.holder("default")
+    stats = _registry.stats("default", _ormpool.SIDE)
+    await P().acount()
+    await asyncio.sleep(0)  # given back to the pool
+    assert not holder.pool.parked and len(holder.pool.idle) >= 1
+    before = stats.checkouts
+    assert (await P().aget(sku="S1")).name == "product 1"
+    assert await P().filter(price_cents__gt=100).acount() == 4
+    assert [p.sku async for p in P().order_by("sku")[:2]] == ["S1", "S2"]
+    assert stats.checkouts == before + 1  # one checkout for the three
+    assert list(holder.pool.parked) == [asyncio.current_task()]
+    assert holder.pool.get_stats()["pool_available"] == holder.pool.get_stats()["pool_size"]
+    await asyncio.sleep(0)  # the task awaits something else: the pool has it back
+    assert not holder.pool.parked
+    await P().acount()
+    assert stats.checkouts == before + 2
+
+
+async def test_a_kept_connection_goes_back_before_its_task_waits(
+    shop: Any, make_alias: Any
+) -> None:
+    # One connection for the alias: a task that keeps it while it waits would starve the other.
+    alias = make_alias(
+        OPTIONS={"async_orm": True, "async_pool": {"pool_size": 1, "max_overflow": 0, "timeout": 2}}
+    )
+    order: list[str] = []
+
+    async def slow() -> None:
+        await Product.objects.using(alias).acount()
+        order.append("a: first")
+        await asyncio.sleep(0.3)  # not a query: the connection goes back meanwhile
+        await Product.objects.using(alias).acount()
+        order.append("a: second")
+
+    async def quick() -> None:
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await Product.objects.using(alias).acount()
+        order.append(f"b: waited {time.monotonic() - started < 0.2}")
+
+    await asyncio.gather(slow(), quick())
+    assert order == ["a: first", "b: waited True", "a: second"]
+
+
+async def test_a_kept_connection_drained_or_hung_up_on_is_not_used_again(
+    sync_reconnects: None, shop: Any, pg: Any
+) -> None:
+    holder = _ormpool.holder("default")
+    await P().acount()
+    (kept,) = holder.pool.parked.values()
+    django_asyncpool.drain(using="default")  # no await: the task's step goes on
+    await P().acount()
+    (now,) = holder.pool.parked.values()
+    assert now.conn is not kept.conn and kept.conn.closed  # replaced, as the drain asks
+    dbname = connections["default"].settings_dict["NAME"]
+    assert terminate_backends(pg, dbname) >= 1
+    assert wait_until(lambda: _hinted(now.conn))  # the hang-up watcher saw it (no await)
+    assert await P().acount() == 5  # on another connection: nobody saw the dead one
+    (last,) = holder.pool.parked.values()
+    assert last.conn is not now.conn
+
+
+def _hinted(conn: Any) -> bool:
+    from django_asyncpool.core.hangups import maybe_closed
+
+    return maybe_closed(conn)
+
+
 @pytest.fixture
 async def sync_reconnects() -> Any:
     """Afterwards, drop sync_to_async's thread's connections: a restart killed them."""
