@@ -517,12 +517,14 @@ def _pool_kwargs(wrapper: Any) -> dict[str, Any]:
 class Lease:
     """One checked-out connection and its wrapper."""
 
-    __slots__ = ("conn", "holder", "wrapper")
+    __slots__ = ("conn", "holder", "unpark", "wrapper")
 
     def __init__(self, holder: Holder, conn: psycopg.AsyncConnection[Any]) -> None:
         self.holder = holder
         self.conn = conn
         self.wrapper: NativeWrapper = getattr(conn, _NATIVE)
+        #: While kept for its task (Holder.checkin): the loop's callback that gives it back.
+        self.unpark: asyncio.Handle | None = None
 
 
 #: What the ORM pool does with a leaked connection, and what to do about it.
@@ -569,6 +571,9 @@ class Holder:
         if parked:
             lease = parked.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             if lease is not None:
+                # Cancelled, not left to find nothing: a loop with nothing else ready is
+                # idle for the wait in the greenlet (idle.wait_here).
+                lease.unpark.cancel()  # type: ignore[union-attr]
                 conn = lease.conn
                 if (
                     not pool.closed
@@ -624,7 +629,7 @@ class Holder:
         parked = self.pool.parked
         if task is not None and task not in parked and lease.wrapper.reset():
             parked[task] = lease
-            self._loop.call_soon(self._unpark, task)
+            lease.unpark = self._loop.call_soon(self._unpark, task)
             return
         self._give_back(lease)
 
