@@ -67,10 +67,12 @@ def wait_here(conn: Any, fd: int) -> bool:
         cached = _poller(loop, fd)
         setattr(conn, _POLL, cached)
     poll = cached[2]
+    if poll is None:
+        return False
     ready = loop._ready
     # A cancelled callback is nothing to do (the native pool cancels the one that
     # would give back a connection its task took again: pool.Holder.checkout).
-    if poll is None or (ready and not (len(ready) == 1 and ready[0]._cancelled)):
+    if ready and not (len(ready) == 1 and ready[0]._cancelled):
         return False
     timeout = MOST
     scheduled = loop._scheduled
