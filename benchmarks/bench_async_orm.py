@@ -396,7 +396,7 @@ def _layer_steps(
         await watchdog.spawn(body)
 
     def op() -> None:
-        native._op(holder, ALIAS, native._MISSING, False, [], query, (), {})
+        native._op(holder, ALIAS, native._var(), native._MISSING, False, [], query, (), {})
 
     async def checkouts() -> None:
         await watchdog.spawn(lambda: [op() for _ in range(n)])

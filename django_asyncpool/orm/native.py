@@ -25,8 +25,10 @@ import sys
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from itertools import islice
+from threading import get_ident
 from typing import Any, TypeVar
 
+from asgiref import local as _asgiref_local
 from asgiref.sync import AsyncToSync, sync_to_async
 from django.core.exceptions import SynchronousOnlyOperation
 from django.db import DEFAULT_DB_ALIAS, connections, models, router, transaction
@@ -85,6 +87,70 @@ def _current(alias: str) -> Any:
     return getattr(_local(), alias, _MISSING)
 
 
+# -- the task's wrappers without asgiref's layers (every native query reads and writes them) --
+#
+# On a thread running a loop, Django's Local(thread_critical=True) keeps this thread's
+# _CVar, whose ContextVar holds a _Storage: the thread it belongs to and a dict copied
+# on every write. The hot path reads and writes that ContextVar as asgiref does, with
+# neither its four calls per access nor the AttributeError it raises for a missing
+# alias. With any other layout of asgiref, the hot path goes through the Local.
+_Storage: Any = getattr(_asgiref_local, "_Storage", None)
+
+
+def _layout_known() -> bool:
+    cvar = getattr(_asgiref_local, "_CVar", None)
+    return (
+        _Storage is not None
+        and getattr(_Storage, "__slots__", None) == ("thread_id", "data")
+        and type(_local()).__name__ == "_ThreadCriticalLocal"
+        and "_get_storage" in vars(type(_local()))
+        and cvar is not None
+        and "_storage" in vars(cvar)
+    )
+
+
+_FAST = _layout_known()
+
+
+def _var() -> Any:
+    """Return the ContextVar of this loop thread's wrappers (None: use the Local)."""
+    if not _FAST:
+        return None
+    local = _local()
+    cvar = getattr(local._storage, "cvar", None)
+    if cvar is None:
+        cvar = local._get_storage()  # made on the thread's first access in async code
+    return cvar._data
+
+
+def _peek(var: Any, alias: str) -> Any:
+    """Return this task's ``connections[alias]`` wrapper, or _MISSING (``var``: from _var())."""
+    if var is None:
+        return _current(alias)
+    storage = var.get(None)
+    if storage is None or storage.thread_id != get_ident():
+        return _MISSING  # none, or another thread's: asgiref's Local sees none either
+    return storage.data.get(alias, _MISSING)
+
+
+def _put(var: Any, alias: str, wrapper: Any) -> None:
+    """Make ``wrapper`` (_MISSING: none) this task's ``connections[alias]``."""
+    if var is None:
+        if wrapper is _MISSING:
+            delattr(_local(), alias)
+        else:
+            setattr(_local(), alias, wrapper)
+        return
+    ident = get_ident()
+    storage = var.get(None)
+    data = storage.data.copy() if storage is not None and storage.thread_id == ident else {}
+    if wrapper is not _MISSING:
+        data[alias] = wrapper
+    elif data.pop(alias, _MISSING) is _MISSING:
+        raise AttributeError(f"no connection {alias!r} to unbind")  # as asgiref's delattr
+    var.set(_Storage(ident, data))
+
+
 def _bind(alias: str, wrapper: Any) -> Any:
     """Make ``wrapper`` this task's ``connections[alias]``; return what was there."""
     previous = getattr(_local(), alias, _MISSING)
@@ -140,7 +206,8 @@ async def run(alias: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) ->
     retryable = kwargs.pop("_retryable", False)
     hooks: list[Any] = []
     try:
-        current = _current(alias)
+        var = _var()
+        current = _peek(var, alias)
         if isinstance(current, _ormpool.NativeWrapper):
             pinned = current  # an open atomic block's
             _check_owner(pinned, alias)
@@ -152,7 +219,9 @@ async def run(alias: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) ->
         if callers is not None:
             return _borrowed_call(alias, callers, fn, args, kwargs)
         holder = _ormpool.holder(alias)
-        return await greenlet_spawn(_op, holder, alias, current, retryable, hooks, fn, args, kwargs)
+        return await greenlet_spawn(
+            _op, holder, alias, var, current, retryable, hooks, fn, args, kwargs
+        )
     finally:
         if hooks:
             await sync_to_async(_run_hooks)(hooks)
@@ -161,6 +230,7 @@ async def run(alias: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) ->
 def _op(
     holder: _ormpool.Holder,
     alias: str,
+    var: Any,
     previous: Any,
     retryable: bool,
     hooks: list[Any],
@@ -168,11 +238,12 @@ def _op(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> T:
-    """Run ``fn`` on a pooled connection bound as ``connections[alias]`` (``previous``
-    is what is there now: the greenlet starts at once, in the caller's context)."""
+    """Run ``fn`` on a pooled connection bound as ``connections[alias]`` (``var``:
+    :func:`_var`; ``previous`` is what is there now: the greenlet starts at once, in
+    the caller's context)."""
     lease = holder.checkout()
     wrapper = lease.wrapper
-    setattr(_local(), alias, wrapper)
+    _put(var, alias, wrapper)
     _share_debugging(wrapper, previous)
     try:
         return fn(*args, **kwargs)
@@ -182,7 +253,7 @@ def _op(
             raise _OtherAlias(str(exc)) from exc
         raise
     finally:
-        _unbind(alias, previous)
+        _put(var, alias, previous)
         hooks.extend(wrapper._pending_hooks)
         holder.checkin(lease)
 
