@@ -133,14 +133,17 @@ def _peek(var: Any, alias: str) -> Any:
     return storage.data.get(alias, _MISSING)
 
 
-def _put(var: Any, alias: str, wrapper: Any) -> None:
-    """Make ``wrapper`` (_MISSING: none) this task's ``connections[alias]``."""
+def _put(var: Any, alias: str, wrapper: Any) -> Any:
+    """Make ``wrapper`` (_MISSING: none) this task's ``connections[alias]``.
+
+    Return what undoes it in :func:`_restore` (``var``: from :func:`_var`).
+    """
     if var is None:
         if wrapper is _MISSING:
             delattr(_local(), alias)
         else:
             setattr(_local(), alias, wrapper)
-        return
+        return None
     ident = get_ident()
     storage = var.get(None)
     data = storage.data.copy() if storage is not None and storage.thread_id == ident else {}
@@ -148,7 +151,16 @@ def _put(var: Any, alias: str, wrapper: Any) -> None:
         data[alias] = wrapper
     elif data.pop(alias, _MISSING) is _MISSING:
         raise AttributeError(f"no connection {alias!r} to unbind")  # as asgiref's delattr
-    var.set(_Storage(ident, data))
+    storage = _Storage(ident, data)
+    return storage, var.set(storage)
+
+
+def _restore(var: Any, alias: str, previous: Any, undo: Any) -> None:
+    """Make ``previous`` this task's ``connections[alias]`` again, after :func:`_put`."""
+    if undo is not None and var.get(None) is undo[0]:
+        var.reset(undo[1])  # nothing else changed meanwhile: the storage from before
+    else:
+        _put(var, alias, previous)
 
 
 def _bind(alias: str, wrapper: Any) -> Any:
@@ -243,7 +255,7 @@ def _op(
     the caller's context)."""
     lease = holder.checkout()
     wrapper = lease.wrapper
-    _put(var, alias, wrapper)
+    undo = _put(var, alias, wrapper)
     _share_debugging(wrapper, previous)
     try:
         return fn(*args, **kwargs)
@@ -253,7 +265,7 @@ def _op(
             raise _OtherAlias(str(exc)) from exc
         raise
     finally:
-        _put(var, alias, previous)
+        _restore(var, alias, previous, undo)
         hooks.extend(wrapper._pending_hooks)
         holder.checkin(lease)
 
@@ -385,10 +397,10 @@ _DELETE = (signals.pre_delete, signals.post_delete, signals.m2m_changed, *_INIT)
 def _receivers(sigs: tuple[Any, ...], model: Any = None) -> bool:
     """Return True if any of ``sigs`` has receivers (for ``model``, or for any sender) that
     are not listed in ``settings.ASYNCPOOL_DATABASE_ONLY``."""
-    return any(
-        sig.receivers and (model is None or sig.has_listeners(model)) and _unlisted(sig, model)
-        for sig in sigs
-    )
+    for sig in sigs:  # a loop, not any(): every native read asks
+        if sig.receivers and (model is None or sig.has_listeners(model)) and _unlisted(sig, model):
+            return True
+    return False
 
 
 #: Django's own receivers that do no I/O at all (a process-local cache entry dropped).
