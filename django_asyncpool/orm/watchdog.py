@@ -55,7 +55,8 @@ _STDLIB = os.path.dirname(os.__file__) + os.sep
 
 #: What a :class:`_Green` switches to its driver when its call is done.
 _DONE: Any = object()
-#: Idle greenlets kept for reuse, per thread (a greenlet only runs in its own thread).
+#: Idle greenlets kept for reuse, per thread (a greenlet only runs in its own thread),
+#: and the thread's id in /proc.
 _idle = threading.local()
 #: At most this many idle greenlets are kept per thread.
 IDLE_KEPT = 64
@@ -203,8 +204,11 @@ def _slice(
 ) -> Any:
     """Run the greenlet until it awaits or ends (``step``: its switch or throw), timed."""
     tid = threading.get_ident()
+    native_id = getattr(_idle, "native_id", None)
+    if native_id is None:
+        native_id = _idle.native_id = _native_id()  # a system call: once per thread
     # [start, stack, CPU time at start, seen blocked, the thread's id in /proc, in idle()]
-    slot: list[Any] = [time.perf_counter(), None, time.thread_time(), False, _native_id(), False]
+    slot: list[Any] = [time.perf_counter(), None, time.thread_time(), False, native_id, False]
     _running[tid] = slot
     try:
         return step(*args, **kw)
@@ -323,6 +327,7 @@ def _after_fork_in_child() -> None:
     _monitor = None  # the thread is not in the child: start another at its first slice
     _running.clear()
     _idle.__dict__.pop("kept", None)  # the parent's: not reused in the child
+    _idle.__dict__.pop("native_id", None)  # the parent's thread
 
 
 _process.at_fork("watchdog", _after_fork_in_child)
