@@ -81,5 +81,7 @@ def wait_here(conn: Any, fd: int) -> bool:
         if due <= 0:
             return False
         timeout = min(timeout, due)
-    events = watchdog.idle(poll, timeout * 1e3)
-    return any(event[0] == fd for event in events)
+    for event in watchdog.idle(poll, timeout * 1e3):  # noqa: SIM110 (no generator: every wait)
+        if event[0] == fd:
+            return True
+    return False
