@@ -436,12 +436,14 @@ class OrmPool:
             self.slots.release()
             return
         # Stamped RETURNED by the counted check-in (core.checkout.checkin) before this.
-        if self.slots.hand_over(conn):
-            return
-        if self.slots.wanted_elsewhere():  # the oldest caller wants another kind: its slot
-            conn.pgconn.finish()
-            self.slots.release()
-            return
+        slots = self.slots
+        if slots.budget.queue:  # callers wait (else, every query's return: no more to ask)
+            if slots.hand_over(conn):
+                return
+            if slots.wanted_elsewhere():  # the oldest caller wants another kind: its slot
+                conn.pgconn.finish()
+                slots.release()
+                return
         self.idle.append(conn)
 
     def _evict(self) -> bool:
