@@ -92,29 +92,6 @@ class _Green(greenlet):  # type: ignore[misc]
             fn, args, kwargs = self.parent.switch(_DONE)
 
 
-def _take(driver: greenlet) -> _Green:
-    """Return an idle greenlet of this thread (or a new one) that runs in ``driver``'s context."""
-    kept: list[_Green] | None = getattr(_idle, "kept", None)
-    if kept:
-        child = kept.pop()
-        if child.parent is not driver:
-            child.parent = driver
-    else:
-        child = _Green(None, driver)
-    child.gr_context = driver.gr_context
-    return child
-
-
-def _give_back(child: _Green) -> None:
-    child.gr_context = None  # the task's context variables: not kept alive by an idle greenlet
-    child.where = None
-    kept: list[_Green] | None = getattr(_idle, "kept", None)
-    if kept is None:
-        kept = _idle.kept = []
-    if len(kept) < IDLE_KEPT:
-        kept.append(child)
-
-
 _threshold: float | None = None
 
 
@@ -141,24 +118,44 @@ async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: 
 
     ``_where``: the function to name when no stack shows the code (default ``fn``).
     """
-    limit = threshold()
+    limit = _threshold
+    if limit is None:
+        limit = threshold()
     if limit and _monitor is None:
         _start_monitor(limit)
-    child = _take(getcurrent())
+    # An idle greenlet of this thread (or a new one), run in the driver's context; every
+    # native query comes here, so nothing below is a call of its own that need not be.
+    driver = getcurrent()
+    kept: list[_Green] | None = getattr(_idle, "kept", None)
+    if kept:
+        child = kept.pop()
+        if child.parent is not driver:
+            child.parent = driver
+    else:
+        child = _Green(None, driver)
+    child.gr_context = driver.gr_context
     child.where = _where
-    result = _slice(fn, child, limit, child.switch, fn, args, kwargs)
+    result = _slice(fn, child, limit, child.switch, (fn, args, kwargs))
     while result is not _DONE:
         if child.dead:  # the call raised GreenletExit: greenlet returns it, as before
             return result  # type: ignore[no-any-return]
         try:
             value = await result
         except BaseException:
-            result = _slice(fn, child, limit, child.throw, *sys.exc_info())
+            result = _slice(fn, child, limit, child.throw, sys.exc_info())
         else:
-            result = _slice(fn, child, limit, child.switch, value)
+            result = _slice(fn, child, limit, child.switch, (value,))
     value, failed = child.value, child.failed
     child.value = None
-    _give_back(child)
+    # Kept for the next call: without the task's context variables, which an idle
+    # greenlet must not keep alive.
+    child.gr_context = None
+    child.where = None
+    kept = getattr(_idle, "kept", None)  # again: a fork in the child drops the parent's
+    if kept is None:
+        kept = _idle.kept = []
+    if len(kept) < IDLE_KEPT:
+        kept.append(child)
     if failed:
         try:
             raise value
@@ -177,7 +174,7 @@ def call(fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
     if _monitor is None:
         _start_monitor(limit)
-    return _slice(fn, None, limit, fn, *args)  # type: ignore[no-any-return]
+    return _slice(fn, None, limit, fn, args)  # type: ignore[no-any-return]
 
 
 def idle(wait: Callable[[float], T], timeout: float) -> T:
@@ -200,9 +197,9 @@ def idle(wait: Callable[[float], T], timeout: float) -> T:
 
 
 def _slice(
-    fn: Callable[..., Any], child: greenlet | None, limit: float, step: Any, *args: Any, **kw: Any
+    fn: Callable[..., Any], child: greenlet | None, limit: float, step: Any, args: tuple[Any, ...]
 ) -> Any:
-    """Run the greenlet until it awaits or ends (``step``: its switch or throw), timed."""
+    """Run the greenlet until it awaits or ends (``step(*args)``: its switch or throw), timed."""
     tid = threading.get_ident()
     native_id = getattr(_idle, "native_id", None)
     if native_id is None:
@@ -211,7 +208,7 @@ def _slice(
     slot: list[Any] = [time.perf_counter(), None, time.thread_time(), False, native_id, False]
     _running[tid] = slot
     try:
-        return step(*args, **kw)
+        return step(*args)
     finally:
         del _running[tid]
         held = time.perf_counter() - slot[0]
