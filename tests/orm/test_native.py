@@ -370,6 +370,30 @@ async def test_queries_show_in_the_tasks_own_wrapper(shop: Any) -> None:
     assert [q["sql"].split()[1] for q in own.queries[-2:]] == ['"shop_product"."id",', "COUNT(*)"]
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["context variable", "asgiref Local"])
+async def test_a_native_call_binds_the_tasks_connection_for_its_length(
+    native: str, fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pooled wrapper is ``connections[alias]`` inside the call only: bound through the
+    ``Local``'s context variable, or (another asgiref) through the ``Local`` itself."""
+    monkeypatch.setattr(_asyncorm, "_FAST", fast and _asyncorm._FAST)
+    seen: list[Any] = []
+
+    def inside() -> None:
+        seen.append(connections[native])
+
+    async def fresh() -> None:
+        await _asyncorm.run(native, inside)
+        assert _asyncorm._current(native) is _asyncorm._MISSING  # nothing left bound
+
+    await asyncio.create_task(fresh(), context=contextvars.Context())  # no wrapper yet
+    own = connections[native]  # this task's own wrapper, made now
+    await _asyncorm.run(native, inside)
+    assert connections[native] is own
+    assert len(seen) == 2
+    assert all(isinstance(wrapper, _ormpool.NativeWrapper) for wrapper in seen)
+
+
 # -- transactions ------------------------------------------------------------------------
 
 
