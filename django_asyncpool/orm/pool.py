@@ -554,6 +554,9 @@ class Holder:
             else Leaks(self.pool.name, config.leak_threshold, self.stats, _KEPT, on_loop=True)
         )
         self._loop = asyncio.get_running_loop()
+        ready = getattr(self._loop, "_ready", None)
+        #: asyncio's own loops: their queue of callbacks ready to run (None on others).
+        self._ready: deque[Any] | None = ready if isinstance(ready, deque) else None
         self._guardian = run_at_loop_shutdown(self._close)
 
     async def _close(self) -> None:
@@ -574,8 +577,16 @@ class Holder:
             lease = parked.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             if lease is not None:
                 # Cancelled, not left to find nothing: a loop with nothing else ready is
-                # idle for the wait in the greenlet (idle.wait_here).
-                lease.unpark.cancel()  # type: ignore[union-attr]
+                # idle for the wait in the greenlet (idle.wait_here). Taken out of the
+                # loop's queue when it is the last one there (scheduled in this step, so
+                # not yet counted by the loop's current turn): else each query of a task
+                # that never awaits anything else would leave one more, and from the
+                # second on the loop would not look idle to the wait.
+                unpark: Any = lease.unpark
+                unpark.cancel()
+                ready = self._ready
+                if ready and ready[-1] is unpark:
+                    ready.pop()
                 conn = lease.conn
                 if (
                     not pool.closed
