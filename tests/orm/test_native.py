@@ -562,6 +562,27 @@ async def test_a_tasks_queries_one_after_another_take_one_connection(shop: Any) 
     assert stats.checkouts == before + 2
 
 
+async def test_a_tasks_queries_one_after_another_leave_no_callbacks_behind(
+    shop: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taking the kept connection again takes its give-back out of the loop's queue: left
+    there cancelled, one a query, the loop would not look idle to the wait in the greenlet."""
+    from django_asyncpool.orm import idle as _idle
+
+    ready = asyncio.get_running_loop()._ready  # type: ignore[attr-defined]
+    seen: list[int] = []  # the callbacks in the loop's queue at each wait
+    real = _idle.wait_here
+
+    def wait_here(conn: Any, fd: int) -> bool:
+        seen.append(len(ready))
+        return real(conn, fd)
+
+    monkeypatch.setattr(_idle, "wait_here", wait_here)
+    for _ in range(6):
+        assert await P().acount() == 5
+    assert len(seen) >= 6 and max(seen) <= 1, seen
+
+
 async def test_a_kept_connection_goes_back_before_its_task_waits(
     shop: Any, make_alias: Any
 ) -> None:
