@@ -15,6 +15,7 @@ blocking call; one the OS merely kept waiting (a busy machine) does not.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -204,8 +205,17 @@ def _slice(
     native_id = getattr(_idle, "native_id", None)
     if native_id is None:
         native_id = _idle.native_id = _native_id()  # a system call: once per thread
-    # [start, stack, CPU time at start, seen blocked, the thread's id in /proc, in idle()]
-    slot: list[Any] = [time.perf_counter(), None, time.thread_time(), False, native_id, False]
+    # [start, stack, CPU time at start, seen blocked, the thread's id in /proc, in idle(),
+    #  the garbage collector's time so far]
+    slot: list[Any] = [
+        time.perf_counter(),
+        None,
+        time.thread_time(),
+        False,
+        native_id,
+        False,
+        _collecting[1],
+    ]
     _running[tid] = slot
     try:
         return step(*args)
@@ -221,6 +231,25 @@ def _slice(
 
 def _held(fn: Callable[..., Any], child: greenlet | None, slot: list[Any], held: float) -> None:
     """Count and (once per location) log a slice that held the loop ``held`` seconds."""
+    collected = _collecting[1] - slot[6]
+    if collected >= held / 2:  # mostly the garbage collector's, not the code's
+        blocked[GC] = blocked.get(GC, 0) + 1
+        if (GC, 0) not in _logged:
+            _logged.add((GC, 0))
+            logger.warning(
+                "Python's garbage collector held the event loop for %.0f ms of %.0f "
+                "(ASYNCPOOL_LOOP_BLOCKED_MS is %.0f): every other request of this process "
+                "waited. Logged once; db_loop_blocked_total{where=%r} counts them. A full "
+                "collection walks every object the process holds: serve through "
+                "django_asyncpool.asgi.PoolLifespan (it freezes what the process holds at "
+                "startup, unless ASYNCPOOL_GC_FREEZE is False), or call gc.freeze() once "
+                "your application is loaded.",
+                collected * 1e3,
+                held * 1e3,
+                threshold() * 1e3,
+                GC,
+            )
+        return
     stack: traceback.StackSummary | None = slot[1]
     if (
         stack is None and child is not None and child.gr_frame is not None
@@ -268,9 +297,24 @@ def _module(filename: str) -> str:
     return os.path.basename(filename).removesuffix(".py")
 
 
+#: The ``where`` of the slices the garbage collector held (db_loop_blocked_total).
+GC = "garbage collection"
+#: [perf_counter() when the running collection started, seconds of every collection so far]
+_collecting = [0.0, 0.0]
+
+
+def _on_collection(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        _collecting[0] = time.perf_counter()
+    else:
+        _collecting[1] += time.perf_counter() - _collecting[0]
+
+
 def _start_monitor(limit: float) -> None:
     global _monitor
     with _monitor_lock:
+        if _on_collection not in gc.callbacks:
+            gc.callbacks.append(_on_collection)  # a slice's collections are told apart
         if _monitor is None:
             _monitor = threading.Thread(
                 target=_watch, args=(limit,), name="django_asyncpool watchdog", daemon=True

@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import logging
+import time
 import weakref
+from typing import Any
 
 import pytest
+from django.test import override_settings
 from greenlet import getcurrent
 from sqlalchemy.util.concurrency import await_
 
@@ -77,3 +81,20 @@ async def test_a_cancelled_call_ends_and_its_task_sees_the_cancellation() -> Non
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await _watchdog.spawn(lambda: "next") == "next"
+
+
+async def test_a_slice_the_garbage_collector_held_is_told_apart(caplog: Any) -> None:
+    junk = [[] for _ in range(400_000)]  # objects a full collection walks
+    before = _watchdog.blocked.get(_watchdog.GC, 0)
+    _watchdog._logged.discard((_watchdog.GC, 0))  # logged once per process: again here
+    busy = "tests.orm.test_watchdog.test_a_slice_the_garbage_collector_held_is_told_apart"
+    with override_settings(ASYNCPOOL_LOOP_BLOCKED_MS=2), caplog.at_level(logging.WARNING):
+        started = time.thread_time()
+        await _watchdog.spawn(gc.collect)
+        took = time.thread_time() - started
+    assert took > 0.002, took  # else the machine is too fast for this test to say anything
+    assert _watchdog.blocked.get(_watchdog.GC, 0) == before + 1
+    assert not any(busy in where for where in _watchdog.blocked)
+    said = [r.getMessage() for r in caplog.records if "garbage collector held" in r.getMessage()]
+    assert len(said) == 1 and "gc.freeze()" in said[0], said
+    del junk
