@@ -25,7 +25,6 @@ import sys
 import time
 import traceback
 import types
-from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -90,11 +89,7 @@ def checkout(
         stats.reused += 1
     if guard.config.metrics:
         now = clock()
-        # Histogram.observe() inline, here and in checkin(): a call per checkout shows in
-        # benchmarks/bench_checkout.py.
-        latency, took = stats.latency, now - started
-        latency.counts[bisect_left(latency.bounds, took)] += 1
-        latency.sum += took
+        stats.latency.observe(now - started)
         setattr(conn, TAKEN, now)
     elif taken is _NEVER:
         setattr(conn, TAKEN, None)
@@ -112,9 +107,7 @@ def checkin(stats: Stats, conn: Any, leaks: Leaks | None = None) -> None:
     setattr(conn, RETURNED, now)
     taken = getattr(conn, TAKEN, None)
     if taken is not None:
-        held, span = stats.held, now - taken
-        held.counts[bisect_left(held.bounds, span)] += 1
-        held.sum += span
+        stats.held.observe(now - taken)
         setattr(conn, TAKEN, None)
     if leaks is not None:
         leaks.back(conn)

@@ -240,9 +240,10 @@ class Guard:
         """:meth:`acquire`, its arguments positional and ``started`` (``self.clock()`` when
         the caller began, the start of the retry budget) given.
 
-        ``failure`` is what a first try already made raised (the counted checkout makes
-        it itself while the breaker is :attr:`calm`), or None to make that try here. The
-        backoff schedule is made only after a failure.
+        ``failure`` is what a first try already made raised (the counted checkout,
+        :func:`.checkout.checkout`, makes it itself while the breaker is closed with no
+        failure counted), or None to make that try here. The backoff schedule is made
+        only after a failure.
         """
         retry = self.config.retry
         delays = None
