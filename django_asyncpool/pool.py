@@ -29,6 +29,7 @@ from . import metrics
 from .core import registry as _registry
 from .core import stats as _stats
 from .core import waiters as _waiters
+from .core.loops import live
 from .core.stats import Stats
 from .errors import named
 from .failover import scopes as _failover
@@ -197,7 +198,7 @@ class ConnectionPool:
         SQLAlchemy engines: :func:`drain` replaces every pool of the alias. Return how
         many loops' engines were reached.
         """
-        states = _alive(self._loops)
+        states = live(self._loops)
         for loop, state in states:
             state.drain(loop)
         return len(states)
@@ -255,16 +256,6 @@ def drain(using: str = "default") -> dict[str, int]:
     not django-asyncpool's.
     """
     return _registry.drain(using)
-
-
-def _alive(loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T]) -> list[tuple[Any, T]]:
-    """Return ``(loop, state)`` of ``loops`` whose loop is not closed (another thread may add)."""
-    for _ in range(3):
-        try:
-            return [(loop, state) for loop, state in list(loops.items()) if not loop.is_closed()]
-        except RuntimeError:
-            continue
-    return []
 
 
 # -- the async kind of pool, for the registry ---------------------------------------------

@@ -1,4 +1,5 @@
-"""What a pool needs of an event loop: a hook on its shutdown, and a sleep in a greenlet.
+"""What a pool needs of an event loop: a hook on its shutdown, a sleep in a greenlet, its
+live loops, and a drain run on the pool's own loop.
 
 Every async pool keeps one pool per event loop (asyncpg and psycopg async connections
 belong to the loop that opened them) and closes it while that loop shuts down.
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from typing import Any, TypeVar
 
 from sqlalchemy.util.concurrency import await_
 
-__all__ = ["greenlet_sleep", "on_loop", "run_at_loop_shutdown"]
+T = TypeVar("T")
+
+__all__ = ["drain_on", "greenlet_sleep", "live", "on_loop", "run_at_loop_shutdown"]
 
 
 def run_at_loop_shutdown(cleanup: Callable[[], Coroutine[Any, Any, None]]) -> Any:
@@ -61,3 +64,27 @@ def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
     elif not loop.is_closed():
         with contextlib.suppress(RuntimeError):  # closed meanwhile
             loop.call_soon_threadsafe(fn)
+
+
+def live(loops: Mapping[asyncio.AbstractEventLoop, T]) -> list[tuple[asyncio.AbstractEventLoop, T]]:
+    """Return ``(loop, value)`` of ``loops`` (a per-loop registry) whose loop is not closed.
+
+    Another thread may add a loop meanwhile (a ``WeakKeyDictionary`` also drops one):
+    read again, three times at most.
+    """
+    for _ in range(3):
+        try:
+            return [(loop, value) for loop, value in list(loops.items()) if not loop.is_closed()]
+        except RuntimeError:
+            continue
+    return []
+
+
+def drain_on(loop: asyncio.AbstractEventLoop, pool: Any) -> None:
+    """Have ``pool`` (of ``loop``) replace every connection, from any thread.
+
+    ``pool.stamp()`` now, so that no connection opened before is used again; its
+    ``drain()`` (the idle ones closed) on the pool's own loop.
+    """
+    pool.stamp()
+    on_loop(loop, pool.drain)

@@ -48,7 +48,7 @@ from ..core.checkout import RETURNED, Leaks
 from ..core.guard import Guard
 from ..core.hangups import clear_hint, hung_up, maybe_closed, watch_hangups
 from ..core.liveness import DUE, GONE, LIVE, clock, verdict
-from ..core.loops import greenlet_sleep, on_loop, run_at_loop_shutdown
+from ..core.loops import drain_on, greenlet_sleep, live, run_at_loop_shutdown
 from ..core.renewal import lifetime, rejected
 from ..core.waiters import TIMED_OUT, Slots
 from ..errors import PoolClosed, PoolTimeout, pool_timeout
@@ -683,15 +683,7 @@ def holder(alias: str) -> Holder:
 
 def holders() -> list[tuple[str, Holder]]:
     """Return ``(alias, holder)`` of every loop's pool in this process (for metrics)."""
-    out: list[tuple[str, Holder]] = []
-    for alias, loops in list(_holders.items()):
-        for _ in range(3):  # another thread may add a loop meanwhile
-            try:
-                out.extend((alias, h) for lp, h in list(loops.items()) if not lp.is_closed())
-                break
-            except RuntimeError:
-                continue
-    return out
+    return [(alias, h) for alias, loops in list(_holders.items()) for _, h in live(loops)]
 
 
 def snapshots() -> list[dict[str, Any]]:
@@ -741,18 +733,9 @@ def drain(alias: str) -> int:
 
     Return how many loops' pools were reached.
     """
-    loops = _holders.get(alias)
-    for _ in range(3):  # another thread may add a loop meanwhile
-        try:
-            found = [(lp, h) for lp, h in list((loops or {}).items()) if not lp.is_closed()]
-            break
-        except RuntimeError:
-            continue
-    else:
-        found = []
+    found = live(_holders.get(alias) or {})
     for loop, held in found:
-        held.pool.stamp()
-        on_loop(loop, held.pool.drain)
+        drain_on(loop, held.pool)
     return len(found)
 
 

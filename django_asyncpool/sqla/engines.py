@@ -36,7 +36,7 @@ from ..core import waiters as _waiters
 from ..core.checkout import RETURNED
 from ..core.hangups import forget_hint, hinted, watch_socket
 from ..core.liveness import DUE, GONE, clock, poller, verdict
-from ..core.loops import on_loop, run_at_loop_shutdown
+from ..core.loops import drain_on, run_at_loop_shutdown
 from ..core.renewal import lifetime
 from ..core.stats import Stats
 from ..errors import AsyncConnectionLost, redact
@@ -481,9 +481,7 @@ class LoopState:
         """
         for engine in (self.engine, self._readonly):
             if engine is not None:
-                pool: Any = engine.sync_engine.pool
-                pool.stamp()
-                on_loop(loop, pool.drain)
+                drain_on(loop, engine.sync_engine.pool)
 
     async def dispose(self) -> None:
         for engine in (self.engine, self._readonly):
