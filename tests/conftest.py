@@ -12,6 +12,7 @@ import copy
 import itertools
 import os
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -309,3 +310,12 @@ def in_forked_child(body: Callable[[], object]) -> Callable[[], tuple[int, str]]
             os.close(read)
 
     return result
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected socket pair: the first plays a connection's socket, the second the server."""
+    ours, peer = socket.socketpair()
+    yield ours, peer
+    ours.close()
+    peer.close()

@@ -26,7 +26,7 @@ from typing import Any
 
 from . import watchdog
 
-__all__ = ["MOST", "wait_here"]
+__all__ = ["MOST", "wait_here", "withdraw"]
 
 #: The longest wait right here (seconds); a longer one goes through the loop.
 MOST = 0.002
@@ -69,10 +69,7 @@ def wait_here(conn: Any, fd: int) -> bool:
     poll = cached[2]
     if poll is None:
         return False
-    ready = loop._ready
-    # A cancelled callback is nothing to do (the native pool cancels the one that
-    # would give back a connection its task took again: pool.Holder.checkout).
-    if ready and not (len(ready) == 1 and ready[0]._cancelled):
+    if loop._ready:
         return False
     timeout = MOST
     scheduled = loop._scheduled
@@ -85,3 +82,20 @@ def wait_here(conn: Any, fd: int) -> bool:
         if event[0] == fd:
             return True
     return False
+
+
+def withdraw(loop: Any, handle: asyncio.Handle) -> None:
+    """Cancel ``handle`` (a ``call_soon`` of ``loop``'s) and, if it is the last callback
+    ready, take it out of the loop's queue, so that the loop looks idle to
+    :func:`wait_here` again.
+
+    A callback scheduled in the current step is not yet counted by the loop's current
+    turn: taking the last one out changes nothing else. The native pool's give-back of a
+    connection its task took again (pool.Holder.checkout): a task's queries one after
+    another would otherwise leave one cancelled callback each, and the loop would not
+    look idle from the second on.
+    """
+    handle.cancel()
+    ready = getattr(loop, "_ready", None)
+    if isinstance(ready, deque) and ready and ready[-1] is handle:
+        ready.pop()

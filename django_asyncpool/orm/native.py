@@ -139,10 +139,7 @@ def _put(var: Any, alias: str, wrapper: Any) -> Any:
     Return what undoes it in :func:`_restore` (``var``: from :func:`_var`).
     """
     if var is None:
-        if wrapper is _MISSING:
-            delattr(_local(), alias)
-        else:
-            setattr(_local(), alias, wrapper)
+        _unbind(alias, wrapper)  # through the Local: wrapper there, or none
         return None
     ident = get_ident()
     storage = var.get(None)

@@ -427,10 +427,9 @@ class OrmPool:
     def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Give ``conn`` to the oldest waiter, or keep it idle; close it if it is spent."""
         if (
-            self.closed
+            self.stale(conn)
             or conn.pgconn.transaction_status != pq.TransactionStatus.IDLE
             or clock() >= getattr(conn, "_asyncpool_expires", 0.0)
-            or getattr(conn, "_asyncpool_born", 0.0) < self.drained_at
         ):
             conn.pgconn.finish()  # no I/O to wait for: the server sees the socket close
             self.slots.release()
@@ -445,6 +444,11 @@ class OrmPool:
                 slots.release()
                 return
         self.idle.append(conn)
+
+    def stale(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Return True if ``conn`` must not be used again: the pool is closed, or it was
+        opened before the last drain."""
+        return self.closed or getattr(conn, "_asyncpool_born", 0.0) < self.drained_at
 
     def _evict(self) -> bool:
         """Close the longest idle connection for another kind's caller; False if none is idle."""
@@ -554,9 +558,6 @@ class Holder:
             else Leaks(self.pool.name, config.leak_threshold, self.stats, _KEPT, on_loop=True)
         )
         self._loop = asyncio.get_running_loop()
-        ready = getattr(self._loop, "_ready", None)
-        #: asyncio's own loops: their queue of callbacks ready to run (None on others).
-        self._ready: deque[Any] | None = ready if isinstance(ready, deque) else None
         self._guardian = run_at_loop_shutdown(self._close)
 
     async def _close(self) -> None:
@@ -576,28 +577,16 @@ class Holder:
         if parked:
             lease = parked.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             if lease is not None:
-                # Cancelled, not left to find nothing: a loop with nothing else ready is
-                # idle for the wait in the greenlet (idle.wait_here). Taken out of the
-                # loop's queue when it is the last one there (scheduled in this step, so
-                # not yet counted by the loop's current turn): else each query of a task
-                # that never awaits anything else would leave one more, and from the
-                # second on the loop would not look idle to the wait.
-                unpark: Any = lease.unpark
-                unpark.cancel()
-                ready = self._ready
-                if ready and ready[-1] is unpark:
-                    ready.pop()
+                # Its give-back is not needed any more, and must not make the loop look
+                # busy to the wait in the greenlet (idle.withdraw).
+                _idle.withdraw(self._loop, lease.unpark)  # type: ignore[arg-type]
                 conn = lease.conn
-                if (
-                    not pool.closed
-                    and getattr(conn, "_asyncpool_born", 0.0) >= pool.drained_at
-                    and not maybe_closed(conn)  # type: ignore[arg-type]
-                ):
+                if not pool.stale(conn) and not maybe_closed(conn):  # type: ignore[arg-type]
                     if self.leaks is not None:
                         self.leaks.taken(conn)  # taken again, here: where a leak report points
                     return lease
                 # Closed, drained or hung up on meanwhile: back, checked at its next checkout.
-                self._give_back(lease)
+                self._give_back(lease, clean=True)
         conn = _checkout.checkout(
             self.stats, self.guard, self._getconn, sleep=greenlet_sleep, leaks=self.leaks
         )
@@ -640,21 +629,28 @@ class Holder:
         """
         task = asyncio.current_task()
         parked = self.pool.parked
-        if task is not None and task not in parked and lease.wrapper.reset():
+        if task is None or task in parked:
+            self._give_back(lease)
+            return
+        clean = lease.wrapper.reset()  # once: it changes the wrapper's state
+        if clean:
             parked[task] = lease
             lease.unpark = self._loop.call_soon(self._unpark, task)
             return
-        self._give_back(lease)
+        self._give_back(lease, clean)
 
     def _unpark(self, task: asyncio.Task[Any]) -> None:
         lease = self.pool.parked.pop(task, None)
         if lease is not None:
-            self._give_back(lease)
+            self._give_back(lease, clean=True)  # reset when it was kept, unused since
 
-    def _give_back(self, lease: Lease) -> None:
+    def _give_back(self, lease: Lease, clean: bool | None = None) -> None:
+        """The pool's check-in; ``clean``: what ``lease.wrapper.reset()`` said already."""
         conn = lease.conn
         _checkout.checkin(self.stats, conn, self.leaks)
-        if not lease.wrapper.reset():
+        if clean is None:
+            clean = lease.wrapper.reset()
+        if not clean:
             self.stats.invalidated += 1
             conn.pgconn.finish()  # closed: the pool frees its slot
         self.pool.putconn(conn)

@@ -332,6 +332,8 @@ def _watch(limit: float) -> None:
         for tid, slot in list(_running.items()):
             if now - slot[0] <= limit:
                 continue
+            # idle() asked again after the /proc read: a wait in poll() begun meanwhile
+            # is asleep too, and is not a blocking call.
             if not slot[3] and not slot[5] and _asleep(slot[4]) and not slot[5]:
                 slot[3] = True
             if slot[1] is None:

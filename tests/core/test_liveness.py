@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -46,14 +45,6 @@ def test_a_ping_is_due_past_the_bypass_window(now: float, bypass: float, found: 
 @pytest.mark.parametrize("now", [100.0, 100.25, 200.0])
 def test_a_connection_the_server_hung_up_on_is_gone_whenever_it_came_back(now: float) -> None:
     assert verdict(True, 100.0, now, 0.5) == GONE
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    ours, peer = socket.socketpair()
-    yield ours, peer
-    ours.close()
-    peer.close()
 
 
 def polled(fd: int) -> bool:

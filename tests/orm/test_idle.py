@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from django.test import override_settings
 
 from django_asyncpool.orm import idle as _idle
@@ -17,14 +15,6 @@ from django_asyncpool.orm import watchdog as _watchdog
 
 class Conn:
     """Stands for a GreenConnection: wait_here keeps its poll object on it."""
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair()
-    yield a, b
-    a.close()
-    b.close()
 
 
 async def test_returns_once_the_socket_is_readable(pair: Any) -> None:
@@ -40,11 +30,12 @@ async def test_gives_the_wait_to_the_loop_when_another_callback_is_ready(pair: A
     assert _idle.wait_here(Conn(), client.fileno()) is False
 
 
-async def test_a_cancelled_callback_leaves_the_loop_idle(pair: Any) -> None:
+async def test_a_withdrawn_callback_leaves_the_loop_idle(pair: Any) -> None:
     server, client = pair
     server.send(b"x")
-    # What the native pool leaves when a task takes its kept connection again.
-    asyncio.get_running_loop().call_soon(lambda: None).cancel()
+    # What the native pool does when a task takes its kept connection again.
+    loop = asyncio.get_running_loop()
+    _idle.withdraw(loop, loop.call_soon(lambda: None))
     assert _idle.wait_here(Conn(), client.fileno()) is True
 
 
