@@ -69,7 +69,10 @@ def wait_here(conn: Any, fd: int) -> bool:
     poll = cached[2]
     if poll is None:
         return False
-    if loop._ready:
+    ready = loop._ready
+    # A cancelled callback is nothing to do (one is often left there: the loop drops
+    # cancelled ones only when it runs them); more than one, the loop's turn.
+    if ready and not (len(ready) == 1 and ready[0]._cancelled):
         return False
     timeout = MOST
     scheduled = loop._scheduled

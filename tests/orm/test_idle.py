@@ -30,6 +30,13 @@ async def test_gives_the_wait_to_the_loop_when_another_callback_is_ready(pair: A
     assert _idle.wait_here(Conn(), client.fileno()) is False
 
 
+async def test_a_cancelled_callback_leaves_the_loop_idle(pair: Any) -> None:
+    server, client = pair
+    server.send(b"x")
+    asyncio.get_running_loop().call_soon(lambda: None).cancel()
+    assert _idle.wait_here(Conn(), client.fileno()) is True
+
+
 async def test_a_withdrawn_callback_leaves_the_loop_idle(pair: Any) -> None:
     server, client = pair
     server.send(b"x")

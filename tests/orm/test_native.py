@@ -583,6 +583,26 @@ async def test_a_tasks_queries_one_after_another_leave_no_callbacks_behind(
     assert len(seen) >= 6 and max(seen) <= 1, seen
 
 
+async def test_a_tasks_queries_one_after_another_wait_in_the_greenlet(
+    shop: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing else for the loop to do, each query's wait is right in the greenlet:
+    a kept connection's give-back, taken back, leaves the loop idle."""
+    from django_asyncpool.orm import idle as _idle
+
+    answers: list[bool] = []
+    real = _idle.wait_here
+
+    def wait_here(conn: Any, fd: int) -> bool:
+        answers.append(real(conn, fd))
+        return answers[-1]
+
+    monkeypatch.setattr(_idle, "wait_here", wait_here)
+    for _ in range(6):
+        assert await P().acount() == 5
+    assert answers.count(True) >= 5, answers
+
+
 async def test_a_kept_connection_goes_back_before_its_task_waits(
     shop: Any, make_alias: Any
 ) -> None:
