@@ -260,7 +260,9 @@ def _held(fn: Callable[..., Any], child: greenlet | None, slot: list[Any], held:
         where, key = f"{_module(frame.filename)}.{frame.name}", (frame.filename, frame.lineno)
     else:
         fn = getattr(child, "where", None) or fn
-        where = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+        # module.function, as a stack's frame names it: one label for one location,
+        # whether the monitor took the stack in time or not.
+        where = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__name__', repr(fn))}"
         key = (where, 0)
     blocked[where] = blocked.get(where, 0) + 1
     if key in _logged:
