@@ -26,10 +26,15 @@ from typing import Any
 
 from . import watchdog
 
-__all__ = ["MOST", "wait_here", "withdraw"]
+__all__ = ["MOST", "QUIET", "wait_here"]
 
 #: The longest wait right here (seconds); a longer one goes through the loop.
 MOST = 0.002
+
+#: On a connection: a ``call_soon`` handle of its loop that does nothing while someone
+#: waits on the connection (the native pool's give-back of it to the pool, due unless
+#: its task took it again), so that the loop still looks idle with it ready.
+QUIET = "_asyncpool_quiet"
 
 #: On a connection: (id of its loop, its socket, a poll of the socket and of the loop's
 #: selector, or None when the loop is not one to wait for here).
@@ -70,10 +75,13 @@ def wait_here(conn: Any, fd: int) -> bool:
     if poll is None:
         return False
     ready = loop._ready
-    # A cancelled callback is nothing to do (one is often left there: the loop drops
-    # cancelled ones only when it runs them); more than one, the loop's turn.
-    if ready and not (len(ready) == 1 and ready[0]._cancelled):
-        return False
+    if ready:
+        # A cancelled callback is nothing to do (the loop drops cancelled ones only when
+        # it runs them), nor is the connection's quiet one; anything else, the loop's turn.
+        quiet = getattr(conn, QUIET, None)
+        for handle in ready:
+            if not (handle is quiet or handle._cancelled):
+                return False
     timeout = MOST
     scheduled = loop._scheduled
     if scheduled:
@@ -86,19 +94,3 @@ def wait_here(conn: Any, fd: int) -> bool:
             return True
     return False
 
-
-def withdraw(loop: Any, handle: asyncio.Handle) -> None:
-    """Cancel ``handle`` (a ``call_soon`` of ``loop``'s) and, if it is the last callback
-    ready, take it out of the loop's queue, so that the loop looks idle to
-    :func:`wait_here` again.
-
-    A callback scheduled in the current step is not yet counted by the loop's current
-    turn: taking the last one out changes nothing else. The native pool's give-back of a
-    connection its task took again (pool.Holder.checkout): a task's queries one after
-    another would otherwise leave one cancelled callback each, and the loop would not
-    look idle from the second on.
-    """
-    handle.cancel()
-    ready = getattr(loop, "_ready", None)
-    if isinstance(ready, deque) and ready and ready[-1] is handle:
-        ready.pop()

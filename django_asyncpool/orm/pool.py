@@ -523,13 +523,15 @@ def _pool_kwargs(wrapper: Any) -> dict[str, Any]:
 class Lease:
     """One checked-out connection and its wrapper."""
 
-    __slots__ = ("conn", "holder", "unpark", "wrapper")
+    __slots__ = ("conn", "holder", "task", "unpark", "wrapper")
 
     def __init__(self, holder: Holder, conn: psycopg.AsyncConnection[Any]) -> None:
         self.holder = holder
         self.conn = conn
         self.wrapper: NativeWrapper = getattr(conn, _NATIVE)
-        #: While kept for its task (Holder.checkin): the loop's callback that gives it back.
+        #: Once kept for a task (Holder.checkin): that task, and the loop's callback that
+        #: gives it back unless the task took it again meanwhile (None once run).
+        self.task: asyncio.Task[Any] | None = None
         self.unpark: asyncio.Handle | None = None
 
 
@@ -561,8 +563,8 @@ class Holder:
         self._guardian = run_at_loop_shutdown(self._close)
 
     async def _close(self) -> None:
-        for task in list(self.pool.parked):
-            self._unpark(task)
+        for task, lease in list(self.pool.parked.items()):
+            self._unpark(task, lease)
         await self.pool.close()
 
     def checkout(self) -> Lease:
@@ -577,9 +579,8 @@ class Holder:
         if parked:
             lease = parked.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             if lease is not None:
-                # Its give-back is not needed any more, and must not make the loop look
-                # busy to the wait in the greenlet (idle.withdraw).
-                _idle.withdraw(self._loop, lease.unpark)  # type: ignore[arg-type]
+                # Its give-back stays scheduled: it does nothing while the lease is out,
+                # and the wait in the greenlet knows it for nothing to do (idle.QUIET).
                 conn = lease.conn
                 if not pool.stale(conn) and not maybe_closed(conn):  # type: ignore[arg-type]
                     if self.leaks is not None:
@@ -632,16 +633,23 @@ class Holder:
         if task is None or task in parked:
             self._give_back(lease)
             return
-        clean = lease.wrapper.reset()  # once: it changes the wrapper's state
+        wrapper = lease.wrapper
+        clean = wrapper.reset()  # once: it changes the wrapper's state
         if clean:
             parked[task] = lease
-            lease.unpark = self._loop.call_soon(self._unpark, task)
+            if lease.unpark is None or lease.task is not task:  # else the last one's is due
+                lease.task = task
+                lease.unpark = self._loop.call_soon(self._unpark, task, lease)
+                setattr(wrapper._twin, _idle.QUIET, lease.unpark)
             return
         self._give_back(lease, clean)
 
-    def _unpark(self, task: asyncio.Task[Any]) -> None:
-        lease = self.pool.parked.pop(task, None)
-        if lease is not None:
+    def _unpark(self, task: asyncio.Task[Any], lease: Lease) -> None:
+        if lease.task is task:
+            lease.unpark = None
+        parked = self.pool.parked
+        if parked.get(task) is lease:  # else out again, or given back already
+            del parked[task]
             self._give_back(lease, clean=True)  # reset when it was kept, unused since
 
     def _give_back(self, lease: Lease, clean: bool | None = None) -> None:

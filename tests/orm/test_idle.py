@@ -37,13 +37,19 @@ async def test_a_cancelled_callback_leaves_the_loop_idle(pair: Any) -> None:
     assert _idle.wait_here(Conn(), client.fileno()) is True
 
 
-async def test_a_withdrawn_callback_leaves_the_loop_idle(pair: Any) -> None:
+async def test_the_connections_quiet_callback_leaves_the_loop_idle(pair: Any) -> None:
     server, client = pair
     server.send(b"x")
-    # What the native pool does when a task takes its kept connection again.
-    loop = asyncio.get_running_loop()
-    _idle.withdraw(loop, loop.call_soon(lambda: None))
-    assert _idle.wait_here(Conn(), client.fileno()) is True
+    # What the native pool leaves ready when a task takes its kept connection again:
+    # the give-back, which does nothing while the connection is out.
+    conn, other = Conn(), Conn()
+    handle = asyncio.get_running_loop().call_soon(lambda: None)
+    setattr(conn, _idle.QUIET, handle)
+    try:
+        assert _idle.wait_here(other, client.fileno()) is False  # not its own: work to do
+        assert _idle.wait_here(conn, client.fileno()) is True
+    finally:
+        handle.cancel()
 
 
 async def test_gives_the_wait_to_the_loop_when_a_timer_is_due(pair: Any) -> None:

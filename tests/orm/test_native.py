@@ -31,6 +31,7 @@ from django.db.models.expressions import RawSQL
 from django.db.models.signals import m2m_changed, post_save
 from django.db.transaction import TransactionManagementError
 from django.test import override_settings
+from sqlalchemy.util.concurrency import greenlet_spawn
 
 import django_asyncpool
 from django_asyncpool import (
@@ -565,16 +566,17 @@ async def test_a_tasks_queries_one_after_another_take_one_connection(shop: Any) 
 async def test_a_tasks_queries_one_after_another_leave_no_callbacks_behind(
     shop: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Taking the kept connection again takes its give-back out of the loop's queue: left
-    there cancelled, one a query, the loop would not look idle to the wait in the greenlet."""
+    """Taking the kept connection again leaves its give-back in the loop's queue, for the
+    next check-in: not one callback a query, or the loop would not look idle to the wait
+    in the greenlet."""
     from django_asyncpool.orm import idle as _idle
 
     ready = asyncio.get_running_loop()._ready  # type: ignore[attr-defined]
-    seen: list[int] = []  # the callbacks in the loop's queue at each wait
+    seen: list[int] = []  # the live callbacks in the loop's queue at each wait
     real = _idle.wait_here
 
     def wait_here(conn: Any, fd: int) -> bool:
-        seen.append(len(ready))
+        seen.append(sum(not handle._cancelled for handle in ready))
         return real(conn, fd)
 
     monkeypatch.setattr(_idle, "wait_here", wait_here)
@@ -601,6 +603,27 @@ async def test_a_tasks_queries_one_after_another_wait_in_the_greenlet(
     for _ in range(6):
         assert await P().acount() == 5
     assert answers.count(True) >= 5, answers
+
+
+async def test_a_kept_connection_given_back_in_another_task_goes_back_to_the_pool(
+    shop: Any,
+) -> None:
+    """Taken again by its task (its give-back still due), then checked in by another task
+    (an async generator closed elsewhere): the other task's step ends, and it is back."""
+    holder = _ormpool.holder("default")
+    await asyncio.sleep(0)
+    lease = await greenlet_spawn(holder.checkout)
+    holder.checkin(lease)  # kept for this task, its give-back due
+    assert await greenlet_spawn(holder.checkout) is lease  # taken again: still due
+    await asyncio.create_task(_checkin_elsewhere(holder, lease))
+    await asyncio.sleep(0)
+    assert not holder.pool.parked
+    assert lease.conn in holder.pool.idle
+
+
+async def _checkin_elsewhere(holder: Any, lease: Any) -> None:
+    holder.checkin(lease)
+    assert list(holder.pool.parked.values()) == [lease]  # kept for this task, for now
 
 
 async def test_a_kept_connection_goes_back_before_its_task_waits(
