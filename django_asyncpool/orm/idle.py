@@ -93,4 +93,3 @@ def wait_here(conn: Any, fd: int) -> bool:
         if event[0] == fd:
             return True
     return False
-
