@@ -437,13 +437,14 @@ def _fallback(alias: str, method: str, reason: str) -> None:
     logger.debug("async ORM: %s() on %r runs in a thread: %s", method, alias, reason)
 
 
-def _native(alias: str, method: str, why_not: Callable[[], str | None]) -> bool:
-    """Return True to run ``method`` natively on ``alias``; count it when it falls back."""
+def _native(alias: str, method: str, why_not: Callable[..., str | None], *args: Any) -> bool:
+    """Return True to run ``method`` natively on ``alias``; count it when it falls back
+    (``why_not(*args)`` says why it cannot)."""
     if not enabled(alias):
         return False
     # why_not() and _callers() only read: asked first, as the task's wrapper costs a
     # lookup in asgiref's Local (an AttributeError raised and caught when it has none).
-    reason = why_not()
+    reason = why_not(*args)
     if reason is None and _callers(alias) is _THREAD:
         reason = _CALLERS
     if reason is not None:
@@ -499,6 +500,11 @@ def _queryset_method(name: str, sync: str, writes: bool, sigs: tuple[Any, ...] |
     def why_not(qs: Any) -> str | None:
         if sigs is None:
             return None
+        for sig in sigs:  # every native call asks: nobody listens, nothing more to ask
+            if sig.receivers:
+                break
+        else:
+            return None
         if sigs is _DELETE:
             return "delete signal receivers" if _receivers(sigs) else None
         if writes:
@@ -509,7 +515,7 @@ def _queryset_method(name: str, sync: str, writes: bool, sigs: tuple[Any, ...] |
     @functools.wraps(original)
     async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
         alias = _write_alias(self) if writes else self.db
-        if _native(alias, name, lambda: why_not(self)):
+        if _native(alias, name, why_not, self):
             if writes:
                 return await run(alias, getattr(self, sync), *args, **kwargs)
             try:

@@ -577,7 +577,7 @@ class Holder:
         pool = self.pool
         parked = pool.parked
         if parked:
-            lease = parked.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            lease = parked.pop(asyncio.current_task(self._loop), None)  # type: ignore[arg-type]
             if lease is not None:
                 # Its give-back stays scheduled: it does nothing while the lease is out,
                 # and the wait in the greenlet knows it for nothing to do (idle.QUIET).
@@ -628,7 +628,7 @@ class Holder:
         checkout and no wait in the queue. It never waits parked: the task's next wait,
         on anything, lets the loop give it back first.
         """
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)
         parked = self.pool.parked
         if task is None or task in parked:
             self._give_back(lease)
@@ -666,23 +666,44 @@ class Holder:
 
 _lock = threading.Lock()
 _holders: dict[str, weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Holder]] = {}
+#: On an event loop: its holders by alias, a copy of the registry's (every native query
+#: looks one up: a weak dictionary's lookup makes a weak reference each time).
+_CACHE = "_asyncpool_holders"
+_EMPTY: dict[str, Holder] = {}
 
 
 def holder(alias: str) -> Holder:
     """Return the running loop's :class:`Holder` of ``alias``."""
     loop = asyncio.get_running_loop()
+    found = getattr(loop, _CACHE, _EMPTY).get(alias)
+    if found is not None:
+        return found
     loops = _holders.get(alias)
     if loops is not None:
         found = loops.get(loop)
         if found is not None:
-            return found
+            return found  # a loop that takes no attributes (uvloop's)
     with _lock:
         loops = _holders.setdefault(alias, weakref.WeakKeyDictionary())
         for other in [lp for lp in loops if lp.is_closed()]:
             del loops[other]
         # A wrapper of its own: connections[alias] would bind one in the caller's context.
         made = loops[loop] = Holder(_registry.config(alias), connections.create_connection(alias))
+        try:
+            vars(loop).setdefault(_CACHE, {})[alias] = made
+        except TypeError:
+            pass
         return made
+
+
+def _uncache(loops: Any, alias: str | None = None) -> None:
+    """Take ``alias``'s holders (None: every one) out of the caches of ``loops``."""
+    for loop in list(loops):
+        cache = getattr(loop, _CACHE, _EMPTY)
+        if alias is None:
+            cache.clear()
+        else:
+            cache.pop(alias, None)
 
 
 def holders() -> list[tuple[str, Holder]]:
@@ -723,13 +744,15 @@ _inherited: list[Any] = []
 
 def _forget_in_child() -> None:
     _inherited.append(dict(_holders))
+    for loops in _holders.values():
+        _uncache(loops)
     _holders.clear()
 
 
 def _drop(alias: str) -> None:
     """Drop every loop's pool of ``alias`` (its settings changed): each closes with its loop."""
     with _lock:
-        _holders.pop(alias, None)
+        _uncache(_holders.pop(alias, {}), alias)
 
 
 def drain(alias: str) -> int:

@@ -56,11 +56,27 @@ _STDLIB = os.path.dirname(os.__file__) + os.sep
 
 #: What a :class:`_Green` switches to its driver when its call is done.
 _DONE: Any = object()
-#: Idle greenlets kept for reuse, per thread (a greenlet only runs in its own thread),
-#: and the thread's id in /proc.
+#: Per thread: its :class:`_Here` (a greenlet only runs in its own thread).
 _idle = threading.local()
 #: At most this many idle greenlets are kept per thread.
 IDLE_KEPT = 64
+
+
+class _Here:
+    """A thread's idle greenlets kept for reuse, and its id in /proc."""
+
+    __slots__ = ("kept", "native_id")
+
+    def __init__(self) -> None:
+        self.kept: list[_Green] = []
+        self.native_id = threading.get_native_id()  # a system call: once per thread
+
+
+def _here() -> _Here:
+    here: _Here | None = getattr(_idle, "here", None)
+    if here is None:
+        here = _idle.here = _Here()
+    return here
 
 
 class _Green(greenlet):  # type: ignore[misc]
@@ -127,7 +143,9 @@ async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: 
     # An idle greenlet of this thread (or a new one), run in the driver's context; every
     # native query comes here, so nothing below is a call of its own that need not be.
     driver = getcurrent()
-    kept: list[_Green] | None = getattr(_idle, "kept", None)
+    here = _here()
+    kept = here.kept  # after a fork in the call, the parent's: what goes back is lost
+    native_id = here.native_id
     if kept:
         child = kept.pop()
         if child.parent is not driver:
@@ -136,25 +154,22 @@ async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: 
         child = _Green(None, driver)
     child.gr_context = driver.gr_context
     child.where = _where
-    result = _slice(fn, child, limit, child.switch, (fn, args, kwargs))
+    result = _slice(fn, child, limit, child.switch, (fn, args, kwargs), native_id)
     while result is not _DONE:
         if child.dead:  # the call raised GreenletExit: greenlet returns it, as before
             return result  # type: ignore[no-any-return]
         try:
             value = await result
         except BaseException:
-            result = _slice(fn, child, limit, child.throw, sys.exc_info())
+            result = _slice(fn, child, limit, child.throw, sys.exc_info(), native_id)
         else:
-            result = _slice(fn, child, limit, child.switch, (value,))
+            result = _slice(fn, child, limit, child.switch, (value,), native_id)
     value, failed = child.value, child.failed
     child.value = None
     # Kept for the next call: without the task's context variables, which an idle
     # greenlet must not keep alive.
     child.gr_context = None
     child.where = None
-    kept = getattr(_idle, "kept", None)  # again: a fork in the child drops the parent's
-    if kept is None:
-        kept = _idle.kept = []
     if len(kept) < IDLE_KEPT:
         kept.append(child)
     if failed:
@@ -175,7 +190,7 @@ def call(fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
     if _monitor is None:
         _start_monitor(limit)
-    return _slice(fn, None, limit, fn, args)  # type: ignore[no-any-return]
+    return _slice(fn, None, limit, fn, args, _here().native_id)  # type: ignore[no-any-return]
 
 
 def idle(wait: Callable[[float], T], timeout: float) -> T:
@@ -198,13 +213,17 @@ def idle(wait: Callable[[float], T], timeout: float) -> T:
 
 
 def _slice(
-    fn: Callable[..., Any], child: greenlet | None, limit: float, step: Any, args: tuple[Any, ...]
+    fn: Callable[..., Any],
+    child: greenlet | None,
+    limit: float,
+    step: Any,
+    args: tuple[Any, ...],
+    native_id: int,
 ) -> Any:
-    """Run the greenlet until it awaits or ends (``step(*args)``: its switch or throw), timed."""
+    """Run the greenlet until it awaits or ends (``step(*args)``: its switch or throw), timed.
+
+    ``native_id``: this thread's id in /proc (:class:`_Here`)."""
     tid = threading.get_ident()
-    native_id = getattr(_idle, "native_id", None)
-    if native_id is None:
-        native_id = _idle.native_id = _native_id()  # a system call: once per thread
     # [start, stack, CPU time at start, seen blocked, the thread's id in /proc, in idle(),
     #  the garbage collector's time so far]
     slot: list[Any] = [
@@ -344,10 +363,6 @@ def _watch(limit: float) -> None:
                     slot[1] = traceback.extract_stack(frame)
 
 
-def _native_id() -> int:
-    return threading.get_native_id()
-
-
 #: futex(2) by machine: a thread waiting for the GIL (another thread holds it, or the OS
 #: runs another process meanwhile) waits in it; that is not the code blocking.
 _FUTEX = {"x86_64": b"202", "aarch64": b"98"}.get(os.uname().machine, b"")
@@ -371,8 +386,7 @@ def _after_fork_in_child() -> None:
     global _monitor
     _monitor = None  # the thread is not in the child: start another at its first slice
     _running.clear()
-    _idle.__dict__.pop("kept", None)  # the parent's: not reused in the child
-    _idle.__dict__.pop("native_id", None)  # the parent's thread
+    _idle.__dict__.pop("here", None)  # the parent's thread and greenlets: not reused
 
 
 _process.at_fork("watchdog", _after_fork_in_child)

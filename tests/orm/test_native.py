@@ -778,6 +778,17 @@ def test_a_loop_per_call_gets_its_own_pool_closed_with_it(native: str, pg: Any) 
     assert wait_until(lambda: backends(pg, dbname) <= before)
 
 
+async def test_an_alias_reset_gets_a_new_pool_on_a_running_loop(shop: Any) -> None:
+    """Settings changed (registry.reset): the loop's next query takes the alias's new pool,
+    not the one the loop had looked up before."""
+    assert await P().acount() == 5
+    before = _ormpool.holder("default")
+    _registry.reset("default")
+    assert await P().acount() == 5
+    after = _ormpool.holder("default")
+    assert after is not before and after.stats.checkouts >= 1
+
+
 async def test_a_full_pool_times_out_with_what_to_do(shop: Any, make_alias: Any) -> None:
     alias = make_alias(
         OPTIONS={
