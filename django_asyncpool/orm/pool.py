@@ -72,6 +72,8 @@ logger = logging.getLogger("django_asyncpool")
 SIDE = "async_orm"
 #: On a pooled AsyncConnection: its NativeWrapper.
 _NATIVE = "_asyncpool_native"
+#: An enum member read once: every check-in compares with it.
+_IDLE = pq.TransactionStatus.IDLE
 
 
 class GreenConnection(psycopg.Connection[Any]):
@@ -219,10 +221,12 @@ class NativeWrapper(DatabaseWrapper):
             and self.connection is twin
             and not self.in_atomic_block
             and twin._autocommit
-            and twin.pgconn.transaction_status == pq.TransactionStatus.IDLE
+            and twin.pgconn.transaction_status == _IDLE
         )
-        self.run_on_commit = []
-        self._pending_hooks = []
+        if self.run_on_commit:
+            self.run_on_commit = []
+        if self._pending_hooks:
+            self._pending_hooks = []
         self._owner = None
         if not clean:
             self.connection = twin
@@ -428,7 +432,7 @@ class OrmPool:
         """Give ``conn`` to the oldest waiter, or keep it idle; close it if it is spent."""
         if (
             self.stale(conn)
-            or conn.pgconn.transaction_status != pq.TransactionStatus.IDLE
+            or conn.pgconn.transaction_status != _IDLE
             or clock() >= getattr(conn, "_asyncpool_expires", 0.0)
         ):
             conn.pgconn.finish()  # no I/O to wait for: the server sees the socket close
