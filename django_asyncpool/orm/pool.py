@@ -19,6 +19,7 @@ alias bound to that connection for its whole life, so a checkout builds nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import select
 import threading
@@ -679,24 +680,22 @@ _EMPTY: dict[str, Holder] = {}
 def holder(alias: str) -> Holder:
     """Return the running loop's :class:`Holder` of ``alias``."""
     loop = asyncio.get_running_loop()
-    found = getattr(loop, _CACHE, _EMPTY).get(alias)
+    found: Holder | None = getattr(loop, _CACHE, _EMPTY).get(alias)
     if found is not None:
         return found
     loops = _holders.get(alias)
     if loops is not None:
         found = loops.get(loop)
         if found is not None:
-            return found  # a loop that takes no attributes (uvloop's)
+            return found  # a loop without a __dict__: no cache
     with _lock:
         loops = _holders.setdefault(alias, weakref.WeakKeyDictionary())
         for other in [lp for lp in loops if lp.is_closed()]:
             del loops[other]
         # A wrapper of its own: connections[alias] would bind one in the caller's context.
         made = loops[loop] = Holder(_registry.config(alias), connections.create_connection(alias))
-        try:
+        with contextlib.suppress(TypeError):  # a loop without a __dict__: no cache
             vars(loop).setdefault(_CACHE, {})[alias] = made
-        except TypeError:
-            pass
         return made
 
 
