@@ -19,11 +19,9 @@ alias bound to that connection for its whole life, so a checkout builds nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import select
 import threading
-import weakref
 from collections import deque
 from typing import Any
 
@@ -670,43 +668,27 @@ class Holder:
 
 
 _lock = threading.Lock()
-_holders: dict[str, weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Holder]] = {}
-#: On an event loop: its holders by alias, a copy of the registry's (every native query
-#: looks one up: a weak dictionary's lookup makes a weak reference each time).
-_CACHE = "_asyncpool_holders"
-_EMPTY: dict[str, Holder] = {}
+#: alias -> event loop -> its Holder. Plain dictionaries (every native query looks one
+#: up): a holder keeps its loop anyway, so weak keys would not let one go; a closed
+#: loop's holder is dropped when another is made.
+_holders: dict[str, dict[asyncio.AbstractEventLoop, Holder]] = {}
 
 
 def holder(alias: str) -> Holder:
     """Return the running loop's :class:`Holder` of ``alias``."""
     loop = asyncio.get_running_loop()
-    found: Holder | None = getattr(loop, _CACHE, _EMPTY).get(alias)
-    if found is not None:
-        return found
     loops = _holders.get(alias)
     if loops is not None:
         found = loops.get(loop)
         if found is not None:
-            return found  # a loop without a __dict__: no cache
+            return found
     with _lock:
-        loops = _holders.setdefault(alias, weakref.WeakKeyDictionary())
+        loops = _holders.setdefault(alias, {})
         for other in [lp for lp in loops if lp.is_closed()]:
             del loops[other]
         # A wrapper of its own: connections[alias] would bind one in the caller's context.
         made = loops[loop] = Holder(_registry.config(alias), connections.create_connection(alias))
-        with contextlib.suppress(TypeError):  # a loop without a __dict__: no cache
-            vars(loop).setdefault(_CACHE, {})[alias] = made
         return made
-
-
-def _uncache(loops: Any, alias: str | None = None) -> None:
-    """Take ``alias``'s holders (None: every one) out of the caches of ``loops``."""
-    for loop in list(loops):
-        cache = getattr(loop, _CACHE, _EMPTY)
-        if alias is None:
-            cache.clear()
-        else:
-            cache.pop(alias, None)
 
 
 def holders() -> list[tuple[str, Holder]]:
@@ -747,15 +729,13 @@ _inherited: list[Any] = []
 
 def _forget_in_child() -> None:
     _inherited.append(dict(_holders))
-    for loops in _holders.values():
-        _uncache(loops)
     _holders.clear()
 
 
 def _drop(alias: str) -> None:
     """Drop every loop's pool of ``alias`` (its settings changed): each closes with its loop."""
     with _lock:
-        _uncache(_holders.pop(alias, {}), alias)
+        _holders.pop(alias, None)
 
 
 def drain(alias: str) -> int:

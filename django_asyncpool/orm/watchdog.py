@@ -56,27 +56,20 @@ _STDLIB = os.path.dirname(os.__file__) + os.sep
 
 #: What a :class:`_Green` switches to its driver when its call is done.
 _DONE: Any = object()
-#: Per thread: its :class:`_Here` (a greenlet only runs in its own thread).
-_idle = threading.local()
 #: At most this many idle greenlets are kept per thread.
 IDLE_KEPT = 64
 
 
-class _Here:
-    """A thread's idle greenlets kept for reuse, and its id in /proc."""
-
-    __slots__ = ("kept", "native_id")
+class _Here(threading.local):
+    """Per thread (a greenlet only runs in its own thread): its idle greenlets kept for
+    reuse, and its id in /proc (a system call: once per thread)."""
 
     def __init__(self) -> None:
         self.kept: list[_Green] = []
-        self.native_id = threading.get_native_id()  # a system call: once per thread
+        self.native_id = threading.get_native_id()
 
 
-def _here() -> _Here:
-    here: _Here | None = getattr(_idle, "here", None)
-    if here is None:
-        here = _idle.here = _Here()
-    return here
+_here = _Here()
 
 
 class _Green(greenlet):  # type: ignore[misc]
@@ -143,9 +136,8 @@ async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: 
     # An idle greenlet of this thread (or a new one), run in the driver's context; every
     # native query comes here, so nothing below is a call of its own that need not be.
     driver = getcurrent()
-    here = _here()
-    kept = here.kept  # after a fork in the call, the parent's: what goes back is lost
-    native_id = here.native_id
+    kept = _here.kept  # after a fork in the call, the parent's: what goes back is lost
+    native_id = _here.native_id
     if kept:
         child = kept.pop()
         if child.parent is not driver:
@@ -190,7 +182,7 @@ def call(fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
     if _monitor is None:
         _start_monitor(limit)
-    return _slice(fn, None, limit, fn, args, _here().native_id)  # type: ignore[no-any-return]
+    return _slice(fn, None, limit, fn, args, _here.native_id)  # type: ignore[no-any-return]
 
 
 def idle(wait: Callable[[float], T], timeout: float) -> T:
@@ -386,7 +378,7 @@ def _after_fork_in_child() -> None:
     global _monitor
     _monitor = None  # the thread is not in the child: start another at its first slice
     _running.clear()
-    _idle.__dict__.pop("here", None)  # the parent's thread and greenlets: not reused
+    _here.__init__()  # type: ignore[misc]  # the parent's thread and greenlets: not reused
 
 
 _process.at_fork("watchdog", _after_fork_in_child)
