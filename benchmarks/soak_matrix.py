@@ -12,7 +12,9 @@ back to back (tests/loadmatrix.py). The clients, each with its own pool of the
 same size and timeout:
 
 - ours: ``session_scope()`` (async tasks on one loop) and the ENGINE through
-  ``connections[alias]`` (threads), one alias;
+  ``connections[alias]`` (threads), one alias; the native async ORM
+  (``OPTIONS["async_orm"]``, a query through ``orm.native.run()`` as ``aget()`` runs
+  it: tasks on one loop), an alias of its own;
 - bare SQLAlchemy: ``create_async_engine(pool_size=, max_overflow=, pool_timeout=)``
   with an ``AsyncSession`` in a transaction, the same work as ``session_scope()``;
 - Django's own ``django.db.backends.postgresql`` with ``OPTIONS["pool"]`` (threads):
@@ -79,6 +81,7 @@ from tests.loadmatrix import (  # noqa: E402
     Client,
     DjangoOrm,
     Figures,
+    NativeOrm,
     OurScope,
     PsycopgPool,
     Sizes,
@@ -93,6 +96,7 @@ SCENARIOS = ("steady", "restart", "terminate", "blackhole")
 #: Whose p99 wait each of ours is compared with: the peer doing the same work first.
 PEERS = {
     OurScope.name: ("SQLAlchemy AsyncSession",),
+    NativeOrm.name: ("SQLAlchemy AsyncSession",),
     "ours: ENGINE (threads)": ("Django pool (threads)", PsycopgPool.name),
 }
 _aliases = iter(range(1, 1_000_000))
@@ -104,6 +108,7 @@ def clients(sizes: Sizes, base: dict[str, Any], **where: Any) -> list[Client]:
     ours = f"matrix{next(_aliases)}"
     django_alias = f"{ours}_django"
     add_alias(ours, entry, our_options(sizes))
+    add_alias(f"{ours}_native", entry, our_options(sizes, async_orm=True))  # its own breaker
     add_alias(
         django_alias,
         {**entry, "ENGINE": "django.db.backends.postgresql"},
@@ -114,6 +119,7 @@ def clients(sizes: Sizes, base: dict[str, Any], **where: Any) -> list[Client]:
     )
     return [
         OurScope(ours),
+        NativeOrm(f"{ours}_native"),
         SqlAlchemySession(entry, sizes),
         DjangoOrm(ours),
         DjangoOrm(django_alias, "Django pool (threads)"),

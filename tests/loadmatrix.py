@@ -244,6 +244,33 @@ class OurScope(Client):
         await ConnectionPool(self.alias).close()
 
 
+class NativeOrm(Client):
+    """The native async ORM (``OPTIONS["async_orm"]``): a task's query in a greenlet on the
+    alias's ORM pool, as ``await Model.objects.aget()`` runs it (tasks, one loop)."""
+
+    name = "ours: async ORM"
+
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+
+    async def aopen(self) -> None:
+        from django_asyncpool.orm import pool
+
+        holder = pool.holder(self.alias)
+        holder.checkout = timed(holder.checkout)  # type: ignore[method-assign]
+
+    async def arequest(self, key: int, times: Times) -> None:
+        from django_asyncpool.orm import native
+
+        await native.run(self.alias, self._query, key, times)
+
+    def _query(self, key: int, times: Times) -> None:
+        with connections[self.alias].cursor() as cursor:
+            times.got = time.perf_counter()
+            cursor.execute(f"select v from {TABLE} where id = %s", (key,))
+            cursor.fetchone()
+
+
 class DjangoOrm(Client):
     """A thread's ``connections[alias]``, as the ORM uses it: the alias's ENGINE and its pool."""
 
