@@ -574,8 +574,8 @@ class Holder:
         """Return a connection through the breaker and retries (in the greenlet).
 
         The task's own connection again if it gave one back in this very step (nothing
-        awaited since but its queries): a view's queries one after another take one
-        connection, as a thread's do in sync Django.
+        awaited since but its queries) and nobody waits for one: a view's queries one
+        after another take one connection, as a thread's do in sync Django.
         """
         pool = self.pool
         parked = pool.parked
@@ -585,11 +585,16 @@ class Holder:
                 # Its give-back stays scheduled: it does nothing while the lease is out,
                 # and the wait in the greenlet knows it for nothing to do (idle.QUIET).
                 conn = lease.conn
-                if not pool.stale(conn) and not maybe_closed(conn):  # type: ignore[arg-type]
+                if (
+                    not pool.slots.budget.queue
+                    and not pool.stale(conn)
+                    and not maybe_closed(conn)  # type: ignore[arg-type]
+                ):
                     if self.leaks is not None:
                         self.leaks.taken(conn)  # taken again, here: where a leak report points
                     return lease
-                # Closed, drained or hung up on meanwhile: back, checked at its next checkout.
+                # Callers wait (their turn first), or closed, drained or hung up on
+                # meanwhile: back, checked at its next checkout.
                 self._give_back(lease, clean=True)
         conn = _checkout.checkout(
             self.stats, self.guard, self._getconn, sleep=greenlet_sleep, leaks=self.leaks
@@ -628,13 +633,14 @@ class Holder:
 
         A clean one is kept for its task until the task awaits anything else (the loop
         runs its next callbacks): its next query in this step takes it again, with no
-        checkout and no wait in the queue. It never waits parked: the task's next wait,
-        on anything, lets the loop give it back first.
+        checkout and no wait in the queue. Not while callers wait: they come first. It
+        never waits parked: the task's next wait, on anything, lets the loop give it back
+        first.
         """
         task = asyncio.current_task(self._loop)
         parked = self.pool.parked
-        if task is None or task in parked:
-            self._give_back(lease)
+        if task is None or task in parked or self.pool.slots.budget.queue:
+            self._give_back(lease)  # callers wait: the oldest has it now
             return
         wrapper = lease.wrapper
         clean = wrapper.reset()  # once: it changes the wrapper's state

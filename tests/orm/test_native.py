@@ -652,6 +652,30 @@ async def test_a_kept_connection_goes_back_before_its_task_waits(
     assert order == ["a: first", "b: waited True", "a: second"]
 
 
+async def test_a_kept_connection_is_not_taken_again_while_another_task_waits(
+    shop: Any, make_alias: Any
+) -> None:
+    # One connection: a task whose queries follow one another with nothing awaited in
+    # between would keep it for all of them, the waiting task served last.
+    alias = make_alias(
+        OPTIONS={"async_orm": True, "async_pool": {"pool_size": 1, "max_overflow": 0, "timeout": 5}}
+    )
+    order: list[str] = []
+
+    async def busy() -> None:
+        for _ in range(20):
+            await Product.objects.using(alias).acount()
+            order.append("a")
+
+    async def other() -> None:
+        await asyncio.sleep(0)  # once the busy task has the connection
+        await Product.objects.using(alias).acount()
+        order.append("b")
+
+    await asyncio.gather(busy(), other())
+    assert order.index("b") <= 2, order
+
+
 async def test_a_kept_connection_drained_or_hung_up_on_is_not_used_again(
     sync_reconnects: None, shop: Any, pg: Any
 ) -> None:
