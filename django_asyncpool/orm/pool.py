@@ -586,9 +586,7 @@ class Holder:
                 # and the wait in the greenlet knows it for nothing to do (idle.QUIET).
                 conn = lease.conn
                 if (
-                    not pool.slots.budget.queue
-                    and not pool.stale(conn)
-                    and not maybe_closed(conn)  # type: ignore[arg-type]
+                    not pool.slots.budget.queue and not pool.stale(conn) and not maybe_closed(conn)  # type: ignore[arg-type]
                 ):
                     if self.leaks is not None:
                         self.leaks.taken(conn)  # taken again, here: where a leak report points
