@@ -196,57 +196,64 @@ def against_sync(
     return cpu_a / ops_a * 1e6, cpu_b / ops_b * 1e6
 
 
-def main(seconds: float, rounds: int, tasks: int, only: str | None) -> int:
-    ids = prepare()
+def variants(
+    ids: list[int], pick: Callable[[list[int]], int] = random.choice
+) -> dict[str, tuple[Any, Any, Any]]:
+    """Return each operation's (native, thread hop, sync ORM) call; ``pick`` picks a key."""
     products = Product.objects.using(ALIAS)
     low = ids[: len(ids) - 100]  # a start with 100 rows after it
 
     async def native_aget() -> object:
-        return await products.aget(pk=random.choice(ids))
+        return await products.aget(pk=pick(ids))
 
     async def thread_aget() -> object:
-        return await sync_to_async(products.get)(pk=random.choice(ids))
+        return await sync_to_async(products.get)(pk=pick(ids))
 
     def sync_get() -> object:
-        return products.get(pk=random.choice(ids))
+        return products.get(pk=pick(ids))
 
     async def native_rows() -> object:
-        return [p async for p in products.filter(pk__gt=random.choice(low)).order_by("pk")[:100]]
+        return [p async for p in products.filter(pk__gt=pick(low)).order_by("pk")[:100]]
 
     async def thread_rows() -> object:
-        qs = products.filter(pk__gt=random.choice(low)).order_by("pk")[:100]
+        qs = products.filter(pk__gt=pick(low)).order_by("pk")[:100]
         return await sync_to_async(list)(qs)
 
     def sync_rows() -> object:
-        return list(products.filter(pk__gt=random.choice(low)).order_by("pk")[:100])
+        return list(products.filter(pk__gt=pick(low)).order_by("pk")[:100])
 
     async def native_count() -> object:
-        return await products.filter(pk__gt=random.choice(low)).acount()
+        return await products.filter(pk__gt=pick(low)).acount()
 
     async def thread_count() -> object:
-        return await sync_to_async(products.filter(pk__gt=random.choice(low)).count)()
+        return await sync_to_async(products.filter(pk__gt=pick(low)).count)()
 
     def sync_count() -> object:
-        return products.filter(pk__gt=random.choice(low)).count()
+        return products.filter(pk__gt=pick(low)).count()
 
-    variants = {
+    return {
         "aget": (native_aget, thread_aget, sync_get),
         "async for 100 rows": (native_rows, thread_rows, sync_rows),
         "acount": (native_count, thread_count, sync_count),
     }
+
+
+def main(seconds: float, rounds: int, tasks: int, only: str | None) -> int:
+    ids = prepare()
+    calls = variants(ids)
     missed = []
     with asyncio.Runner() as runner:
-        for native, thread, sync in variants.values():  # warm up: connections, code paths
+        for native, thread, sync in calls.values():  # warm up: connections, code paths
             runner.run(gather(tasks, native, thread))
             for _ in range(tasks):
                 sync()
             connections.close_all()
         if only in (None, "hop"):
-            missed += runner.run(against_hop(variants, seconds, rounds, tasks, ids))
+            missed += runner.run(against_hop(calls, seconds, rounds, tasks, ids))
         if only in (None, "sync"):
-            missed += against_sync_all(runner, variants, seconds, rounds)
+            missed += against_sync_all(runner, calls, seconds, rounds)
         if only == "layers":
-            layers(runner, {name: v[2] for name, v in variants.items()}, variants, rounds)
+            layers(runner, {name: v[2] for name, v in calls.items()}, calls, rounds)
     return 1 if missed else 0
 
 

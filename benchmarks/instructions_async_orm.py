@@ -29,39 +29,25 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-OPS = ("aget", "acount", "async-for")
+#: --ops name -> bench_async_orm's operation.
+OPS = {"aget": "aget", "acount": "acount", "async-for": "async for 100 rows"}
 COUNTS = (200, 1_200)
 
 
 def work(path: str, op: str, n: int) -> None:
-    """Run ``op`` ``n`` times on ``path`` (native or sync), after one untimed run."""
+    """Run ``op`` ``n`` times on ``path`` (native or sync), after one untimed run: the
+    queries of ``bench_async_orm.py``, on the keys in the middle of the table."""
     sys.path.insert(0, str(HERE.parent))
     import bench_async_orm as bench  # sets Django up
     from django.conf import settings
 
-    from testproject.shop.models import Product
-
     settings.ASYNCPOOL_LOOP_BLOCKED_MS = 3_600_000
-    pk = bench.prepare()[5]
-    products = Product.objects.using(bench.ALIAS)
+    calls = bench.variants(bench.prepare(), pick=lambda keys: keys[len(keys) // 2])
+    native, _, sync = calls[OPS[op]]
     if path == "sync":
-        sync = {
-            "aget": lambda: products.get(pk=pk),
-            "acount": lambda: products.filter(pk__gt=pk).count(),
-            "async-for": lambda: list(products.filter(pk__gt=pk)[:100]),
-        }[op]
         for _ in range(n + 1):
             sync()
         return
-
-    async def rows() -> object:
-        return [p async for p in products.filter(pk__gt=pk)[:100]]
-
-    native = {
-        "aget": lambda: products.aget(pk=pk),
-        "acount": lambda: products.filter(pk__gt=pk).acount(),
-        "async-for": rows,
-    }[op]
 
     async def queries(count: int) -> None:
         for _ in range(count):
