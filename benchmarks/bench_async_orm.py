@@ -403,7 +403,17 @@ def _layer_steps(
         await watchdog.spawn(body)
 
     def op() -> None:
-        native._op(holder, ALIAS, native._var(), native._MISSING, False, [], query, (), {})
+        native._op(
+            holder,
+            ALIAS,
+            native._task_wrappers(ALIAS)[0],
+            native._MISSING,
+            False,
+            [],
+            query,
+            (),
+            {},
+        )
 
     async def checkouts() -> None:
         await watchdog.spawn(lambda: [op() for _ in range(n)])

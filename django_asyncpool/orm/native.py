@@ -112,31 +112,26 @@ def _layout_known() -> bool:
 _FAST = _layout_known()
 
 
-def _var() -> Any:
-    """Return the ContextVar of this loop thread's wrappers (None: use the Local)."""
+def _task_wrappers(alias: str) -> tuple[Any, Any]:
+    """Return this loop thread's ContextVar of wrappers (None: use the Local) and this
+    task's ``connections[alias]`` wrapper, or _MISSING."""
     if not _FAST:
-        return None
-    local = _local()
+        return None, _current(alias)
+    local = _handler._connections
     cvar = getattr(local._storage, "cvar", None)
     if cvar is None:
         cvar = local._get_storage()  # made on the thread's first access in async code
-    return cvar._data
-
-
-def _peek(var: Any, alias: str) -> Any:
-    """Return this task's ``connections[alias]`` wrapper, or _MISSING (``var``: from _var())."""
-    if var is None:
-        return _current(alias)
+    var = cvar._data
     storage = var.get(None)
     if storage is None or storage.thread_id != get_ident():
-        return _MISSING  # none, or another thread's: asgiref's Local sees none either
-    return storage.data.get(alias, _MISSING)
+        return var, _MISSING  # none, or another thread's: asgiref's Local sees none either
+    return var, storage.data.get(alias, _MISSING)
 
 
 def _put(var: Any, alias: str, wrapper: Any) -> Any:
     """Make ``wrapper`` (_MISSING: none) this task's ``connections[alias]``.
 
-    Return what undoes it in :func:`_restore` (``var``: from :func:`_var`).
+    Return what undoes it in :func:`_restore` (``var``: from :func:`_task_wrappers`).
     """
     if var is None:
         _unbind(alias, wrapper)  # through the Local: wrapper there, or none
@@ -215,8 +210,7 @@ async def run(alias: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) ->
     retryable = kwargs.pop("_retryable", False)
     hooks: list[Any] = []
     try:
-        var = _var()
-        current = _peek(var, alias)
+        var, current = _task_wrappers(alias)
         if isinstance(current, _ormpool.NativeWrapper):
             pinned = current  # an open atomic block's
             _check_owner(pinned, alias)
@@ -248,7 +242,7 @@ def _op(
     kwargs: dict[str, Any],
 ) -> T:
     """Run ``fn`` on a pooled connection bound as ``connections[alias]`` (``var``:
-    :func:`_var`; ``previous`` is what is there now: the greenlet starts at once, in
+    :func:`_task_wrappers`; ``previous`` is what is there now: the greenlet starts at once, in
     the caller's context)."""
     lease = holder.checkout()
     wrapper = lease.wrapper

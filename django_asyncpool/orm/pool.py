@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import select
+import sys
 import threading
 from collections import deque
 from typing import Any
@@ -32,9 +33,10 @@ from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.postgresql import base as postgresql
 from django.db.backends.signals import connection_created
+from greenlet import getcurrent
 from psycopg import IsolationLevel, pq
 from psycopg.waiting import READY_R, WAIT_R
-from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
+from sqlalchemy.util.concurrency import await_, greenlet_spawn
 
 from .. import metrics
 from ..base import DatabaseWrapper
@@ -73,6 +75,13 @@ SIDE = "async_orm"
 _NATIVE = "_asyncpool_native"
 #: An enum member read once: every check-in compares with it.
 _IDLE = pq.TransactionStatus.IDLE
+#: ``asyncio.current_task(loop)``: before Python 3.12 a Python function around this
+#: C dictionary's ``get`` (every native query asks twice).
+_task_of: Any = (
+    asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
+    if sys.version_info < (3, 12)
+    else asyncio.current_task
+)
 
 
 class GreenConnection(psycopg.Connection[Any]):
@@ -86,7 +95,9 @@ class GreenConnection(psycopg.Connection[Any]):
     aconn: psycopg.AsyncConnection[Any]
 
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
-        if not in_greenlet():  # sync ORM code called in the task itself: Django's error
+        # SQLAlchemy's in_greenlet(), without its call (every query asks): sync ORM code
+        # called in the task itself gets Django's error.
+        if not getattr(getcurrent(), "__sqlalchemy_greenlet_provider__", False):
             raise SynchronousOnlyOperation(
                 "You cannot call this from an async context - use a thread or sync_to_async."
             )
@@ -580,7 +591,7 @@ class Holder:
         pool = self.pool
         parked = pool.parked
         if parked:
-            lease = parked.pop(asyncio.current_task(self._loop), None)  # type: ignore[arg-type]
+            lease = parked.pop(_task_of(self._loop), None)
             if lease is not None:
                 # Its give-back stays scheduled: it does nothing while the lease is out,
                 # and the wait in the greenlet knows it for nothing to do (idle.QUIET).
@@ -635,7 +646,7 @@ class Holder:
         never waits parked: the task's next wait, on anything, lets the loop give it back
         first.
         """
-        task = asyncio.current_task(self._loop)
+        task = _task_of(self._loop)
         parked = self.pool.parked
         if task is None or task in parked or self.pool.slots.budget.queue:
             self._give_back(lease)  # callers wait: the oldest has it now
