@@ -36,12 +36,14 @@ MOST = 0.002
 #: its task took it again), so that the loop still looks idle with it ready.
 QUIET = "_asyncpool_quiet"
 
-#: On a connection: (id of its loop, its socket, a poll of the socket and of the loop's
-#: selector, or None when the loop is not one to wait for here).
+#: On a connection: (its loop, its socket, a poll of the socket and of the loop's
+#: selector, or None when the loop is not one to wait for here). A pooled connection
+#: is only ever used on its pool's loop, the one running at its first wait: no
+#: ``get_running_loop()`` per wait (on Python 3.11 that is a ``getpid`` system call).
 _POLL = "_asyncpool_idle_poll"
 
 
-def _poller(loop: Any, fd: int) -> tuple[int, int, Any]:
+def _poller(loop: Any, fd: int) -> tuple[Any, int, Any]:
     """Return what :func:`wait_here` keeps on a connection of ``loop`` with socket ``fd``."""
     selector: Any = getattr(loop, "_selector", None)
     if not (
@@ -51,27 +53,26 @@ def _poller(loop: Any, fd: int) -> tuple[int, int, Any]:
         and isinstance(getattr(loop, "_scheduled", None), list)
         and isinstance(selector, selectors.BaseSelector)
     ):
-        return id(loop), fd, None
+        return loop, fd, None
     try:
         loop_fd = selector.fileno()  # type: ignore[attr-defined]
     except (AttributeError, OSError, ValueError):
-        return id(loop), fd, None
+        return loop, fd, None
     poll = select.poll()
     poll.register(fd, select.POLLIN)
     poll.register(loop_fd, select.POLLIN)
-    return id(loop), fd, poll.poll
+    return loop, fd, poll.poll
 
 
 def wait_here(conn: Any, fd: int) -> bool:
     """Return True once socket ``fd`` of ``conn`` is readable, waiting for it right here
     while the running loop has nothing else to do; False when it has (or may soon
     have), and the wait is the loop's."""
-    loop: Any = asyncio.get_running_loop()
     cached = getattr(conn, _POLL, None)
-    if cached is None or cached[0] != id(loop) or cached[1] != fd:
-        cached = _poller(loop, fd)
+    if cached is None or cached[1] != fd:
+        cached = _poller(asyncio.get_running_loop(), fd)
         setattr(conn, _POLL, cached)
-    poll = cached[2]
+    loop, _, poll = cached
     if poll is None:
         return False
     ready = loop._ready
