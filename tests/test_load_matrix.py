@@ -46,6 +46,7 @@ def test_steady_load_serves_every_waiter_in_turn(
 
     stats = _registry.stats(alias, side)
     longest = max(figures.waits)
+    slowest = max(figures.holds)
     # The longest wait in hold times, counted rather than timed: the requests served while
     # it waited, per connection. Served in turn, a waiter waits for those ahead of it
     # (9 holds at 10x the cap), however slow this shared machine is at that moment; the
@@ -58,7 +59,8 @@ def test_steady_load_serves_every_waiter_in_turn(
     hold = min(workers, sizes.cap) * SECONDS / figures.requests
     print(
         f"\n{side} {workers} workers, cap {sizes.cap}: {describe(figures)}; longest wait "
-        f"{holds:.1f} holds counted, {longest / hold:.1f}x the mean hold ({hold * 1e3:.2f} ms); "
+        f"{holds:.1f} holds counted, {longest / hold:.1f}x the mean hold ({hold * 1e3:.2f} ms), "
+        f"the slowest hold {slowest * 1e3:.1f} ms; "
         f"breaker {guard.state} {transitions}; attempts {stats.attempts}, timeouts "
         f"{stats.timeouts}, failures {stats.failures}, rejected {stats.rejected}"
     )
@@ -70,7 +72,12 @@ def test_steady_load_serves_every_waiter_in_turn(
     # also holds what the OS scheduler adds after a handoff, and on this 2-core CI
     # machine one sync wait in ~3 runs reached 1.1 s with 1.2 holds counted in the
     # pool (unexplained, not the queue): the sync bound is the p99, the max is printed.
-    assert (longest if side == "async" else figures.wait(0.99)) < 1.0
+    # Nor can a wait be shorter than the holds it waits for: when the machine or the
+    # server stalls (twice in CI, ~1.6 s with every count in order and a few dozen
+    # requests served meanwhile), the queries holding the connections stall with it. A
+    # pool that stops handing connections out keeps the waits long and the holds short.
+    waited = longest if side == "async" else figures.wait(0.99)
+    assert waited < 1.0 + slowest, (waited, slowest)
     assert holds <= 20
     # In order: none on one event loop, none in the pool's handoffs (a few if the liveness
     # check finds a dead connection and the thread takes another).
