@@ -5,8 +5,9 @@
 The CPU time of these machines moves by ±5 % from run to run, more than most changes
 to the native path (``bench_async_orm.py --only sync``); an instruction count moves
 far less: about ±3k instructions per query (±0.3 %) between runs of the same tree, so
-a cut smaller than that needs several runs to show. Each operation of ``bench_async_orm.py`` (``aget``, ``acount``, ``async for`` over
-100 rows) runs 200 and then 1,200 times in a process under callgrind, by one task
+a cut smaller than that needs several runs to show. Each operation of
+``bench_async_orm.py`` (``aget``, ``acount``, ``async for`` over 100 rows) runs 200
+and then 1,200 times in a process under callgrind, by one task
 natively (``OPTIONS["async_orm"]``) and in the sync ORM (the main thread, no loop
 running); the difference divided by 1,000 is one query's instructions, without the
 process's start-up. The watchdog's threshold is an hour (valgrind's slowness would
