@@ -33,10 +33,9 @@ from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.postgresql import base as postgresql
 from django.db.backends.signals import connection_created
-from greenlet import getcurrent
 from psycopg import IsolationLevel, pq
 from psycopg.waiting import READY_R, WAIT_R
-from sqlalchemy.util.concurrency import await_, greenlet_spawn
+from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 
 from .. import metrics
 from ..base import DatabaseWrapper
@@ -95,9 +94,7 @@ class GreenConnection(psycopg.Connection[Any]):
     aconn: psycopg.AsyncConnection[Any]
 
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
-        # SQLAlchemy's in_greenlet(), without its call (every query asks): sync ORM code
-        # called in the task itself gets Django's error.
-        if not getattr(getcurrent(), "__sqlalchemy_greenlet_provider__", False):
+        if not in_greenlet():  # sync ORM code called in the task itself: Django's error
             raise SynchronousOnlyOperation(
                 "You cannot call this from an async context - use a thread or sync_to_async."
             )
