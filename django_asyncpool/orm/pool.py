@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import select
-import sys
 import threading
 from collections import deque
 from typing import Any
@@ -74,13 +73,6 @@ SIDE = "async_orm"
 _NATIVE = "_asyncpool_native"
 #: An enum member read once: every check-in compares with it.
 _IDLE = pq.TransactionStatus.IDLE
-#: ``asyncio.current_task(loop)``: before Python 3.12 a Python function around this
-#: C dictionary's ``get`` (every native query asks twice).
-_task_of: Any = (
-    asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
-    if sys.version_info < (3, 12)
-    else asyncio.current_task
-)
 
 
 class GreenConnection(psycopg.Connection[Any]):
@@ -588,7 +580,7 @@ class Holder:
         pool = self.pool
         parked = pool.parked
         if parked:
-            lease = parked.pop(_task_of(self._loop), None)
+            lease = parked.pop(asyncio.current_task(self._loop), None)  # type: ignore[arg-type]
             if lease is not None:
                 # Its give-back stays scheduled: it does nothing while the lease is out,
                 # and the wait in the greenlet knows it for nothing to do (idle.QUIET).
@@ -643,7 +635,7 @@ class Holder:
         never waits parked: the task's next wait, on anything, lets the loop give it back
         first.
         """
-        task = _task_of(self._loop)
+        task = asyncio.current_task(self._loop)
         parked = self.pool.parked
         if task is None or task in parked or self.pool.slots.budget.queue:
             self._give_back(lease)  # callers wait: the oldest has it now
