@@ -621,6 +621,12 @@ async def test_a_kept_connection_given_back_in_another_task_goes_back_to_the_poo
     assert lease.conn in holder.pool.idle
 
 
+def _one_connection(make_alias: Callable[..., str], timeout: float) -> str:
+    """Return a new alias with async_orm on and one connection (no overflow)."""
+    pool = {"pool_size": 1, "max_overflow": 0, "timeout": timeout}
+    return make_alias(OPTIONS={"async_orm": True, "async_pool": pool})
+
+
 async def _checkin_elsewhere(holder: Any, lease: Any) -> None:
     holder.checkin(lease)
     assert list(holder.pool.parked.values()) == [lease]  # kept for this task, for now
@@ -630,9 +636,7 @@ async def test_a_kept_connection_goes_back_before_its_task_waits(
     shop: Any, make_alias: Any
 ) -> None:
     # One connection for the alias: a task that keeps it while it waits would starve the other.
-    alias = make_alias(
-        OPTIONS={"async_orm": True, "async_pool": {"pool_size": 1, "max_overflow": 0, "timeout": 2}}
-    )
+    alias = _one_connection(make_alias, timeout=2)
     order: list[str] = []
 
     async def slow() -> None:
@@ -657,9 +661,7 @@ async def test_a_kept_connection_is_not_taken_again_while_another_task_waits(
 ) -> None:
     # One connection: a task whose queries follow one another with nothing awaited in
     # between would keep it for all of them, the waiting task served last.
-    alias = make_alias(
-        OPTIONS={"async_orm": True, "async_pool": {"pool_size": 1, "max_overflow": 0, "timeout": 5}}
-    )
+    alias = _one_connection(make_alias, timeout=5)
     order: list[str] = []
 
     async def busy() -> None:
@@ -814,12 +816,7 @@ async def test_an_alias_reset_gets_a_new_pool_on_a_running_loop(shop: Any) -> No
 
 
 async def test_a_full_pool_times_out_with_what_to_do(shop: Any, make_alias: Any) -> None:
-    alias = make_alias(
-        OPTIONS={
-            "async_orm": True,
-            "async_pool": {"pool_size": 1, "max_overflow": 0, "timeout": 0.3},
-        }
-    )
+    alias = _one_connection(make_alias, timeout=0.3)
     stats = _registry.stats(alias, _ormpool.SIDE)
     before = stats.timeouts
     async with django_asyncpool.atomic(using=alias):
