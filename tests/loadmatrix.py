@@ -89,7 +89,7 @@ def ensure_table(settings_dict: dict[str, Any]) -> None:
     """Create the looked-up table (``ROWS`` rows, primary key ``id``) if it is missing."""
     import psycopg
 
-    with psycopg.connect(**_conninfo(settings_dict), autocommit=True) as conn:
+    with psycopg.connect(**conninfo(settings_dict), autocommit=True) as conn:
         conn.execute(
             f"create table if not exists {TABLE} (id int primary key, v int not null);"
             f"insert into {TABLE} select g, g from generate_series(1, {ROWS}) g "
@@ -97,7 +97,7 @@ def ensure_table(settings_dict: dict[str, Any]) -> None:
         )
 
 
-def _conninfo(settings_dict: dict[str, Any]) -> dict[str, Any]:
+def conninfo(settings_dict: dict[str, Any]) -> dict[str, Any]:
     return {
         "host": settings_dict["HOST"],
         "port": int(settings_dict["PORT"]),
@@ -311,7 +311,7 @@ class SqlAlchemySession(Client):
     def __init__(self, settings_dict: dict[str, Any], sizes: Sizes) -> None:
         from sqlalchemy import URL, text
 
-        info = _conninfo(settings_dict)
+        info = conninfo(settings_dict)
         self.url = URL.create(
             "postgresql+asyncpg",
             username=info["user"],
@@ -355,7 +355,7 @@ class PsycopgPool(Client):
     threaded = True
 
     def __init__(self, settings_dict: dict[str, Any], sizes: Sizes) -> None:
-        self.info = _conninfo(settings_dict)
+        self.info = conninfo(settings_dict)
         self.sizes = sizes
 
     def open(self) -> None:
@@ -402,7 +402,8 @@ class Figures:
     connects: list[float] = field(default_factory=list)
     holds: list[float] = field(default_factory=list)
     error_times: list[float] = field(default_factory=list)  # perf_counter() at each error
-    #: Errors of the requests over during the warm-up (not in ``errors``).
+    #: Errors of the requests over during the warm-up, the first burst's included (not in
+    #: ``errors``; ``samples`` has one message per type, as "warm-up <type>").
     warmup_errors: int = 0
     stuck: int = 0  # workers still in a request long after the cell ended
     #: The most requests that arrived after one and had their connection before it.
@@ -481,7 +482,7 @@ class _Side:
         if self.client.threaded:
             self.client.open()
             burst = [
-                threading.Thread(target=self.client.request, args=(n + 1, Times()), daemon=True)
+                threading.Thread(target=self._recorded, args=(n + 1,), daemon=True)
                 for n in range(prewarm)
             ]
             for t in burst:
@@ -508,44 +509,48 @@ class _Side:
             if not self.stuck:
                 self.client.close()
 
+    def _recorded(self, key: int) -> BaseException | None:
+        """Make one request, recorded (the warm-up's too: its errors are reported)."""
+        times = Times()
+        _current.set(times)
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            self.client.request(key, times)
+        except Exception as exc:
+            error = exc
+        self.records.append((started, times, time.perf_counter(), error))
+        return error
+
+    async def _arecorded(self, key: int) -> BaseException | None:
+        times = Times()
+        _current.set(times)
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            await self.client.arequest(key, times)
+        except Exception as exc:
+            error = exc
+        self.records.append((started, times, time.perf_counter(), error))
+        return error
+
     def _thread_worker(self, n: int) -> None:
-        client, stop, records = self.client, self.stop, self.records
         key = n
-        while not stop.is_set():
+        while not self.stop.is_set():
             key = key % ROWS + 1
-            times = Times()
-            _current.set(times)
-            started = time.perf_counter()
-            error: BaseException | None = None
-            try:
-                client.request(key, times)
-            except Exception as exc:
-                error = exc
-            records.append((started, times, time.perf_counter(), error))
-            if error is not None:
+            if self._recorded(key) is not None:
                 time.sleep(ERROR_PAUSE)
 
     async def _task_worker(self, n: int) -> None:
-        client, stop, records = self.client, self.stop, self.records
         key = n
-        while not stop.is_set():
+        while not self.stop.is_set():
             key = key % ROWS + 1
-            times = Times()
-            _current.set(times)
-            started = time.perf_counter()
-            error: BaseException | None = None
-            try:
-                await client.arequest(key, times)
-            except Exception as exc:
-                error = exc
-            records.append((started, times, time.perf_counter(), error))
-            if error is not None:
+            if await self._arecorded(key) is not None:
                 await asyncio.sleep(ERROR_PAUSE)
 
     async def _loop(self) -> None:
         await self.client.aopen()
-        burst = (self.client.arequest(n + 1, Times()) for n in range(self.prewarm))
-        await asyncio.gather(*burst, return_exceptions=True)
+        await asyncio.gather(*(self._arecorded(n + 1) for n in range(self.prewarm)))
         self.ready.set()
         tasks = [asyncio.create_task(self._task_worker(n)) for n in range(self.workers)]
         while not self.stop.is_set():
@@ -563,7 +568,11 @@ class _Side:
         figures.by_handoffs = self.client.threaded and any(t.handed for _, t, _, _ in self.records)
         arrivals = []
         for started, times, ended, error in self.records:
-            if ended < self.measure_from:
+            warmup = ended < self.measure_from
+            if error is not None:
+                kind = ("warm-up " if warmup else "") + type(error).__name__
+                figures.samples.setdefault(kind, (str(error).strip() or kind).splitlines()[0][:200])
+            if warmup:
                 # Over during the warm-up (the pools opening their connections). A request
                 # still waiting when the measure starts is counted: it may be starving.
                 figures.warmup_errors += error is not None
@@ -582,9 +591,7 @@ class _Side:
             if figures.by_handoffs and times.handed:
                 arrivals.append((times.queued, times.handed))
             if error is not None:
-                kind = type(error).__name__
                 figures.errors[kind] += 1
-                figures.samples.setdefault(kind, (str(error).strip() or kind).splitlines()[0][:200])
                 figures.error_times.append(ended)
         figures.overtaken = most_overtaken(arrivals)
         if figures.by_handoffs:
