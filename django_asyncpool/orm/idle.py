@@ -90,7 +90,10 @@ def wait_here(conn: Any, fd: int) -> bool:
         if due <= 0:
             return False
         timeout = min(timeout, due)
-    for event in watchdog.idle(poll, timeout * 1e3):  # noqa: SIM110 (no generator: every wait)
+    events = watchdog.idle(poll, timeout * 1e3)
+    for event in events:
         if event[0] == fd:
+            if len(events) == 1:
+                watchdog.restart()  # nothing else became ready meanwhile either
             return True
     return False

@@ -2,7 +2,9 @@
 
 :func:`spawn` is SQLAlchemy's ``greenlet_spawn`` (its ``await_`` works inside) that
 also times each slice of sync code between two awaits; :func:`call` times sync code
-without I/O run directly on the loop. A slice longer than
+without I/O run directly on the loop. In a :func:`portal` (a request's middleware and
+view) the task's coroutine steps in a greenlet of its own, where both run their code
+right there, and each of its slices is timed instead. A slice longer than
 ``settings.ASYNCPOOL_LOOP_BLOCKED_MS`` (default 20 ms; 0 turns the watchdog off)
 held every other request of the loop: it is counted by code location
 (``db_loop_blocked_total{where}``) and logged once per location with the stack of
@@ -22,14 +24,15 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+import types
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
 from greenlet import GreenletExit, getcurrent, greenlet
 
 from ..core import process as _process
 
-__all__ = ["blocked", "call", "idle", "spawn", "threshold"]
+__all__ = ["Portal", "blocked", "call", "idle", "portal", "restart", "spawn", "threshold"]
 
 logger = logging.getLogger("django_asyncpool")
 T = TypeVar("T")
@@ -61,11 +64,12 @@ IDLE_KEPT = 64
 
 
 class _Here(threading.local):
-    """Per thread (a greenlet only runs in its own thread): its idle greenlets kept for
-    reuse, and its id in /proc (a system call: once per thread)."""
+    """Per thread (a greenlet only runs in its own thread): its idle greenlets and
+    portals kept for reuse, and its id in /proc (a system call: once per thread)."""
 
     def __init__(self) -> None:
         self.kept: list[_Green] = []
+        self.portals: list[Portal] = []
         self.native_id = threading.get_native_id()
 
 
@@ -102,6 +106,38 @@ class _Green(greenlet):  # type: ignore[misc]
             fn, args, kwargs = self.parent.switch(_DONE)
 
 
+#: What a :class:`Portal` switches to its driver when its coroutine awaits the loop.
+_YIELD: Any = object()
+
+
+class Portal(_Green):
+    """The greenlet a task's coroutine steps in, under :func:`portal`.
+
+    Sync code the coroutine calls through :func:`spawn` or :func:`call` runs right
+    here, with no greenlet of its own, and what it awaits (SQLAlchemy's ``await_``)
+    the portal's driver awaits for it. Kept for reuse, as :class:`_Green` is.
+    """
+
+    #: What the coroutine last yielded to the event loop (a future, or None).
+    yielded: Any = None
+
+    def run(self, step: Callable[[Any], Any], arg: Any) -> None:  # type: ignore[override]
+        while True:  # one step of the coroutine: its send() or throw()
+            try:
+                self.yielded = step(arg)
+            except StopIteration as stop:
+                self.value, self.failed = stop.value, False
+            except GreenletExit:
+                raise  # discarded while suspended: end, as a greenlet of its own would
+            except BaseException as exc:
+                self.value, self.failed = exc, True
+            else:
+                step, arg = self.parent.switch(_YIELD)
+                continue
+            step = arg = None  # type: ignore[assignment]  # nothing kept while idle
+            step, arg = self.parent.switch(_DONE)
+
+
 _threshold: float | None = None
 
 
@@ -127,7 +163,11 @@ async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: 
     """Return ``fn(*args, **kwargs)`` run in a greenlet; what it awaits runs on this loop.
 
     ``_where``: the function to name when no stack shows the code (default ``fn``).
+    In a :func:`portal`, right there.
     """
+    driver = getcurrent()
+    if type(driver) is Portal:
+        return _direct(driver, _where or fn, fn, *args, **kwargs)
     limit = _threshold
     if limit is None:
         limit = threshold()
@@ -135,7 +175,6 @@ async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: 
         _start_monitor(limit)
     # An idle greenlet of this thread (or a new one), run in the driver's context; every
     # native query comes here, so nothing below is a call of its own that need not be.
-    driver = getcurrent()
     kept = _here.kept  # after a fork in the call, the parent's: what goes back is lost
     native_id = _here.native_id
     if kept:
@@ -172,11 +211,97 @@ async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: 
     return value  # type: ignore[no-any-return]
 
 
+def _direct(portal: Portal, where: Any, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Return ``fn(*args, **kwargs)`` called right here in ``portal``, in its slice.
+
+    A call longer than the threshold names the slice (``where``) should no stack show
+    the code that held the loop: the monitor looks only every half threshold."""
+    started = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if time.perf_counter() - started > (_threshold or 0.0):
+            portal.where = where
+
+
+async def portal(coro: Awaitable[T]) -> T:
+    """Return ``await coro``, each of its steps run in a greenlet of this task: a portal.
+
+    The sync code it runs through :func:`spawn` (the native ORM's queries, the request
+    path's hooks) is then called right there, not in a greenlet of its own, and each
+    slice between two awaits of the loop is timed as one of :func:`spawn`'s. Nothing
+    changes for the code: a task made inside has no portal, and one inside another is
+    the same portal.
+    """
+    if type(getcurrent()) is Portal:
+        return await coro
+    return await _drive(coro)  # type: ignore[no-any-return]
+
+
+@types.coroutine
+def _drive(coro: Any) -> Generator[Any, Any, Any]:
+    """Step ``coro`` in a :class:`Portal`: pass what it yields to the task and back, and
+    await for it what its sync code awaits."""
+    limit = _threshold
+    if limit is None:
+        limit = threshold()
+    if limit and _monitor is None:
+        _start_monitor(limit)
+    driver = getcurrent()
+    kept = _here.portals
+    native_id = _here.native_id
+    if kept:
+        child = kept.pop()
+        if child.parent is not driver:
+            child.parent = driver
+    else:
+        child = Portal(None, driver)
+    child.gr_context = driver.gr_context
+    where = coro  # named by its stack, else by a call over the threshold or its __name__
+    request = _slice(where, child, limit, child.switch, (coro.send, None), native_id)
+    while request is not _DONE:
+        child.where = None  # named by a call in the next slice only
+        if request is _YIELD:
+            # The coroutine awaits the loop (a future, or a bare yield): the task does.
+            future, child.yielded = child.yielded, None
+            try:
+                sent = yield future
+            except BaseException as exc:
+                request = _slice(where, child, limit, child.switch, (coro.throw, exc), native_id)
+            else:
+                request = _slice(where, child, limit, child.switch, (coro.send, sent), native_id)
+        elif child.dead:  # the coroutine raised GreenletExit: greenlet returns it
+            return request
+        else:
+            # Its sync code awaits (SQLAlchemy's await_): the task awaits it for it.
+            try:
+                value = yield from request.__await__()
+            except BaseException:
+                request = _slice(where, child, limit, child.throw, sys.exc_info(), native_id)
+            else:
+                request = _slice(where, child, limit, child.switch, (value,), native_id)
+    value, failed = child.value, child.failed
+    child.value = child.where = None
+    child.gr_context = None
+    if len(kept) < IDLE_KEPT:
+        kept.append(child)
+    if failed:
+        try:
+            raise value
+        finally:
+            del value  # the traceback holds this frame: no cycle through it
+    return value
+
+
 def call(fn: Callable[..., T], *args: Any) -> T:
     """Return ``fn(*args)`` run right here on the loop, timed as a slice of :func:`spawn`.
 
-    For sync code that does no I/O at all: no greenlet is needed, only the watchdog.
+    For sync code that does no I/O at all: no greenlet is needed, only the watchdog (in
+    a :func:`portal`, the portal's slice times it).
     """
+    driver = getcurrent()
+    if type(driver) is Portal:
+        return _direct(driver, fn, fn, *args)
     limit = threshold()
     if not limit:
         return fn(*args)
@@ -217,7 +342,7 @@ def _slice(
     ``native_id``: this thread's id in /proc (:class:`_Here`)."""
     tid = threading.get_ident()
     # [start, stack, CPU time at start, seen blocked, the thread's id in /proc, in idle(),
-    #  the garbage collector's time so far]
+    #  the garbage collector's time so far, a portal's (restart())]
     slot: list[Any] = [
         time.perf_counter(),
         None,
@@ -226,6 +351,7 @@ def _slice(
         native_id,
         False,
         _collecting[1],
+        type(child) is Portal,
     ]
     _running[tid] = slot
     try:
@@ -238,6 +364,17 @@ def _slice(
         # processes meanwhile (a busy machine): not the code's doing.
         if limit and held > limit and (slot[3] or time.thread_time() - slot[2] > limit):
             _held(fn, child, slot, held)
+
+
+def restart() -> None:
+    """Start a portal's running slice over, after a wait in :func:`idle` that only the
+    awaited connection ended: the loop had nothing else to do until now, so nothing was
+    held up before (a portal's slice may hold many queries, one after another)."""
+    slot = _running.get(threading.get_ident())
+    if slot is not None and slot[7]:
+        slot[1], slot[3], slot[6] = None, False, _collecting[1]
+        slot[2] = time.thread_time()
+        slot[0] = time.perf_counter()
 
 
 def _held(fn: Callable[..., Any], child: greenlet | None, slot: list[Any], held: float) -> None:
@@ -281,11 +418,12 @@ def _held(fn: Callable[..., Any], child: greenlet | None, slot: list[Any], held:
     _logged.add(key)
     shown = "".join(traceback.format_list(stack)) if stack else f"  in {where}\n"
     logger.warning(
-        "Sync code held the event loop for %.0f ms (ASYNCPOOL_LOOP_BLOCKED_MS is %.0f): "
+        "Code held the event loop for %.0f ms (ASYNCPOOL_LOOP_BLOCKED_MS is %.0f): "
         "every other request of this process waited. Logged once per code location; "
-        "db_loop_blocked_total{where=%r} counts them. Code that blocks on anything but "
-        "the database (files, HTTP, caches, sleep) must not run in the greenlet: take it "
-        "out of settings.ASYNCPOOL_DATABASE_ONLY, or make it async. Stack:\n%s",
+        "db_loop_blocked_total{where=%r} counts them. A call that blocks on anything but "
+        "the database (files, HTTP, caches, sleep) must not run on the loop: make it "
+        "async, call it with sync_to_async, or take its code out of "
+        "settings.ASYNCPOOL_DATABASE_ONLY. Stack:\n%s",
         held * 1e3,
         threshold() * 1e3,
         where,

@@ -31,6 +31,7 @@ from django.db.models.expressions import RawSQL
 from django.db.models.signals import m2m_changed, post_save
 from django.db.transaction import TransactionManagementError
 from django.test import override_settings
+from greenlet import getcurrent
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 import django_asyncpool
@@ -44,6 +45,7 @@ from django_asyncpool.core import process as _process
 from django_asyncpool.core import registry as _registry
 from django_asyncpool.orm import native as _asyncorm
 from django_asyncpool.orm import pool as _ormpool
+from django_asyncpool.orm import watchdog as _watchdog
 from testproject.shop.models import Note, Order, OrderLine, Product, Tag
 
 from ..conftest import backends, hops, terminate_backends, wait_until
@@ -529,6 +531,25 @@ async def test_cancelled_while_the_answer_is_on_its_way(
     assert wait_until(lambda: backends(pg, dbname, "active") == 0)
 
 
+async def test_in_a_portal_the_query_runs_in_the_tasks_own_greenlet(
+    shop: Any, in_portal: bool
+) -> None:
+    seen: list[Any] = []
+
+    def spy(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
+        seen.append(getcurrent())
+        return execute(sql, params, many, context)
+
+    with connections["default"].execute_wrapper(spy):
+        assert await P().acount() == 5
+        assert (await P().aget(sku="S1")).name == "product 1"
+    mine = getcurrent()
+    assert len(seen) == 2 and all(g.__sqlalchemy_greenlet_provider__ for g in seen)
+    # In a portal, the task's own greenlet; else one of the watchdog's, kept for the next.
+    assert all((g is mine) is in_portal for g in seen)
+    assert isinstance(mine, _watchdog.Portal) is in_portal
+
+
 async def test_32_tasks_share_a_pool_of_4(shop: Any) -> None:
     async def work(i: int) -> int:
         total = 0
@@ -603,6 +624,20 @@ async def test_a_tasks_queries_one_after_another_wait_in_the_greenlet(
     for _ in range(6):
         assert await P().acount() == 5
     assert answers.count(True) >= 5, answers
+
+
+async def test_queries_one_after_another_hold_nothing_up(shop: Any, in_portal: bool) -> None:
+    """Queries back to back with nothing else for the loop to do hold no one up, even
+    in a portal, where they are one slice of the task's code: each wait in the greenlet
+    with the loop idle starts it over."""
+    with override_settings(ASYNCPOOL_LOOP_BLOCKED_MS=5):
+        before = dict(_watchdog.blocked)
+        started = time.thread_time()
+        done = 0
+        while time.thread_time() - started < 0.1 or done < 20:
+            assert await P().acount() == 5
+            done += 1
+    assert _watchdog.blocked == before
 
 
 async def test_a_kept_connection_given_back_in_another_task_goes_back_to_the_pool(
