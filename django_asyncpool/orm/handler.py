@@ -40,7 +40,7 @@ from ..config import database_only
 from . import native as _asyncorm
 from . import pool as _ormpool
 from . import watchdog as _watchdog
-from .watchdog import spawn
+from .watchdog import portal, spawn
 
 __all__ = ["MIDDLEWARE", "RECEIVERS", "GreenASGIHandler", "GreenMiddleware", "request_path"]
 
@@ -431,7 +431,9 @@ class GreenASGIHandler(GreenMiddleware, ASGIHandler):
         return THREAD if async_receivers else _how_all(sync_receivers)
 
     async def run_get_response(self, request: Any) -> Any:
-        response: Any = await super().run_get_response(request)
+        # The middleware and the view in a portal: their native queries and sync hooks
+        # run in the request task's own greenlet, not a greenlet each.
+        response: Any = await portal(super().run_get_response(request))
         response._handler_class = self.sender  # request_finished's sender
         return response
 
