@@ -176,24 +176,29 @@ def against_sync(
     native: Callable[[], Awaitable[object]],
     sync: Callable[[], object],
     seconds: float,
-) -> tuple[float, float]:
-    """Return the CPU µs per query of ``native`` (one task) and of ``sync`` (this thread).
+) -> tuple[float, float, float]:
+    """Return the CPU µs per query of ``native`` (one task), of ``native`` in a portal
+    (the task's own greenlet, as in a request of the package's ASGI application) and
+    of ``sync`` (this thread).
 
-    They run in alternating pieces (A B B A ...), the sync ones with no loop running.
+    They run in alternating pieces (A B C C B A ...), the sync ones with no loop running.
     """
-    totals = [[0.0, 0.0], [0.0, 0.0]]  # queries, CPU seconds
-    order = (0, 1, 1, 0)
-    for n in range(2 * max(1, round(seconds / PIECE))):
-        which = order[n % 4]
+    from django_asyncpool.orm.watchdog import portal
+
+    totals = [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]  # queries, CPU seconds
+    order = (0, 1, 2, 2, 1, 0)
+    for n in range(3 * max(1, round(seconds / PIECE))):
+        which = order[n % 6]
         if which == 0:
             got = runner.run(sequential_native(native, PIECE))
+        elif which == 1:
+            got = runner.run(portal(sequential_native(native, PIECE)))
         else:
             got = sequential_sync(sync, PIECE)
             connections.close_all()  # back to the sync pool, as at the end of a request
         for i, value in enumerate(got):
             totals[which][i] += value
-    (ops_a, cpu_a), (ops_b, cpu_b) = totals
-    return cpu_a / ops_a * 1e6, cpu_b / ops_b * 1e6
+    return tuple(cpu / ops * 1e6 for ops, cpu in totals)  # type: ignore[return-value]
 
 
 def variants(
@@ -317,34 +322,45 @@ def against_sync_all(
     rounds: int,
 ) -> list[str]:
     """Print one task's native queries against the sync ORM's; return the bars missed."""
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
     for n in range(rounds):
         for name, (native, _, sync) in variants.items():
             results[name].append(against_sync(runner, native, sync, seconds))
-        line = "  ".join(f"{k} {v[-1][0] / v[-1][1]:.2f}x" for k, v in results.items())
-        print(f"round {n + 1}: CPU per query, native / sync ORM  {line}", flush=True)
+        line = "  ".join(
+            f"{k} {v[-1][0] / v[-1][2]:.2f}x {v[-1][1] / v[-1][2]:.2f}x" for k, v in results.items()
+        )
+        print(f"round {n + 1}: CPU per query / sync ORM's, task and portal  {line}", flush=True)
 
     print(f"\n1 task against the sync ORM, medians of {rounds} rounds of {seconds:g}s each")
     print(
-        f"  {'operation':20} {'CPU µs/query: native':>21} {'sync ORM':>9} {'native - sync':>14}"
-        f" {'ratio':>7} {'quartiles':>12}"
+        f"  {'operation':20} {'CPU µs/query: sync ORM':>22} {'native':>7} {'ratio':>6}"
+        f" {'quartiles':>11}  {'in a portal':>11} {'ratio':>6} {'quartiles':>11}"
     )
     missed = []
     for name, rounds_ in results.items():
-        native, sync = (statistics.median(r[i] for r in rounds_) for i in range(2))
-        ratios = [r[0] / r[1] for r in rounds_]
-        ratio = statistics.median(ratios)
-        low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        met = ratio <= SYNC_BAR
+        sync = statistics.median(r[2] for r in rounds_)
+        cells = []
+        for i in (0, 1):
+            ratios = [r[i] / r[2] for r in rounds_]
+            low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            cells.append(
+                (statistics.median(r[i] for r in rounds_), statistics.median(ratios), low, high)
+            )
+        met = cells[1][1] <= SYNC_BAR
         if not met:
             missed.append(name)
+        shown = "  ".join(
+            f"{cpu:{w}.0f} {ratio:5.2f}x {low:5.2f}-{high:.2f}x"
+            for (cpu, ratio, low, high), w in zip(cells, (7, 11), strict=True)
+        )
         print(
-            f"  {name:20} {native:21.0f} {sync:9.0f} {native - sync:+14.0f} {ratio:6.2f}x"
-            f" {low:5.2f}-{high:.2f}x  (bar <= {SYNC_BAR:g}x: {'met' if met else 'MISSED'})"
+            f"  {name:20} {sync:22.0f} {shown}  (bar <= {SYNC_BAR:g}x: "
+            f"{'met' if met else 'MISSED'})"
         )
     print(
-        "  ratio: the median of the per-round ratios; quartiles: of the per-round ratios"
-        " (this machine's noise)",
+        "  ratio: the median of the per-round ratios to the sync ORM's; quartiles: of the"
+        " per-round ratios (this machine's noise). The bar is judged in the portal: a request"
+        " of django_asyncpool's ASGI application runs its view there.",
         flush=True,
     )
     return missed

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve()
 #: --ops name -> bench_async_orm's operation.
@@ -55,9 +56,13 @@ def work(path: str, op: str, n: int) -> None:
         for _ in range(count):
             await native()
 
+    wrap: Any = lambda coro: coro  # noqa: E731
+    if path == "portal":
+        from django_asyncpool.orm.watchdog import portal as wrap
+
     with asyncio.Runner() as runner:
-        runner.run(queries(1))
-        runner.run(queries(n))
+        runner.run(wrap(queries(1)))
+        runner.run(wrap(queries(n)))
 
 
 def count(path: str, op: str, outdir: str) -> int:
@@ -89,12 +94,17 @@ def main(ops: list[str]) -> int:
     bench.prepare()  # here, once: the runs would migrate side by side
 
     print(f"instructions per query, ({COUNTS[1]} - {COUNTS[0]} queries) / {COUNTS[1] - COUNTS[0]}")
-    print(f"  {'operation':10} {'native':>11} {'sync ORM':>11} {'native - sync':>14} {'ratio':>7}")
+    print(
+        f"  {'operation':10} {'native':>11} {'in a portal':>11} {'sync ORM':>11} "
+        f"{'ratios: native':>15} {'portal':>7}"
+    )
     with tempfile.TemporaryDirectory(prefix="asyncpool-callgrind-") as outdir:
         for op in ops:
-            native, sync = count("native", op, outdir), count("sync", op, outdir)
+            native, portal = count("native", op, outdir), count("portal", op, outdir)
+            sync = count("sync", op, outdir)
             print(
-                f"  {op:10} {native:11,} {sync:11,} {native - sync:+14,} {native / sync:6.3f}x",
+                f"  {op:10} {native:11,} {portal:11,} {sync:11,} {native / sync:14.3f}x "
+                f"{portal / sync:6.3f}x",
                 flush=True,
             )
     return 0
