@@ -90,10 +90,7 @@ def wait_here(conn: Any, fd: int) -> bool:
         if due <= 0:
             return False
         timeout = min(timeout, due)
-    events = watchdog.idle(poll, timeout * 1e3)
-    for event in events:
+    for event in watchdog.idle(poll, timeout * 1e3, fd):  # noqa: SIM110 (no generator: every wait)
         if event[0] == fd:
-            if len(events) == 1:
-                watchdog.restart()  # nothing else became ready meanwhile either
             return True
     return False

@@ -32,7 +32,7 @@ from greenlet import GreenletExit, getcurrent, greenlet
 
 from ..core import process as _process
 
-__all__ = ["Portal", "blocked", "call", "idle", "portal", "restart", "spawn", "threshold"]
+__all__ = ["Portal", "blocked", "call", "idle", "portal", "spawn", "threshold"]
 
 logger = logging.getLogger("django_asyncpool")
 T = TypeVar("T")
@@ -310,12 +310,14 @@ def call(fn: Callable[..., T], *args: Any) -> T:
     return _slice(fn, None, limit, fn, args, _here.native_id)  # type: ignore[no-any-return]
 
 
-def idle(wait: Callable[[float], T], timeout: float) -> T:
+def idle(wait: Callable[[float], T], timeout: float, fd: int = -1) -> T:
     """Return ``wait(timeout)``: a wait while the loop has nothing else to do, which
     holds nothing up (it ends as soon as anything else is ready) and is not counted.
 
     The slice in progress (if any) excludes its time, and the monitor does not take
-    this wait for a blocking call.
+    this wait for a blocking call. In a portal, where a slice may hold many queries
+    one after another, a ``poll()`` that only socket ``fd`` ended starts the slice
+    over: the loop had nothing else to do until now, so nothing was held up before.
     """
     slot = _running.get(threading.get_ident())
     if slot is None:
@@ -323,10 +325,18 @@ def idle(wait: Callable[[float], T], timeout: float) -> T:
     slot[5] = True
     started = time.perf_counter()
     try:
-        return wait(timeout)
+        events: Any = wait(timeout)
     finally:
-        slot[0] += time.perf_counter() - started
+        now = time.perf_counter()
+        slot[0] += now - started
         slot[5] = False
+    if fd >= 0 and slot[7] and len(events) == 1 and events[0][0] == fd:
+        # The CPU time it used so far is at most the time it ran (the clock without
+        # the waits): subtracted at the end instead of a CPU clock read here.
+        slot[8] += now - slot[0]
+        slot[0] = now
+        slot[1], slot[3], slot[6] = None, False, _collecting[1]
+    return events  # type: ignore[no-any-return]
 
 
 def _slice(
@@ -342,7 +352,8 @@ def _slice(
     ``native_id``: this thread's id in /proc (:class:`_Here`)."""
     tid = threading.get_ident()
     # [start, stack, CPU time at start, seen blocked, the thread's id in /proc, in idle(),
-    #  the garbage collector's time so far, a portal's (restart())]
+    #  the garbage collector's time so far, a portal's, the time it ran before idle()
+    #  started it over]
     slot: list[Any] = [
         time.perf_counter(),
         None,
@@ -352,6 +363,7 @@ def _slice(
         False,
         _collecting[1],
         type(child) is Portal,
+        0.0,
     ]
     _running[tid] = slot
     try:
@@ -362,19 +374,8 @@ def _slice(
         # Over the threshold on the clock: the code either ran (CPU time) or waited in a
         # blocking call (the monitor saw the thread asleep). Otherwise the OS ran other
         # processes meanwhile (a busy machine): not the code's doing.
-        if limit and held > limit and (slot[3] or time.thread_time() - slot[2] > limit):
+        if limit and held > limit and (slot[3] or time.thread_time() - slot[2] - slot[8] > limit):
             _held(fn, child, slot, held)
-
-
-def restart() -> None:
-    """Start a portal's running slice over, after a wait in :func:`idle` that only the
-    awaited connection ended: the loop had nothing else to do until now, so nothing was
-    held up before (a portal's slice may hold many queries, one after another)."""
-    slot = _running.get(threading.get_ident())
-    if slot is not None and slot[7]:
-        slot[1], slot[3], slot[6] = None, False, _collecting[1]
-        slot[2] = time.thread_time()
-        slot[0] = time.perf_counter()
 
 
 def _held(fn: Callable[..., Any], child: greenlet | None, slot: list[Any], held: float) -> None:
