@@ -97,6 +97,7 @@ SCENARIOS = ("steady", "restart", "terminate", "blackhole")
 PEERS = {
     OurScope.name: ("SQLAlchemy AsyncSession",),
     NativeOrm.name: ("SQLAlchemy AsyncSession",),
+    NativeOrm("", portal=True).name: ("SQLAlchemy AsyncSession",),
     "ours: ENGINE (threads)": ("Django pool (threads)", PsycopgPool.name),
 }
 _aliases = iter(range(1, 1_000_000))
@@ -109,6 +110,7 @@ def clients(sizes: Sizes, base: dict[str, Any], **where: Any) -> list[Client]:
     django_alias = f"{ours}_django"
     add_alias(ours, entry, our_options(sizes))
     add_alias(f"{ours}_native", entry, our_options(sizes, async_orm=True))  # its own breaker
+    add_alias(f"{ours}_portal", entry, our_options(sizes, async_orm=True))
     add_alias(
         django_alias,
         {**entry, "ENGINE": "django.db.backends.postgresql"},
@@ -120,6 +122,7 @@ def clients(sizes: Sizes, base: dict[str, Any], **where: Any) -> list[Client]:
     return [
         OurScope(ours),
         NativeOrm(f"{ours}_native"),
+        NativeOrm(f"{ours}_portal", portal=True),
         SqlAlchemySession(entry, sizes),
         DjangoOrm(ours),
         DjangoOrm(django_alias, "Django pool (threads)"),

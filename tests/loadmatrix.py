@@ -250,8 +250,13 @@ class NativeOrm(Client):
 
     name = "ours: async ORM"
 
-    def __init__(self, alias: str) -> None:
+    def __init__(self, alias: str, portal: bool = False) -> None:
         self.alias = alias
+        #: Each request in a portal of its own, as the package's ASGI application runs
+        #: a view: the query right in the task's greenlet.
+        self.portal = portal
+        if portal:
+            self.name = "ours: async ORM in a portal"
 
     async def aopen(self) -> None:
         from django_asyncpool.orm import pool
@@ -260,9 +265,10 @@ class NativeOrm(Client):
         holder.checkout = timed(holder.checkout)  # type: ignore[method-assign]
 
     async def arequest(self, key: int, times: Times) -> None:
-        from django_asyncpool.orm import native
+        from django_asyncpool.orm import native, watchdog
 
-        await native.run(self.alias, self._query, key, times)
+        query = native.run(self.alias, self._query, key, times)
+        await (watchdog.portal(query) if self.portal else query)
 
     def _query(self, key: int, times: Times) -> None:
         with connections[self.alias].cursor() as cursor:

@@ -550,7 +550,7 @@ async def test_in_a_portal_the_query_runs_in_the_tasks_own_greenlet(
     assert isinstance(mine, _watchdog.Portal) is in_portal
 
 
-async def test_32_tasks_share_a_pool_of_4(shop: Any) -> None:
+async def test_32_tasks_share_a_pool_of_4(shop: Any, in_portal: bool) -> None:
     async def work(i: int) -> int:
         total = 0
         for _ in range(10):
@@ -558,7 +558,9 @@ async def test_32_tasks_share_a_pool_of_4(shop: Any) -> None:
             await P().aget(sku=f"S{i % 5 + 1}")
         return total
 
-    results = await asyncio.gather(*(work(i) for i in range(32)), return_exceptions=True)
+    # Each task in a portal of its own too (gather's tasks have none): as 32 requests.
+    tasks = (_watchdog.portal(work(i)) if in_portal else work(i) for i in range(32))
+    results = await asyncio.gather(*tasks, return_exceptions=True)
     assert [r for r in results if isinstance(r, BaseException)] == []
     stats = _ormpool.holder("default").pool.get_stats()
     assert stats["pool_max"] == 4 and stats["pool_size"] <= 4
@@ -630,6 +632,7 @@ async def test_queries_one_after_another_hold_nothing_up(shop: Any, in_portal: b
     """Queries back to back with nothing else for the loop to do hold no one up, even
     in a portal, where they are one slice of the task's code: each wait in the greenlet
     with the loop idle starts it over."""
+
     def computes() -> None:
         deadline = time.thread_time() + 0.05
         while time.thread_time() < deadline:
