@@ -168,22 +168,10 @@ async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: 
     driver = getcurrent()
     if type(driver) is Portal:
         return _direct(driver, _where or fn, fn, *args, **kwargs)
-    limit = _threshold
-    if limit is None:
-        limit = threshold()
-    if limit and _monitor is None:
-        _start_monitor(limit)
-    # An idle greenlet of this thread (or a new one), run in the driver's context; every
-    # native query comes here, so nothing below is a call of its own that need not be.
-    kept = _here.kept  # after a fork in the call, the parent's: what goes back is lost
+    limit = _limit()
     native_id = _here.native_id
-    if kept:
-        child = kept.pop()
-        if child.parent is not driver:
-            child.parent = driver
-    else:
-        child = _Green(None, driver)
-    child.gr_context = driver.gr_context
+    kept = _here.kept  # after a fork in the call, the parent's: what goes back is lost
+    child = _take(kept, _Green, driver)
     child.where = _where
     result = _slice(fn, child, limit, child.switch, (fn, args, kwargs), native_id)
     while result is not _DONE:
@@ -195,12 +183,38 @@ async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: 
             result = _slice(fn, child, limit, child.throw, sys.exc_info(), native_id)
         else:
             result = _slice(fn, child, limit, child.switch, (value,), native_id)
+    return _outcome(child, kept)  # type: ignore[no-any-return]
+
+
+def _limit() -> float:
+    """Return the threshold (0: off), the monitor started if it is on."""
+    limit = _threshold
+    if limit is None:
+        limit = threshold()
+    if limit and _monitor is None:
+        _start_monitor(limit)
+    return limit
+
+
+def _take(kept: list[Any], kind: type[_Green], driver: greenlet) -> Any:
+    """Return an idle greenlet of this thread (one of ``kept``, or a new one of ``kind``)
+    to run in ``driver``'s context."""
+    if kept:
+        child = kept.pop()
+        if child.parent is not driver:
+            child.parent = driver
+    else:
+        child = kind(None, driver)
+    child.gr_context = driver.gr_context
+    return child
+
+
+def _outcome(child: _Green, kept: list[Any]) -> Any:
+    """Return what ``child``'s call returned, or raise what it raised; keep it for the
+    next call, without the task's context variables, which an idle greenlet must not
+    keep alive."""
     value, failed = child.value, child.failed
-    child.value = None
-    # Kept for the next call: without the task's context variables, which an idle
-    # greenlet must not keep alive.
-    child.gr_context = None
-    child.where = None
+    child.value = child.where = child.gr_context = None
     if len(kept) < IDLE_KEPT:
         kept.append(child)
     if failed:
@@ -208,7 +222,7 @@ async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: 
             raise value
         finally:
             del value  # the traceback holds this frame: no cycle through it
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def _direct(portal: Portal, where: Any, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -242,21 +256,10 @@ async def portal(coro: Awaitable[T]) -> T:
 def _drive(coro: Any) -> Generator[Any, Any, Any]:
     """Step ``coro`` in a :class:`Portal`: pass what it yields to the task and back, and
     await for it what its sync code awaits."""
-    limit = _threshold
-    if limit is None:
-        limit = threshold()
-    if limit and _monitor is None:
-        _start_monitor(limit)
-    driver = getcurrent()
-    kept = _here.portals
+    limit = _limit()
     native_id = _here.native_id
-    if kept:
-        child = kept.pop()
-        if child.parent is not driver:
-            child.parent = driver
-    else:
-        child = Portal(None, driver)
-    child.gr_context = driver.gr_context
+    kept = _here.portals
+    child = _take(kept, Portal, getcurrent())
     where = coro  # named by its stack, else by a call over the threshold or its __name__
     request = _slice(where, child, limit, child.switch, (coro.send, None), native_id)
     while request is not _DONE:
@@ -280,17 +283,7 @@ def _drive(coro: Any) -> Generator[Any, Any, Any]:
                 request = _slice(where, child, limit, child.throw, sys.exc_info(), native_id)
             else:
                 request = _slice(where, child, limit, child.switch, (value,), native_id)
-    value, failed = child.value, child.failed
-    child.value = child.where = None
-    child.gr_context = None
-    if len(kept) < IDLE_KEPT:
-        kept.append(child)
-    if failed:
-        try:
-            raise value
-        finally:
-            del value  # the traceback holds this frame: no cycle through it
-    return value
+    return _outcome(child, kept)
 
 
 def call(fn: Callable[..., T], *args: Any) -> T:
