@@ -89,12 +89,16 @@ def prepare() -> list[int]:
 
 
 async def measure(
-    fn: Callable[[], Awaitable[object]], tasks: int, seconds: float
+    fn: Callable[[], Awaitable[object]], tasks: int, seconds: float, in_portal: bool = False
 ) -> tuple[int, float, float]:
-    """Return (operations, seconds, CPU seconds) of ``tasks`` tasks calling ``fn`` for ``seconds``.
+    """Return (operations, seconds, CPU seconds) of ``tasks`` tasks calling ``fn`` for ``seconds``
+    (each task in a portal of its own: ``in_portal``, as requests of the package's ASGI
+    application).
 
     The CPU time is this process's, all threads (the thread hop's thread too).
     """
+    from django_asyncpool.orm.watchdog import portal
+
     done = 0
     deadline = time.perf_counter() + seconds
 
@@ -105,7 +109,7 @@ async def measure(
             done += 1
 
     started, cpu = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(worker() for _ in range(tasks)))
+    await asyncio.gather(*(portal(worker()) if in_portal else worker() for _ in range(tasks)))
     return done, time.perf_counter() - started, time.process_time() - cpu
 
 
@@ -115,24 +119,25 @@ async def interleaved(
     tasks: int,
     seconds: float,
     piece: float,
-) -> tuple[float, float, float, float]:
-    """Return the ops/s of ``a`` and ``b``, and their CPU µs per operation.
+) -> list[tuple[float, float]]:
+    """Return the ops/s and CPU µs per operation of ``a``, of ``a`` with each task in a
+    portal, and of ``b``.
 
-    They run in alternating pieces (A B B A ...).
+    They run in alternating pieces (A P B B P A ...).
 
     Load from other processes comes and goes within a second: short pieces share
-    it out evenly between the two.
+    it out evenly between them.
     """
-    totals = [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]  # operations, seconds, CPU seconds
-    order = (0, 1, 1, 0)
+    runs = ((a, False), (a, True), (b, False))
+    totals = [[0.0, 0.0, 0.0] for _ in runs]  # operations, seconds, CPU seconds
+    order = (0, 1, 2, 2, 1, 0)
     n = 0
     while min(t[1] for t in totals) < seconds:
-        which = order[n % 4]
-        for i, value in enumerate(await measure((a, b)[which], tasks, piece)):
+        which = order[n % 6]
+        for i, value in enumerate(await measure(runs[which][0], tasks, piece, runs[which][1])):
             totals[which][i] += value
         n += 1
-    (ops_a, wall_a, cpu_a), (ops_b, wall_b, cpu_b) = totals
-    return ops_a / wall_a, ops_b / wall_b, cpu_a / ops_a * 1e6, cpu_b / ops_b * 1e6
+    return [(ops / wall, cpu / ops * 1e6) for ops, wall, cpu in totals]
 
 
 def sync_loop(products: Any, ids: list[int], seconds: float) -> tuple[float, float]:
@@ -275,26 +280,31 @@ async def against_hop(
 ) -> list[str]:
     """Print native against the thread hop at ``tasks`` tasks; return the bars missed."""
     products = Product.objects.using(ALIAS)
-    results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in variants}
+    results: dict[str, list[list[tuple[float, float]]]] = {name: [] for name in variants}
     floor: list[tuple[float, float]] = []
     for n in range(rounds):
         for name, (native, thread, _) in variants.items():
             results[name].append(await interleaved(native, thread, tasks, seconds, PIECE))
         floor.append(await asyncio.to_thread(sync_loop, products, ids, seconds / 2))
-        line = "  ".join(f"{k} {v[-1][0] / v[-1][1]:.2f}x" for k, v in results.items())
-        print(f"round {n + 1}: native / thread hop  {line}", flush=True)
+        line = "  ".join(
+            f"{k} {v[-1][0][0] / v[-1][2][0]:.2f}x {v[-1][1][0] / v[-1][2][0]:.2f}x"
+            for k, v in results.items()
+        )
+        print(f"round {n + 1}: native / thread hop, tasks and portals  {line}", flush=True)
 
     print(f"\n{tasks} tasks, medians of {rounds} rounds of {seconds:g}s each, alias {ALIAS!r}")
     print(
-        f"  {'operation':20} {'native ops/s':>12} {'thread hop':>10} {'ratio':>7}"
-        f" {'CPU µs/op: native':>18} {'thread hop':>10}"
+        f"  {'operation':20} {'ops/s: native':>13} {'portals':>8} {'thread hop':>10}"
+        f" {'ratios':>7} {'portals':>8} {'CPU µs/op: native':>18} {'portals':>8} {'thread hop':>10}"
     )
     missed = []
     for name, rounds_ in results.items():
-        native, thread, cpu_native, cpu_thread = (
-            statistics.median(r[i] for r in rounds_) for i in range(4)
+        (native, portals, thread), (cpu_native, cpu_portals, cpu_thread) = (
+            [statistics.median(r[v][i] for r in rounds_) for v in range(3)] for i in range(2)
         )
-        ratio = statistics.median(r[0] / r[1] for r in rounds_)
+        ratio, ratio_portals = (
+            statistics.median(r[v][0] / r[2][0] for r in rounds_) for v in range(2)
+        )
         bar = BARS[name]
         verdict = ""
         if bar is not None:
@@ -302,10 +312,14 @@ async def against_hop(
             if ratio < bar:
                 missed.append(name)
         print(
-            f"  {name:20} {native:12.0f} {thread:10.0f} {ratio:6.2f}x"
-            f" {cpu_native:18.0f} {cpu_thread:10.0f}{verdict}"
+            f"  {name:20} {native:13.0f} {portals:8.0f} {thread:10.0f} {ratio:6.2f}x"
+            f" {ratio_portals:7.2f}x {cpu_native:18.0f} {cpu_portals:8.0f} {cpu_thread:10.0f}"
+            f"{verdict}"
         )
-    print("  ratio: the median of the per-round ratios")
+    print(
+        "  ratios: the median of the per-round ratios to the thread hop's, in tasks (the bar)"
+        " and with each task in a portal, as the package's ASGI application serves a request"
+    )
     ops, cpu = (statistics.median(f[i] for f in floor) for i in range(2))
     print(
         f"  the same get() in a loop of one thread, no event loop: {ops:.0f} ops/s, "

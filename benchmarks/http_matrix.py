@@ -16,7 +16,8 @@ view runs ``get(pk=...)``, a ``filter().count()`` and ten rows as ``values()`` o
            (``async_orm`` on, which the package's request path needs)
 Not by default (``--variants``): ``native_django`` (``async_orm`` on under Django's
 ASGIHandler), ``ours_asyncio`` (ours on asyncio's loop instead of uvloop) and
-``ours_h11`` (ours with h11 instead of httptools); ``plain_sync``, ``plain_hop`` and
+``ours_h11`` (ours with h11 instead of httptools), ``ours_noportal`` (ours with the
+view outside a portal: a greenlet per native call); ``plain_sync``, ``plain_hop`` and
 ``plain_ours``: a view with no query under gunicorn's sync worker, Django's
 ASGIHandler and ours.
 
@@ -67,6 +68,8 @@ VARIANTS = {
     "native_django": ("uvicorn", "http_site:django_asgi", "async", True),
     "ours_asyncio": ("uvicorn-asyncio", "http_site:ours", "async", True),
     "ours_h11": ("uvicorn-h11", "http_site:ours", "async", True),
+    # Ours with the view outside a portal: each native call in a greenlet of its own.
+    "ours_noportal": ("uvicorn", "http_site:ours_noportal", "async", True),
     # No query at all: what the server and Django's request path cost by themselves.
     "plain_sync": ("gunicorn-sync", "http_site:wsgi", "plain", False),
     "plain_hop": ("uvicorn", "http_site:django_asgi", "aplain", False),

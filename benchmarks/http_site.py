@@ -129,8 +129,11 @@ def __getattr__(name: str) -> Any:
         from django.core.asgi import get_asgi_application
 
         return get_asgi_application()
-    if name == "ours":
+    if name in ("ours", "ours_noportal"):
         from django_asyncpool.asgi import get_asgi_application as ours
+        from django_asyncpool.orm import handler
 
+        if name == "ours_noportal":  # the view outside a portal: a greenlet per native call
+            handler.portal = lambda coro: coro  # type: ignore[assignment]
         return ours()
     raise AttributeError(name)
