@@ -97,7 +97,7 @@ SCENARIOS = ("steady", "restart", "terminate", "blackhole")
 PEERS = {
     OurScope.name: ("SQLAlchemy AsyncSession",),
     NativeOrm.name: ("SQLAlchemy AsyncSession",),
-    NativeOrm("", portal=True).name: ("SQLAlchemy AsyncSession",),
+    NativeOrm.portal_name: ("SQLAlchemy AsyncSession",),
     "ours: ENGINE (threads)": ("Django pool (threads)", PsycopgPool.name),
 }
 _aliases = iter(range(1, 1_000_000))

@@ -249,6 +249,7 @@ class NativeOrm(Client):
     alias's ORM pool, as ``await Model.objects.aget()`` runs it (tasks, one loop)."""
 
     name = "ours: async ORM"
+    portal_name = "ours: async ORM in a portal"
 
     def __init__(self, alias: str, portal: bool = False) -> None:
         self.alias = alias
@@ -256,7 +257,7 @@ class NativeOrm(Client):
         #: a view: the query right in the task's greenlet.
         self.portal = portal
         if portal:
-            self.name = "ours: async ORM in a portal"
+            self.name = self.portal_name
 
     async def aopen(self) -> None:
         from django_asyncpool.orm import pool
