@@ -19,6 +19,7 @@ import django
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from django.contrib.contenttypes.models import ContentType
+from django.core.exceptions import SynchronousOnlyOperation
 from django.db import (
     DataError,
     IntegrityError,
@@ -478,6 +479,22 @@ async def test_the_transactions_connection_is_the_tasks_own(shop: Any) -> None:
         # A thread has its own connections (as with Django): not the transaction's.
         assert await sync_to_async(P().count)() == 5
         assert await P().acount() == 5  # still usable by its own task
+
+
+async def test_sync_orm_in_async_code_is_refused(shop: Any) -> None:
+    # Django's rule, in a portal too (a request's view): sync ORM code in a coroutine
+    # raises, whether the task's connection is its own or an atomic block's.
+    message = "You cannot call this from an async context"
+    with pytest.raises(SynchronousOnlyOperation, match=message):
+        P().count()
+    async with django_asyncpool.atomic():
+        await P().acreate(sku="S9", name="kept", price_cents=1)
+        with pytest.raises(SynchronousOnlyOperation, match=message):
+            P().count()
+        with pytest.raises(SynchronousOnlyOperation, match=message):
+            list(P().filter(sku="S9"))
+        assert await P().filter(sku="S9").acount() == 1  # the block goes on
+    assert await P().filter(sku="S9").aexists()  # and commits
 
 
 async def test_atomic_needs_async_orm(shop: Any) -> None:

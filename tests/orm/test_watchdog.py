@@ -127,6 +127,20 @@ async def test_in_a_portal_spawned_calls_run_right_there_in_the_tasks_context() 
     assert not isinstance(getcurrent(), _watchdog.Portal)
 
 
+async def test_only_sync_code_of_spawn_and_call_may_await_in_a_portal_or_not() -> None:
+    async def body() -> list[bool]:
+        seen = [_watchdog.can_await(), await _watchdog.spawn(_watchdog.can_await)]
+        seen.append(_watchdog.call(_watchdog.can_await))  # code without I/O: no
+        return [*seen, _watchdog.can_await()]  # its own code again, after the calls
+
+    assert await body() == [False, True, False, False]
+    assert await _watchdog.portal(body()) == [False, True, False, False]
+    failing = _watchdog.spawn(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        await _watchdog.portal(failing)
+    assert await _watchdog.portal(body()) == [False, True, False, False]  # a call that raised
+
+
 async def test_a_portal_returns_raises_and_serves_the_next_one() -> None:
     async def fail() -> None:
         await asyncio.sleep(0)
