@@ -34,7 +34,7 @@ from django.db.backends.postgresql import base as postgresql
 from django.db.backends.signals import connection_created
 from psycopg import IsolationLevel, pq
 from psycopg.waiting import READY_R, WAIT_R
-from sqlalchemy.util.concurrency import await_, greenlet_spawn
+from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 
 from .. import metrics
 from ..base import DatabaseWrapper
@@ -52,7 +52,6 @@ from ..core.renewal import lifetime, rejected
 from ..core.waiters import TIMED_OUT, Slots
 from ..errors import PoolClosed, PoolTimeout, pool_timeout
 from . import idle as _idle
-from .watchdog import can_await
 
 __all__ = [
     "GreenConnection",
@@ -87,7 +86,7 @@ class GreenConnection(psycopg.Connection[Any]):
     aconn: psycopg.AsyncConnection[Any]
 
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
-        if not can_await():  # sync ORM code called in the task's own code: Django's error
+        if not in_greenlet():  # sync ORM code called in the task's own code: Django's error
             raise SynchronousOnlyOperation(
                 "You cannot call this from an async context - use a thread or sync_to_async."
             )

@@ -29,11 +29,10 @@ from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
 from greenlet import GreenletExit, getcurrent, greenlet
-from sqlalchemy.util.concurrency import in_greenlet
 
 from ..core import process as _process
 
-__all__ = ["Portal", "blocked", "call", "can_await", "idle", "portal", "spawn", "threshold"]
+__all__ = ["Portal", "blocked", "call", "idle", "portal", "spawn", "threshold"]
 
 logger = logging.getLogger("django_asyncpool")
 T = TypeVar("T")
@@ -121,8 +120,16 @@ class Portal(_Green):
 
     #: What the coroutine last yielded to the event loop (a future, or None).
     yielded: Any = None
-    #: Calls of :func:`spawn` running right here (see :func:`can_await`).
+    #: Calls of :func:`spawn` running right here.
     calls = 0
+
+    @property
+    def __sqlalchemy_greenlet_provider__(self) -> bool:  # type: ignore[override]
+        """Only the sync code of a :func:`spawn` call may await the loop (SQLAlchemy's
+        ``await_``, so the native ORM's I/O) here. In the coroutine's own code, as in any
+        task, sync ORM code raises Django's ``SynchronousOnlyOperation`` and SQLAlchemy's
+        ``MissingGreenlet``, rather than doing I/O right there."""
+        return self.calls > 0
 
     def run(self, step: Callable[[Any], Any], arg: Any) -> None:  # type: ignore[override]
         while True:  # one step of the coroutine: its send() or throw()
@@ -291,19 +298,6 @@ def _drive(coro: Any) -> Generator[Any, Any, Any]:
             else:
                 request = _slice(where, child, limit, child.switch, (value,), native_id)
     return _outcome(child, kept)
-
-
-def can_await() -> bool:
-    """Return True if sync code here may await the loop (SQLAlchemy's ``await_``): in a
-    call of :func:`spawn`, in its greenlet or in a portal.
-
-    Not in a coroutine, a portal's own included, nor in :func:`call` (code without I/O):
-    there sync ORM code is Django's ``SynchronousOnlyOperation``, in a portal or not.
-    """
-    current = getcurrent()
-    if type(current) is Portal:
-        return current.calls > 0
-    return in_greenlet()
 
 
 def call(fn: Callable[..., T], *args: Any) -> T:

@@ -554,16 +554,18 @@ async def test_in_a_portal_the_query_runs_in_the_tasks_own_greenlet(
     seen: list[Any] = []
 
     def spy(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
-        seen.append(getcurrent())
+        here = getcurrent()
+        seen.append((here, here.__sqlalchemy_greenlet_provider__))  # the query may await
         return execute(sql, params, many, context)
 
     with connections["default"].execute_wrapper(spy):
         assert await P().acount() == 5
         assert (await P().aget(sku="S1")).name == "product 1"
     mine = getcurrent()
-    assert len(seen) == 2 and all(g.__sqlalchemy_greenlet_provider__ for g in seen)
+    assert len(seen) == 2 and all(awaits for _, awaits in seen)
+    assert not getattr(mine, "__sqlalchemy_greenlet_provider__", False)  # its own code may not
     # In a portal, the task's own greenlet; else one of the watchdog's, kept for the next.
-    assert all((g is mine) is in_portal for g in seen)
+    assert all((g is mine) is in_portal for g, _ in seen)
     assert isinstance(mine, _watchdog.Portal) is in_portal
 
 

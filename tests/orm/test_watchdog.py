@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from django.test import override_settings
 from greenlet import getcurrent
-from sqlalchemy.util.concurrency import await_
+from sqlalchemy.exc import MissingGreenlet
+from sqlalchemy.util.concurrency import await_, in_greenlet
 
 from django_asyncpool.orm import watchdog as _watchdog
 
@@ -127,11 +128,13 @@ async def test_in_a_portal_spawned_calls_run_right_there_in_the_tasks_context() 
     assert not isinstance(getcurrent(), _watchdog.Portal)
 
 
-async def test_only_sync_code_of_spawn_and_call_may_await_in_a_portal_or_not() -> None:
+async def test_only_sync_code_of_spawn_may_await_in_a_portal_or_not() -> None:
     async def body() -> list[bool]:
-        seen = [_watchdog.can_await(), await _watchdog.spawn(_watchdog.can_await)]
-        seen.append(_watchdog.call(_watchdog.can_await))  # code without I/O: no
-        return [*seen, _watchdog.can_await()]  # its own code again, after the calls
+        seen = [in_greenlet(), await _watchdog.spawn(in_greenlet)]
+        seen.append(_watchdog.call(in_greenlet))  # code without I/O: no
+        with pytest.raises(MissingGreenlet):
+            await_(asyncio.sleep(0))  # SQLAlchemy's error, as in any task
+        return [*seen, in_greenlet()]  # its own code again, after the calls
 
     assert await body() == [False, True, False, False]
     assert await _watchdog.portal(body()) == [False, True, False, False]
