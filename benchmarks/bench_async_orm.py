@@ -444,7 +444,6 @@ def _layer_steps(
             ALIAS,
             native._task_wrappers(ALIAS)[0],
             native._MISSING,
-            False,
             [],
             query,
             (),

@@ -35,11 +35,13 @@ from django.db import DEFAULT_DB_ALIAS, connections, models, router, transaction
 from django.db.models import Model, signals
 from django.db.models import query as _query
 from django.db.transaction import TransactionManagementError
+from greenlet import getcurrent
 
 from ..config import ENGINE, database_only
 from ..core import process as _process
 from ..core import registry as _registry
 from . import pool as _ormpool
+from .watchdog import Portal, direct
 from .watchdog import spawn as greenlet_spawn  # timed: the loop-blocking watchdog
 
 __all__ = [
@@ -112,15 +114,45 @@ def _layout_known() -> bool:
 _FAST = _layout_known()
 
 
+if _FAST:
+
+    class _PortalCVar(_asgiref_local._CVar):
+        """The loop thread's storage of ``connections``: in a native call of a
+        :class:`~.watchdog.Portal`, the portal's connection of the call's alias.
+
+        A portal keeps its connection of an alias from one native call to the next of
+        the same step (:func:`_portal_op`); Django finds it as ``connections[alias]``
+        only while such a call runs. Anywhere else, the task's own, as before: the
+        view's code between two queries, and the tasks it starts, see nothing of it.
+        """
+
+        def __getattr__(self, key: str) -> Any:
+            here = getcurrent()
+            if type(here) is Portal:
+                showing = here.showing
+                if showing is not None and showing[0] == key:
+                    return showing[1]
+            return super().__getattr__(key)  # type: ignore[no-untyped-call]
+
+    def _install() -> Any:
+        """Make this loop thread's storage of ``connections`` a :class:`_PortalCVar`."""
+        storage = _handler._connections._storage  # the Local's threading.local
+        cvar = _PortalCVar()
+        old = getattr(storage, "cvar", None)
+        if old is not None:
+            object.__setattr__(cvar, "_data", old._data)  # the same context variable
+        storage.cvar = cvar
+        return cvar
+
+
 def _task_wrappers(alias: str) -> tuple[Any, Any]:
     """Return this loop thread's ContextVar of wrappers (None: use the Local) and this
     task's ``connections[alias]`` wrapper, or _MISSING."""
     if not _FAST:
         return None, _current(alias)
-    local = _handler._connections
-    cvar = getattr(local._storage, "cvar", None)
-    if cvar is None:
-        cvar = local._get_storage()  # made on the thread's first access in async code
+    cvar = getattr(_handler._connections._storage, "cvar", None)
+    if type(cvar) is not _PortalCVar:
+        cvar = _install()  # the thread's first access in async code, or asgiref's own
     var = cvar._data
     storage = var.get(None)
     if storage is None or storage.thread_id != get_ident():
@@ -221,13 +253,86 @@ async def run(alias: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) ->
         callers = _callers(alias)
         if callers is not None:
             return _borrowed_call(alias, callers, fn, args, kwargs)
-        holder = _ormpool.holder(alias)
-        return await greenlet_spawn(
-            _op, holder, alias, var, current, retryable, hooks, fn, args, kwargs
-        )
+        portal = getcurrent()
+        try:
+            if type(portal) is Portal and var is not None:
+                # Right here, on the portal's connection: no greenlet, checkout or binding.
+                op = (portal, alias, current, hooks, fn, args, kwargs)
+                result: T = direct(portal, fn, True, _portal_op, *op)
+                return result
+            holder = _ormpool.holder(alias)
+            return await greenlet_spawn(_op, holder, alias, var, current, hooks, fn, args, kwargs)
+        except SynchronousOnlyOperation as exc:
+            # Another alias's own (thread) wrapper refused to do I/O on the loop: before any.
+            if retryable:
+                raise _OtherAlias(str(exc)) from exc
+            raise
     finally:
         if hooks:
             await sync_to_async(_run_hooks)(hooks)
+
+
+def _portal_op(
+    portal: Portal,
+    alias: str,
+    own: Any,
+    hooks: list[Any],
+    fn: Callable[..., T],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> T:
+    """Run ``fn`` on ``portal``'s connection of ``alias``: taken at the step's first native
+    call, kept for the next ones, given back when the step ends (:func:`_end_step`).
+
+    It is ``connections[alias]`` only while ``fn`` runs (:class:`_PortalCVar`), as a
+    call's own connection is elsewhere (:func:`_op`), without a checkout and a binding
+    in the task's context per call. Given back at once when anyone waits for one.
+    """
+    lease = portal.leases.get(alias)
+    if lease is not None and not lease.holder.keeps(lease):
+        _let_go(portal, alias)
+        lease = None
+    if lease is None:
+        lease = _ormpool.holder(alias).checkout()
+        if not portal.leases:
+            portal.ends.append(_end_step)
+        portal.leases[alias] = lease
+    wrapper = lease.wrapper
+    _share_debugging(wrapper, own)
+    portal.showing = (alias, wrapper)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        portal.showing = None
+        if wrapper._pending_hooks:
+            hooks.extend(wrapper._pending_hooks)
+            wrapper._pending_hooks = []
+        if not wrapper.clean():
+            _let_go(portal, alias)  # discarded, or reset for the next task
+
+
+def _let_go(portal: Portal, alias: str) -> None:
+    """Give back ``portal``'s connection of ``alias``, if it keeps one."""
+    lease = portal.leases.pop(alias, None)
+    if lease is not None:
+        lease.holder.checkin(lease)
+
+
+def _let_go_here(alias: str) -> None:
+    """Give back this portal's connection of ``alias`` (if any) before a checkout of the
+    task's own: the checkout takes it again, as a task's kept one (Holder.checkin)."""
+    portal = getcurrent()
+    if type(portal) is Portal and portal.leases:
+        _let_go(portal, alias)
+
+
+def _end_step(portal: Portal) -> None:
+    """The portal's coroutine awaits the loop, or ends: its connections go back to the
+    pool now (not kept for the task: it awaits something else)."""
+    leases = portal.leases
+    while leases:
+        _, lease = leases.popitem()
+        lease.holder.give_back(lease)
 
 
 def _op(
@@ -235,7 +340,6 @@ def _op(
     alias: str,
     var: Any,
     previous: Any,
-    retryable: bool,
     hooks: list[Any],
     fn: Callable[..., T],
     args: tuple[Any, ...],
@@ -250,11 +354,6 @@ def _op(
     _share_debugging(wrapper, previous)
     try:
         return fn(*args, **kwargs)
-    except SynchronousOnlyOperation as exc:
-        # Another alias's own (thread) wrapper refused to do I/O on the loop: before any.
-        if retryable:
-            raise _OtherAlias(str(exc)) from exc
-        raise
     finally:
         _restore(var, alias, previous, undo)
         hooks.extend(wrapper._pending_hooks)
@@ -587,6 +686,7 @@ async def _iterable_async_generator(self: Any) -> AsyncIterator[Any]:
         _check_owner(wrapper, alias)
     else:
         holder = _ormpool.holder(alias)
+        _let_go_here(alias)
         lease = await greenlet_spawn(holder.checkout)
         wrapper = lease.wrapper
         _share_debugging(wrapper, _current(alias))
@@ -857,6 +957,7 @@ class _AsyncAtomic:
             _check_owner(wrapper, alias)  # nested: a savepoint on the task's connection
         else:
             holder = _ormpool.holder(alias)
+            _let_go_here(alias)
             lease = await greenlet_spawn(holder.checkout)
             wrapper = lease.wrapper
             wrapper._owner = asyncio.current_task()

@@ -212,23 +212,27 @@ class NativeWrapper(DatabaseWrapper):
         self._pending_hooks.extend(self.run_on_commit)
         self.run_on_commit = []
 
-    def reset(self) -> bool:
-        """Make this wrapper ready for the next task; return False if its connection is not."""
+    def clean(self) -> bool:
+        """Return True if its connection is as a pooled one must be: open, idle, autocommit."""
         twin = self._twin
-        clean = (
+        return (
             not self._discard
             and self.connection is twin
             and not self.in_atomic_block
             and twin._autocommit
             and twin.pgconn.transaction_status == _IDLE
         )
+
+    def reset(self) -> bool:
+        """Make this wrapper ready for the next task; return False if its connection is not."""
+        clean = self.clean()
         if self.run_on_commit:
             self.run_on_commit = []
         if self._pending_hooks:
             self._pending_hooks = []
         self._owner = None
         if not clean:
-            self.connection = twin
+            self.connection = self._twin
             self.in_atomic_block = False
             self.savepoint_ids = []
             self.atomic_blocks = []
@@ -584,20 +588,24 @@ class Holder:
             if lease is not None:
                 # Its give-back stays scheduled: it does nothing while the lease is out,
                 # and the wait in the greenlet knows it for nothing to do (idle.QUIET).
-                conn = lease.conn
-                if (
-                    not pool.slots.budget.queue and not pool.stale(conn) and not maybe_closed(conn)  # type: ignore[arg-type]
-                ):
+                if self.keeps(lease):
                     if self.leaks is not None:
-                        self.leaks.taken(conn)  # taken again, here: where a leak report points
+                        self.leaks.taken(lease.conn)  # taken again: where a leak report points
                     return lease
                 # Callers wait (their turn first), or closed, drained or hung up on
                 # meanwhile: back, checked at its next checkout.
-                self._give_back(lease, clean=True)
+                self.give_back(lease, clean=True)
         conn = _checkout.checkout(
             self.stats, self.guard, self._getconn, sleep=greenlet_sleep, leaks=self.leaks
         )
         return Lease(self, conn)
+
+    def keeps(self, lease: Lease) -> bool:
+        """Return True if the task that has ``lease`` may go on using it: nobody waits
+        for a connection, and it was neither drained nor (maybe) hung up on meanwhile."""
+        pool = self.pool
+        conn = lease.conn
+        return not pool.slots.budget.queue and not pool.stale(conn) and not maybe_closed(conn)  # type: ignore[arg-type]
 
     def _getconn(self) -> psycopg.AsyncConnection[Any]:
         pool = self.pool
@@ -638,7 +646,7 @@ class Holder:
         task = asyncio.current_task(self._loop)
         parked = self.pool.parked
         if task is None or task in parked or self.pool.slots.budget.queue:
-            self._give_back(lease)  # callers wait: the oldest has it now
+            self.give_back(lease)  # callers wait: the oldest has it now
             return
         wrapper = lease.wrapper
         clean = wrapper.reset()  # once: it changes the wrapper's state
@@ -649,7 +657,7 @@ class Holder:
                 lease.unpark = self._loop.call_soon(self._unpark, task, lease)
                 setattr(wrapper._twin, _idle.QUIET, lease.unpark)
             return
-        self._give_back(lease, clean)
+        self.give_back(lease, clean)
 
     def _unpark(self, task: asyncio.Task[Any], lease: Lease) -> None:
         if lease.task is task:
@@ -657,9 +665,9 @@ class Holder:
         parked = self.pool.parked
         if parked.get(task) is lease:  # else out again, or given back already
             del parked[task]
-            self._give_back(lease, clean=True)  # reset when it was kept, unused since
+            self.give_back(lease, clean=True)  # reset when it was kept, unused since
 
-    def _give_back(self, lease: Lease, clean: bool | None = None) -> None:
+    def give_back(self, lease: Lease, clean: bool | None = None) -> None:
         """The pool's check-in; ``clean``: what ``lease.wrapper.reset()`` said already."""
         conn = lease.conn
         _checkout.checkin(self.stats, conn, self.leaks)

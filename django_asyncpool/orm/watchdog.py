@@ -32,7 +32,7 @@ from greenlet import GreenletExit, getcurrent, greenlet
 
 from ..core import process as _process
 
-__all__ = ["Portal", "blocked", "call", "idle", "portal", "spawn", "threshold"]
+__all__ = ["Portal", "blocked", "call", "direct", "idle", "portal", "spawn", "threshold"]
 
 logger = logging.getLogger("django_asyncpool")
 T = TypeVar("T")
@@ -122,6 +122,17 @@ class Portal(_Green):
     yielded: Any = None
     #: Calls of :func:`spawn` running right here.
     calls = 0
+    #: The native ORM's (``alias -> lease``): connections kept for the rest of the step.
+    leases: dict[str, Any]
+    #: ``(alias, wrapper)`` while a native call of this alias runs here, else None.
+    showing: tuple[str, Any] | None = None
+    #: Called with the portal when its coroutine awaits the loop or ends (the step's end).
+    ends: list[Callable[[Portal], None]]
+
+    def __init__(self, run: Any = None, parent: Any = None) -> None:
+        super().__init__(run, parent)
+        self.leases = {}
+        self.ends = []
 
     @property
     def __sqlalchemy_greenlet_provider__(self) -> bool:  # type: ignore[override]
@@ -177,11 +188,7 @@ async def spawn(fn: Callable[..., T], *args: Any, _where: Any = None, **kwargs: 
     """
     driver = getcurrent()
     if type(driver) is Portal:
-        driver.calls += 1
-        try:
-            return _direct(driver, _where or fn, fn, *args, **kwargs)
-        finally:
-            driver.calls -= 1
+        return direct(driver, _where or fn, True, fn, *args, **kwargs)
     limit = _limit()
     native_id = _here.native_id
     kept = _here.kept  # after a fork in the call, the parent's: what goes back is lost
@@ -239,15 +246,20 @@ def _outcome(child: _Green, kept: list[Any]) -> Any:
     return value
 
 
-def _direct(portal: Portal, where: Any, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Return ``fn(*args, **kwargs)`` called right here in ``portal``, in its slice.
+def direct(
+    portal: Portal, where: Any, awaits: bool, fn: Callable[..., T], *args: Any, **kwargs: Any
+) -> T:
+    """Return ``fn(*args, **kwargs)`` called right here in ``portal``, in its slice: a
+    call of :func:`spawn` (``awaits``: its sync code may await the loop) or :func:`call`.
 
     A call longer than the threshold names the slice (``where``) should no stack show
     the code that held the loop: the monitor looks only every half threshold."""
     started = time.perf_counter()
+    portal.calls += awaits
     try:
         return fn(*args, **kwargs)
     finally:
+        portal.calls -= awaits
         if time.perf_counter() - started > (_threshold or 0.0):
             portal.where = where
 
@@ -280,6 +292,8 @@ def _drive(coro: Any) -> Generator[Any, Any, Any]:
         child.where = None  # named by a call in the next slice only
         if request is _YIELD:
             # The coroutine awaits the loop (a future, or a bare yield): the task does.
+            if child.ends:
+                _step_ends(child)
             future, child.yielded = child.yielded, None
             try:
                 sent = yield future
@@ -288,6 +302,8 @@ def _drive(coro: Any) -> Generator[Any, Any, Any]:
             else:
                 request = _slice(where, child, limit, child.switch, (coro.send, sent), native_id)
         elif child.dead:  # the coroutine raised GreenletExit: greenlet returns it
+            if child.ends:
+                _step_ends(child)
             return request
         else:
             # Its sync code awaits (SQLAlchemy's await_): the task awaits it for it.
@@ -297,7 +313,16 @@ def _drive(coro: Any) -> Generator[Any, Any, Any]:
                 request = _slice(where, child, limit, child.throw, sys.exc_info(), native_id)
             else:
                 request = _slice(where, child, limit, child.switch, (value,), native_id)
+    if child.ends:
+        _step_ends(child)
     return _outcome(child, kept)
+
+
+def _step_ends(portal: Portal) -> None:
+    """The portal's coroutine awaits the loop or ends: run what its step left to do."""
+    ends, portal.ends = portal.ends, []
+    for end in ends:
+        end(portal)
 
 
 def call(fn: Callable[..., T], *args: Any) -> T:
@@ -308,7 +333,7 @@ def call(fn: Callable[..., T], *args: Any) -> T:
     """
     driver = getcurrent()
     if type(driver) is Portal:
-        return _direct(driver, fn, fn, *args)
+        return direct(driver, fn, False, fn, *args)
     limit = threshold()
     if not limit:
         return fn(*args)

@@ -586,7 +586,9 @@ async def test_32_tasks_share_a_pool_of_4(shop: Any, in_portal: bool) -> None:
     assert stats.get("requests_waiting", 0) == 0
 
 
-async def test_a_tasks_queries_one_after_another_take_one_connection(shop: Any) -> None:
+async def test_a_tasks_queries_one_after_another_take_one_connection(
+    shop: Any, in_portal: bool
+) -> None:
     holder = _ormpool.holder("default")
     stats = _registry.stats("default", _ormpool.SIDE)
     await P().acount()
@@ -595,14 +597,29 @@ async def test_a_tasks_queries_one_after_another_take_one_connection(shop: Any) 
     before = stats.checkouts
     assert (await P().aget(sku="S1")).name == "product 1"
     assert await P().filter(price_cents__gt=100).acount() == 4
-    assert [p.sku async for p in P().order_by("sku")[:2]] == ["S1", "S2"]
-    assert stats.checkouts == before + 1  # one checkout for the three
-    assert list(holder.pool.parked) == [asyncio.current_task()]
-    assert holder.pool.get_stats()["pool_available"] == holder.pool.get_stats()["pool_size"]
+    assert stats.checkouts == before + 1  # one checkout for the two
+    assert _kept(holder) is not None  # the task's (in a portal, the portal's) till it awaits
+    assert connections["default"] is not _kept(holder).wrapper  # the task's own, meanwhile
+    assert [p.sku async for p in P().order_by("sku")[:2]] == ["S1", "S2"]  # takes it again
+    assert stats.checkouts == before + 1
+    # Kept for a task, it counts as available (a waiter would have it at once); a
+    # portal's is in use until the step ends (it is given back at once to a waiter too).
+    pool_stats = holder.pool.get_stats()
+    assert pool_stats["pool_available"] == pool_stats["pool_size"] - in_portal
     await asyncio.sleep(0)  # the task awaits something else: the pool has it back
-    assert not holder.pool.parked
+    assert _kept(holder) is None and len(holder.pool.idle) >= 1
     await P().acount()
     assert stats.checkouts == before + 2
+
+
+def _kept(holder: Any) -> Any:
+    """Return the lease this task keeps between its queries (a portal's, or parked), or None."""
+    here = getcurrent()
+    if isinstance(here, _watchdog.Portal) and here.leases:
+        assert not holder.pool.parked
+        return here.leases["default"]
+    leases = [lease for task, lease in holder.pool.parked.items() if task is asyncio.current_task()]
+    return leases[0] if leases else None
 
 
 async def test_a_tasks_queries_one_after_another_leave_no_callbacks_behind(
@@ -699,8 +716,13 @@ async def _checkin_elsewhere(holder: Any, lease: Any) -> None:
     assert list(holder.pool.parked.values()) == [lease]  # kept for this task, for now
 
 
+def _as_request(coro: Any, in_portal: bool) -> Any:
+    """``coro`` in a portal of its own when the test runs in one (as a request's view)."""
+    return _watchdog.portal(coro) if in_portal else coro
+
+
 async def test_a_kept_connection_goes_back_before_its_task_waits(
-    shop: Any, make_alias: Any
+    shop: Any, make_alias: Any, in_portal: bool
 ) -> None:
     # One connection for the alias: a task that keeps it while it waits would starve the other.
     alias = _one_connection(make_alias, timeout=2)
@@ -719,12 +741,12 @@ async def test_a_kept_connection_goes_back_before_its_task_waits(
         await Product.objects.using(alias).acount()
         order.append(f"b: waited {time.monotonic() - started < 0.2}")
 
-    await asyncio.gather(slow(), quick())
+    await asyncio.gather(_as_request(slow(), in_portal), _as_request(quick(), in_portal))
     assert order == ["a: first", "b: waited True", "a: second"]
 
 
 async def test_a_kept_connection_is_not_taken_again_while_another_task_waits(
-    shop: Any, make_alias: Any
+    shop: Any, make_alias: Any, in_portal: bool
 ) -> None:
     # One connection: a task whose queries follow one another with nothing awaited in
     # between would keep it for all of them, the waiting task served last.
@@ -741,8 +763,46 @@ async def test_a_kept_connection_is_not_taken_again_while_another_task_waits(
         await Product.objects.using(alias).acount()
         order.append("b")
 
-    await asyncio.gather(busy(), other())
+    await asyncio.gather(_as_request(busy(), in_portal), _as_request(other(), in_portal))
     assert order.index("b") <= 2, order
+
+
+async def test_one_connection_serves_a_step_and_what_it_starts(
+    shop: Any, make_alias: Any, in_portal: bool
+) -> None:
+    # A task's connection, kept from one query to the next of a step (in a portal, the
+    # portal's), is given back before anything else needs one: the tasks it starts, an
+    # atomic block, an iteration over a server-side cursor. One connection serves them all.
+    alias = _one_connection(make_alias, timeout=2)
+    products = Product.objects.using(alias)
+
+    async def child(sku: str) -> str:
+        return (await products.aget(sku=sku)).name
+
+    async def pid() -> int:
+        return int(
+            await products.annotate(p=RawSQL("pg_backend_pid()", ()))
+            .values_list("p", flat=True)
+            .afirst()
+        )  # type: ignore[arg-type]
+
+    first = await pid()
+    assert await products.acount() == 5
+    assert await asyncio.gather(child("S1"), child("S2")) == ["product 1", "product 2"]
+    assert await products.acount() == 5
+    async with django_asyncpool.atomic(using=alias):
+        assert await pid() == first  # the same connection, taken for the block
+        await products.filter(sku="S1").aupdate(price_cents=7)
+    assert await products.acount() == 5
+    assert [p.sku async for p in products.order_by("sku").aiterator(chunk_size=2)][:2] == [
+        "S1",
+        "S2",
+    ]
+    assert await pid() == first
+    assert (await products.aget(sku="S1")).price_cents == 7
+    await asyncio.sleep(0)
+    stats = _ormpool.holder(alias).pool.get_stats()
+    assert stats["pool_available"] == stats["pool_size"] == 1
 
 
 async def test_a_kept_connection_drained_or_hung_up_on_is_not_used_again(
@@ -750,17 +810,16 @@ async def test_a_kept_connection_drained_or_hung_up_on_is_not_used_again(
 ) -> None:
     holder = _ormpool.holder("default")
     await P().acount()
-    (kept,) = holder.pool.parked.values()
+    kept = _kept(holder)
     django_asyncpool.drain(using="default")  # no await: the task's step goes on
     await P().acount()
-    (now,) = holder.pool.parked.values()
+    now = _kept(holder)
     assert now.conn is not kept.conn and kept.conn.closed  # replaced, as the drain asks
     dbname = connections["default"].settings_dict["NAME"]
     assert terminate_backends(pg, dbname) >= 1
     assert wait_until(lambda: _hinted(now.conn))  # the hang-up watcher saw it (no await)
     assert await P().acount() == 5  # on another connection: nobody saw the dead one
-    (last,) = holder.pool.parked.values()
-    assert last.conn is not now.conn
+    assert _kept(holder).conn is not now.conn
 
 
 def _hinted(conn: Any) -> bool:
