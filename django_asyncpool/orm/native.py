@@ -286,7 +286,8 @@ def _portal_op(
 
     It is ``connections[alias]`` only while ``fn`` runs (:class:`_PortalCVar`), as a
     call's own connection is elsewhere (:func:`_op`), without a checkout and a binding
-    in the task's context per call. Given back at once when anyone waits for one.
+    in the task's context per call. Given back right after the call when anyone waits
+    for one, as a task's kept one is (Holder.checkin).
     """
     lease = portal.leases.get(alias)
     if lease is not None and not lease.holder.keeps(lease):
@@ -307,8 +308,8 @@ def _portal_op(
         if wrapper._pending_hooks:
             hooks.extend(wrapper._pending_hooks)
             wrapper._pending_hooks = []
-        if not wrapper.clean():
-            _let_go(portal, alias)  # discarded, or reset for the next task
+        if not wrapper.clean() or lease.holder.pool.slots.budget.queue:
+            _let_go(portal, alias)  # discarded or reset, or the oldest waiter has it now
 
 
 def _let_go(portal: Portal, alias: str) -> None:
