@@ -282,7 +282,7 @@ def _portal_op(
     kwargs: dict[str, Any],
 ) -> T:
     """Run ``fn`` on ``portal``'s connection of ``alias``: taken at the step's first native
-    call, kept for the next ones, given back when the step ends (:func:`_end_step`).
+    call, kept for the next ones, given back when the step ends (``Portal.leases``).
 
     It is ``connections[alias]`` only while ``fn`` runs (:class:`_PortalCVar`), as a
     call's own connection is elsewhere (:func:`_op`), without a checkout and a binding
@@ -295,8 +295,6 @@ def _portal_op(
         lease = None
     if lease is None:
         lease = _ormpool.holder(alias).checkout()
-        if not portal.leases:
-            portal.ends.append(_end_step)
         portal.leases[alias] = lease
     wrapper = lease.wrapper
     _share_debugging(wrapper, own)
@@ -325,15 +323,6 @@ def _let_go_here(alias: str) -> None:
     portal = getcurrent()
     if type(portal) is Portal and portal.leases:
         _let_go(portal, alias)
-
-
-def _end_step(portal: Portal) -> None:
-    """The portal's coroutine awaits the loop, or ends: its connections go back to the
-    pool now (not kept for the task: it awaits something else)."""
-    leases = portal.leases
-    while leases:
-        _, lease = leases.popitem()
-        lease.holder.give_back(lease)
 
 
 def _op(

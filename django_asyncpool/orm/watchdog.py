@@ -122,17 +122,15 @@ class Portal(_Green):
     yielded: Any = None
     #: Calls of :func:`spawn` running right here.
     calls = 0
-    #: The native ORM's (``alias -> lease``): connections kept for the rest of the step.
+    #: The native ORM's (``alias -> lease``): connections kept for the rest of the step,
+    #: given back when its coroutine awaits the loop or ends.
     leases: dict[str, Any]
     #: ``(alias, wrapper)`` while a native call of this alias runs here, else None.
     showing: tuple[str, Any] | None = None
-    #: Called with the portal when its coroutine awaits the loop or ends (the step's end).
-    ends: list[Callable[[Portal], None]]
 
     def __init__(self, run: Any = None, parent: Any = None) -> None:
         super().__init__(run, parent)
         self.leases = {}
-        self.ends = []
 
     @property
     def __sqlalchemy_greenlet_provider__(self) -> bool:  # type: ignore[override]
@@ -292,7 +290,7 @@ def _drive(coro: Any) -> Generator[Any, Any, Any]:
         child.where = None  # named by a call in the next slice only
         if request is _YIELD:
             # The coroutine awaits the loop (a future, or a bare yield): the task does.
-            if child.ends:
+            if child.leases:
                 _step_ends(child)
             future, child.yielded = child.yielded, None
             try:
@@ -302,7 +300,7 @@ def _drive(coro: Any) -> Generator[Any, Any, Any]:
             else:
                 request = _slice(where, child, limit, child.switch, (coro.send, sent), native_id)
         elif child.dead:  # the coroutine raised GreenletExit: greenlet returns it
-            if child.ends:
+            if child.leases:
                 _step_ends(child)
             return request
         else:
@@ -313,16 +311,18 @@ def _drive(coro: Any) -> Generator[Any, Any, Any]:
                 request = _slice(where, child, limit, child.throw, sys.exc_info(), native_id)
             else:
                 request = _slice(where, child, limit, child.switch, (value,), native_id)
-    if child.ends:
+    if child.leases:
         _step_ends(child)
     return _outcome(child, kept)
 
 
 def _step_ends(portal: Portal) -> None:
-    """The portal's coroutine awaits the loop or ends: run what its step left to do."""
-    ends, portal.ends = portal.ends, []
-    for end in ends:
-        end(portal)
+    """The portal's coroutine awaits the loop or ends: the connections its step kept go
+    back to their pools now (not kept for the task: it awaits something else)."""
+    leases = portal.leases
+    while leases:
+        _, lease = leases.popitem()
+        lease.holder.give_back(lease)
 
 
 def call(fn: Callable[..., T], *args: Any) -> T:
